@@ -1,0 +1,558 @@
+"""The agent: the sandbox's init process, and the only thing in it the host talks to.
+
+Started by the runtime as PID 1 of the sandbox's PID namespace with the host channel's fd in argv[1]. One
+thread, one poll loop: it reads requests from the host, forks and reaps every process in the sandbox
+(orphans included, as an init must), streams their output back, and serves file operations. Paths
+are resolved here, inside the sandbox; the host never opens a path it was given.
+
+Standard library only, and only modules built into the interpreter, so a cold start stays cheap.
+Compatible with the python3 of current Debian and Ubuntu releases.
+"""
+
+from __future__ import annotations
+
+import _signal
+import errno
+import os
+import select
+import sys
+from time import monotonic as _monotonic
+
+try:
+    from . import protocol
+except ImportError:  # run as a script inside the sandbox
+    import protocol  # type: ignore[no-redef]
+
+HOME = "/home/user"
+OUT_HIGH_WATER = 4 << 20        # stop reading command output while this much waits for the host
+STDIN_LIMIT = 8 << 20           # bytes of stdin buffered for one process
+LIST_LIMIT = 10000              # entries returned by one list call
+POLL_IN = select.POLLIN | select.POLLHUP | select.POLLERR
+
+
+def _errno_name(exc: OSError) -> str:
+    return errno.errorcode.get(exc.errno or 0, "EIO")
+
+
+class Proc:
+    __slots__ = ("pid", "rid", "cmd", "tag", "fds", "stdin_fd", "stdin_buf", "stdin_eof", "limit",
+                 "sent", "truncated", "status", "deadline", "timed_out")
+
+    def __init__(self, pid: int, rid: int, cmd: str, tag: str | None, limit: int) -> None:
+        self.pid, self.rid, self.cmd, self.tag, self.limit = pid, rid, cmd, tag, limit
+        self.fds: dict[int, str] = {}         # open output pipe fd -> "stdout" | "stderr"
+        self.stdin_fd: int | None = None
+        self.stdin_buf = bytearray()
+        self.stdin_eof = False
+        self.sent = {"stdout": 0, "stderr": 0}
+        self.truncated = {"stdout": False, "stderr": False}
+        self.status: int | None = None
+        self.deadline: float | None = None
+        self.timed_out = False
+
+
+class Agent:
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        os.set_blocking(fd, False)
+        self.poll = select.poll()
+        self.poll.register(fd, POLL_IN)
+        self.out = bytearray()
+        self.decoder = protocol.FrameDecoder()
+        self.procs: dict[int, Proc] = {}
+        self.by_fd: dict[int, Proc] = {}
+        self.stdin_fds: dict[int, Proc] = {}
+        self.reads: dict[int, list] = {}       # rid -> [fd, credit]
+        self.writes: dict[int, list] = {}      # rid -> [fd, size]
+        self.failed_writes: set[int] = set()
+        self.env: dict[str, str] = {}
+        self.paused = False
+        self.running = True
+        # SIGCHLD wakes the loop through a pipe; the handler itself does nothing.
+        self.sig_r, sig_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        _signal.set_wakeup_fd(sig_w, warn_on_full_buffer=False)
+        _signal.signal(_signal.SIGCHLD, lambda *_: None)
+        self.poll.register(self.sig_r, select.POLLIN)
+
+    # ---- output to the host ------------------------------------------------------------------
+    def send(self, header: dict, body: bytes = b"") -> None:
+        self.out += protocol.encode(header, body)
+        self.flush()
+
+    def flush(self) -> None:
+        while self.out:
+            try:
+                n = os.write(self.fd, self.out)
+            except BlockingIOError:
+                break
+            except OSError:  # host gone: nothing left to serve
+                self.running = False
+                self.out.clear()
+                return
+            del self.out[:n]
+        self.poll.modify(self.fd, POLL_IN | (select.POLLOUT if self.out else 0))
+        paused = len(self.out) > OUT_HIGH_WATER
+        if paused != self.paused:
+            self.paused = paused
+            for pfd in self.by_fd:
+                if paused:
+                    self.poll.unregister(pfd)
+                else:
+                    self.poll.register(pfd, POLL_IN)
+
+    def error(self, rid: int, code: str, message: str) -> None:
+        self.send({"id": rid, "ev": "error", "code": code, "message": message})
+
+    # ---- the loop ------------------------------------------------------------------------------
+    def run(self) -> None:
+        while self.running:
+            timeout = self.next_timeout()
+            try:
+                events = self.poll.poll(timeout)
+            except InterruptedError:
+                continue
+            for fd, ev in events:
+                if fd == self.fd:
+                    if ev & select.POLLOUT:
+                        self.flush()
+                    if ev & (select.POLLIN | select.POLLHUP | select.POLLERR):
+                        self.read_host()
+                elif fd == self.sig_r:
+                    self.reap()
+                elif fd in self.by_fd:
+                    self.read_output(fd)
+                elif fd in self.stdin_fds:
+                    self.write_stdin(self.stdin_fds[fd])
+            self.check_deadlines()
+            self.pump_reads()
+
+    def read_host(self) -> None:
+        try:
+            data = os.read(self.fd, 1 << 20)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if not data:  # host closed the channel: the sandbox is over
+            self.running = False
+            return
+        for header, body in self.decoder.feed(data):
+            self.dispatch(header, body)
+
+    def dispatch(self, h: dict, body: bytes) -> None:
+        op, rid = h.get("op"), h.get("id", 0)
+        handler = getattr(self, "op_" + op, None) if isinstance(op, str) else None
+        if handler is None:
+            self.error(rid, "EINVAL", f"unknown operation {op!r}")
+            return
+        try:
+            handler(rid, h, body)
+        except OSError as exc:
+            where = f": {exc.filename}" if exc.filename else ""
+            self.error(rid, _errno_name(exc), f"{exc.strerror or exc}{where}")
+        except (KeyError, TypeError, ValueError) as exc:
+            self.error(rid, "EINVAL", f"bad request: {exc}")
+
+    # ---- session -------------------------------------------------------------------------------
+    def op_hello(self, rid: int, h: dict, body: bytes) -> None:
+        import resource
+
+        self.env = dict(h["env"])
+        for name, value in h["rlimits"].items():
+            res = getattr(resource, "RLIMIT_" + name.upper())
+            resource.setrlimit(res, (int(value), int(value)))
+        # Nothing of the host may leak into the sandbox through inherited descriptors: stderr
+        # carried bwrap's start-up errors and is swapped for /dev/null now that start-up is over.
+        null = os.open("/dev/null", os.O_RDWR)
+        for target in (0, 1, 2):
+            os.dup2(null, target)
+        os.close(null)
+        self.send({"id": rid, "ev": "ready", "v": protocol.VERSION, "pid": os.getpid()})
+
+    # ---- processes -----------------------------------------------------------------------------
+    def op_exec(self, rid: int, h: dict, body: bytes) -> None:
+        argv = h.get("argv")
+        if argv is None:
+            argv = ["/bin/sh", "-c", h["cmd"]]
+        if not argv or not all(isinstance(a, str) for a in argv):
+            raise ValueError("argv must be a non-empty list of strings")
+        env = dict(self.env)
+        env.update(h.get("env") or {})
+        cwd = h.get("cwd") or HOME
+        out_r, out_w = os.pipe2(os.O_CLOEXEC)
+        err_r, err_w = os.pipe2(os.O_CLOEXEC)
+        in_r, in_w = os.pipe2(os.O_CLOEXEC)
+        exec_r, exec_w = os.pipe2(os.O_CLOEXEC)
+        pid = os.fork()
+        if pid == 0:
+            self.child(argv, env, cwd, in_r, out_w, err_w, exec_w)
+        for fd in (out_w, err_w, in_r, exec_w):
+            os.close(fd)
+        failure = b""
+        while True:
+            chunk = os.read(exec_r, 512)
+            if not chunk:
+                break
+            failure += chunk
+        os.close(exec_r)
+        proc = Proc(pid, rid, h.get("cmd") or " ".join(argv), h.get("tag"), int(h["limit"]))
+        if failure:
+            os.waitpid(pid, 0)
+            for fd in (out_r, err_r, in_w):
+                os.close(fd)
+            reason = failure.decode("utf-8", "replace")
+            self.send({"id": rid, "ev": "started", "pid": pid})
+            self.send({"id": rid, "ev": "stderr"}, f"stockade: cannot run {argv[0]!r}: {reason}\n".encode())
+            self.send({"id": rid, "ev": "exit", "code": 127, "signal": None, "timed_out": False,
+                       "truncated": proc.truncated})
+            return
+        for fd, name in ((out_r, "stdout"), (err_r, "stderr")):
+            os.set_blocking(fd, False)
+            proc.fds[fd] = name
+            self.by_fd[fd] = proc
+            if not self.paused:
+                self.poll.register(fd, POLL_IN)
+        os.set_blocking(in_w, False)
+        proc.stdin_fd = in_w
+        proc.stdin_buf += body
+        proc.stdin_eof = not h.get("stdin_open", False)
+        timeout = h.get("timeout")
+        if timeout:
+            proc.deadline = _monotonic() + float(timeout)
+        self.procs[pid] = proc
+        self.send({"id": rid, "ev": "started", "pid": pid})
+        self.write_stdin(proc)
+
+    def child(self, argv: list, env: dict, cwd: str, in_r: int, out_w: int, err_w: int, exec_w: int) -> None:
+        try:
+            os.setsid()
+            os.dup2(in_r, 0)
+            os.dup2(out_w, 1)
+            os.dup2(err_w, 2)
+            _signal.set_wakeup_fd(-1)
+            for sig in (_signal.SIGCHLD, _signal.SIGPIPE, _signal.SIGXFSZ, _signal.SIGINT):
+                _signal.signal(sig, _signal.SIG_DFL)
+            _signal.pthread_sigmask(_signal.SIG_SETMASK, [])
+            try:  # user code, not the agent, is what the OOM killer should pick first
+                with open("/proc/self/oom_score_adj", "w") as f:
+                    f.write("1000")
+            except OSError:
+                pass
+            os.closerange(3, exec_w)
+            os.closerange(exec_w + 1, 1 << 16)
+            os.chdir(cwd)
+            os.execvpe(argv[0], argv, env)
+        except BaseException as exc:
+            msg = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            try:
+                os.write(exec_w, msg.encode("utf-8", "replace")[:400] or b"failed")
+            finally:
+                os._exit(127)
+
+    def read_output(self, fd: int) -> None:
+        proc = self.by_fd[fd]
+        try:
+            data = os.read(fd, protocol.CHUNK)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self.close_output(fd)
+            self.maybe_finish(proc)
+            return
+        self.forward(proc, proc.fds[fd], data)
+
+    def forward(self, proc: Proc, stream: str, data: bytes) -> None:
+        room = proc.limit - proc.sent[stream]
+        if len(data) > room:
+            proc.truncated[stream] = True
+            data = data[:max(room, 0)]
+        if data:
+            proc.sent[stream] += len(data)
+            self.send({"id": proc.rid, "ev": stream}, data)
+
+    def close_output(self, fd: int) -> None:
+        proc = self.by_fd.pop(fd)
+        del proc.fds[fd]
+        if not self.paused:
+            self.poll.unregister(fd)
+        os.close(fd)
+
+    def write_stdin(self, proc: Proc) -> None:
+        fd = proc.stdin_fd
+        if fd is None:
+            return
+        while proc.stdin_buf:
+            try:
+                n = os.write(fd, proc.stdin_buf)
+            except BlockingIOError:
+                break
+            except OSError:  # reader gone: drop what it will never read
+                proc.stdin_buf.clear()
+                proc.stdin_eof = True
+                break
+            del proc.stdin_buf[:n]
+        watching = fd in self.stdin_fds
+        if proc.stdin_buf and not watching:
+            self.stdin_fds[fd] = proc
+            self.poll.register(fd, select.POLLOUT)
+        elif not proc.stdin_buf and watching:
+            del self.stdin_fds[fd]
+            self.poll.unregister(fd)
+        if not proc.stdin_buf and proc.stdin_eof:
+            os.close(fd)
+            proc.stdin_fd = None
+
+    def op_stdin(self, rid: int, h: dict, body: bytes) -> None:
+        proc = self.procs.get(h["pid"])
+        if proc is None or proc.stdin_fd is None:
+            self.error(rid, "ESRCH", f"process {h['pid']} is not running or its stdin is closed")
+            return
+        if len(proc.stdin_buf) + len(body) > STDIN_LIMIT:
+            self.error(rid, "ENOBUFS", "the process is not reading its stdin; buffer is full")
+            return
+        proc.stdin_buf += body
+        proc.stdin_eof = proc.stdin_eof or bool(h.get("eof"))
+        self.write_stdin(proc)
+        if rid:
+            self.send({"id": rid, "ev": "ok"})
+
+    def op_signal(self, rid: int, h: dict, body: bytes) -> None:
+        pid, sig = h["pid"], int(h["sig"])
+        if pid not in self.procs:
+            self.error(rid, "ESRCH", f"no process {pid} started by the agent is running")
+            return
+        try:
+            os.killpg(pid, sig)
+        except ProcessLookupError:
+            os.kill(pid, sig)
+        self.send({"id": rid, "ev": "ok"})
+
+    def op_ps(self, rid: int, h: dict, body: bytes) -> None:
+        procs = [{"pid": p.pid, "cmd": p.cmd, "tag": p.tag} for p in self.procs.values() if p.status is None]
+        self.send({"id": rid, "ev": "result", "procs": procs})
+
+    def reap(self) -> None:
+        try:
+            while os.read(self.sig_r, 4096):
+                pass
+        except BlockingIOError:
+            pass
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            proc = self.procs.get(pid)
+            if proc is not None:  # anything else was an orphan we inherited as init
+                proc.status = status
+                self.maybe_finish(proc, draining=True)
+
+    def maybe_finish(self, proc: Proc, draining: bool = False) -> None:
+        if proc.status is None:
+            return
+        if draining:
+            # What the process wrote before it exited is already in the pipes; a background
+            # grandchild holding them open must not keep the command from completing.
+            for fd in list(proc.fds):
+                for _ in range(64):
+                    try:
+                        data = os.read(fd, protocol.CHUNK)
+                    except (BlockingIOError, OSError):
+                        break
+                    if not data:
+                        break
+                    self.forward(proc, proc.fds[fd], data)
+                self.close_output(fd)
+        elif proc.fds:
+            return
+        if proc.stdin_fd is not None:
+            if self.stdin_fds.pop(proc.stdin_fd, None):
+                self.poll.unregister(proc.stdin_fd)
+            os.close(proc.stdin_fd)
+            proc.stdin_fd = None
+        del self.procs[proc.pid]
+        status = proc.status
+        self.send({"id": proc.rid, "ev": "exit",
+                   "code": os.WEXITSTATUS(status) if os.WIFEXITED(status) else None,
+                   "signal": os.WTERMSIG(status) if os.WIFSIGNALED(status) else None,
+                   "timed_out": proc.timed_out, "truncated": proc.truncated})
+
+    def next_timeout(self) -> int:
+        deadlines = [p.deadline for p in self.procs.values() if p.deadline and not p.timed_out]
+        if not deadlines:
+            return -1
+        return max(0, int((min(deadlines) - _monotonic()) * 1000) + 1)
+
+    def check_deadlines(self) -> None:
+        now = _monotonic()
+        for proc in list(self.procs.values()):
+            if proc.deadline and not proc.timed_out and now >= proc.deadline:
+                proc.timed_out = True
+                for kill in (os.killpg, os.kill):
+                    try:
+                        kill(proc.pid, _signal.SIGKILL)
+                    except ProcessLookupError:
+                        pass
+
+    # ---- files ---------------------------------------------------------------------------------
+    @staticmethod
+    def path(h: dict, key: str = "path") -> str:
+        p = h[key]
+        if not isinstance(p, str) or not p or "\0" in p:
+            raise ValueError(f"{key} must be a non-empty string without NUL bytes")
+        return os.path.normpath(os.path.join(HOME, p))
+
+    @staticmethod
+    def open_regular(path: str, flags: int, mode: int = 0o644) -> int:
+        # O_NONBLOCK so a FIFO cannot hang the agent; anything but a regular file is refused.
+        fd = os.open(path, flags | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY, mode)
+        st = os.fstat(fd)
+        if not _is_regular(st.st_mode):
+            os.close(fd)
+            raise OSError(errno.EISDIR if _is_dir(st.st_mode) else errno.EINVAL,
+                          "Is a directory" if _is_dir(st.st_mode) else "Not a regular file", path)
+        os.set_blocking(fd, True)
+        return fd
+
+    def op_read(self, rid: int, h: dict, body: bytes) -> None:
+        fd = self.open_regular(self.path(h), os.O_RDONLY)
+        self.send({"id": rid, "ev": "meta", "size": os.fstat(fd).st_size})
+        self.reads[rid] = [fd, protocol.READ_WINDOW]
+
+    def op_credit(self, rid: int, h: dict, body: bytes) -> None:
+        if rid in self.reads:
+            self.reads[rid][1] += int(h["n"])
+
+    def op_cancel(self, rid: int, h: dict, body: bytes) -> None:
+        entry = self.reads.pop(rid, None)
+        if entry:
+            os.close(entry[0])
+
+    def pump_reads(self) -> None:
+        for rid, entry in list(self.reads.items()):
+            while entry[1] > 0 and not self.paused:
+                try:
+                    data = os.read(entry[0], protocol.CHUNK)
+                except OSError as exc:
+                    del self.reads[rid]
+                    os.close(entry[0])
+                    self.error(rid, _errno_name(exc), exc.strerror or str(exc))
+                    break
+                if not data:
+                    del self.reads[rid]
+                    os.close(entry[0])
+                    self.send({"id": rid, "ev": "end"})
+                    break
+                entry[1] -= 1
+                self.send({"id": rid, "ev": "data"}, data)
+
+    def op_write(self, rid: int, h: dict, body: bytes) -> None:
+        if rid in self.failed_writes:
+            if not h.get("more"):
+                self.failed_writes.discard(rid)
+            return
+        entry = self.writes.get(rid)
+        try:
+            if entry is None:
+                path = self.path(h)
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+                flags = os.O_WRONLY | os.O_CREAT | (os.O_APPEND if h.get("append") else os.O_TRUNC)
+                entry = self.writes[rid] = [self.open_regular(path, flags), 0]
+            view = memoryview(body)
+            while view:
+                n = os.write(entry[0], view)
+                view = view[n:]
+                entry[1] += n
+        except (OSError, ValueError, KeyError):
+            if entry is not None:
+                os.close(self.writes.pop(rid)[0])
+            if h.get("more"):
+                self.failed_writes.add(rid)
+            raise
+        if not h.get("more"):
+            os.close(self.writes.pop(rid)[0])
+            self.send({"id": rid, "ev": "done", "size": entry[1]})
+
+    def op_stat(self, rid: int, h: dict, body: bytes) -> None:
+        path = self.path(h)
+        self.send({"id": rid, "ev": "result", "entry": _entry(path, os.lstat(path))})
+
+    def op_list(self, rid: int, h: dict, body: bytes) -> None:
+        root = self.path(h)
+        depth = max(1, min(int(h.get("depth", 1)), 32))
+        entries: list[dict] = []
+        truncated = self.walk(root, depth, entries)
+        self.send({"id": rid, "ev": "result", "entries": entries, "truncated": truncated})
+
+    def walk(self, directory: str, depth: int, entries: list) -> bool:
+        with os.scandir(directory) as it:
+            for item in it:
+                if len(entries) >= LIST_LIMIT:
+                    return True
+                try:
+                    st = item.stat(follow_symlinks=False)
+                except OSError:
+                    continue
+                entries.append(_entry(item.path, st))
+                if depth > 1 and _is_dir(st.st_mode):
+                    try:
+                        if self.walk(item.path, depth - 1, entries):
+                            return True
+                    except OSError:
+                        continue
+        return False
+
+    def op_mkdir(self, rid: int, h: dict, body: bytes) -> None:
+        path = self.path(h)
+        created = not os.path.isdir(path)
+        os.makedirs(path, exist_ok=True)
+        self.send({"id": rid, "ev": "result", "created": created})
+
+    def op_remove(self, rid: int, h: dict, body: bytes) -> None:
+        path = self.path(h)
+        if _is_dir(os.lstat(path).st_mode):
+            _rmtree(path)
+        else:
+            os.unlink(path)
+        self.send({"id": rid, "ev": "ok"})
+
+    def op_rename(self, rid: int, h: dict, body: bytes) -> None:
+        os.rename(self.path(h, "src"), self.path(h, "dst"))
+        self.send({"id": rid, "ev": "ok"})
+
+
+def _is_dir(mode: int) -> bool:
+    return (mode & 0o170000) == 0o040000
+
+
+def _is_regular(mode: int) -> bool:
+    return (mode & 0o170000) == 0o100000
+
+
+def _entry(path: str, st: os.stat_result) -> dict:
+    kind = {0o040000: "dir", 0o100000: "file", 0o120000: "symlink"}.get(st.st_mode & 0o170000, "other")
+    return {"name": os.path.basename(path) or "/", "path": path, "type": kind, "size": st.st_size,
+            "mode": st.st_mode & 0o7777, "mtime": st.st_mtime}
+
+
+def _rmtree(path: str) -> None:
+    # Never follows symlinks: a link to elsewhere is removed, not its target's contents.
+    with os.scandir(path) as it:
+        for item in it:
+            if item.is_dir(follow_symlinks=False):
+                _rmtree(item.path)
+            else:
+                os.unlink(item.path)
+    os.rmdir(path)
+
+
+def main() -> None:
+    Agent(int(sys.argv[1])).run()
+
+
+if __name__ == "__main__":
+    main()

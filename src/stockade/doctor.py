@@ -1,0 +1,151 @@
+"""`stockade doctor`: what the jail needs from this host, what is in force, and how to fix what is not.
+
+``Sandbox.create()`` reports a failed start through ``explain_start_failure``, which runs the same checks,
+so a user sees the same sentence in both places and never a raw bwrap error on its own.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+from .config import HostConfig
+from .errors import SandboxUnavailableError, StockadeError
+
+
+@dataclass(frozen=True)
+class Check:
+    name: str
+    ok: bool
+    detail: str
+    fix: str = ""
+    required: bool = True   # False: the sandbox still runs, with a weaker control
+
+
+def _read(path: str) -> str | None:
+    try:
+        return Path(path).read_text().strip()
+    except OSError:
+        return None
+
+
+def check_userns() -> Check:
+    if _read("/proc/sys/kernel/unprivileged_userns_clone") == "0":
+        return Check("user namespaces", False, "kernel.unprivileged_userns_clone = 0",
+                     "sysctl -w kernel.unprivileged_userns_clone=1")
+    if _read("/proc/sys/user/max_user_namespaces") == "0":
+        return Check("user namespaces", False, "user.max_user_namespaces = 0",
+                     "sysctl -w user.max_user_namespaces=15000")
+    if _read("/proc/sys/kernel/apparmor_restrict_unprivileged_userns") == "1" and os.geteuid() != 0:
+        return Check("user namespaces", False,
+                     "Ubuntu's AppArmor restricts unprivileged user namespaces "
+                     "(kernel.apparmor_restrict_unprivileged_userns = 1)",
+                     "add an AppArmor profile allowing 'userns' for the bwrap binary stockade uses "
+                     "(see docs/architecture.md), or sysctl -w kernel.apparmor_restrict_unprivileged_userns=0")
+    return Check("user namespaces", True, "allowed")
+
+
+def check_bwrap(config: HostConfig) -> tuple[Check, str | None]:
+    from .runtime.jail import bwrap
+
+    try:
+        found = bwrap.locate(config.bwrap)
+    except SandboxUnavailableError as exc:
+        return Check("bubblewrap", False, str(exc).split("\n")[0], exc.advice), None
+    probe = subprocess.run([found.path, "--unshare-all", "--ro-bind", "/usr", "/usr", "--symlink", "usr/lib64",
+                            "/lib64", "--symlink", "usr/lib", "/lib", "--symlink", "usr/bin", "/bin",
+                            "--", "/bin/true"], capture_output=True, text=True, timeout=30)
+    if probe.returncode != 0:
+        return Check("bubblewrap", False, f"{found.describe()} cannot create a sandbox: "
+                     f"{probe.stderr.strip()[:300]}", _advice_for(probe.stderr)), None
+    return Check("bubblewrap", True, found.describe()), found.path
+
+
+def check_seccomp() -> Check:
+    from .runtime.jail import seccomp
+
+    if _read("/proc/sys/kernel/seccomp/actions_avail") is None and not Path("/proc/self/status").exists():
+        return Check("seccomp", False, "the kernel reports no seccomp support", "use a kernel with CONFIG_SECCOMP")
+    try:
+        size = len(seccomp.filter_bpf())
+    except SandboxUnavailableError as exc:
+        return Check("seccomp", False, str(exc).split("\n")[0], exc.advice)
+    return Check("seccomp", True, f"filter compiled by libseccomp ({size // 8} BPF instructions)")
+
+
+def check_cgroups(config: HostConfig) -> list[Check]:
+    from .runtime.jail import cgroups
+
+    host = cgroups.detect(config.cgroup_parent)
+    version = f"cgroup v{host.version}" if host.version else "no cgroup filesystem"
+    checks = []
+    for c in cgroups.CONTROLLERS:
+        if c in host.parents:
+            checks.append(Check(f"cgroup {c}", True, f"{version}, under {host.parents[c]}"))
+        else:
+            checks.append(Check(f"cgroup {c}", False, f"{version}: {host.problems.get(c, 'unavailable')}",
+                                "run as root, or set STOCKADE_CGROUP_PARENT to a cgroup delegated to this "
+                                "user; a policy may accept the gap with allow_missing_controls",
+                                required=False))
+    return checks
+
+
+def check_privilege(config: HostConfig) -> Check:
+    if os.geteuid() == 0:
+        low, high = config.uid_range
+        return Check("privilege", True, f"root: each sandbox runs as its own host uid from {low}-{high}")
+    return Check("privilege", False, f"not root (uid {os.geteuid()}): every sandbox shares your host uid, "
+                 "so sandboxes are separated by namespaces only", "run stockade as root for per-sandbox uids",
+                 required=False)
+
+
+def run_checks(config: HostConfig | None = None) -> list[Check]:
+    config = config or HostConfig.from_env()
+    checks = [check_userns()]
+    bwrap_check, _ = check_bwrap(config)
+    checks.append(bwrap_check)
+    checks.append(check_seccomp())
+    checks += check_cgroups(config)
+    checks.append(check_privilege(config))
+    from .runtime.jail import rootfs
+
+    try:
+        img = rootfs.system_image(config.python)
+        checks.append(Check("agent python", True, f"{img.python_host} (mounted read-only)"))
+    except StockadeError as exc:
+        checks.append(Check("agent python", False, str(exc).split("\n")[0], getattr(exc, "advice", "")))
+    return checks
+
+
+def verdict(checks: list[Check]) -> str:
+    if any(not c.ok and c.required for c in checks):
+        return "FAIL: this host cannot run stockade sandboxes; fix the items marked FAIL."
+    if any(not c.ok for c in checks):
+        return "OK with weaker controls: sandboxes run; the items marked WEAK are not enforced."
+    return "OK: every control is in force."
+
+
+def _advice_for(stderr: str) -> str:
+    s = stderr.lower()
+    if "uid map" in s or "no permissions to creat" in s or "operation not permitted" in s:
+        return check_userns().fix or ("this host forbids user namespaces for this user "
+                                      "(container without --privileged, or an LSM policy); run `stockade doctor`")
+    if "no such file" in s:
+        return "a path the sandbox needs is missing on this host; run `stockade doctor`"
+    return "run `stockade doctor` to see which requirement this host misses"
+
+
+def explain_start_failure(stderr: str, returncode: int | None) -> SandboxUnavailableError:
+    """The clear error for a sandbox that did not start: doctor's first failing check, then the detail."""
+    try:
+        failing = [c for c in run_checks() if not c.ok and c.required]
+    except Exception:  # the explanation must never hide the failure
+        failing = []
+    detail = f"(bwrap said: {stderr[:500]})" if stderr else f"(bwrap exited with {returncode})"
+    if failing:
+        first = failing[0]
+        return SandboxUnavailableError(f"cannot start a sandbox: {first.name}: {first.detail} {detail}",
+                                       f"fix: {first.fix}" if first.fix else "")
+    return SandboxUnavailableError(f"cannot start a sandbox {detail}", f"fix: {_advice_for(stderr)}")

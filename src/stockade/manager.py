@@ -1,0 +1,310 @@
+"""The registry of live sandboxes: lifecycle, time to live, and the requests a sandbox serves.
+
+Runs on one asyncio loop. Every sandbox has a deadline (its time to live) and a hard cap
+(``lifetime.max_lifetime`` from creation); the reaper kills it at whichever comes first. Ended sandboxes
+leave a short tombstone so a late caller learns why the id is gone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import secrets
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from .agent import protocol
+from .errors import FilesystemError, PolicyError, SandboxNotFoundError, SandboxUnavailableError
+from .policy import Policy, format_duration
+from .runtime.base import Runtime, RuntimeSandbox
+from .runtime.channel import CommandPending, ReadPending
+
+TOMBSTONES = 1024
+ENV_NAME_OK = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_")
+
+
+def new_sandbox_id() -> str:
+    return "sbx-" + secrets.token_hex(8)
+
+
+def check_envs(envs: Mapping[str, str] | None, field_name: str = "envs") -> dict[str, str]:
+    out: dict[str, str] = {}
+    for k, v in (envs or {}).items():
+        if not isinstance(k, str) or not k or k[0].isdigit() or not set(k) <= ENV_NAME_OK:
+            raise PolicyError(field_name, f"invalid environment variable name {k!r}")
+        if not isinstance(v, str) or "\0" in v:
+            raise PolicyError(f"{field_name}.{k}", "value must be a string without NUL bytes")
+        out[k] = v
+    return out
+
+
+@dataclass
+class CommandRecord:
+    pid: int
+    rid: int
+    cmd: str
+    pending: CommandPending
+    background: bool
+
+
+@dataclass
+class ManagedSandbox:
+    id: str
+    policy: Policy
+    runtime: RuntimeSandbox
+    metadata: dict[str, str]
+    envs: dict[str, str]
+    started_at: float                       # wall clock, for display
+    deadline: float                         # loop time
+    hard_deadline: float                    # loop time: creation + max_lifetime
+    timer: asyncio.TimerHandle | None = None
+    commands: dict[int, CommandRecord] = field(default_factory=dict)
+
+    @property
+    def channel(self) -> Any:
+        return self.runtime.channel
+
+
+class Manager:
+    def __init__(self, runtime: Runtime) -> None:
+        self.runtime = runtime
+        self.sandboxes: dict[str, ManagedSandbox] = {}
+        self.tombstones: OrderedDict[str, str] = OrderedDict()
+        self.loop = asyncio.get_running_loop()
+
+    # ---- lifecycle -----------------------------------------------------------------------------
+    async def create(self, policy: Policy, timeout: float | None = None, envs: Mapping[str, str] | None = None,
+                     metadata: Mapping[str, str] | None = None) -> ManagedSandbox:
+        envs = check_envs(envs)
+        meta = {str(k): str(v) for k, v in (metadata or {}).items()}
+        ttl = policy.lifetime.timeout if timeout is None else float(timeout)
+        if ttl <= 0:
+            raise PolicyError("timeout", "must be a positive number of seconds")
+        if ttl > policy.lifetime.max_lifetime:
+            raise PolicyError("timeout", f"{format_duration(ttl)} exceeds lifetime.max_lifetime "
+                              f"({format_duration(policy.lifetime.max_lifetime)})")
+        sandbox_id = new_sandbox_id()
+        rt = await self.runtime.start(sandbox_id, policy, envs)
+        now = self.loop.time()
+        sb = ManagedSandbox(sandbox_id, policy, rt, meta, envs, time.time(), now + ttl,
+                            now + policy.lifetime.max_lifetime)
+        self.sandboxes[sandbox_id] = sb
+        rt.channel.on_close = lambda reason: self._on_channel_closed(sb, reason)
+        if rt.channel.closed:  # died between its ready and here
+            await self._on_channel_closed(sb, None)
+        self._arm(sb)
+        return sb
+
+    def get(self, sandbox_id: str) -> ManagedSandbox:
+        sb = self.sandboxes.get(sandbox_id)
+        if sb is None:
+            why = self.tombstones.get(sandbox_id)
+            raise SandboxNotFoundError(f"sandbox {sandbox_id!r} " + (f"has ended: {why}" if why else
+                                       "does not exist (or belongs to another process)"))
+        return sb
+
+    def list(self) -> list[ManagedSandbox]:
+        return list(self.sandboxes.values())
+
+    def set_timeout(self, sandbox_id: str, seconds: float) -> None:
+        sb = self.get(sandbox_id)
+        if seconds <= 0:
+            raise PolicyError("timeout", "must be a positive number of seconds")
+        deadline = self.loop.time() + seconds
+        if deadline > sb.hard_deadline + 1e-6:
+            left = max(0.0, sb.hard_deadline - self.loop.time())
+            raise PolicyError("timeout", f"{format_duration(seconds)} would outlive lifetime.max_lifetime "
+                              f"({format_duration(sb.policy.lifetime.max_lifetime)}; {left:.0f}s left)")
+        sb.deadline = deadline
+        self._arm(sb)
+
+    def _arm(self, sb: ManagedSandbox) -> None:
+        if sb.timer is not None:
+            sb.timer.cancel()
+        sb.timer = self.loop.call_at(min(sb.deadline, sb.hard_deadline), self._expire, sb)
+
+    def _expire(self, sb: ManagedSandbox) -> None:
+        reason = "reached lifetime.max_lifetime" if sb.hard_deadline <= sb.deadline else "its timeout expired"
+        self.loop.create_task(self._end(sb, reason))
+
+    async def kill(self, sandbox_id: str) -> bool:
+        sb = self.sandboxes.get(sandbox_id)
+        if sb is None:
+            return False
+        await self._end(sb, "killed")
+        return True
+
+    async def _end(self, sb: ManagedSandbox, reason: str) -> None:
+        if self.sandboxes.pop(sb.id, None) is None:
+            return
+        self.tombstones[sb.id] = reason
+        while len(self.tombstones) > TOMBSTONES:
+            self.tombstones.popitem(last=False)
+        if sb.timer is not None:
+            sb.timer.cancel()
+        await sb.runtime.stop()
+
+    async def _on_channel_closed(self, sb: ManagedSandbox, reason: BaseException | None) -> None:
+        if sb.id not in self.sandboxes:
+            return
+        peak = getattr(sb.runtime, "memory_peak", lambda: None)()
+        if peak is not None and peak >= sb.policy.limits.memory * 0.95:
+            why = "the sandbox ran out of memory (limits.memory) and its agent was killed"
+        else:
+            why = f"the sandbox stopped unexpectedly ({reason})" if reason else "the sandbox stopped unexpectedly"
+        await self._end(sb, why)
+
+    async def shutdown(self) -> None:
+        await asyncio.gather(*(self._end(sb, "its owner shut down") for sb in list(self.sandboxes.values())),
+                             return_exceptions=True)
+
+    # ---- processes -----------------------------------------------------------------------------
+    def _command_timeout(self, sb: ManagedSandbox, timeout: float | None, background: bool) -> float | None:
+        cap = sb.policy.limits.command_timeout
+        if timeout is None:
+            return None if background else cap
+        if timeout <= 0:
+            if not background:
+                raise PolicyError("timeout", "a foreground command needs a positive timeout")
+            return None
+        if timeout > cap and not background:
+            raise PolicyError("timeout", f"{format_duration(timeout)} exceeds limits.command_timeout "
+                              f"({format_duration(cap)})")
+        return float(timeout)
+
+    async def start_command(self, sandbox_id: str, cmd: str | list[str], *, envs: Mapping[str, str] | None,
+                            cwd: str | None, stdin: bytes | None, stdin_open: bool, timeout: float | None,
+                            background: bool, on_output: Callable[[str, bytes], None] | None) -> CommandRecord:
+        sb = self.get(sandbox_id)
+        header: dict[str, Any] = {"op": "exec", "env": check_envs(envs), "cwd": cwd,
+                                  "timeout": self._command_timeout(sb, timeout, background),
+                                  "limit": sb.policy.limits.output, "stdin_open": stdin_open}
+        if isinstance(cmd, str):
+            header["cmd"] = cmd
+        else:
+            if not cmd or not all(isinstance(a, str) for a in cmd):
+                raise PolicyError("cmd", "argv must be a non-empty list of strings")
+            header["argv"] = list(cmd)
+        pending = CommandPending(sb.policy.limits.output, on_output)
+        data = stdin or b""
+        inline = len(data) <= protocol.CHUNK  # larger stdin follows in chunks
+        header["stdin_open"] = stdin_open or not inline
+        rid = sb.channel.start(header, pending, data if inline else b"")
+        pid = await pending.started
+        record = CommandRecord(pid, rid, cmd if isinstance(cmd, str) else " ".join(cmd), pending, background)
+        sb.commands[pid] = record
+        pending.done.add_done_callback(lambda _f: sb.commands.pop(pid, None))
+        if not inline:
+            try:
+                await self.send_stdin(sandbox_id, pid, data, eof=not stdin_open)
+            except FilesystemError as exc:
+                if exc.errno_name != "ESRCH":  # it exited without reading all of it: not an error
+                    raise
+        return record
+
+    async def wait_command(self, sandbox_id: str, record: CommandRecord) -> dict[str, Any]:
+        sb = self.sandboxes.get(sandbox_id)
+        grace = 5.0
+        limit = None
+        if sb is not None and not record.background:
+            limit = (sb.policy.limits.command_timeout + grace)
+        try:
+            result: dict[str, Any] = await asyncio.wait_for(asyncio.shield(record.pending.done), limit)
+            return result
+        except TimeoutError:
+            # The agent missed its own deadline: it is not trusted to, so the host ends the command.
+            with contextlib.suppress(Exception):
+                await self.signal(sandbox_id, record.pid, 9)
+            return {"code": None, "signal": 9, "timed_out": True, "truncated": {}}
+
+    async def send_stdin(self, sandbox_id: str, pid: int, data: bytes, eof: bool = False) -> None:
+        sb = self.get(sandbox_id)
+        view = memoryview(data)
+        while True:
+            chunk, view = bytes(view[:protocol.CHUNK]), view[protocol.CHUNK:]
+            last = not view
+            await sb.channel.call({"op": "stdin", "pid": pid, "eof": eof and last}, chunk)
+            if last:
+                return
+
+    async def signal(self, sandbox_id: str, pid: int, sig: int) -> bool:
+        sb = self.get(sandbox_id)
+        try:
+            await sb.channel.call({"op": "signal", "pid": int(pid), "sig": int(sig)})
+            return True
+        except FilesystemError as exc:
+            if exc.errno_name == "ESRCH":
+                return False
+            raise
+
+    async def list_commands(self, sandbox_id: str) -> list[dict[str, Any]]:
+        sb = self.get(sandbox_id)
+        result = await sb.channel.call({"op": "ps"})
+        procs = result.get("procs")
+        if not isinstance(procs, list):
+            raise SandboxUnavailableError("the sandbox's agent answered ps with garbage")
+        return [p for p in procs if isinstance(p, dict) and isinstance(p.get("pid"), int)][:10000]
+
+    # ---- files ---------------------------------------------------------------------------------
+    async def file_call(self, sandbox_id: str, header: dict[str, Any]) -> dict[str, Any]:
+        return await self.get(sandbox_id).channel.call(header)  # type: ignore[no-any-return]
+
+    async def open_read(self, sandbox_id: str, path: str) -> tuple[ReadPending, int]:
+        sb = self.get(sandbox_id)
+        pending = ReadPending()
+        rid = sb.channel.start({"op": "read", "path": path}, pending)
+        await pending.done
+        return pending, rid
+
+    async def read_chunk(self, sandbox_id: str, pending: ReadPending, rid: int) -> bytes | None:
+        item = await pending.chunks.get()
+        if isinstance(item, BaseException):
+            raise item
+        if item is not None:
+            pending.outstanding += 1
+            sb = self.sandboxes.get(sandbox_id)
+            if sb is not None and not sb.channel.closed:
+                sb.channel.send({"op": "credit", "id": rid, "n": 1})
+        return item
+
+    async def cancel_read(self, sandbox_id: str, rid: int) -> None:
+        sb = self.sandboxes.get(sandbox_id)
+        if sb is not None and not sb.channel.closed:
+            sb.channel.forget(rid)
+            sb.channel.send({"op": "cancel", "id": rid})
+
+    async def write_chunks(self, sandbox_id: str, path: str, chunks: Any, append: bool = False) -> int:
+        """Stream ``chunks`` (an async iterator of bytes) to ``path``; returns the bytes written."""
+        sb = self.get(sandbox_id)
+        from .runtime.channel import Pending
+
+        pending = Pending()
+        rid = 0
+        async for chunk in _rechunk(chunks):
+            if pending.done.done():  # the agent already refused (ENOSPC, EACCES...)
+                break
+            header = {"op": "write", "path": path, "append": append, "more": True}
+            if rid == 0:
+                rid = sb.channel.start(header, pending, chunk)
+            else:
+                sb.channel.send({**header, "id": rid}, chunk)
+            await sb.channel.drain()
+        final = {"op": "write", "path": path, "append": append, "more": False}
+        if rid == 0:
+            rid = sb.channel.start(final, pending)
+        else:  # also after a refusal: it lets the agent forget the request
+            sb.channel.send({**final, "id": rid})
+        result = await asyncio.wait_for(pending.done, 60)
+        size = result.get("size")
+        return size if isinstance(size, int) else 0
+
+
+async def _rechunk(chunks: Any) -> Any:
+    async for data in chunks:
+        view = memoryview(bytes(data))
+        while view:
+            yield bytes(view[:protocol.CHUNK])
+            view = view[protocol.CHUNK:]

@@ -1,0 +1,253 @@
+"""The sandbox policy: one declarative object, enforced the same by every runtime.
+
+Sizes accept "512MiB", "1GiB", "64k", "1.5G" or plain byte counts; durations accept "30s", "5m",
+"1h", "250ms" or plain seconds. Every default is the safe value.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import posixpath
+import re
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator
+
+from .errors import PolicyError
+
+_SIZE_UNITS = {
+    "": 1, "b": 1,
+    "k": 1 << 10, "kib": 1 << 10, "kb": 1000,
+    "m": 1 << 20, "mib": 1 << 20, "mb": 1000**2,
+    "g": 1 << 30, "gib": 1 << 30, "gb": 1000**3,
+    "t": 1 << 40, "tib": 1 << 40, "tb": 1000**4,
+}
+_DURATION_UNITS = {"": 1.0, "s": 1.0, "ms": 0.001, "m": 60.0, "min": 60.0, "h": 3600.0, "d": 86400.0}
+_NUMBER_WITH_UNIT = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*([a-zA-Z]*)\s*$")
+
+
+def parse_size(value: Any) -> int:
+    """Bytes from 512MiB / 1G / 4096. Raises ValueError with the accepted forms."""
+    if isinstance(value, bool):
+        raise ValueError("expected a size such as 512MiB, not a boolean")
+    if isinstance(value, int):
+        number, unit = float(value), ""
+    elif isinstance(value, float):
+        number, unit = value, ""
+    elif isinstance(value, str) and (m := _NUMBER_WITH_UNIT.match(value)):
+        number, unit = float(m.group(1)), m.group(2).lower()
+    else:
+        raise ValueError(f"invalid size {value!r}: use bytes or a unit, e.g. 512MiB, 1GiB, 64k")
+    if unit not in _SIZE_UNITS:
+        raise ValueError(f"invalid size unit {unit!r} in {value!r}: use B, KiB, MiB, GiB, TiB (or k, M, G)")
+    if not math.isfinite(number) or number < 0:
+        raise ValueError(f"invalid size {value!r}: must be a finite, non-negative amount")
+    return int(number * _SIZE_UNITS[unit])
+
+
+def parse_duration(value: Any) -> float:
+    """Seconds from 30s / 5m / 1h / 250ms / 12.5."""
+    if isinstance(value, bool):
+        raise ValueError("expected a duration such as 30s, not a boolean")
+    if isinstance(value, int | float):
+        number, unit = float(value), ""
+    elif isinstance(value, str) and (m := _NUMBER_WITH_UNIT.match(value)):
+        number, unit = float(m.group(1)), m.group(2).lower()
+    else:
+        raise ValueError(f"invalid duration {value!r}: use seconds or a unit, e.g. 30s, 5m, 1h, 250ms")
+    if unit not in _DURATION_UNITS:
+        raise ValueError(f"invalid duration unit {unit!r} in {value!r}: use ms, s, m, h or d")
+    if not math.isfinite(number) or number < 0:
+        raise ValueError(f"invalid duration {value!r}: must be a finite, non-negative amount")
+    return number * _DURATION_UNITS[unit]
+
+
+def format_size(n: int) -> str:
+    for unit, factor in (("TiB", 1 << 40), ("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= factor and n % factor == 0:
+            return f"{n // factor}{unit}"
+    return str(n)
+
+
+def format_duration(s: float) -> str:
+    for unit, factor in (("h", 3600), ("m", 60)):
+        if s >= factor and s % factor == 0:
+            return f"{int(s // factor)}{unit}"
+    return f"{s:g}s"
+
+
+Size = Annotated[int, BeforeValidator(parse_size), Field(ge=0)]
+Duration = Annotated[float, BeforeValidator(parse_duration), Field(ge=0)]
+PositiveSize = Annotated[int, BeforeValidator(parse_size), Field(gt=0)]
+PositiveDuration = Annotated[float, BeforeValidator(parse_duration), Field(gt=0)]
+
+# Sandbox paths a mount may not cover: they hold the system image, the agent, or kernel interfaces.
+RESERVED_TARGETS = ("/", "/proc", "/dev", "/sys", "/usr", "/etc", "/bin", "/sbin", "/lib", "/lib32",
+                    "/lib64", "/libx32", "/opt/stockade", "/tmp", "/home/user")
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+
+class NetworkPolicy(_Section):
+    mode: Literal["none"] = "none"
+
+
+class Mount(_Section):
+    source: str
+    target: str
+    mode: Literal["ro", "rw"] = "ro"
+
+    @field_validator("source")
+    @classmethod
+    def _absolute_source(cls, v: str) -> str:
+        if not v.startswith("/"):
+            raise ValueError(f"host path {v!r} must be absolute")
+        return posixpath.normpath(v)
+
+    @field_validator("target")
+    @classmethod
+    def _safe_target(cls, v: str) -> str:
+        if not v.startswith("/"):
+            raise ValueError(f"sandbox path {v!r} must be absolute")
+        if "\0" in v:
+            raise ValueError("sandbox path contains a NUL byte")
+        norm = posixpath.normpath(v)
+        for reserved in RESERVED_TARGETS:
+            if norm == reserved or (reserved != "/" and norm.startswith(reserved + "/")
+                                    and reserved not in ("/home/user", "/tmp")):
+                raise ValueError(f"sandbox path {v!r} would cover {reserved}, which the sandbox needs; "
+                                 "mount under /mnt, /data or /home/user/<dir> instead")
+        return norm
+
+
+def _mount_from_shorthand(v: Any) -> Any:
+    # "HOST:SANDBOX[:ro|rw]" is accepted beside the table form.
+    if isinstance(v, str):
+        parts = v.split(":")
+        if len(parts) not in (2, 3):
+            raise ValueError(f"mount {v!r}: use 'HOST:SANDBOX' or 'HOST:SANDBOX:ro|rw'")
+        return {"source": parts[0], "target": parts[1], **({"mode": parts[2]} if len(parts) == 3 else {})}
+    return v
+
+
+class FilesystemPolicy(_Section):
+    mounts: list[Annotated[Mount, BeforeValidator(_mount_from_shorthand)]] = []
+    workspace_size: PositiveSize = 1 << 30
+    tmp_size: PositiveSize = 256 << 20
+
+    @field_validator("mounts")
+    @classmethod
+    def _distinct_targets(cls, v: list[Mount]) -> list[Mount]:
+        targets = [m.target for m in v]
+        if len(set(targets)) != len(targets):
+            raise ValueError("two mounts share one sandbox path")
+        return v
+
+
+class LimitsPolicy(_Section):
+    memory: Annotated[int, BeforeValidator(parse_size), Field(ge=16 << 20)] = 512 << 20
+    cpus: Annotated[float, Field(gt=0, le=1024)] = 1.0
+    pids: Annotated[int, Field(ge=8, le=1 << 22)] = 256
+    command_timeout: PositiveDuration = 60.0
+    output: PositiveSize = 1 << 20
+    open_files: Annotated[int, Field(ge=16, le=1 << 20)] = 1024
+    file_size: PositiveSize = 1 << 30
+
+
+class LifetimePolicy(_Section):
+    timeout: PositiveDuration = 300.0
+    max_lifetime: PositiveDuration = 3600.0
+
+
+Control = Literal["memory", "pids", "cpu"]
+
+
+class Policy(_Section):
+    """What a sandbox may do. Immutable; derive variants with :meth:`with_overrides`."""
+
+    network: NetworkPolicy = NetworkPolicy()
+    filesystem: FilesystemPolicy = FilesystemPolicy()
+    limits: LimitsPolicy = LimitsPolicy()
+    lifetime: LifetimePolicy = LifetimePolicy()
+    # Controls the policy accepts running without when the host cannot apply them (e.g. no cgroups
+    # for an unprivileged user). Empty by default: a missing control is an error.
+    allow_missing_controls: list[Control] = []
+
+    @classmethod
+    def from_dict(cls, data: Any) -> Policy:
+        if not isinstance(data, dict):
+            raise PolicyError("", f"a policy is a mapping of sections, not {type(data).__name__}")
+        try:
+            policy = cls.model_validate(data)
+        except ValidationError as exc:
+            raise _policy_error(exc) from None
+        policy._check_consistency()
+        return policy
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> Policy:
+        p = Path(path)
+        try:
+            text = p.read_text()
+        except OSError as exc:
+            raise PolicyError("", f"cannot read policy file {p}: {exc.strerror}") from None
+        try:
+            data = json.loads(text) if p.suffix == ".json" else tomllib.loads(text)
+        except (json.JSONDecodeError, tomllib.TOMLDecodeError) as exc:
+            raise PolicyError("", f"{p} is not valid {'JSON' if p.suffix == '.json' else 'TOML'}: {exc}") \
+                from None
+        return cls.from_dict(data)
+
+    @classmethod
+    def coerce(cls, value: Policy | dict[str, Any] | str | Path | None) -> Policy:
+        """A Policy from what the SDK accepts: a Policy, a dict, a file path, or None (defaults)."""
+        if value is None:
+            return cls()
+        if isinstance(value, Policy):
+            return value
+        if isinstance(value, str | Path):
+            return cls.from_file(value)
+        return cls.from_dict(value)
+
+    def with_overrides(self, **sections: dict[str, Any]) -> Policy:
+        """A copy with some fields replaced, validated like any input: ``with_overrides(limits={...})``."""
+        data = self.model_dump()
+        for section, fields in sections.items():
+            if section not in data or not isinstance(data[section], dict):
+                raise PolicyError(section, "unknown policy section")
+            data[section].update(fields)
+        return Policy.from_dict(data)
+
+    def _check_consistency(self) -> None:
+        if self.lifetime.timeout > self.lifetime.max_lifetime:
+            raise PolicyError("lifetime.timeout", f"{format_duration(self.lifetime.timeout)} exceeds "
+                              f"lifetime.max_lifetime ({format_duration(self.lifetime.max_lifetime)})")
+
+    def to_display(self) -> dict[str, Any]:
+        """The effective policy with sizes and durations in human units (what `policy show` prints)."""
+        d = self.model_dump()
+        fs, lim, life = d["filesystem"], d["limits"], d["lifetime"]
+        for key in ("workspace_size", "tmp_size"):
+            fs[key] = format_size(fs[key])
+        for key in ("memory", "output", "file_size"):
+            lim[key] = format_size(lim[key])
+        lim["command_timeout"] = format_duration(lim["command_timeout"])
+        for key in ("timeout", "max_lifetime"):
+            life[key] = format_duration(life[key])
+        return d
+
+
+def _policy_error(exc: ValidationError) -> PolicyError:
+    err = exc.errors()[0]
+    field = ".".join(str(p) for p in err["loc"] if not (isinstance(p, str) and p.startswith("function-")))
+    reason = err["msg"].removeprefix("Value error, ")
+    if err["type"] == "extra_forbidden":
+        reason = "unknown field (check the spelling; see `stockade policy show` for every field)"
+    elif err["type"] == "literal_error":
+        reason = f"{reason}, got {err.get('input')!r}"
+    return PolicyError(field, reason)

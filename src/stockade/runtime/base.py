@@ -1,0 +1,37 @@
+"""The interface every runtime implements (jail now; a microVM and pods later)."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+
+from ..policy import Policy
+from .channel import AgentChannel
+
+
+class RuntimeSandbox(ABC):
+    """One running sandbox as its runtime sees it."""
+
+    id: str
+    channel: AgentChannel
+
+    @abstractmethod
+    async def stop(self) -> None:
+        """Kill everything in the sandbox and remove every trace of it on the host. Idempotent."""
+
+    @abstractmethod
+    def is_alive(self) -> bool:
+        """Whether the sandbox's processes are still running."""
+
+    @abstractmethod
+    def describe(self) -> dict[str, object]:
+        """Runtime facts for ``info()``: isolation in force, host uid, cgroup, pids."""
+
+
+class Runtime(ABC):
+    name: str
+
+    @abstractmethod
+    async def start(self, sandbox_id: str, policy: Policy, envs: Mapping[str, str]) -> RuntimeSandbox:
+        """Start a sandbox whose agent is ready to serve requests; raise SandboxUnavailableError if the
+        host cannot."""

@@ -1,0 +1,104 @@
+"""The sandbox's filesystem: an explicit allowlist of host system paths, read-only, plus generated files.
+
+Never bound: /root, /home, /var, /run, /srv, /mnt, /media, /opt, /usr/local, /boot, /sys, the host's /etc
+as a whole, or any host socket. What python3, sh and coreutils need comes from /usr (Debian and Ubuntu
+merge /bin, /lib into /usr) and a handful of /etc files.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass
+from functools import cache
+
+from ...errors import SandboxUnavailableError
+
+SANDBOX_UID = 1000
+SANDBOX_GID = 1000
+HOME = "/home/user"
+AGENT_DIR = "/opt/stockade/agent"
+PYTHON_MOUNT = "/opt/stockade/python"
+
+USR_DIRS = ("bin", "sbin", "lib", "lib32", "lib64", "libx32", "libexec", "share")
+TOP_LINKS = ("bin", "sbin", "lib", "lib32", "lib64", "libx32")
+# Host /etc entries a program needs to start (dynamic loader, alternatives, certificates, time zone).
+ETC_ALLOW = ("ld.so.cache", "ld.so.conf", "ld.so.conf.d", "alternatives", "localtime", "ssl/certs",
+             "ca-certificates", "mime.types", "protocols", "services", "nsswitch.conf", "shells",
+             "python3", f"python3.{sys.version_info.minor}", "inputrc", "terminfo")
+
+PASSWD = (f"root:x:0:0:root:/nonexistent:/usr/sbin/nologin\n"
+          f"user:x:{SANDBOX_UID}:{SANDBOX_GID}:sandbox user:{HOME}:/bin/sh\n"
+          f"nobody:x:65534:65534:nobody:/nonexistent:/usr/sbin/nologin\n")
+GROUP = f"root:x:0:\nuser:x:{SANDBOX_GID}:\nnogroup:x:65534:\n"
+HOSTS = "127.0.0.1\tlocalhost sandbox\n::1\tlocalhost ip6-localhost ip6-loopback\n"
+HOSTNAME = "sandbox\n"
+# No resolver: the sandbox has no network to resolve names on.
+RESOLV_CONF = "# no DNS inside a stockade sandbox\n"
+
+
+@dataclass(frozen=True)
+class SystemImage:
+    """bwrap arguments for the read-only system part of the root, computed once per process."""
+
+    args: tuple[str, ...]
+    python: str          # the interpreter the agent runs on, as a path inside the sandbox
+    python_host: str     # the same interpreter on the host (for compiling the agent)
+    python_prefix_fd_source: str | None  # host prefix bound at PYTHON_MOUNT when not under /usr
+
+
+@cache
+def system_image(python_override: str | None = None) -> SystemImage:
+    args: list[str] = []
+    for name in USR_DIRS:
+        path = f"/usr/{name}"
+        if os.path.isdir(path) and not os.path.islink(path):
+            args += ["--ro-bind", path, path]
+        elif os.path.islink(path):
+            args += ["--symlink", os.readlink(path), path]
+    for name in TOP_LINKS:
+        path = f"/{name}"
+        if os.path.islink(path):
+            args += ["--symlink", os.readlink(path), path]
+        elif os.path.isdir(path):
+            args += ["--ro-bind", path, path]
+    for name in ETC_ALLOW:
+        path = f"/etc/{name}"
+        if os.path.exists(path):
+            args += ["--ro-bind", path, path]
+    python, host_python, prefix = _python(python_override)
+    return SystemImage(tuple(args), python, host_python, prefix)
+
+
+def _python(override: str | None) -> tuple[str, str, str | None]:
+    """The agent's interpreter: STOCKADE_PYTHON, else the system python3 under /usr (already in the
+    image), else this process's own interpreter prefix mounted read-only at /opt/stockade/python."""
+    if override:
+        real = os.path.realpath(override)
+        if not real.startswith("/usr/"):
+            raise SandboxUnavailableError(f"STOCKADE_PYTHON={override} resolves outside /usr",
+                                          "fix: point it at an interpreter under /usr, or unset it")
+        return override, override, None
+    for candidate in ("/usr/bin/python3",):
+        if os.path.exists(candidate):
+            return candidate, candidate, None
+    prefix = sys.base_prefix
+    exe = os.path.realpath(sys.executable)
+    if not exe.startswith(prefix + "/"):
+        raise SandboxUnavailableError("no python3 for the in-sandbox agent",
+                                      "fix: install python3 under /usr (apt-get install python3-minimal)")
+    return PYTHON_MOUNT + exe[len(prefix):], exe, prefix
+
+
+def generated_files() -> dict[str, str]:
+    """Sandbox path -> content of the /etc files written for every sandbox."""
+    return {"/etc/passwd": PASSWD, "/etc/group": GROUP, "/etc/hosts": HOSTS, "/etc/hostname": HOSTNAME,
+            "/etc/resolv.conf": RESOLV_CONF}
+
+
+def sandbox_env(extra: dict[str, str]) -> dict[str, str]:
+    env = {"PATH": "/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin", "HOME": HOME, "USER": "user",
+           "LOGNAME": "user", "SHELL": "/bin/sh", "LANG": "C.UTF-8", "TERM": "dumb", "TMPDIR": "/tmp",
+           "PYTHONUNBUFFERED": "1"}
+    env.update(extra)
+    return env

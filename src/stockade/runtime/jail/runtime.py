@@ -1,0 +1,384 @@
+"""Starting and tearing down a jailed sandbox.
+
+Order of a start: lease a host uid (root only) -> create the cgroup -> spawn bwrap with the agent as the
+sandbox's PID 1 -> read the agent's host pid from bwrap's info fd -> move it into the cgroup and set its
+rlimits -> hello/ready on the channel. The agent runs nothing before the hello, so no process in the
+sandbox ever escapes the cgroup or the rlimits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import signal
+import socket
+import subprocess
+from collections.abc import Mapping
+from functools import cache
+from pathlib import Path
+
+from ...agent import protocol
+from ...config import HostConfig
+from ...errors import PolicyError, SandboxUnavailableError
+from ...policy import Policy
+from ..base import Runtime, RuntimeSandbox
+from ..channel import AgentChannel
+from . import bwrap as bwrap_mod
+from . import cgroups, rootfs, seccomp
+from .uids import UidAllocator, UidLease
+
+AGENT_SOURCES = ("server.py", "protocol.py")
+START_TIMEOUT = 15.0
+
+
+def _memfd(name: str, data: bytes) -> int:
+    fd = os.memfd_create(name)  # reaches bwrap only through pass_fds; closed after the spawn
+    os.write(fd, data)
+    os.lseek(fd, 0, os.SEEK_SET)
+    return fd
+
+
+@cache
+def compiled_agent(python_host: str, state_dir: Path) -> dict[str, bytes]:
+    """The agent compiled to bytecode by the sandbox's own interpreter (a cold start then skips
+    compiling it), cached on disk by source and interpreter."""
+    agent_dir = Path(protocol.__file__).parent
+    sources = {name: (agent_dir / name).read_bytes() for name in AGENT_SOURCES}
+    st = os.stat(python_host)
+    key = hashlib.sha256(b"".join(sources.values()) + f"{python_host}:{st.st_mtime_ns}".encode()).hexdigest()
+    cache_dir = state_dir / "agent" / key[:20]
+    pycs = {name.replace(".py", ".pyc"): cache_dir / name.replace(".py", ".pyc") for name in AGENT_SOURCES}
+    if not all(p.exists() for p in pycs.values()):
+        tmp = cache_dir.with_name(cache_dir.name + f".tmp{os.getpid()}")
+        tmp.mkdir(parents=True, exist_ok=True)
+        for name, data in sources.items():
+            (tmp / name).write_bytes(data)
+        script = ("import py_compile,sys\n"
+                  "for src in sys.argv[1:]:\n"
+                  "    py_compile.compile(src, cfile=src + 'c', doraise=True,"
+                  " invalidation_mode=py_compile.PycInvalidationMode.UNCHECKED_HASH)\n")
+        result = subprocess.run([python_host, "-E", "-s", "-c", script, *(str(tmp / n) for n in sources)],
+                                capture_output=True, text=True, timeout=60)
+        if result.returncode != 0:
+            raise SandboxUnavailableError(f"the sandbox's python ({python_host}) cannot compile the agent: "
+                                          f"{result.stderr.strip()[-500:]}")
+        for name in AGENT_SOURCES:
+            (tmp / name).unlink()
+        with contextlib.suppress(OSError):
+            os.rename(tmp, cache_dir)
+        if tmp.exists():  # another process won the race
+            for p in tmp.iterdir():
+                p.unlink()
+            tmp.rmdir()
+    return {name: path.read_bytes() for name, path in pycs.items()}
+
+
+class _Lock:
+    """An flock'd file that exists only while held, so a crashed owner is detectable by others."""
+
+    def __init__(self, path: Path) -> None:
+        tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
+        self.fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        fcntl.flock(self.fd, fcntl.LOCK_EX)
+        os.rename(tmp, path)  # appears already locked
+        self.path = path
+
+    def release(self) -> None:
+        if self.fd >= 0:
+            with contextlib.suppress(FileNotFoundError):
+                self.path.unlink()
+            os.close(self.fd)
+            self.fd = -1
+
+
+def _lock_is_stale(path: Path) -> bool:
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return True
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except BlockingIOError:
+        return False
+    finally:
+        os.close(fd)
+
+
+class JailRuntime(Runtime):
+    name = "jail"
+
+    def __init__(self, config: HostConfig | None = None) -> None:
+        self.config = config or HostConfig.from_env()
+        self.privileged = os.geteuid() == 0
+        self.config.state_dir.mkdir(parents=True, exist_ok=True, mode=0o755 if self.privileged else 0o700)
+        (self.config.state_dir / "sandboxes").mkdir(exist_ok=True, mode=0o700)
+        self.bwrap = bwrap_mod.locate(self.config.bwrap)
+        if self.privileged:
+            self.bwrap = bwrap_mod.copy_for_other_uids(self.bwrap, self.config.state_dir)
+        self.image = rootfs.system_image(self.config.python)
+        self.seccomp_bpf = seccomp.filter_bpf()
+        self.agent_files = compiled_agent(self.image.python_host, self.config.state_dir)
+        self.cgroups = cgroups.detect(self.config.cgroup_parent)
+        self.uids = UidAllocator(self.config.state_dir, self.config.uid_range) if self.privileged else None
+
+    async def sweep_stale(self) -> list[str]:
+        """Remove the cgroups of sandboxes whose stockade process died without tearing them down
+        (their processes died with it: bwrap --die-with-parent)."""
+        swept = []
+        for name in cgroups.stale_names(self.cgroups):
+            lock = self.config.state_dir / "sandboxes" / f"{name}.lock"
+            if _lock_is_stale(lock):
+                with contextlib.suppress(OSError):
+                    await cgroups.Cgroup(self.cgroups, name).destroy()
+                    swept.append(name)
+                with contextlib.suppress(FileNotFoundError):
+                    lock.unlink()
+        return swept
+
+    def missing_controls(self, policy: Policy) -> list[str]:
+        return [c for c in cgroups.CONTROLLERS if c not in self.cgroups.parents]
+
+    async def start(self, sandbox_id: str, policy: Policy, envs: Mapping[str, str]) -> JailSandbox:
+        missing = [c for c in self.missing_controls(policy) if c not in policy.allow_missing_controls]
+        if missing:
+            reasons = "; ".join(f"{c}: {self.cgroups.problems.get(c, 'unavailable')}" for c in missing)
+            raise SandboxUnavailableError(
+                f"cannot enforce limits.{'/'.join(missing)} on this host ({reasons})",
+                "fix: run as root or give stockade a delegated cgroup (STOCKADE_CGROUP_PARENT); or accept "
+                f"the weaker sandbox with allow_missing_controls = {json.dumps(missing)} in the policy. "
+                "Run `stockade doctor` for details.")
+        sandbox = JailSandbox(self, sandbox_id, policy)
+        try:
+            await sandbox._start(envs)
+        except BaseException:
+            await sandbox.stop()
+            raise
+        return sandbox
+
+
+class JailSandbox(RuntimeSandbox):
+    def __init__(self, runtime: JailRuntime, sandbox_id: str, policy: Policy) -> None:
+        self.runtime = runtime
+        self.id = sandbox_id
+        self.policy = policy
+        self.lock: _Lock | None = None
+        self.uid: UidLease | None = None
+        self.cgroup: cgroups.Cgroup | None = None
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.agent_pidfd: int | None = None
+        self.agent_host_pid: int | None = None
+        self.namespaces: dict[str, int] = {}
+        self._stopped = False
+        self._stop_lock = asyncio.Lock()
+
+    # ---- start ---------------------------------------------------------------------------------
+    async def _start(self, envs: Mapping[str, str]) -> None:
+        rt = self.runtime
+        self.lock = _Lock(rt.config.state_dir / "sandboxes" / f"{self.id}.lock")
+        if rt.uids is not None:
+            self.uid = rt.uids.acquire()
+        lim = self.policy.limits
+        if rt.cgroups.parents:
+            self.cgroup = cgroups.Cgroup(rt.cgroups, self.id)
+            self.cgroup.create(lim.memory, lim.pids, lim.cpus)
+        host_sock, agent_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        info_r, info_w = os.pipe2(os.O_CLOEXEC)
+        stderr_fd = os.memfd_create("stockade-bwrap-stderr", os.MFD_CLOEXEC)
+        fds: list[int] = []
+        try:
+            argv = self._argv(agent_sock.fileno(), info_w, fds)
+            kwargs: dict[str, object] = {}
+            if self.uid is not None:
+                kwargs = {"user": self.uid.uid, "group": self.uid.uid, "extra_groups": []}
+            self.proc = subprocess.Popen(  # noqa: S603 - argv is built here, not from input
+                argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=stderr_fd,
+                pass_fds=(agent_sock.fileno(), info_w, *fds), start_new_session=True,
+                **kwargs)  # type: ignore[call-overload]
+        finally:
+            agent_sock.close()
+            os.close(info_w)
+            for fd in fds:
+                os.close(fd)
+        try:
+            info = await asyncio.wait_for(_read_all(info_r), START_TIMEOUT)
+        finally:
+            os.close(info_r)
+        try:
+            if not info:
+                raise ValueError("no info")
+            details = json.loads(info)
+            child = int(details["child-pid"])
+        except (ValueError, KeyError, TypeError):
+            await self._wait_bwrap(2.0)
+            raise self._start_failure(stderr_fd) from None
+        self.namespaces = {k.removesuffix("-namespace"): v for k, v in details.items() if k.endswith("-namespace")}
+        self.agent_host_pid = child
+        self.agent_pidfd = os.pidfd_open(child)
+        # Before the agent runs anything: the cgroup that every later process inherits.
+        if self.cgroup is not None:
+            self.cgroup.attach(child)
+        reader, writer = await asyncio.open_unix_connection(sock=host_sock)
+        self.channel = AgentChannel(reader, writer)
+        try:
+            env = rootfs.sandbox_env(dict(envs))
+            # The agent lowers its own rlimits before it runs anything (lowering needs no privilege,
+            # and the same agent does it in every runtime); every process it starts inherits them.
+            rlimits = {"nofile": lim.open_files, "fsize": lim.file_size, "core": 0}
+            await self.channel.call({"op": "hello", "env": env, "rlimits": rlimits}, timeout=START_TIMEOUT)
+        except SandboxUnavailableError:
+            await self._wait_bwrap(2.0)
+            raise self._start_failure(stderr_fd) from None
+        finally:
+            os.close(stderr_fd)
+
+    def _argv(self, channel_fd: int, info_fd: int, fds: list[int]) -> list[str]:
+        rt, fs = self.runtime, self.policy.filesystem
+
+        def data(name: str, content: bytes) -> str:
+            fd = _memfd(name, content)
+            fds.append(fd)
+            return str(fd)
+
+        argv = [rt.bwrap.path,
+                "--unshare-user", "--uid", str(rootfs.SANDBOX_UID), "--gid", str(rootfs.SANDBOX_GID),
+                "--unshare-pid", "--unshare-ipc", "--unshare-uts", "--unshare-net", "--unshare-cgroup",
+                "--disable-userns", "--hostname", "sandbox", "--die-with-parent", "--new-session",
+                "--as-pid-1", "--cap-drop", "ALL",
+                *rt.image.args]
+        if rt.image.python_prefix_fd_source:
+            fd = os.open(rt.image.python_prefix_fd_source, os.O_PATH | os.O_DIRECTORY)
+            fds.append(fd)
+            argv += ["--ro-bind-fd", str(fd), rootfs.PYTHON_MOUNT]
+        argv += ["--proc", "/proc", "--dev", "/dev",
+                 "--size", str(fs.tmp_size), "--perms", "1777", "--tmpfs", "/dev/shm",
+                 "--size", str(fs.tmp_size), "--perms", "1777", "--tmpfs", "/tmp",
+                 "--size", str(fs.workspace_size), "--perms", "0755", "--tmpfs", rootfs.HOME]
+        for path, content in rootfs.generated_files().items():
+            argv += ["--ro-bind-data", data(path.rsplit("/", 1)[1], content.encode()), path]
+        for name, content in rt.agent_files.items():
+            argv += ["--ro-bind-data", data(name, content), f"{rootfs.AGENT_DIR}/{name}"]
+        for i, mount in enumerate(fs.mounts):
+            try:
+                fd = os.open(mount.source, os.O_PATH | os.O_CLOEXEC)
+            except OSError as exc:
+                raise PolicyError(f"filesystem.mounts.{i}.source",
+                                  f"cannot open {mount.source} on this host: {exc.strerror}") from None
+            fds.append(fd)
+            argv += ["--bind-fd" if mount.mode == "rw" else "--ro-bind-fd", str(fd), mount.target]
+        argv += ["--remount-ro", "/", "--chdir", rootfs.HOME, "--clearenv",
+                 "--info-fd", str(info_fd), "--seccomp", data("seccomp", rt.seccomp_bpf),
+                 "--", rt.image.python, "-E", "-s", "-S", "-B", f"{rootfs.AGENT_DIR}/server.pyc",
+                 str(channel_fd)]
+        return argv
+
+    def _start_failure(self, stderr_fd: int) -> SandboxUnavailableError:
+        from ...doctor import explain_start_failure
+
+        size = os.lseek(stderr_fd, 0, os.SEEK_END)
+        text = os.pread(stderr_fd, min(size, 4096), 0).decode("utf-8", "replace").strip()
+        return explain_start_failure(text, self.proc.returncode if self.proc else None)
+
+    async def _wait_bwrap(self, timeout: float) -> None:
+        if self.proc is None:
+            return
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while self.proc.poll() is None and loop.time() < deadline:
+            await asyncio.sleep(0.005)
+
+    # ---- run time ------------------------------------------------------------------------------
+    def is_alive(self) -> bool:
+        return (not self._stopped and self.proc is not None and self.proc.poll() is None
+                and not self.channel.closed)
+
+    def describe(self) -> dict[str, object]:
+        rt = self.runtime
+        return {
+            "runtime": "jail",
+            "bwrap": rt.bwrap.describe(),
+            "host_uid": self.uid.uid if self.uid else os.geteuid(),
+            "uid_isolation": self.uid is not None,
+            "cgroup_version": rt.cgroups.version,
+            "controls": {c: c in rt.cgroups.parents for c in cgroups.CONTROLLERS},
+            "seccomp": True,
+            "agent_host_pid": self.agent_host_pid,
+            "namespaces": dict(self.namespaces),
+        }
+
+    def memory_peak(self) -> int | None:
+        return self.cgroup.memory_peak() if self.cgroup else None
+
+    # ---- teardown ------------------------------------------------------------------------------
+    async def stop(self) -> None:
+        async with self._stop_lock:
+            if self._stopped:
+                return
+            self._stopped = True
+            if hasattr(self, "channel"):
+                self.channel.close()
+            # SIGKILL to the PID namespace's init: the kernel kills every process in the namespace.
+            if self.agent_pidfd is not None:
+                with contextlib.suppress(ProcessLookupError):
+                    signal.pidfd_send_signal(self.agent_pidfd, signal.SIGKILL)
+                os.close(self.agent_pidfd)
+                self.agent_pidfd = None
+            if self.proc is not None:
+                if self.proc.poll() is None:
+                    with contextlib.suppress(ProcessLookupError):
+                        self.proc.kill()
+                await _wait_exit(self.proc)
+            try:
+                if self.cgroup is not None:
+                    await self.cgroup.destroy()
+            finally:
+                if self.uid is not None:
+                    self.uid.release()
+                if self.lock is not None:
+                    self.lock.release()
+
+
+async def _read_all(fd: int) -> bytes:
+    loop = asyncio.get_running_loop()
+    os.set_blocking(fd, False)
+    chunks: list[bytes] = []
+    done: asyncio.Future[None] = loop.create_future()
+
+    def readable() -> None:
+        try:
+            while chunk := os.read(fd, 65536):
+                chunks.append(chunk)
+        except BlockingIOError:
+            return
+        if not done.done():
+            done.set_result(None)
+
+    loop.add_reader(fd, readable)
+    try:
+        await done
+    finally:
+        loop.remove_reader(fd)
+    return b"".join(chunks)
+
+
+async def _wait_exit(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is not None:
+        return
+    loop = asyncio.get_running_loop()
+    try:
+        pidfd = os.pidfd_open(proc.pid)
+    except ProcessLookupError:
+        proc.wait()
+        return
+    exited: asyncio.Future[None] = loop.create_future()
+    loop.add_reader(pidfd, lambda: exited.done() or exited.set_result(None))
+    try:
+        await asyncio.wait_for(exited, 10)
+    finally:
+        loop.remove_reader(pidfd)
+        os.close(pidfd)
+    proc.wait()

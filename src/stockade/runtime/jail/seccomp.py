@@ -1,0 +1,81 @@
+"""The syscall filter every sandboxed process runs under, compiled with libseccomp.
+
+Default allow, with the syscalls a sandbox has no business making answering EPERM: mounting, changing
+root, tracing or reading other processes, loading kernel code, BPF, perf, keyrings, userfaultfd,
+io_uring, namespace creation or entry, and sockets outside AF_UNIX/AF_INET/AF_INET6. ``clone3`` answers
+ENOSYS (its flags sit behind a pointer a filter cannot read), so libc falls back to ``clone``, whose
+flags are checked. Syscalls made through another ABI (32-bit int 0x80, x32) kill the process: libseccomp
+filters the native architecture only and its bad-arch action is KILL.
+"""
+
+from __future__ import annotations
+
+import errno
+import tempfile
+from functools import cache
+
+from ...errors import SandboxUnavailableError
+
+DENIED = (
+    # mount family and root changes
+    "mount", "umount2", "pivot_root", "chroot", "fsopen", "fsconfig", "fsmount", "fspick",
+    "move_mount", "open_tree", "mount_setattr",
+    # other processes' memory
+    "ptrace", "process_vm_readv", "process_vm_writev", "kcmp", "pidfd_getfd",
+    # kernel code and state
+    "kexec_load", "kexec_file_load", "init_module", "finit_module", "delete_module", "bpf",
+    "perf_event_open", "lookup_dcookie", "syslog", "acct", "swapon", "swapoff", "reboot", "quotactl",
+    "quotactl_fd", "iopl", "ioperm", "uselib", "nfsservctl", "vhangup",
+    # keyrings
+    "keyctl", "add_key", "request_key",
+    # attack surface with a history of exploits
+    "userfaultfd", "io_uring_setup", "io_uring_enter", "io_uring_register", "open_by_handle_at",
+    "name_to_handle_at", "fanotify_init",
+    # namespaces
+    "unshare", "setns",
+    # clock and time
+    "settimeofday", "clock_settime", "clock_adjtime", "adjtimex",
+)
+NAMESPACE_FLAGS = {
+    "CLONE_NEWNS": 0x00020000, "CLONE_NEWCGROUP": 0x02000000, "CLONE_NEWUTS": 0x04000000,
+    "CLONE_NEWIPC": 0x08000000, "CLONE_NEWUSER": 0x10000000, "CLONE_NEWPID": 0x20000000,
+    "CLONE_NEWNET": 0x40000000,
+}
+ALLOWED_SOCKET_FAMILIES = (1, 2, 10)  # AF_UNIX, AF_INET, AF_INET6
+TIOCSTI, TIOCLINUX = 0x5412, 0x541C   # push input into the terminal: a known escape from a session
+
+
+@cache
+def filter_bpf() -> bytes:
+    """The compiled BPF program (what bwrap --seccomp loads)."""
+    try:
+        import pyseccomp as sc
+    except (ImportError, OSError, AttributeError, TypeError) as exc:  # binding or libseccomp.so.2 missing
+        raise SandboxUnavailableError(
+            f"seccomp is unavailable: cannot load libseccomp ({exc})",
+            "fix: apt-get install libseccomp2 (any current Debian/Ubuntu has it); "
+            "pip install pyseccomp") from None
+    eperm = sc.ERRNO(errno.EPERM)
+    f = sc.SyscallFilter(sc.ALLOW)
+    for name in DENIED:
+        try:
+            f.add_rule(eperm, name)
+        except (OSError, ValueError):  # unknown on this architecture or libseccomp version
+            continue
+    f.add_rule(sc.ERRNO(errno.ENOSYS), "clone3")
+    for flag in NAMESPACE_FLAGS.values():
+        f.add_rule(eperm, "clone", sc.Arg(0, sc.MASKED_EQ, flag, flag))
+    for family in range(0, max(ALLOWED_SOCKET_FAMILIES)):
+        if family not in ALLOWED_SOCKET_FAMILIES:
+            f.add_rule(eperm, "socket", sc.Arg(0, sc.EQ, family))
+            f.add_rule(eperm, "socketpair", sc.Arg(0, sc.EQ, family))
+    f.add_rule(eperm, "socket", sc.Arg(0, sc.GT, max(ALLOWED_SOCKET_FAMILIES)))
+    f.add_rule(eperm, "socketpair", sc.Arg(0, sc.GT, max(ALLOWED_SOCKET_FAMILIES)))
+    for request in (TIOCSTI, TIOCLINUX):
+        f.add_rule(eperm, "ioctl", sc.Arg(1, sc.MASKED_EQ, 0xFFFFFFFF, request))
+    # personality(0xffffffff) only queries; every change (e.g. ADDR_NO_RANDOMIZE) is refused.
+    f.add_rule(eperm, "personality", sc.Arg(0, sc.NE, 0xFFFFFFFF))
+    with tempfile.TemporaryFile() as out:  # libseccomp writes to the descriptor directly
+        f.export_bpf(out)
+        out.seek(0)
+        return out.read()

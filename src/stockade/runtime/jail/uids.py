@@ -1,0 +1,62 @@
+"""One unprivileged host uid per sandbox, when stockade runs as root.
+
+A uid is held by an flock on ``<state>/uids/<uid>.lock`` for the sandbox's life, so sandboxes started by
+different processes never share one, and a crashed process's uids free themselves.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import secrets
+from pathlib import Path
+
+from ...errors import SandboxUnavailableError
+
+
+class UidLease:
+    def __init__(self, uid: int, fd: int) -> None:
+        self.uid = uid
+        self._fd = fd
+
+    def release(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+
+class UidAllocator:
+    def __init__(self, state_dir: Path, uid_range: tuple[int, int]) -> None:
+        self.dir = state_dir / "uids"
+        self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.low, self.high = uid_range
+
+    def acquire(self) -> UidLease:
+        size = self.high - self.low + 1
+        start = secrets.randbelow(size)
+        for i in range(min(size, 4096)):
+            uid = self.low + (start + i) % size
+            fd = os.open(self.dir / f"{uid}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                continue
+            if _uid_has_processes(uid):  # left over from something else: never share a uid
+                os.close(fd)
+                continue
+            return UidLease(uid, fd)
+        raise SandboxUnavailableError(
+            f"no free sandbox uid in {self.low}-{self.high}",
+            "fix: widen STOCKADE_UID_RANGE or kill idle sandboxes")
+
+
+def _uid_has_processes(uid: int) -> bool:
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit():
+            try:
+                if entry.stat().st_uid == uid:
+                    return True
+            except OSError:
+                continue
+    return False

@@ -1,0 +1,71 @@
+"""The values the SDK returns. Names follow the E2B SDK where the meaning is the same."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, Literal
+
+
+@dataclass(frozen=True)
+class CommandResult:
+    stdout: str
+    stderr: str
+    exit_code: int                  # the exit status, or minus the signal that killed it
+    truncated: bool = False         # output passed limits.output and was cut
+    timed_out: bool = False
+    stdout_bytes: bytes = field(default=b"", repr=False)
+    stderr_bytes: bytes = field(default=b"", repr=False)
+
+    @classmethod
+    def from_exit(cls, exit_event: dict[str, Any], stdout: bytes, stderr: bytes,
+                  truncated: dict[str, bool]) -> CommandResult:
+        code = exit_event.get("code")
+        sig = exit_event.get("signal")
+        exit_code = code if isinstance(code, int) else -(sig if isinstance(sig, int) else 9)
+        return cls(stdout.decode("utf-8", "replace"), stderr.decode("utf-8", "replace"), exit_code,
+                   any(truncated.values()), bool(exit_event.get("timed_out")), bytes(stdout), bytes(stderr))
+
+
+@dataclass(frozen=True)
+class ProcessInfo:
+    pid: int
+    cmd: str
+    tag: str | None = None
+
+
+@dataclass(frozen=True)
+class EntryInfo:
+    name: str
+    path: str
+    type: Literal["file", "dir", "symlink", "other"]
+    size: int
+    mode: int
+    modified_time: datetime
+
+    @classmethod
+    def from_agent(cls, entry: dict[str, Any]) -> EntryInfo:
+        kind = entry.get("type")
+        return cls(str(entry.get("name", ""))[:4096], str(entry.get("path", ""))[:4096],
+                   kind if kind in ("file", "dir", "symlink", "other") else "other",  # type: ignore[arg-type]
+                   _int(entry.get("size")), _int(entry.get("mode")),
+                   datetime.fromtimestamp(_float(entry.get("mtime"))))
+
+
+@dataclass(frozen=True)
+class SandboxInfo:
+    sandbox_id: str
+    started_at: datetime
+    end_at: datetime
+    metadata: dict[str, str]
+    policy: dict[str, Any]
+    runtime: dict[str, Any]
+    state: Literal["running", "ended"] = "running"
+
+
+def _int(v: Any) -> int:
+    return v if isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 1 << 63 else 0
+
+
+def _float(v: Any) -> float:
+    return float(v) if isinstance(v, int | float) and not isinstance(v, bool) and 0 <= v < 1e11 else 0.0

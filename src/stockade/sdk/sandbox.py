@@ -1,0 +1,492 @@
+"""``Sandbox`` (sync) and ``AsyncSandbox``: one API over a swappable transport.
+
+Both faces run the same transport coroutines on the portal loop; output callbacks run in the caller's
+thread (sync) or on the caller's loop (async), never on the portal loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import codecs
+import queue
+import signal as signal_mod
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from pathlib import Path
+from typing import IO, Any, Literal, overload
+
+from ..agent.protocol import CHUNK
+from ..errors import CommandError, PathNotFoundError, SandboxNotFoundError
+from ..policy import Policy
+from .models import CommandResult, EntryInfo, ProcessInfo, SandboxInfo
+from .portal import portal
+from .transports.base import Transport
+
+Callback = Callable[[str], Any]
+_default_transport: Transport | None = None
+
+
+def _transport(transport: Transport | None) -> Transport:
+    global _default_transport
+    if transport is not None:
+        return transport
+    if _default_transport is None:
+        from .transports.local import LocalTransport
+
+        _default_transport = LocalTransport()
+        portal().on_close(_default_transport.close)
+    return _default_transport
+
+
+def _as_bytes(data: str | bytes | None) -> bytes | None:
+    return data.encode() if isinstance(data, str) else data
+
+
+def _checked(result: CommandResult, cmd: str | list[str], check: bool) -> CommandResult:
+    if check and result.exit_code != 0:
+        what = "timed out" if result.timed_out else f"exited with {result.exit_code}"
+        raise CommandError(result, f"command {cmd!r} {what}: {result.stderr[-500:].strip()}")
+    return result
+
+
+class _Decoders:
+    """Turns output chunks into text for callbacks without splitting UTF-8 sequences."""
+
+    def __init__(self) -> None:
+        self._d = {s: codecs.getincrementaldecoder("utf-8")("replace") for s in ("stdout", "stderr")}
+
+    def __call__(self, stream: str, data: bytes) -> str:
+        return self._d[stream].decode(data)  # type: ignore[no-any-return]
+
+
+async def _aiter_chunks(data: str | bytes | IO[bytes] | IO[str]) -> AsyncIterator[bytes]:
+    if isinstance(data, str | bytes):
+        yield _as_bytes(data) or b""
+        return
+    while chunk := data.read(CHUNK):
+        yield chunk.encode() if isinstance(chunk, str) else chunk
+
+
+# ---------------------------------------------------------------------------------------------------
+# sync
+
+
+class CommandHandle:
+    """A background process. Iterate it for ``(stdout, stderr)`` chunks; ``wait()`` for the result."""
+
+    def __init__(self, sandbox: Sandbox, token: Any, events: queue.SimpleQueue[tuple[str, Any]],
+                 on_stdout: Callback | None, on_stderr: Callback | None) -> None:
+        self._sandbox, self._token, self._events = sandbox, token, events
+        self._callbacks = {"stdout": on_stdout, "stderr": on_stderr}
+        self._decode = _Decoders()
+        self._result: CommandResult | None = None
+        self.pid: int = token.pid
+        self.stdout = ""
+        self.stderr = ""
+
+    def _next_event(self) -> tuple[str, str] | None:
+        kind, payload = self._events.get()
+        if kind == "exit":
+            self._result = payload
+            return None
+        text = self._decode(kind, payload)
+        setattr(self, kind, getattr(self, kind) + text)
+        if self._callbacks[kind]:
+            self._callbacks[kind](text)
+        return kind, text
+
+    def __iter__(self) -> Iterator[tuple[str | None, str | None]]:
+        while self._result is None and (event := self._next_event()) is not None:
+            yield (event[1], None) if event[0] == "stdout" else (None, event[1])
+
+    def wait(self, check: bool = False) -> CommandResult:
+        while self._result is None:
+            self._next_event()
+        if isinstance(self._result, BaseException):
+            raise self._result
+        return _checked(self._result, self._token.cmd, check)
+
+    def kill(self) -> bool:
+        return self._sandbox.commands.kill(self.pid)
+
+    def send_stdin(self, data: str | bytes) -> None:
+        self._sandbox.commands.send_stdin(self.pid, data)
+
+    def close_stdin(self) -> None:
+        self._sandbox.commands.send_stdin(self.pid, b"", eof=True)
+
+
+class Commands:
+    def __init__(self, sandbox: Sandbox) -> None:
+        self._sb = sandbox
+
+    @overload
+    def run(self, cmd: str | list[str], *, background: Literal[False] = False, envs: Mapping[str, str] | None = None,
+            cwd: str | None = None, stdin: str | bytes | None = None, timeout: float | None = None,
+            on_stdout: Callback | None = None, on_stderr: Callback | None = None,
+            check: bool = False) -> CommandResult: ...
+
+    @overload
+    def run(self, cmd: str | list[str], *, background: Literal[True], envs: Mapping[str, str] | None = None,
+            cwd: str | None = None, stdin: str | bytes | None = None, timeout: float | None = None,
+            on_stdout: Callback | None = None, on_stderr: Callback | None = None,
+            check: bool = False) -> CommandHandle: ...
+
+    def run(self, cmd: str | list[str], *, background: bool = False, envs: Mapping[str, str] | None = None,
+            cwd: str | None = None, stdin: str | bytes | None = None, timeout: float | None = None,
+            on_stdout: Callback | None = None, on_stderr: Callback | None = None,
+            check: bool = False) -> CommandResult | CommandHandle:
+        """Run ``cmd`` (a shell string, or an argv list run without a shell). A non-zero exit is
+        returned, not raised, unless ``check=True``. ``timeout`` defaults to limits.command_timeout."""
+        sb, t = self._sb, self._sb._transport
+        kwargs = {"envs": envs, "cwd": cwd, "stdin": _as_bytes(stdin), "timeout": timeout}
+        if not background and on_stdout is None and on_stderr is None:
+            return _checked(portal().call(t.run(sb.sandbox_id, cmd, on_output=None, **kwargs)), cmd, check)
+        events: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
+
+        async def start() -> Any:
+            token = await t.start(sb.sandbox_id, cmd, on_output=lambda s, d: events.put((s, d)), **kwargs)
+            task = asyncio.get_running_loop().create_task(t.wait(sb.sandbox_id, token))
+            task.add_done_callback(lambda f: events.put(("exit", f.exception() or f.result())))
+            return token
+
+        token = portal().call(start())
+        handle = CommandHandle(sb, token, events, on_stdout, on_stderr)
+        return handle if background else handle.wait(check)
+
+    def list(self) -> list[ProcessInfo]:
+        return portal().call(self._sb._transport.processes(self._sb.sandbox_id))
+
+    def kill(self, pid: int) -> bool:
+        return portal().call(self._sb._transport.signal(self._sb.sandbox_id, pid, signal_mod.SIGKILL))
+
+    def send_signal(self, pid: int, sig: int) -> bool:
+        return portal().call(self._sb._transport.signal(self._sb.sandbox_id, pid, int(sig)))
+
+    def send_stdin(self, pid: int, data: str | bytes, eof: bool = False) -> None:
+        portal().call(self._sb._transport.send_stdin(self._sb.sandbox_id, pid, _as_bytes(data) or b"", eof))
+
+
+class Files:
+    def __init__(self, sandbox: Sandbox) -> None:
+        self._sb = sandbox
+
+    def _op(self, op: str, **args: Any) -> dict[str, Any]:
+        return portal().call(self._sb._transport.file_op(self._sb.sandbox_id, op, **args))
+
+    @overload
+    def read(self, path: str, format: Literal["text"] = "text") -> str: ...
+    @overload
+    def read(self, path: str, format: Literal["bytes"]) -> bytes: ...
+    @overload
+    def read(self, path: str, format: Literal["stream"]) -> Iterator[bytes]: ...
+
+    def read(self, path: str, format: Literal["text", "bytes", "stream"] = "text") -> str | bytes | Iterator[bytes]:
+        """Read a file inside the sandbox (relative paths are under /home/user)."""
+        stream = self._stream(path)
+        if format == "stream":
+            return stream
+        data = b"".join(stream)
+        return data.decode("utf-8", "replace") if format == "text" else data
+
+    def _stream(self, path: str) -> Iterator[bytes]:
+        agen = self._sb._transport.read(self._sb.sandbox_id, path)
+        try:
+            while True:
+                try:
+                    yield portal().call(agen.__anext__())
+                except StopAsyncIteration:
+                    return
+        finally:
+            portal().call(agen.aclose())
+
+    def write(self, path: str, data: str | bytes | IO[bytes] | IO[str]) -> EntryInfo:
+        """Write (create or replace) a file; parent directories are created. Streams file objects."""
+        portal().call(self._sb._transport.write(self._sb.sandbox_id, path, _aiter_chunks(data)))
+        return self.get_info(path)
+
+    def list(self, path: str = ".", depth: int = 1) -> list[EntryInfo]:
+        return [EntryInfo.from_agent(e) for e in self._op("list", path=path, depth=depth).get("entries", [])
+                if isinstance(e, dict)]
+
+    def get_info(self, path: str) -> EntryInfo:
+        entry = self._op("stat", path=path).get("entry")
+        return EntryInfo.from_agent(entry if isinstance(entry, dict) else {})
+
+    def exists(self, path: str) -> bool:
+        try:
+            self._op("stat", path=path)
+            return True
+        except PathNotFoundError:
+            return False
+
+    def remove(self, path: str) -> None:
+        self._op("remove", path=path)
+
+    def rename(self, old_path: str, new_path: str) -> EntryInfo:
+        self._op("rename", src=old_path, dst=new_path)
+        return self.get_info(new_path)
+
+    def make_dir(self, path: str) -> bool:
+        return bool(self._op("mkdir", path=path).get("created"))
+
+
+class Sandbox:
+    """A sandbox for untrusted code. ``with Sandbox.create() as sb: sb.commands.run("echo hi")``."""
+
+    def __init__(self, info: SandboxInfo, transport: Transport) -> None:
+        self._transport = transport
+        self._info = info
+        self.sandbox_id = info.sandbox_id
+        self.commands = Commands(self)
+        self.files = Files(self)
+
+    @property
+    def id(self) -> str:
+        return self.sandbox_id
+
+    @classmethod
+    def create(cls, policy: Policy | dict[str, Any] | str | Path | None = None, timeout: float | None = None,
+               envs: Mapping[str, str] | None = None, metadata: Mapping[str, str] | None = None,
+               *, transport: Transport | None = None) -> Sandbox:
+        """Start a fresh sandbox. ``policy`` is a Policy, a dict, or a TOML/JSON file; ``timeout`` is
+        its time to live in seconds (default lifetime.timeout)."""
+        t = _transport(transport)
+        return cls(portal().call(t.create(Policy.coerce(policy), timeout, envs, metadata)), t)
+
+    @classmethod
+    def connect(cls, sandbox_id: str, *, transport: Transport | None = None) -> Sandbox:
+        t = _transport(transport)
+        return cls(portal().call(t.info(sandbox_id)), t)
+
+    @classmethod
+    def list(cls, *, transport: Transport | None = None) -> list[SandboxInfo]:
+        return portal().call(_transport(transport).list())
+
+    def info(self) -> SandboxInfo:
+        return portal().call(self._transport.info(self.sandbox_id))
+
+    def set_timeout(self, seconds: float) -> None:
+        portal().call(self._transport.set_timeout(self.sandbox_id, seconds))
+
+    def kill(self) -> bool:
+        return portal().call(self._transport.kill(self.sandbox_id))
+
+    def is_running(self) -> bool:
+        try:
+            return self.info().state == "running"
+        except SandboxNotFoundError:
+            return False
+
+    def __enter__(self) -> Sandbox:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.kill()
+
+    def __repr__(self) -> str:
+        return f"Sandbox({self.sandbox_id!r})"
+
+
+# ---------------------------------------------------------------------------------------------------
+# async
+
+
+class AsyncCommandHandle:
+    def __init__(self, sandbox: AsyncSandbox, token: Any, events: asyncio.Queue[tuple[str, Any]],
+                 on_stdout: Callback | None, on_stderr: Callback | None) -> None:
+        self._sandbox, self._token, self._events = sandbox, token, events
+        self._callbacks = {"stdout": on_stdout, "stderr": on_stderr}
+        self._decode = _Decoders()
+        self._result: CommandResult | None = None
+        self.pid: int = token.pid
+        self.stdout = ""
+        self.stderr = ""
+
+    async def _next_event(self) -> tuple[str, str] | None:
+        kind, payload = await self._events.get()
+        if kind == "exit":
+            self._result = payload
+            return None
+        text = self._decode(kind, payload)
+        setattr(self, kind, getattr(self, kind) + text)
+        callback = self._callbacks[kind]
+        if callback:
+            maybe = callback(text)
+            if asyncio.iscoroutine(maybe):
+                await maybe
+        return kind, text
+
+    async def __aiter__(self) -> AsyncIterator[tuple[str | None, str | None]]:
+        while self._result is None and (event := await self._next_event()) is not None:
+            yield (event[1], None) if event[0] == "stdout" else (None, event[1])
+
+    async def wait(self, check: bool = False) -> CommandResult:
+        while self._result is None:
+            await self._next_event()
+        if isinstance(self._result, BaseException):
+            raise self._result
+        return _checked(self._result, self._token.cmd, check)
+
+    async def kill(self) -> bool:
+        return await self._sandbox.commands.kill(self.pid)
+
+    async def send_stdin(self, data: str | bytes) -> None:
+        await self._sandbox.commands.send_stdin(self.pid, data)
+
+    async def close_stdin(self) -> None:
+        await self._sandbox.commands.send_stdin(self.pid, b"", eof=True)
+
+
+class AsyncCommands:
+    def __init__(self, sandbox: AsyncSandbox) -> None:
+        self._sb = sandbox
+
+    async def run(self, cmd: str | list[str], *, background: bool = False, envs: Mapping[str, str] | None = None,
+                  cwd: str | None = None, stdin: str | bytes | None = None, timeout: float | None = None,
+                  on_stdout: Callback | None = None, on_stderr: Callback | None = None,
+                  check: bool = False) -> Any:
+        """Same as ``Sandbox.commands.run``; returns CommandResult, or AsyncCommandHandle in background."""
+        sb, t = self._sb, self._sb._transport
+        kwargs = {"envs": envs, "cwd": cwd, "stdin": _as_bytes(stdin), "timeout": timeout}
+        if not background and on_stdout is None and on_stderr is None:
+            return _checked(await portal().acall(t.run(sb.sandbox_id, cmd, on_output=None, **kwargs)), cmd, check)
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
+
+        def push(kind: str, payload: Any) -> None:
+            loop.call_soon_threadsafe(events.put_nowait, (kind, payload))
+
+        async def start() -> Any:
+            token = await t.start(sb.sandbox_id, cmd, on_output=push, **kwargs)
+            task = asyncio.get_running_loop().create_task(t.wait(sb.sandbox_id, token))
+            task.add_done_callback(lambda f: push("exit", f.exception() or f.result()))
+            return token
+
+        token = await portal().acall(start())
+        handle = AsyncCommandHandle(sb, token, events, on_stdout, on_stderr)
+        if background:
+            return handle
+        return await handle.wait(check)
+
+    async def list(self) -> list[ProcessInfo]:
+        return await portal().acall(self._sb._transport.processes(self._sb.sandbox_id))
+
+    async def kill(self, pid: int) -> bool:
+        return await portal().acall(self._sb._transport.signal(self._sb.sandbox_id, pid, signal_mod.SIGKILL))
+
+    async def send_signal(self, pid: int, sig: int) -> bool:
+        return await portal().acall(self._sb._transport.signal(self._sb.sandbox_id, pid, int(sig)))
+
+    async def send_stdin(self, pid: int, data: str | bytes, eof: bool = False) -> None:
+        await portal().acall(self._sb._transport.send_stdin(self._sb.sandbox_id, pid, _as_bytes(data) or b"", eof))
+
+
+class AsyncFiles:
+    def __init__(self, sandbox: AsyncSandbox) -> None:
+        self._sb = sandbox
+
+    async def _op(self, op: str, **args: Any) -> dict[str, Any]:
+        return await portal().acall(self._sb._transport.file_op(self._sb.sandbox_id, op, **args))
+
+    async def read(self, path: str, format: Literal["text", "bytes", "stream"] = "text") -> Any:
+        stream = self._stream(path)
+        if format == "stream":
+            return stream
+        data = b"".join([chunk async for chunk in stream])
+        return data.decode("utf-8", "replace") if format == "text" else data
+
+    async def _stream(self, path: str) -> AsyncIterator[bytes]:
+        agen = self._sb._transport.read(self._sb.sandbox_id, path)
+        try:
+            while True:
+                try:
+                    yield await portal().acall(agen.__anext__())
+                except StopAsyncIteration:
+                    return
+        finally:
+            await portal().acall(agen.aclose())
+
+    async def write(self, path: str, data: str | bytes | IO[bytes] | IO[str]) -> EntryInfo:
+        await portal().acall(self._sb._transport.write(self._sb.sandbox_id, path, _aiter_chunks(data)))
+        return await self.get_info(path)
+
+    async def list(self, path: str = ".", depth: int = 1) -> list[EntryInfo]:
+        result = await self._op("list", path=path, depth=depth)
+        return [EntryInfo.from_agent(e) for e in result.get("entries", []) if isinstance(e, dict)]
+
+    async def get_info(self, path: str) -> EntryInfo:
+        entry = (await self._op("stat", path=path)).get("entry")
+        return EntryInfo.from_agent(entry if isinstance(entry, dict) else {})
+
+    async def exists(self, path: str) -> bool:
+        try:
+            await self._op("stat", path=path)
+            return True
+        except PathNotFoundError:
+            return False
+
+    async def remove(self, path: str) -> None:
+        await self._op("remove", path=path)
+
+    async def rename(self, old_path: str, new_path: str) -> EntryInfo:
+        await self._op("rename", src=old_path, dst=new_path)
+        return await self.get_info(new_path)
+
+    async def make_dir(self, path: str) -> bool:
+        return bool((await self._op("mkdir", path=path)).get("created"))
+
+
+class AsyncSandbox:
+    """The async twin of :class:`Sandbox`: ``async with await AsyncSandbox.create() as sb: ...``."""
+
+    def __init__(self, info: SandboxInfo, transport: Transport) -> None:
+        self._transport = transport
+        self._info = info
+        self.sandbox_id = info.sandbox_id
+        self.commands = AsyncCommands(self)
+        self.files = AsyncFiles(self)
+
+    @property
+    def id(self) -> str:
+        return self.sandbox_id
+
+    @classmethod
+    async def create(cls, policy: Policy | dict[str, Any] | str | Path | None = None,
+                     timeout: float | None = None, envs: Mapping[str, str] | None = None,
+                     metadata: Mapping[str, str] | None = None, *,
+                     transport: Transport | None = None) -> AsyncSandbox:
+        t = _transport(transport)
+        return cls(await portal().acall(t.create(Policy.coerce(policy), timeout, envs, metadata)), t)
+
+    @classmethod
+    async def connect(cls, sandbox_id: str, *, transport: Transport | None = None) -> AsyncSandbox:
+        t = _transport(transport)
+        return cls(await portal().acall(t.info(sandbox_id)), t)
+
+    @classmethod
+    async def list(cls, *, transport: Transport | None = None) -> list[SandboxInfo]:
+        return await portal().acall(_transport(transport).list())
+
+    async def info(self) -> SandboxInfo:
+        return await portal().acall(self._transport.info(self.sandbox_id))
+
+    async def set_timeout(self, seconds: float) -> None:
+        await portal().acall(self._transport.set_timeout(self.sandbox_id, seconds))
+
+    async def kill(self) -> bool:
+        return await portal().acall(self._transport.kill(self.sandbox_id))
+
+    async def is_running(self) -> bool:
+        try:
+            return (await self.info()).state == "running"
+        except SandboxNotFoundError:
+            return False
+
+    async def __aenter__(self) -> AsyncSandbox:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.kill()
+
+    def __repr__(self) -> str:
+        return f"AsyncSandbox({self.sandbox_id!r})"

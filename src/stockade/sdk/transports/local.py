@@ -1,0 +1,126 @@
+"""The local transport: sandboxes run on this host, owned by this process. No server needed."""
+
+from __future__ import annotations
+
+import contextlib
+import posixpath
+from collections.abc import AsyncIterator, Mapping
+from datetime import datetime
+from typing import Any
+
+from ...errors import SandboxUnavailableError
+from ...manager import CommandRecord, ManagedSandbox, Manager
+from ...policy import Policy
+from ..models import CommandResult, ProcessInfo, SandboxInfo
+from .base import OutputSink, Transport
+
+
+class LocalTransport(Transport):
+    def __init__(self) -> None:
+        self._manager: Manager | None = None
+
+    async def manager(self) -> Manager:
+        if self._manager is None:
+            from ...runtime.jail import JailRuntime
+
+            runtime = JailRuntime()
+            await runtime.sweep_stale()
+            self._manager = Manager(runtime)
+        return self._manager
+
+    async def create(self, policy: Policy, timeout: float | None, envs: Mapping[str, str] | None,
+                     metadata: Mapping[str, str] | None) -> SandboxInfo:
+        m = await self.manager()
+        return self._info(m, await m.create(policy, timeout, envs, metadata))
+
+    def _info(self, m: Manager, sb: ManagedSandbox) -> SandboxInfo:
+        left = sb.deadline - m.loop.time()
+        hard_left = sb.hard_deadline - m.loop.time()
+        now = datetime.now().timestamp()
+        return SandboxInfo(sb.id, datetime.fromtimestamp(sb.started_at),
+                           datetime.fromtimestamp(now + min(left, hard_left)), dict(sb.metadata),
+                           sb.policy.to_display(), sb.runtime.describe(),
+                           "running" if sb.runtime.is_alive() else "ended")
+
+    async def info(self, sandbox_id: str) -> SandboxInfo:
+        m = await self.manager()
+        return self._info(m, m.get(sandbox_id))
+
+    async def list(self) -> list[SandboxInfo]:
+        m = await self.manager()
+        return [self._info(m, sb) for sb in m.list()]
+
+    async def kill(self, sandbox_id: str) -> bool:
+        return await (await self.manager()).kill(sandbox_id)
+
+    async def set_timeout(self, sandbox_id: str, seconds: float) -> None:
+        (await self.manager()).set_timeout(sandbox_id, seconds)
+
+    async def _start(self, sandbox_id: str, cmd: str | list[str], envs: Mapping[str, str] | None,
+                     cwd: str | None, stdin: bytes | None, timeout: float | None, on_output: OutputSink | None,
+                     background: bool) -> CommandRecord:
+        m = await self.manager()
+        return await m.start_command(sandbox_id, cmd, envs=envs, cwd=cwd, stdin=stdin,
+                                     stdin_open=background and stdin is None, timeout=timeout,
+                                     background=background, on_output=on_output)
+
+    async def run(self, sandbox_id: str, cmd: str | list[str], *, envs: Mapping[str, str] | None,
+                  cwd: str | None, stdin: bytes | None, timeout: float | None,
+                  on_output: OutputSink | None) -> CommandResult:
+        record = await self._start(sandbox_id, cmd, envs, cwd, stdin, timeout, on_output, background=False)
+        return await self.wait(sandbox_id, record)
+
+    async def start(self, sandbox_id: str, cmd: str | list[str], *, envs: Mapping[str, str] | None,
+                    cwd: str | None, stdin: bytes | None, timeout: float | None,
+                    on_output: OutputSink | None) -> CommandRecord:
+        return await self._start(sandbox_id, cmd, envs, cwd, stdin, timeout, on_output, background=True)
+
+    async def wait(self, sandbox_id: str, token: Any) -> CommandResult:
+        record: CommandRecord = token
+        m = await self.manager()
+        try:
+            exit_event = await m.wait_command(sandbox_id, record)
+        except SandboxUnavailableError as exc:
+            raise SandboxUnavailableError(f"{exc} (while running {record.cmd[:200]!r})") from None
+        p = record.pending
+        return CommandResult.from_exit(exit_event, bytes(p.output["stdout"]), bytes(p.output["stderr"]),
+                                       p.truncated)
+
+    async def send_stdin(self, sandbox_id: str, pid: int, data: bytes, eof: bool) -> None:
+        await (await self.manager()).send_stdin(sandbox_id, pid, data, eof)
+
+    async def signal(self, sandbox_id: str, pid: int, sig: int) -> bool:
+        return await (await self.manager()).signal(sandbox_id, pid, sig)
+
+    async def processes(self, sandbox_id: str) -> list[ProcessInfo]:
+        procs = await (await self.manager()).list_commands(sandbox_id)
+        return [ProcessInfo(p["pid"], str(p.get("cmd", ""))[:4096],
+                            p.get("tag") if isinstance(p.get("tag"), str) else None) for p in procs]
+
+    async def read(self, sandbox_id: str, path: str) -> AsyncIterator[bytes]:  # type: ignore[override]
+        m = await self.manager()
+        pending, rid = await m.open_read(sandbox_id, path)
+        finished = False
+        try:
+            while (chunk := await m.read_chunk(sandbox_id, pending, rid)) is not None:
+                yield chunk
+            finished = True
+        finally:
+            if not finished:
+                with contextlib.suppress(Exception):
+                    await m.cancel_read(sandbox_id, rid)
+
+    async def write(self, sandbox_id: str, path: str, chunks: AsyncIterator[bytes]) -> int:
+        return await (await self.manager()).write_chunks(sandbox_id, path, chunks)
+
+    async def file_op(self, sandbox_id: str, op: str, **args: Any) -> dict[str, Any]:
+        return await (await self.manager()).file_call(sandbox_id, {"op": op, **args})
+
+    async def close(self) -> None:
+        if self._manager is not None:
+            await self._manager.shutdown()
+
+
+def display_path(path: str) -> str:
+    """The absolute sandbox path the agent will use for ``path`` (string arithmetic only)."""
+    return posixpath.normpath(posixpath.join("/home/user", path))
