@@ -144,7 +144,8 @@ class Commands:
         events: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
 
         async def start() -> Any:
-            token = await t.start(sb.sandbox_id, cmd, on_output=lambda s, d: events.put((s, d)), **kwargs)
+            token = await t.start(sb.sandbox_id, cmd, on_output=lambda s, d: events.put((s, d)),
+                                  background=background, **kwargs)
             task = asyncio.get_running_loop().create_task(t.wait(sb.sandbox_id, token))
             task.add_done_callback(lambda f: events.put(("exit", f.exception() or f.result())))
             return token
@@ -357,7 +358,7 @@ class AsyncCommands:
             loop.call_soon_threadsafe(events.put_nowait, (kind, payload))
 
         async def start() -> Any:
-            token = await t.start(sb.sandbox_id, cmd, on_output=push, **kwargs)
+            token = await t.start(sb.sandbox_id, cmd, on_output=push, background=background, **kwargs)
             task = asyncio.get_running_loop().create_task(t.wait(sb.sandbox_id, token))
             task.add_done_callback(lambda f: push("exit", f.exception() or f.result()))
             return token

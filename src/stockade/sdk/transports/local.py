@@ -72,8 +72,8 @@ class LocalTransport(Transport):
 
     async def start(self, sandbox_id: str, cmd: str | list[str], *, envs: Mapping[str, str] | None,
                     cwd: str | None, stdin: bytes | None, timeout: float | None,
-                    on_output: OutputSink | None) -> CommandRecord:
-        return await self._start(sandbox_id, cmd, envs, cwd, stdin, timeout, on_output, background=True)
+                    on_output: OutputSink | None, background: bool = True) -> CommandRecord:
+        return await self._start(sandbox_id, cmd, envs, cwd, stdin, timeout, on_output, background)
 
     async def wait(self, sandbox_id: str, token: Any) -> CommandResult:
         record: CommandRecord = token

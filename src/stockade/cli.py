@@ -1,0 +1,142 @@
+"""The `stockade` command line: run, doctor, policy show."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import typer
+
+from .errors import StockadeError
+from .policy import Policy
+
+app = typer.Typer(help="Run untrusted, AI-written code in a throw-away sandbox on this machine.",
+                  no_args_is_help=True, add_completion=False)
+policy_app = typer.Typer(help="Inspect policies.", no_args_is_help=True)
+app.add_typer(policy_app, name="policy")
+
+EXIT_TIMEOUT = 124
+
+
+def _load_policy(path: Path | None, timeout: float | None = None, memory: str | None = None) -> Policy:
+    policy = Policy.from_file(path) if path else Policy()
+    if memory is not None:
+        policy = policy.with_overrides(limits={"memory": memory})
+    if timeout is not None:
+        life = policy.lifetime
+        ttl = max(life.timeout, timeout + 10)
+        policy = policy.with_overrides(limits={"command_timeout": timeout},
+                                       lifetime={"timeout": ttl, "max_lifetime": max(life.max_lifetime, ttl)})
+    return policy
+
+
+def _fail(exc: StockadeError, code: int = 2) -> typer.Exit:
+    typer.echo(f"stockade: {exc}", err=True)
+    return typer.Exit(code)
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def run(
+    args: list[str] = typer.Argument(None, help="FILE.py to run with python3, or -- CMD ARG... to run as is."),
+    code: str | None = typer.Option(None, "-c", help="Python code to run."),
+    policy: Path | None = typer.Option(None, "--policy", "-p", help="Policy file (TOML or JSON)."),
+    timeout: float | None = typer.Option(None, "--timeout", "-t", help="Wall time for the command, seconds."),
+    memory: str | None = typer.Option(None, "--memory", "-m", help="Memory limit, e.g. 256MiB."),
+) -> None:
+    """Run code once in a fresh sandbox, stream its output, exit with its status (124 on timeout).
+    Nothing is left behind."""
+    from .sdk import Sandbox
+
+    args = args or []
+    if (code is None) == (not args):
+        raise _fail(StockadeError("give exactly one of: FILE.py, -c CODE, or -- CMD ARG..."))
+    try:
+        pol = _load_policy(policy, timeout, memory)
+        with Sandbox.create(policy=pol) as sb:
+            if code is not None:
+                argv = ["python3", "-c", code]
+            elif len(args) == 1 and args[0].endswith(".py") and Path(args[0]).is_file():
+                name = Path(args[0]).name
+                with open(args[0], "rb") as f:
+                    sb.files.write(name, f)
+                argv = ["python3", name]
+            else:
+                argv = list(args)
+            result = sb.commands.run(argv, on_stdout=_writer(sys.stdout), on_stderr=_writer(sys.stderr))
+    except StockadeError as exc:
+        raise _fail(exc) from None
+    except KeyboardInterrupt:
+        raise typer.Exit(130) from None
+    if result.truncated:
+        typer.echo(f"stockade: output was truncated at limits.output ({pol.to_display()['limits']['output']})",
+                   err=True)
+    if result.timed_out:
+        typer.echo(f"stockade: timed out after {pol.to_display()['limits']['command_timeout']}", err=True)
+        raise typer.Exit(EXIT_TIMEOUT)
+    raise typer.Exit(result.exit_code if result.exit_code >= 0 else 128 - result.exit_code)
+
+
+def _writer(stream: Any) -> Any:
+    def write(text: str) -> None:
+        stream.write(text)
+        stream.flush()
+
+    return write
+
+
+@app.command()
+def doctor() -> None:
+    """Check what the sandbox needs from this host and say how to fix what is missing."""
+    from .doctor import run_checks, verdict
+
+    checks = run_checks()
+    for c in checks:
+        tag = "OK  " if c.ok else ("FAIL" if c.required else "WEAK")
+        typer.echo(f"[{tag}] {c.name}: {c.detail}")
+        if not c.ok and c.fix:
+            typer.echo(f"       fix: {c.fix}")
+    typer.echo(verdict(checks))
+    if any(not c.ok and c.required for c in checks):
+        raise typer.Exit(1)
+
+
+@policy_app.command("show")
+def policy_show(policy: Path | None = typer.Option(None, "--policy", "-p", help="Policy file (TOML or JSON).")) -> None:
+    """Print the effective policy (defaults filled in) as TOML."""
+    try:
+        typer.echo(to_toml(_load_policy(policy).to_display()), nl=False)
+    except StockadeError as exc:
+        raise _fail(exc) from None
+
+
+def to_toml(d: dict[str, Any]) -> str:
+    """TOML for the policy's shape: top-level scalars and lists, then one table per section."""
+    def value(v: Any) -> str:
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, int | float):
+            return repr(v)
+        if isinstance(v, list):
+            return "[" + ", ".join(value(x) for x in v) + "]"
+        return '"' + str(v).replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+    lines = [f"{k} = {value(v)}" for k, v in d.items() if not isinstance(v, dict)]
+    for section, fields in d.items():
+        if not isinstance(fields, dict):
+            continue
+        lines.append(f"\n[{section}]")
+        tables = []
+        for k, v in fields.items():
+            if isinstance(v, list) and v and isinstance(v[0], dict):
+                tables += [(k, item) for item in v]
+            else:
+                lines.append(f"{k} = {value(v)}")
+        for k, item in tables:
+            lines.append(f"\n[[{section}.{k}]]")
+            lines += [f"{ik} = {value(iv)}" for ik, iv in item.items()]
+    return "\n".join(lines).lstrip("\n") + "\n"
+
+
+if __name__ == "__main__":
+    app()

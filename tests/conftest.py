@@ -1,0 +1,97 @@
+"""Shared fixtures. Every sandbox a test makes is killed by a finalizer, also when the test fails, and
+the session ends by checking that no sandbox process, cgroup or lock file is left on the host."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from stockade import Policy, Sandbox
+from stockade.config import HostConfig
+
+ROOT = os.geteuid() == 0
+UNPRIVILEGED_GAPS = ["memory", "pids", "cpu"]
+
+
+def base_policy(**sections: dict[str, Any]) -> Policy:
+    """The default policy, plus: an unprivileged run accepts missing cgroup controls."""
+    data: dict[str, Any] = {} if ROOT else {"allow_missing_controls": UNPRIVILEGED_GAPS}
+    for name, fields in sections.items():
+        data[name] = fields
+    return Policy.from_dict(data)
+
+
+@pytest.fixture
+def make_sandbox() -> Iterator[Callable[..., Sandbox]]:
+    made: list[Sandbox] = []
+
+    def make(timeout: float | None = None, envs: dict[str, str] | None = None,
+             metadata: dict[str, str] | None = None, **sections: dict[str, Any]) -> Sandbox:
+        sb = Sandbox.create(policy=base_policy(**sections), timeout=timeout, envs=envs, metadata=metadata)
+        made.append(sb)
+        return sb
+
+    yield make
+    for sb in made:
+        sb.kill()
+
+
+@pytest.fixture
+def sandbox(make_sandbox: Callable[..., Sandbox]) -> Sandbox:
+    return make_sandbox()
+
+
+def sandbox_traces(runtime: dict[str, Any], sandbox_id: str) -> list[str]:
+    """What of a sandbox still exists on the host: processes, mount namespace, cgroups, lock file."""
+    left = []
+    uid = runtime["host_uid"] if runtime["uid_isolation"] else None
+    mnt = runtime["namespaces"]["mnt"]
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            if uid is not None and entry.stat().st_uid == uid:
+                left.append(f"process {entry.name} runs as the sandbox uid {uid}")
+            if os.stat(f"/proc/{entry.name}/ns/mnt").st_ino == mnt:
+                left.append(f"process {entry.name} is in the sandbox's mount namespace")
+        except OSError:
+            continue
+    for controller in ("memory", "pids", "cpu"):
+        for base in (Path("/sys/fs/cgroup") / controller / "stockade", Path("/sys/fs/cgroup/stockade")):
+            if (base / sandbox_id).exists():
+                left.append(f"cgroup {base / sandbox_id}")
+    lock = HostConfig.from_env().state_dir / "sandboxes" / f"{sandbox_id}.lock"
+    if lock.exists():
+        left.append(f"lock file {lock}")
+    return left
+
+
+@pytest.fixture
+def shared_dir() -> Iterator[Path]:
+    """A host directory a sandbox's unprivileged uid can reach (pytest's tmp_path is private to root)."""
+    path = Path(tempfile.mkdtemp(prefix="stockade-test-"))
+    path.chmod(0o755)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def nothing_left_behind() -> Iterator[None]:
+    yield
+    Sandbox.list()  # make sure the manager exists, then end every sandbox still alive
+    for info in Sandbox.list():
+        Sandbox.connect(info.sandbox_id).kill()
+    leftovers = []
+    for base in [Path("/sys/fs/cgroup") / c / "stockade" for c in ("memory", "pids", "cpu")]:
+        if base.is_dir():
+            leftovers += [str(p) for p in base.iterdir() if p.is_dir()]
+    sandboxes = HostConfig.from_env().state_dir / "sandboxes"
+    if sandboxes.is_dir():
+        leftovers += [str(p) for p in sandboxes.iterdir()]
+    assert not leftovers, f"the tests left sandboxes behind: {leftovers}"
