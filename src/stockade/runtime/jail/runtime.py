@@ -130,8 +130,11 @@ class JailRuntime(Runtime):
         """Remove the cgroups of sandboxes whose stockade process died without tearing them down
         (their processes died with it: bwrap --die-with-parent)."""
         swept = []
-        for name in cgroups.stale_names(self.cgroups):
-            lock = self.config.state_dir / "sandboxes" / f"{name}.lock"
+        locks = self.config.state_dir / "sandboxes"
+        names = set(cgroups.stale_names(self.cgroups))
+        names.update(p.name.removesuffix(".lock") for p in locks.glob("*.lock"))
+        for name in sorted(names):
+            lock = locks / f"{name}.lock"
             if _lock_is_stale(lock):
                 with contextlib.suppress(OSError):
                     await cgroups.Cgroup(self.cgroups, name).destroy()
