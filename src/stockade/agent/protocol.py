@@ -3,7 +3,7 @@
 It also runs INSIDE the sandbox as part of the agent, so it imports only modules that are built into
 the interpreter (``_json`` is the C half of ``json``): a cold sandbox start pays for every import.
 
-A frame is ``u32 length | u16 header length | JSON header | body bytes`` (big-endian), where
+A frame is ``u32 length | u32 header length | JSON header | body bytes`` (big-endian), where
 ``length`` counts everything after itself. The header is a JSON object; the body carries raw bytes
 (file content, command output, stdin), so binary data never goes through JSON. The transport is any
 reliable byte stream (a socketpair here; vsock or a serial line for a microVM): nothing here knows
@@ -17,10 +17,10 @@ import math
 
 VERSION = 1
 CHUNK = 64 * 1024                       # body size used for streamed data
-MAX_HEADER = 256 * 1024                 # a header bigger than this is refused
+MAX_HEADER = 1024 * 1024                # a header bigger than this is refused
 MAX_FRAME = MAX_HEADER + 4 * CHUNK      # a frame bigger than this is refused
 READ_WINDOW = 16                        # file-read chunks the agent may send ahead of the host's credit
-PREFIX_SIZE = 6
+PREFIX_SIZE = 8
 
 
 class FrameError(Exception):
@@ -91,21 +91,21 @@ def encode(header: dict[str, object], body: bytes = b"") -> bytes:
     head = dumps(header).encode("ascii")
     if len(head) > MAX_HEADER:
         raise FrameError(f"header of {len(head)} bytes exceeds {MAX_HEADER}")
-    size = 2 + len(head) + len(body)
+    size = 4 + len(head) + len(body)
     if size > MAX_FRAME:
         raise FrameError(f"frame of {size} bytes exceeds {MAX_FRAME}")
-    return size.to_bytes(4, "big") + len(head).to_bytes(2, "big") + head + body
+    return size.to_bytes(4, "big") + len(head).to_bytes(4, "big") + head + body
 
 
 def parse_prefix(prefix: bytes) -> tuple[int, int]:
     """(bytes still to read after the prefix, header length); checks the bounds before any read."""
     size = int.from_bytes(prefix[:4], "big")
-    head_len = int.from_bytes(prefix[4:6], "big")
+    head_len = int.from_bytes(prefix[4:8], "big")
     if size > MAX_FRAME:
         raise FrameError(f"frame of {size} bytes exceeds {MAX_FRAME}")
-    if head_len > MAX_HEADER or head_len + 2 > size:
+    if head_len > MAX_HEADER or head_len + 4 > size:
         raise FrameError("frame header length is out of bounds")
-    return size - 2, head_len
+    return size - 4, head_len
 
 
 def decode_header(raw: bytes) -> dict[str, object]:

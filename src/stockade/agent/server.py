@@ -27,6 +27,7 @@ HOME = "/home/user"
 OUT_HIGH_WATER = 4 << 20        # stop reading command output while this much waits for the host
 STDIN_LIMIT = 8 << 20           # bytes of stdin buffered for one process
 LIST_LIMIT = 10000              # entries returned by one list call
+LIST_BYTES = protocol.MAX_HEADER // 2  # and their approximate encoded size
 POLL_IN = select.POLLIN | select.POLLHUP | select.POLLERR
 
 
@@ -68,6 +69,7 @@ class Agent:
         self.env: dict[str, str] = {}
         self.paused = False
         self.running = True
+        self.list_bytes = 0
         # SIGCHLD wakes the loop through a pipe; the handler itself does nothing.
         self.sig_r, sig_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         _signal.set_wakeup_fd(sig_w, warn_on_full_buffer=False)
@@ -485,19 +487,21 @@ class Agent:
         root = self.path(h)
         depth = max(1, min(int(h.get("depth", 1)), 32))
         entries: list[dict] = []
+        self.list_bytes = 0
         truncated = self.walk(root, depth, entries)
         self.send({"id": rid, "ev": "result", "entries": entries, "truncated": truncated})
 
     def walk(self, directory: str, depth: int, entries: list) -> bool:
         with os.scandir(directory) as it:
             for item in it:
-                if len(entries) >= LIST_LIMIT:
+                if len(entries) >= LIST_LIMIT or self.list_bytes >= LIST_BYTES:
                     return True
                 try:
                     st = item.stat(follow_symlinks=False)
                 except OSError:
                     continue
                 entries.append(_entry(item.path, st))
+                self.list_bytes += 2 * len(item.path) + 120  # name and path, numbers, keys
                 if depth > 1 and _is_dir(st.st_mode):
                     try:
                         if self.walk(item.path, depth - 1, entries):

@@ -1,0 +1,146 @@
+"""Every SDK call, sync and async."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import signal
+
+import pytest
+
+from stockade import AsyncSandbox, CommandError, PathNotFoundError, Sandbox
+
+from .conftest import base_policy
+
+
+def test_commands_run_basics(sandbox: Sandbox):
+    r = sandbox.commands.run("echo out; echo err >&2; exit 3")
+    assert (r.stdout, r.stderr, r.exit_code, r.truncated, r.timed_out) == ("out\n", "err\n", 3, False, False)
+    assert sandbox.commands.run(["printf", "%s|", "a b", "$HOME"]).stdout == "a b|$HOME|"
+
+
+def test_commands_run_env_cwd_stdin(make_sandbox):
+    sb = make_sandbox(envs={"SANDBOX_WIDE": "1"})
+    sb.files.make_dir("work/sub")
+    r = sb.commands.run("echo $SANDBOX_WIDE $ONE; pwd; cat", envs={"ONE": "uno"}, cwd="work/sub", stdin="piped\n")
+    assert r.stdout == "1 uno\n/home/user/work/sub\npiped\n"
+    big = b"x" * (1 << 20)
+    assert sb.commands.run("wc -c", stdin=big).stdout.strip() == str(len(big))
+
+
+def test_check_raises_command_error(sandbox: Sandbox):
+    with pytest.raises(CommandError) as err:
+        sandbox.commands.run("echo boom >&2; exit 2", check=True)
+    assert err.value.result.exit_code == 2 and "boom" in str(err.value)
+
+
+def test_streaming_callbacks(sandbox: Sandbox):
+    out, err = [], []
+    r = sandbox.commands.run("for i in 1 2 3; do echo $i; sleep 0.05; done; echo e >&2",
+                             on_stdout=out.append, on_stderr=err.append)
+    assert "".join(out) == "1\n2\n3\n" and "".join(err) == "e\n"
+    assert r.stdout == "1\n2\n3\n"
+
+
+def test_background_handle(sandbox: Sandbox):
+    h = sandbox.commands.run("read line; echo got:$line; sleep 60", background=True)
+    assert h.pid > 1
+    assert any(p.pid == h.pid for p in sandbox.commands.list())
+    h.send_stdin("hello\n")
+    for stdout, _stderr in h:
+        if stdout and "got:hello" in h.stdout:
+            break
+    assert h.kill() is True
+    r = h.wait()
+    assert r.exit_code == -signal.SIGKILL and "got:hello" in r.stdout
+    assert all(p.pid != h.pid for p in sandbox.commands.list())
+    assert sandbox.commands.kill(h.pid) is False
+
+
+def test_background_stdin_close_and_wait(sandbox: Sandbox):
+    h = sandbox.commands.run("cat", background=True)
+    h.send_stdin(b"abc")
+    h.close_stdin()
+    assert h.wait().stdout == "abc"
+
+
+def test_send_signal(sandbox: Sandbox):
+    h = sandbox.commands.run("trap 'echo term; exit 0' TERM; while true; do sleep 0.05; done", background=True)
+    import time
+
+    time.sleep(0.2)
+    assert sandbox.commands.send_signal(h.pid, signal.SIGTERM)
+    assert h.wait().stdout == "term\n"
+
+
+def test_files_roundtrip(sandbox: Sandbox):
+    info = sandbox.files.write("dir/a.txt", "héllo")
+    assert (info.name, info.path, info.type, info.size) == ("a.txt", "/home/user/dir/a.txt", "file", 6)
+    assert sandbox.files.read("dir/a.txt") == "héllo"
+    assert sandbox.files.read("/home/user/dir/a.txt", format="bytes") == "héllo".encode()
+    payload = bytes(range(256)) * 4096  # 1 MiB, streamed from a file object
+    sandbox.files.write("bin", io.BytesIO(payload))
+    assert sandbox.files.read("bin", format="bytes") == payload
+    assert b"".join(sandbox.files.read("bin", format="stream")) == payload
+    names = {e.name: e.type for e in sandbox.files.list(".")}
+    assert names == {"dir": "dir", "bin": "file"}
+    deep = {e.path for e in sandbox.files.list("/home/user", depth=2)}
+    assert "/home/user/dir/a.txt" in deep
+    assert sandbox.files.exists("dir") and not sandbox.files.exists("nope")
+    assert sandbox.files.make_dir("new/deeper") is True and sandbox.files.make_dir("new/deeper") is False
+    moved = sandbox.files.rename("dir/a.txt", "new/b.txt")
+    assert moved.path == "/home/user/new/b.txt" and not sandbox.files.exists("dir/a.txt")
+    sandbox.files.remove("new")
+    assert not sandbox.files.exists("new/b.txt")
+    with pytest.raises(PathNotFoundError):
+        sandbox.files.read("new/b.txt")
+    with pytest.raises(PathNotFoundError):
+        sandbox.files.remove("new")
+
+
+def test_partial_stream_read_then_other_calls(sandbox: Sandbox):
+    sandbox.files.write("big", b"y" * (4 << 20))
+    stream = sandbox.files.read("big", format="stream")
+    first = next(stream)
+    assert first == b"y" * len(first)
+    assert sandbox.commands.run("echo interleaved").stdout == "interleaved\n"  # no head-of-line blocking
+    stream.close()  # abandoning a read cancels it in the agent
+    assert sandbox.files.read("big", format="bytes") == b"y" * (4 << 20)
+
+
+def test_info_and_metadata(make_sandbox):
+    sb = make_sandbox(metadata={"user": "alice"}, timeout=120)
+    info = sb.info()
+    assert info.sandbox_id == sb.id and info.metadata == {"user": "alice"} and info.state == "running"
+    assert 100 < (info.end_at - info.started_at).total_seconds() <= 121
+    assert info.policy["limits"]["memory"] == "512MiB"
+    assert info.runtime["seccomp"] is True
+    assert sb.is_running()
+
+
+def test_async_sandbox_mirrors_the_sync_api():
+    async def main() -> None:
+        async with await AsyncSandbox.create(policy=base_policy()) as sb:
+            r = await sb.commands.run("echo $X", envs={"X": "async"})
+            assert r.stdout == "async\n"
+            chunks: list[str] = []
+            r = await sb.commands.run("echo a; echo b", on_stdout=chunks.append)
+            assert "".join(chunks) == "a\nb\n"
+            h = await sb.commands.run("cat", background=True)
+            await h.send_stdin("zz")
+            await h.close_stdin()
+            assert (await h.wait()).stdout == "zz"
+            await sb.files.write("f", b"data")
+            assert await sb.files.read("f") == "data"
+            assert [e.name for e in await sb.files.list(".")] == ["f"]
+            assert await sb.files.exists("f")
+            assert any(i.sandbox_id == sb.id for i in await AsyncSandbox.list())
+            assert (await AsyncSandbox.connect(sb.id)).id == sb.id
+            await sb.set_timeout(100)
+            assert await sb.is_running()
+            # concurrency within one sandbox
+            results = await asyncio.gather(*(sb.commands.run(f"echo {i}") for i in range(10)))
+            assert [r.stdout for r in results] == [f"{i}\n" for i in range(10)]
+        assert not await sb.is_running()
+
+    asyncio.run(main())
