@@ -1,0 +1,49 @@
+"""The cgroup v2 driver on a fake cgroupfs tree (this CI host is v1; the conformance suite covers v1 for
+real), and v1/v2 detection."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from stockade.runtime.jail import cgroups
+
+
+def fake_v2(root: Path, controllers: str = "cpuset cpu io memory pids") -> Path:
+    root.mkdir()
+    (root / "cgroup.controllers").write_text(controllers + "\n")
+    (root / "cgroup.subtree_control").write_text("")
+    (root / "stockade").mkdir()  # the kernel would create the interface files of a new cgroup
+    (root / "stockade" / "cgroup.subtree_control").write_text("")
+    return root
+
+
+def test_v2_limits_are_written_where_the_kernel_reads_them(tmp_path):
+    root = fake_v2(tmp_path / "cg")
+    host = cgroups._detect_v2(root, "stockade")
+    assert host.version == 2 and host.usable == ("memory", "pids", "cpu") and not host.problems
+    assert (root / "cgroup.subtree_control").read_text() == "+cpu"  # last write wins in a plain file
+    cg = cgroups.Cgroup(host, "sbx-1")
+    assert cg.dirs == [root / "stockade" / "sbx-1"]  # one directory: all controllers in one tree
+    d = root / "stockade" / "sbx-1"
+    d.mkdir()
+    (d / "memory.swap.max").write_text("max")
+    cg._limit(memory=256 << 20, pids=64, cpus=1.5)
+    assert (d / "memory.max").read_text() == str(256 << 20)
+    assert (d / "memory.swap.max").read_text() == "0"
+    assert (d / "pids.max").read_text() == "64"
+    assert (d / "cpu.max").read_text() == "150000 100000"
+    cg.attach(4242)
+    assert (d / "cgroup.procs").read_text() == "4242"
+
+
+def test_v2_missing_controller_is_reported_not_faked(tmp_path):
+    host = cgroups._detect_v2(fake_v2(tmp_path / "cg", "cpu io"), "stockade")
+    assert host.usable == ("cpu",)
+    assert "memory" in host.problems["memory"] and "not enabled" in host.problems["memory"]
+
+
+def test_this_host_is_detected():
+    host = cgroups.detect()
+    assert host.version in (1, 2, None)
+    for c in cgroups.CONTROLLERS:
+        assert (c in host.parents) != (c in host.problems)

