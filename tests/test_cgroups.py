@@ -31,7 +31,8 @@ def test_v2_limits_are_written_where_the_kernel_reads_them(tmp_path, monkeypatch
     assert cg.dirs == [root / "stockade" / "sbx-1"]  # one directory: all controllers in one tree
     d = root / "stockade" / "sbx-1"
     d.mkdir()
-    (d / "memory.swap.max").write_text("max")
+    for name in ("memory.max", "memory.swap.max", "pids.max", "cpu.max", "cgroup.procs"):
+        (d / name).write_text("")
     cg._limit(memory=256 << 20, pids=64, cpus=1.5)
     assert (d / "memory.max").read_text() == str(256 << 20)
     assert (d / "memory.swap.max").read_text() == "0"
