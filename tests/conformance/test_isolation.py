@@ -236,3 +236,9 @@ def test_policy_mounts_expose_only_the_named_host_path(make_sandbox, shared_dir:
     assert sb.commands.run("echo x > /mnt/in/new").exit_code != 0
     assert sb.commands.run("ls /mnt").stdout.split() == ["in"]
     assert not (shared / "new").exists()
+
+
+def test_commands_inherit_no_descriptor_of_the_agent(make_sandbox):
+    code = "import os; print(sorted(int(f) for f in os.listdir('/proc/self/fd')))"
+    # 0-2 and the descriptor listdir itself opened
+    assert make_sandbox().commands.run(["python3", "-c", code]).stdout.strip() == "[0, 1, 2, 3]"

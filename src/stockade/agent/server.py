@@ -56,6 +56,7 @@ class Agent:
     def __init__(self, fd: int) -> None:
         self.fd = fd
         os.set_blocking(fd, False)
+        os.set_inheritable(fd, False)  # bwrap handed it over inheritable: no child may get it
         self.poll = select.poll()
         self.poll.register(fd, POLL_IN)
         self.out = bytearray()
@@ -184,30 +185,22 @@ class Agent:
         out_r, out_w = os.pipe2(os.O_CLOEXEC)
         err_r, err_w = os.pipe2(os.O_CLOEXEC)
         in_r, in_w = os.pipe2(os.O_CLOEXEC)
-        exec_r, exec_w = os.pipe2(os.O_CLOEXEC)
-        pid = os.fork()
-        if pid == 0:
-            self.child(argv, env, cwd, in_r, out_w, err_w, exec_w)
-        for fd in (out_w, err_w, in_r, exec_w):
-            os.close(fd)
-        failure = b""
-        while True:
-            chunk = os.read(exec_r, 512)
-            if not chunk:
-                break
-            failure += chunk
-        os.close(exec_r)
-        proc = Proc(pid, rid, h.get("cmd") or " ".join(argv), h.get("tag"), int(h["limit"]))
-        if failure:
-            os.waitpid(pid, 0)
+        proc = Proc(0, rid, h.get("cmd") or " ".join(argv), h.get("tag"), int(h["limit"]))
+        try:
+            pid = self.spawn(argv, env, cwd, in_r, out_w, err_w)
+        except OSError as exc:
             for fd in (out_r, err_r, in_w):
                 os.close(fd)
-            reason = failure.decode("utf-8", "replace")
-            self.send({"id": rid, "ev": "started", "pid": pid})
-            self.send({"id": rid, "ev": "stderr"}, f"stockade: cannot run {argv[0]!r}: {reason}\n".encode())
+            what = f"cannot enter {cwd!r}" if exc.filename == cwd else f"cannot run {argv[0]!r}"
+            self.send({"id": rid, "ev": "started", "pid": 0})
+            self.send({"id": rid, "ev": "stderr"}, f"stockade: {what}: {exc.strerror or exc}\n".encode())
             self.send({"id": rid, "ev": "exit", "code": 127, "signal": None, "timed_out": False,
                        "truncated": proc.truncated})
             return
+        finally:
+            for fd in (out_w, err_w, in_r):
+                os.close(fd)
+        proc.pid = pid
         for fd, name in ((out_r, "stdout"), (err_r, "stderr")):
             os.set_blocking(fd, False)
             proc.fds[fd] = name
@@ -225,31 +218,25 @@ class Agent:
         self.send({"id": rid, "ev": "started", "pid": pid})
         self.write_stdin(proc)
 
-    def child(self, argv: list, env: dict, cwd: str, in_r: int, out_w: int, err_w: int, exec_w: int) -> None:
+    @staticmethod
+    def spawn(argv: list, env: dict, cwd: str, stdin: int, stdout: int, stderr: int) -> int:
+        """posix_spawn (vfork underneath: no copy of the agent's memory) in a new session, with default
+        signal handling. Every descriptor of the agent is close-on-exec, so the child gets only 0-2."""
+        os.chdir(cwd)  # posix_spawn has no chdir here; the agent is single-threaded, so borrow its cwd
         try:
-            os.setsid()
-            os.dup2(in_r, 0)
-            os.dup2(out_w, 1)
-            os.dup2(err_w, 2)
-            _signal.set_wakeup_fd(-1)
-            for sig in (_signal.SIGCHLD, _signal.SIGPIPE, _signal.SIGXFSZ, _signal.SIGINT):
-                _signal.signal(sig, _signal.SIG_DFL)
-            _signal.pthread_sigmask(_signal.SIG_SETMASK, [])
-            try:  # user code, not the agent, is what the OOM killer should pick first
-                with open("/proc/self/oom_score_adj", "w") as f:
-                    f.write("1000")
-            except OSError:
-                pass
-            os.closerange(3, exec_w)
-            os.closerange(exec_w + 1, 1 << 16)
-            os.chdir(cwd)
-            os.execvpe(argv[0], argv, env)
-        except BaseException as exc:
-            msg = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-            try:
-                os.write(exec_w, msg.encode("utf-8", "replace")[:400] or b"failed")
-            finally:
-                os._exit(127)
+            pid = os.posix_spawnp(argv[0], argv, env, setsid=True, setsigmask=(),
+                                  setsigdef=(_signal.SIGCHLD, _signal.SIGPIPE, _signal.SIGXFSZ, _signal.SIGINT),
+                                  file_actions=[(os.POSIX_SPAWN_DUP2, stdin, 0), (os.POSIX_SPAWN_DUP2, stdout, 1),
+                                                (os.POSIX_SPAWN_DUP2, stderr, 2)])
+        finally:
+            os.chdir(HOME)
+        try:  # user code, not the agent, is what the OOM killer should pick first
+            fd = os.open(f"/proc/{pid}/oom_score_adj", os.O_WRONLY | os.O_CLOEXEC)
+            os.write(fd, b"1000")
+            os.close(fd)
+        except OSError:
+            pass
+        return pid
 
     def read_output(self, fd: int) -> None:
         proc = self.by_fd[fd]
