@@ -87,5 +87,7 @@ def test_overrides_are_validated():
         Policy().with_overrides(limits={"memory": "x"})
     with pytest.raises(PolicyError):
         Policy().with_overrides(nope={"a": 1})
-    with pytest.raises(Exception):
-        Policy().limits.memory = 5  # type: ignore[misc]  # frozen
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="frozen"):
+        Policy().limits.memory = 5  # type: ignore[misc]

@@ -8,6 +8,7 @@ leave a short tombstone so a late caller learns why the id is gone.
 from __future__ import annotations
 
 import asyncio
+import builtins
 import contextlib
 import secrets
 import time
@@ -25,6 +26,9 @@ from .runtime.channel import CommandPending, ReadPending
 TOMBSTONES = 1024
 ENV_NAME_OK = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_")
 
+
+
+Argv = list[str]  # spelled once here: a method named `list` shadows the builtin in class bodies
 
 def new_sandbox_id() -> str:
     return "sbx-" + secrets.token_hex(8)
@@ -175,7 +179,7 @@ class Manager:
                               f"({format_duration(cap)})")
         return float(timeout)
 
-    async def start_command(self, sandbox_id: str, cmd: str | list[str], *, envs: Mapping[str, str] | None,
+    async def start_command(self, sandbox_id: str, cmd: str | Argv, *, envs: Mapping[str, str] | None,
                             cwd: str | None, stdin: bytes | None, stdin_open: bool, timeout: float | None,
                             background: bool, on_output: Callable[[str, bytes], None] | None) -> CommandRecord:
         sb = self.get(sandbox_id)
@@ -240,7 +244,7 @@ class Manager:
                 return False
             raise
 
-    async def list_commands(self, sandbox_id: str) -> list[dict[str, Any]]:
+    async def list_commands(self, sandbox_id: str) -> builtins.list[dict[str, Any]]:
         sb = self.get(sandbox_id)
         result = await sb.channel.call({"op": "ps"})
         procs = result.get("procs")

@@ -123,9 +123,8 @@ def test_sandbox_dies_with_the_process_that_created_it(backend):
     process_traces = lambda: [t for t in sandbox_traces(runtime, sandbox_id) if "process" in t]  # noqa: E731
     assert wait_until(lambda: not process_traces()), process_traces()
     # what is left (an empty cgroup, a lock file nobody holds) goes when stockade next starts
-    from stockade.sdk.sandbox import _transport
-
     from stockade.sdk.portal import portal
+    from stockade.sdk.sandbox import _transport
 
     swept = portal().call(_sweep(_transport(None)))
     assert not sandbox_traces(runtime, sandbox_id)

@@ -42,14 +42,14 @@ class _DecoderContext:
     memo: dict[str, str] = {}
 
 
-_scan = _json.make_scanner(_DecoderContext())
+_scan = _json.make_scanner(_DecoderContext())  # type: ignore[arg-type]
 _quote = _json.encode_basestring_ascii
 
 
 def dumps(obj: object) -> str:
     """Compact JSON for the types headers use: dict with str keys, list, str, int, float, bool, None."""
     if isinstance(obj, str):
-        return _quote(obj)  # type: ignore[no-any-return]
+        return _quote(obj)
     if obj is None:
         return "null"
     if obj is True:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, cast
 
 from ..agent import protocol
 from ..errors import ProtocolError, SandboxUnavailableError, filesystem_error
@@ -195,11 +195,12 @@ class AgentChannel:
                 header = protocol.decode_header(data[:head_len])
                 body = data[head_len:]
                 validate(header, body)
-                pending = self._pending.get(header["id"])
+                rid = cast(int, header["id"])  # validate() checked it is an int
+                pending = self._pending.get(rid)
                 if pending is None:
                     continue  # a late answer to a request the host gave up on
                 if pending.feed(header, body):
-                    del self._pending[header["id"]]
+                    del self._pending[rid]
         except asyncio.IncompleteReadError:
             reason = SandboxUnavailableError("the sandbox's agent closed its channel (the sandbox ended)")
         except (protocol.FrameError, ProtocolError) as exc:

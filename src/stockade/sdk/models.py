@@ -47,7 +47,7 @@ class EntryInfo:
     def from_agent(cls, entry: dict[str, Any]) -> EntryInfo:
         kind = entry.get("type")
         return cls(str(entry.get("name", ""))[:4096], str(entry.get("path", ""))[:4096],
-                   kind if kind in ("file", "dir", "symlink", "other") else "other",  # type: ignore[arg-type]
+                   kind if kind in ("file", "dir", "symlink", "other") else "other",
                    _int(entry.get("size")), _int(entry.get("mode")),
                    datetime.fromtimestamp(_float(entry.get("mtime"))))
 

@@ -10,7 +10,7 @@ import asyncio
 import codecs
 import queue
 import signal as signal_mod
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator, Mapping
 from pathlib import Path
 from typing import IO, Any, Literal, overload
 
@@ -55,7 +55,11 @@ class _Decoders:
         self._d = {s: codecs.getincrementaldecoder("utf-8")("replace") for s in ("stdout", "stderr")}
 
     def __call__(self, stream: str, data: bytes) -> str:
-        return self._d[stream].decode(data)  # type: ignore[no-any-return]
+        return self._d[stream].decode(data)
+
+
+async def _next_chunk(agen: AsyncGenerator[bytes, None]) -> bytes | None:
+    return await anext(agen, None)
 
 
 async def _aiter_chunks(data: str | bytes | IO[bytes] | IO[str]) -> AsyncIterator[bytes]:
@@ -90,8 +94,9 @@ class CommandHandle:
             return None
         text = self._decode(kind, payload)
         setattr(self, kind, getattr(self, kind) + text)
-        if self._callbacks[kind]:
-            self._callbacks[kind](text)
+        callback = self._callbacks[kind]
+        if callback is not None:
+            callback(text)
         return kind, text
 
     def __iter__(self) -> Iterator[tuple[str | None, str | None]]:
@@ -138,14 +143,15 @@ class Commands:
         """Run ``cmd`` (a shell string, or an argv list run without a shell). A non-zero exit is
         returned, not raised, unless ``check=True``. ``timeout`` defaults to limits.command_timeout."""
         sb, t = self._sb, self._sb._transport
-        kwargs = {"envs": envs, "cwd": cwd, "stdin": _as_bytes(stdin), "timeout": timeout}
+        data = _as_bytes(stdin)
         if not background and on_stdout is None and on_stderr is None:
-            return _checked(portal().call(t.run(sb.sandbox_id, cmd, on_output=None, **kwargs)), cmd, check)
+            run = t.run(sb.sandbox_id, cmd, envs=envs, cwd=cwd, stdin=data, timeout=timeout, on_output=None)
+            return _checked(portal().call(run), cmd, check)
         events: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
 
         async def start() -> Any:
-            token = await t.start(sb.sandbox_id, cmd, on_output=lambda s, d: events.put((s, d)),
-                                  background=background, **kwargs)
+            token = await t.start(sb.sandbox_id, cmd, envs=envs, cwd=cwd, stdin=data, timeout=timeout,
+                                  on_output=lambda s, d: events.put((s, d)), background=background)
             task = asyncio.get_running_loop().create_task(t.wait(sb.sandbox_id, token))
             task.add_done_callback(lambda f: events.put(("exit", f.exception() or f.result())))
             return token
@@ -192,11 +198,8 @@ class Files:
     def _stream(self, path: str) -> Iterator[bytes]:
         agen = self._sb._transport.read(self._sb.sandbox_id, path)
         try:
-            while True:
-                try:
-                    yield portal().call(agen.__anext__())
-                except StopAsyncIteration:
-                    return
+            while (chunk := portal().call(_next_chunk(agen))) is not None:
+                yield chunk
         finally:
             portal().call(agen.aclose())
 
@@ -348,9 +351,10 @@ class AsyncCommands:
                   check: bool = False) -> Any:
         """Same as ``Sandbox.commands.run``; returns CommandResult, or AsyncCommandHandle in background."""
         sb, t = self._sb, self._sb._transport
-        kwargs = {"envs": envs, "cwd": cwd, "stdin": _as_bytes(stdin), "timeout": timeout}
+        data = _as_bytes(stdin)
         if not background and on_stdout is None and on_stderr is None:
-            return _checked(await portal().acall(t.run(sb.sandbox_id, cmd, on_output=None, **kwargs)), cmd, check)
+            run = t.run(sb.sandbox_id, cmd, envs=envs, cwd=cwd, stdin=data, timeout=timeout, on_output=None)
+            return _checked(await portal().acall(run), cmd, check)
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
 
@@ -358,7 +362,8 @@ class AsyncCommands:
             loop.call_soon_threadsafe(events.put_nowait, (kind, payload))
 
         async def start() -> Any:
-            token = await t.start(sb.sandbox_id, cmd, on_output=push, background=background, **kwargs)
+            token = await t.start(sb.sandbox_id, cmd, envs=envs, cwd=cwd, stdin=data, timeout=timeout,
+                                  on_output=push, background=background)
             task = asyncio.get_running_loop().create_task(t.wait(sb.sandbox_id, token))
             task.add_done_callback(lambda f: push("exit", f.exception() or f.result()))
             return token
@@ -399,11 +404,8 @@ class AsyncFiles:
     async def _stream(self, path: str) -> AsyncIterator[bytes]:
         agen = self._sb._transport.read(self._sb.sandbox_id, path)
         try:
-            while True:
-                try:
-                    yield await portal().acall(agen.__anext__())
-                except StopAsyncIteration:
-                    return
+            while (chunk := await portal().acall(_next_chunk(agen))) is not None:
+                yield chunk
         finally:
             await portal().acall(agen.aclose())
 

@@ -265,10 +265,10 @@ class JailSandbox(RuntimeSandbox):
                  "--size", str(fs.tmp_size), "--perms", "1777", "--tmpfs", "/dev/shm",
                  "--size", str(fs.tmp_size), "--perms", "1777", "--tmpfs", "/tmp",
                  "--size", str(fs.workspace_size), "--perms", "0755", "--tmpfs", rootfs.HOME]
-        for path, content in rootfs.generated_files().items():
-            argv += ["--ro-bind-data", data(path.rsplit("/", 1)[1], content.encode()), path]
-        for name, content in rt.agent_files.items():
-            argv += ["--ro-bind-data", data(name, content), f"{rootfs.AGENT_DIR}/{name}"]
+        for path, text in rootfs.generated_files().items():
+            argv += ["--ro-bind-data", data(path.rsplit("/", 1)[1], text.encode()), path]
+        for name, code in rt.agent_files.items():
+            argv += ["--ro-bind-data", data(name, code), f"{rootfs.AGENT_DIR}/{name}"]
         for i, mount in enumerate(fs.mounts):
             problem = _mount_source_problem(mount.source, self.uid is not None)
             if problem:
@@ -390,7 +390,11 @@ async def _wait_exit(proc: subprocess.Popen[bytes]) -> None:
         proc.wait()
         return
     exited: asyncio.Future[None] = loop.create_future()
-    loop.add_reader(pidfd, lambda: exited.done() or exited.set_result(None))
+    def on_exit() -> None:
+        if not exited.done():
+            exited.set_result(None)
+
+    loop.add_reader(pidfd, on_exit)
     try:
         await asyncio.wait_for(exited, 10)
     finally:

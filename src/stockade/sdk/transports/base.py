@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import builtins
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping
 from typing import Any
 
 from ...policy import Policy
-from ..models import CommandResult, EntryInfo, ProcessInfo, SandboxInfo
+from ..models import CommandResult, ProcessInfo, SandboxInfo
 
 OutputSink = Callable[[str, bytes], None]
 
+
+
+Argv = list[str]  # spelled once here: a method named `list` shadows the builtin in class bodies
 
 class Transport(ABC):
     @abstractmethod
@@ -30,12 +34,12 @@ class Transport(ABC):
     async def set_timeout(self, sandbox_id: str, seconds: float) -> None: ...
 
     @abstractmethod
-    async def run(self, sandbox_id: str, cmd: str | list[str], *, envs: Mapping[str, str] | None,
+    async def run(self, sandbox_id: str, cmd: str | Argv, *, envs: Mapping[str, str] | None,
                   cwd: str | None, stdin: bytes | None, timeout: float | None,
                   on_output: OutputSink | None) -> CommandResult: ...
 
     @abstractmethod
-    async def start(self, sandbox_id: str, cmd: str | list[str], *, envs: Mapping[str, str] | None,
+    async def start(self, sandbox_id: str, cmd: str | Argv, *, envs: Mapping[str, str] | None,
                     cwd: str | None, stdin: bytes | None, timeout: float | None,
                     on_output: OutputSink | None, background: bool = True) -> Any:
         """Start a process whose output streams to ``on_output``; returns a token with a ``pid`` and
@@ -51,10 +55,11 @@ class Transport(ABC):
     async def signal(self, sandbox_id: str, pid: int, sig: int) -> bool: ...
 
     @abstractmethod
-    async def processes(self, sandbox_id: str) -> list[ProcessInfo]: ...
+    async def processes(self, sandbox_id: str) -> builtins.list[ProcessInfo]: ...
 
     @abstractmethod
-    async def read(self, sandbox_id: str, path: str) -> AsyncIterator[bytes]: ...
+    def read(self, sandbox_id: str, path: str) -> AsyncGenerator[bytes, None]:
+        """The file's content in chunks, streamed (an async generator)."""
 
     @abstractmethod
     async def write(self, sandbox_id: str, path: str, chunks: AsyncIterator[bytes]) -> int: ...
@@ -63,5 +68,6 @@ class Transport(ABC):
     async def file_op(self, sandbox_id: str, op: str, **args: Any) -> dict[str, Any]:
         """stat, list, mkdir, remove, rename: the agent's answer header."""
 
+    @abstractmethod
     async def close(self) -> None:
         """Release what the transport holds (at interpreter exit)."""

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import builtins
 import contextlib
 import posixpath
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping
 from datetime import datetime
 from typing import Any
 
@@ -14,6 +15,7 @@ from ...policy import Policy
 from ..models import CommandResult, ProcessInfo, SandboxInfo
 from .base import OutputSink, Transport
 
+Argv = list[str]  # spelled once here: a method named `list` shadows the builtin in class bodies
 
 class LocalTransport(Transport):
     def __init__(self) -> None:
@@ -56,7 +58,7 @@ class LocalTransport(Transport):
     async def set_timeout(self, sandbox_id: str, seconds: float) -> None:
         (await self.manager()).set_timeout(sandbox_id, seconds)
 
-    async def _start(self, sandbox_id: str, cmd: str | list[str], envs: Mapping[str, str] | None,
+    async def _start(self, sandbox_id: str, cmd: str | Argv, envs: Mapping[str, str] | None,
                      cwd: str | None, stdin: bytes | None, timeout: float | None, on_output: OutputSink | None,
                      background: bool) -> CommandRecord:
         m = await self.manager()
@@ -64,13 +66,13 @@ class LocalTransport(Transport):
                                      stdin_open=background and stdin is None, timeout=timeout,
                                      background=background, on_output=on_output)
 
-    async def run(self, sandbox_id: str, cmd: str | list[str], *, envs: Mapping[str, str] | None,
+    async def run(self, sandbox_id: str, cmd: str | Argv, *, envs: Mapping[str, str] | None,
                   cwd: str | None, stdin: bytes | None, timeout: float | None,
                   on_output: OutputSink | None) -> CommandResult:
         record = await self._start(sandbox_id, cmd, envs, cwd, stdin, timeout, on_output, background=False)
         return await self.wait(sandbox_id, record)
 
-    async def start(self, sandbox_id: str, cmd: str | list[str], *, envs: Mapping[str, str] | None,
+    async def start(self, sandbox_id: str, cmd: str | Argv, *, envs: Mapping[str, str] | None,
                     cwd: str | None, stdin: bytes | None, timeout: float | None,
                     on_output: OutputSink | None, background: bool = True) -> CommandRecord:
         return await self._start(sandbox_id, cmd, envs, cwd, stdin, timeout, on_output, background)
@@ -92,12 +94,12 @@ class LocalTransport(Transport):
     async def signal(self, sandbox_id: str, pid: int, sig: int) -> bool:
         return await (await self.manager()).signal(sandbox_id, pid, sig)
 
-    async def processes(self, sandbox_id: str) -> list[ProcessInfo]:
+    async def processes(self, sandbox_id: str) -> builtins.list[ProcessInfo]:
         procs = await (await self.manager()).list_commands(sandbox_id)
         return [ProcessInfo(p["pid"], str(p.get("cmd", ""))[:4096],
                             p.get("tag") if isinstance(p.get("tag"), str) else None) for p in procs]
 
-    async def read(self, sandbox_id: str, path: str) -> AsyncIterator[bytes]:  # type: ignore[override]
+    async def read(self, sandbox_id: str, path: str) -> AsyncGenerator[bytes, None]:
         m = await self.manager()
         pending, rid = await m.open_read(sandbox_id, path)
         finished = False
