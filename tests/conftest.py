@@ -83,15 +83,24 @@ def shared_dir() -> Iterator[Path]:
 
 @pytest.fixture(scope="session", autouse=True)
 def nothing_left_behind() -> Iterator[None]:
+    """At the end of the session: every sandbox this test process created is gone without a trace.
+    (Only its own: another stockade process on the host may have live sandboxes.)"""
     yield
-    Sandbox.list()  # make sure the manager exists, then end every sandbox still alive
-    for info in Sandbox.list():
-        Sandbox.connect(info.sandbox_id).kill()
+    from stockade.sdk.portal import portal
+    from stockade.sdk.sandbox import _transport
+
+    async def created_here() -> list[str]:
+        manager = await _transport(None).manager()
+        await manager.shutdown()
+        return list(manager.tombstones)
+
+    ids = portal().call(created_here())
+    state = HostConfig.from_env().state_dir
     leftovers = []
-    for base in [Path("/sys/fs/cgroup") / c / "stockade" for c in ("memory", "pids", "cpu")]:
-        if base.is_dir():
-            leftovers += [str(p) for p in base.iterdir() if p.is_dir()]
-    sandboxes = HostConfig.from_env().state_dir / "sandboxes"
-    if sandboxes.is_dir():
-        leftovers += [str(p) for p in sandboxes.iterdir()]
+    for sid in ids:
+        for base in [Path("/sys/fs/cgroup") / c / "stockade" for c in ("memory", "pids", "cpu")]:
+            if (base / sid).exists():
+                leftovers.append(str(base / sid))
+        if (state / "sandboxes" / f"{sid}.lock").exists():
+            leftovers.append(f"lock of {sid}")
     assert not leftovers, f"the tests left sandboxes behind: {leftovers}"

@@ -10,7 +10,7 @@ import pytest
 
 from stockade import AsyncSandbox, CommandError, PathNotFoundError, Sandbox
 
-from .conftest import base_policy
+from .conftest import ROOT, base_policy
 
 
 def test_commands_run_basics(sandbox: Sandbox):
@@ -32,6 +32,23 @@ def test_check_raises_command_error(sandbox: Sandbox):
     with pytest.raises(CommandError) as err:
         sandbox.commands.run("echo boom >&2; exit 2", check=True)
     assert err.value.result.exit_code == 2 and "boom" in str(err.value)
+
+
+def test_check_raises_timeout_error_on_timeout(sandbox: Sandbox):
+    import stockade
+
+    with pytest.raises(stockade.TimeoutError) as err:
+        sandbox.commands.run("sleep 5", timeout=0.5, check=True)
+    assert isinstance(err.value, TimeoutError) and err.value.result.timed_out
+
+
+@pytest.mark.skipif(ROOT, reason="checks the unprivileged default; as root every control is available")
+def test_unprivileged_default_policy_refuses_missing_controls_clearly():
+    from stockade import SandboxUnavailableError
+
+    with pytest.raises(SandboxUnavailableError) as err:
+        Sandbox.create()
+    assert "limits.memory/pids/cpu" in str(err.value) and "allow_missing_controls" in err.value.advice
 
 
 def test_streaming_callbacks(sandbox: Sandbox):

@@ -39,7 +39,12 @@ class CommandError(StockadeError):
 
 
 class TimeoutError(StockadeError, builtins.TimeoutError):  # noqa: A001 - deliberately compatible
-    """A command or request ran past its time limit. Also an instance of the builtin TimeoutError."""
+    """A command (with ``check=True``) or a request to the sandbox ran past its time limit. Also an
+    instance of the builtin TimeoutError. ``result`` holds the command's result when there is one."""
+
+    def __init__(self, message: str, result: object = None) -> None:
+        self.result = result
+        super().__init__(message)
 
 
 class FilesystemError(StockadeError, OSError):

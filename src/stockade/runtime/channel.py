@@ -15,6 +15,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any, cast
 
 from ..agent import protocol
+from .. import errors
 from ..errors import ProtocolError, SandboxUnavailableError, filesystem_error
 
 Header = dict[str, Any]
@@ -176,6 +177,7 @@ class AgentChannel:
         self._pending: dict[int, Pending] = {}
         self._closed: BaseException | None = None
         self.on_close = on_close
+        self._closing: asyncio.Task[None] | None = None
         self._task = asyncio.get_running_loop().create_task(self._read_loop())
 
     @property
@@ -215,7 +217,8 @@ class AgentChannel:
         if self.on_close is not None:
             result = self.on_close(reason)
             if asyncio.iscoroutine(result):
-                await result
+                # its own task: the owner's clean-up closes this channel, which cancels this reader task
+                self._closing = asyncio.get_running_loop().create_task(result)
 
     def _shutdown(self, reason: BaseException) -> None:
         if self._closed is None:
@@ -261,5 +264,5 @@ class AgentChannel:
             return result
         except TimeoutError:
             self.forget(rid)
-            raise SandboxUnavailableError(f"the sandbox's agent did not answer {header.get('op')!r} "
-                                          f"within {timeout}s") from None
+            raise errors.TimeoutError(f"the sandbox's agent did not answer {header.get('op')!r} within {timeout}s") \
+                from None

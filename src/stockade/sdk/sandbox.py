@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import IO, Any, Literal, overload
 
 from ..agent.protocol import CHUNK
-from ..errors import CommandError, PathNotFoundError, SandboxNotFoundError
+from ..errors import CommandError, PathNotFoundError, SandboxNotFoundError, TimeoutError
 from ..policy import Policy
 from .models import CommandResult, EntryInfo, ProcessInfo, SandboxInfo
 from .portal import portal
@@ -42,9 +42,10 @@ def _as_bytes(data: str | bytes | None) -> bytes | None:
 
 
 def _checked(result: CommandResult, cmd: str | list[str], check: bool) -> CommandResult:
+    if check and result.timed_out:
+        raise TimeoutError(f"command {cmd!r} timed out and was killed", result)
     if check and result.exit_code != 0:
-        what = "timed out" if result.timed_out else f"exited with {result.exit_code}"
-        raise CommandError(result, f"command {cmd!r} {what}: {result.stderr[-500:].strip()}")
+        raise CommandError(result, f"command {cmd!r} exited with {result.exit_code}: {result.stderr[-500:].strip()}")
     return result
 
 

@@ -1,0 +1,49 @@
+"""The manager's reaction to a sandbox that breaks the protocol or dies: it ends the sandbox, cleans up
+everything, and keeps serving the others."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from stockade import Sandbox, SandboxNotFoundError
+from stockade.sdk.portal import portal
+from stockade.sdk.sandbox import _transport
+
+from .conftest import sandbox_traces
+
+
+async def _feed_as_agent(sandbox_id: str, data: bytes) -> None:
+    manager = await _transport(None).manager()
+    manager.get(sandbox_id).runtime.channel._reader.feed_data(data)
+
+
+def wait_gone(sb: Sandbox, runtime: dict) -> None:
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and (sb.is_running() or sandbox_traces(runtime, sb.sandbox_id)):
+        time.sleep(0.05)
+
+
+def test_a_protocol_violation_ends_the_sandbox_and_nothing_else(make_sandbox):
+    victim, bystander = make_sandbox(), make_sandbox()
+    runtime = victim.info().runtime
+    portal().call(_feed_as_agent(victim.sandbox_id, (0xFFFFFFFF).to_bytes(4, "big") + b"\0\0\0\0"))
+    wait_gone(victim, runtime)
+    assert not sandbox_traces(runtime, victim.sandbox_id)
+    with pytest.raises(SandboxNotFoundError, match="violated the protocol"):
+        victim.commands.run("true")
+    assert bystander.commands.run("echo unharmed").stdout == "unharmed\n"
+
+
+def test_an_agent_that_dies_ends_the_sandbox(make_sandbox):
+    import os
+    import signal
+
+    sb = make_sandbox()
+    runtime = sb.info().runtime
+    os.kill(runtime["agent_host_pid"], signal.SIGKILL)
+    wait_gone(sb, runtime)
+    with pytest.raises(SandboxNotFoundError, match="stopped unexpectedly"):
+        sb.files.list()
+    assert not sandbox_traces(runtime, sb.sandbox_id)
