@@ -14,8 +14,8 @@ import itertools
 from collections.abc import Awaitable, Callable
 from typing import Any, cast
 
-from ..agent import protocol
 from .. import errors
+from ..agent import protocol
 from ..errors import ProtocolError, SandboxUnavailableError, filesystem_error
 
 Header = dict[str, Any]
