@@ -29,7 +29,10 @@ class HostConfig:
             state = Path("/run/stockade")
         else:
             runtime = env.get("XDG_RUNTIME_DIR")
-            state = Path(runtime) / "stockade" if runtime else Path(f"/tmp/stockade-{os.geteuid()}")
+            if runtime and os.access(runtime, os.W_OK):
+                state = Path(runtime) / "stockade"
+            else:
+                state = Path(f"/tmp/stockade-{os.geteuid()}")
         return cls(state_dir=state, uid_range=_uid_range(env.get("STOCKADE_UID_RANGE")),
                    bwrap=env.get("STOCKADE_BWRAP") or None, python=env.get("STOCKADE_PYTHON") or None,
                    cgroup_parent=env.get("STOCKADE_CGROUP_PARENT", "stockade"))

@@ -116,6 +116,7 @@ class JailRuntime(Runtime):
         self.config = config or HostConfig.from_env()
         self.privileged = os.geteuid() == 0
         self.config.state_dir.mkdir(parents=True, exist_ok=True, mode=0o755 if self.privileged else 0o700)
+        _check_owned(self.config.state_dir, private=not self.privileged)
         (self.config.state_dir / "sandboxes").mkdir(exist_ok=True, mode=0o700)
         self.bwrap = bwrap_mod.locate(self.config.bwrap)
         if self.privileged:
@@ -331,12 +332,12 @@ class JailSandbox(RuntimeSandbox):
                     signal.pidfd_send_signal(self.agent_pidfd, signal.SIGKILL)
                 os.close(self.agent_pidfd)
                 self.agent_pidfd = None
-            if self.proc is not None:
-                if self.proc.poll() is None:
-                    with contextlib.suppress(ProcessLookupError):
-                        self.proc.kill()
-                await _wait_exit(self.proc)
             try:
+                if self.proc is not None:
+                    if self.proc.poll() is None:
+                        with contextlib.suppress(ProcessLookupError):
+                            self.proc.kill()
+                    await _wait_exit(self.proc)
                 if self.cgroup is not None:
                     await self.cgroup.destroy()
             finally:
@@ -344,6 +345,17 @@ class JailSandbox(RuntimeSandbox):
                     self.uid.release()
                 if self.lock is not None:
                     self.lock.release()
+
+
+def _check_owned(path: Path, private: bool) -> None:
+    """The state dir holds locks and the compiled agent: it must be ours, and private unless we are root
+    (a predictable /tmp path could have been created by someone else first)."""
+    st = os.lstat(path)
+    if st.st_uid != os.geteuid() or (private and st.st_mode & 0o077) or not os.path.isdir(path):
+        raise SandboxUnavailableError(
+            f"the state directory {path} is not a directory owned by uid {os.geteuid()}"
+            + (" with mode 0700" if private else ""),
+            "fix: remove it, or set STOCKADE_STATE_DIR to a directory only you can write")
 
 
 def _mount_source_problem(source: str, other_uid: bool) -> str | None:
