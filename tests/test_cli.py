@@ -42,9 +42,16 @@ def test_run_code_exit_status_and_streams(weak_policy):
     assert (r.returncode, r.stdout, r.stderr) == (7, "out\n", "err\n")
 
 
-def test_run_command_after_double_dash(weak_policy):
-    r = stockade("run", *weak_policy, "--", "sh", "-c", "echo $0 $1", "a", "b")
+def test_run_command_after_double_dash_leaves_nothing(weak_policy):
+    from stockade.config import HostConfig
+
+    locks = HostConfig.from_env().state_dir / "sandboxes"
+    before = set(locks.iterdir()) if locks.is_dir() else set()
+    r = stockade("run", *weak_policy, "--", "sh", "-c", "setsid sleep 1000 & echo $0 $1", "a", "b")
     assert (r.returncode, r.stdout) == (0, "a b\n")
+    assert set(locks.iterdir()) - before == set()  # its sandbox's lock (and so its cgroup) is gone
+    ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
+    assert "sleep 1000" not in ps
 
 
 def test_run_timeout_exits_124(weak_policy):

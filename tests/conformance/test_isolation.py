@@ -242,3 +242,15 @@ def test_commands_inherit_no_descriptor_of_the_agent(make_sandbox):
     code = "import os; print(sorted(int(f) for f in os.listdir('/proc/self/fd')))"
     # 0-2 and the descriptor listdir itself opened
     assert make_sandbox().commands.run(["python3", "-c", code]).stdout.strip() == "[0, 1, 2, 3]"
+
+
+def test_setuid_binaries_and_kernel_knobs_grant_nothing(make_sandbox):
+    sb = make_sandbox()
+    r = sb.commands.run("ls -l /usr/bin/su /usr/bin/passwd 2>/dev/null | head -1; su -c id root </dev/null; "
+                        "echo rc=$?")
+    assert "rc=0" not in r.stdout
+    for knob in ("/proc/sys/kernel/hostname", "/proc/sysrq-trigger", "/proc/sys/vm/drop_caches"):
+        r = sb.commands.run(f"echo 1 > {knob}")
+        assert r.exit_code != 0, f"wrote {knob}"
+    assert sb.commands.run("hostname evil").exit_code != 0
+    assert sb.commands.run("hostname").stdout == "sandbox\n"
