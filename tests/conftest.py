@@ -14,6 +14,7 @@ import pytest
 
 from stockade import Policy, Sandbox
 from stockade.config import HostConfig
+from stockade.sdk.transports.base import Transport
 
 ROOT = os.geteuid() == 0
 UNPRIVILEGED_GAPS = ["memory", "pids", "cpu"]
@@ -27,19 +28,25 @@ def base_policy(**sections: dict[str, Any]) -> Policy:
     return Policy.from_dict(data)
 
 
-@pytest.fixture
-def make_sandbox() -> Iterator[Callable[..., Sandbox]]:
+def sandbox_factory(transport: Transport | None = None) -> Iterator[Callable[..., Sandbox]]:
+    """Yields make(timeout, envs, metadata, **policy_sections); kills what it made afterwards."""
     made: list[Sandbox] = []
 
     def make(timeout: float | None = None, envs: dict[str, str] | None = None,
              metadata: dict[str, str] | None = None, **sections: dict[str, Any]) -> Sandbox:
-        sb = Sandbox.create(policy=base_policy(**sections), timeout=timeout, envs=envs, metadata=metadata)
+        sb = Sandbox.create(policy=base_policy(**sections), timeout=timeout, envs=envs, metadata=metadata,
+                            transport=transport)
         made.append(sb)
         return sb
 
     yield make
     for sb in made:
         sb.kill()
+
+
+@pytest.fixture
+def make_sandbox() -> Iterator[Callable[..., Sandbox]]:
+    yield from sandbox_factory()
 
 
 @pytest.fixture

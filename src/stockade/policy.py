@@ -18,51 +18,43 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationEr
 
 from .errors import PolicyError
 
-_SIZE_UNITS = {
+_SIZE_UNITS: dict[str, float] = {
     "": 1, "b": 1,
     "k": 1 << 10, "kib": 1 << 10, "kb": 1000,
     "m": 1 << 20, "mib": 1 << 20, "mb": 1000**2,
     "g": 1 << 30, "gib": 1 << 30, "gb": 1000**3,
     "t": 1 << 40, "tib": 1 << 40, "tb": 1000**4,
 }
-_DURATION_UNITS = {"": 1.0, "s": 1.0, "ms": 0.001, "m": 60.0, "min": 60.0, "h": 3600.0, "d": 86400.0}
+_DURATION_UNITS: dict[str, float] = {"": 1.0, "s": 1.0, "ms": 0.001, "m": 60.0, "min": 60.0, "h": 3600.0, "d": 86400.0}
 _NUMBER_WITH_UNIT = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*([a-zA-Z]*)\s*$")
 
 
-def parse_size(value: Any) -> int:
-    """Bytes from 512MiB / 1G / 4096. Raises ValueError with the accepted forms."""
+def _amount(value: Any, kind: str, units: dict[str, float], forms: str, unit_names: str) -> float:
     if isinstance(value, bool):
-        raise ValueError("expected a size such as 512MiB, not a boolean")
-    if isinstance(value, int):
-        number, unit = float(value), ""
-    elif isinstance(value, float):
-        number, unit = value, ""
-    elif isinstance(value, str) and (m := _NUMBER_WITH_UNIT.match(value)):
-        number, unit = float(m.group(1)), m.group(2).lower()
-    else:
-        raise ValueError(f"invalid size {value!r}: use bytes or a unit, e.g. 512MiB, 1GiB, 64k")
-    if unit not in _SIZE_UNITS:
-        raise ValueError(f"invalid size unit {unit!r} in {value!r}: use B, KiB, MiB, GiB, TiB (or k, M, G)")
-    if not math.isfinite(number) or number < 0:
-        raise ValueError(f"invalid size {value!r}: must be a finite, non-negative amount")
-    return int(number * _SIZE_UNITS[unit])
-
-
-def parse_duration(value: Any) -> float:
-    """Seconds from 30s / 5m / 1h / 250ms / 12.5."""
-    if isinstance(value, bool):
-        raise ValueError("expected a duration such as 30s, not a boolean")
+        raise ValueError(f"expected a {kind}, not a boolean: {forms}")
     if isinstance(value, int | float):
         number, unit = float(value), ""
     elif isinstance(value, str) and (m := _NUMBER_WITH_UNIT.match(value)):
         number, unit = float(m.group(1)), m.group(2).lower()
     else:
-        raise ValueError(f"invalid duration {value!r}: use seconds or a unit, e.g. 30s, 5m, 1h, 250ms")
-    if unit not in _DURATION_UNITS:
-        raise ValueError(f"invalid duration unit {unit!r} in {value!r}: use ms, s, m, h or d")
+        raise ValueError(f"invalid {kind} {value!r}: {forms}")
+    if unit not in units:
+        raise ValueError(f"invalid {kind} unit {unit!r} in {value!r}: use {unit_names}")
     if not math.isfinite(number) or number < 0:
-        raise ValueError(f"invalid duration {value!r}: must be a finite, non-negative amount")
-    return number * _DURATION_UNITS[unit]
+        raise ValueError(f"invalid {kind} {value!r}: must be a finite, non-negative amount")
+    return number * units[unit]
+
+
+def parse_size(value: Any) -> int:
+    """Bytes from 512MiB / 1G / 4096. Raises ValueError with the accepted forms."""
+    return int(_amount(value, "size", _SIZE_UNITS, "use bytes or a unit, e.g. 512MiB, 1GiB, 64k",
+                       "B, KiB, MiB, GiB, TiB (or k, M, G)"))
+
+
+def parse_duration(value: Any) -> float:
+    """Seconds from 30s / 5m / 1h / 250ms / 12.5."""
+    return _amount(value, "duration", _DURATION_UNITS, "use seconds or a unit, e.g. 30s, 5m, 1h, 250ms",
+                   "ms, s, m, h or d")
 
 
 def format_size(n: int) -> str:

@@ -51,6 +51,16 @@ class EntryInfo:
                    _int(entry.get("size")), _int(entry.get("mode")),
                    datetime.fromtimestamp(_float(entry.get("mtime"))))
 
+    @classmethod
+    def from_stat(cls, result: dict[str, Any]) -> EntryInfo:
+        entry = result.get("entry")
+        return cls.from_agent(entry if isinstance(entry, dict) else {})
+
+    @classmethod
+    def list_from(cls, result: dict[str, Any]) -> list[EntryInfo]:
+        entries = result.get("entries")
+        return [cls.from_agent(e) for e in entries if isinstance(e, dict)] if isinstance(entries, list) else []
+
 
 @dataclass(frozen=True)
 class SandboxInfo:

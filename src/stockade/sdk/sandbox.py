@@ -71,31 +71,51 @@ async def _aiter_chunks(data: str | bytes | IO[bytes] | IO[str]) -> AsyncIterato
         yield chunk.encode() if isinstance(chunk, str) else chunk
 
 
-# ---------------------------------------------------------------------------------------------------
-# sync
+class _HandleBase:
+    """What both command handles keep: the process's output so far, as text, and its result."""
 
-
-class CommandHandle:
-    """A background process. Iterate it for ``(stdout, stderr)`` chunks; ``wait()`` for the result."""
-
-    def __init__(self, sandbox: Sandbox, token: Any, events: queue.SimpleQueue[tuple[str, Any]],
-                 on_stdout: Callback | None, on_stderr: Callback | None) -> None:
-        self._sandbox, self._token, self._events = sandbox, token, events
+    def __init__(self, token: Any, on_stdout: Callback | None, on_stderr: Callback | None) -> None:
+        self._token = token
         self._callbacks = {"stdout": on_stdout, "stderr": on_stderr}
         self._decode = _Decoders()
-        self._result: CommandResult | None = None
+        self._result: CommandResult | BaseException | None = None
         self.pid: int = token.pid
         self.stdout = ""
         self.stderr = ""
 
-    def _next_event(self) -> tuple[str, str] | None:
-        kind, payload = self._events.get()
+    def _absorb(self, kind: str, payload: Any) -> tuple[str, str, Callback | None] | None:
+        """Record one event; returns (stream, text, callback to call), or None once the process ended."""
         if kind == "exit":
             self._result = payload
             return None
         text = self._decode(kind, payload)
         setattr(self, kind, getattr(self, kind) + text)
-        callback = self._callbacks[kind]
+        return kind, text, self._callbacks[kind]
+
+    def _final(self, check: bool) -> CommandResult:
+        if isinstance(self._result, BaseException):
+            raise self._result
+        assert self._result is not None
+        return _checked(self._result, self._token.cmd, check)
+
+
+# ---------------------------------------------------------------------------------------------------
+# sync
+
+
+class CommandHandle(_HandleBase):
+    """A background process. Iterate it for ``(stdout, stderr)`` chunks; ``wait()`` for the result."""
+
+    def __init__(self, sandbox: Sandbox, token: Any, events: queue.SimpleQueue[tuple[str, Any]],
+                 on_stdout: Callback | None, on_stderr: Callback | None) -> None:
+        super().__init__(token, on_stdout, on_stderr)
+        self._sandbox, self._events = sandbox, events
+
+    def _next_event(self) -> tuple[str, str] | None:
+        event = self._absorb(*self._events.get())
+        if event is None:
+            return None
+        kind, text, callback = event
         if callback is not None:
             callback(text)
         return kind, text
@@ -107,9 +127,7 @@ class CommandHandle:
     def wait(self, check: bool = False) -> CommandResult:
         while self._result is None:
             self._next_event()
-        if isinstance(self._result, BaseException):
-            raise self._result
-        return _checked(self._result, self._token.cmd, check)
+        return self._final(check)
 
     def kill(self) -> bool:
         return self._sandbox.commands.kill(self.pid)
@@ -210,12 +228,10 @@ class Files:
         return self.get_info(path)
 
     def list(self, path: str = ".", depth: int = 1) -> list[EntryInfo]:
-        return [EntryInfo.from_agent(e) for e in self._op("list", path=path, depth=depth).get("entries", [])
-                if isinstance(e, dict)]
+        return EntryInfo.list_from(self._op("list", path=path, depth=depth))
 
     def get_info(self, path: str) -> EntryInfo:
-        entry = self._op("stat", path=path).get("entry")
-        return EntryInfo.from_agent(entry if isinstance(entry, dict) else {})
+        return EntryInfo.from_stat(self._op("stat", path=path))
 
     def exists(self, path: str) -> bool:
         try:
@@ -235,19 +251,27 @@ class Files:
         return bool(self._op("mkdir", path=path).get("created"))
 
 
-class Sandbox:
-    """A sandbox for untrusted code. ``with Sandbox.create() as sb: sb.commands.run("echo hi")``."""
-
+class _SandboxBase:
     def __init__(self, info: SandboxInfo, transport: Transport) -> None:
         self._transport = transport
         self._info = info
         self.sandbox_id = info.sandbox_id
-        self.commands = Commands(self)
-        self.files = Files(self)
 
     @property
     def id(self) -> str:
         return self.sandbox_id
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.sandbox_id!r})"
+
+
+class Sandbox(_SandboxBase):
+    """A sandbox for untrusted code. ``with Sandbox.create() as sb: sb.commands.run("echo hi")``."""
+
+    def __init__(self, info: SandboxInfo, transport: Transport) -> None:
+        super().__init__(info, transport)
+        self.commands = Commands(self)
+        self.files = Files(self)
 
     @classmethod
     def create(cls, policy: Policy | dict[str, Any] | str | Path | None = None, timeout: float | None = None,
@@ -288,34 +312,25 @@ class Sandbox:
     def __exit__(self, *exc: object) -> None:
         self.kill()
 
-    def __repr__(self) -> str:
-        return f"Sandbox({self.sandbox_id!r})"
-
 
 # ---------------------------------------------------------------------------------------------------
 # async
 
 
-class AsyncCommandHandle:
+class AsyncCommandHandle(_HandleBase):
+    """The async twin of :class:`CommandHandle`; callbacks may be coroutine functions."""
+
     def __init__(self, sandbox: AsyncSandbox, token: Any, events: asyncio.Queue[tuple[str, Any]],
                  on_stdout: Callback | None, on_stderr: Callback | None) -> None:
-        self._sandbox, self._token, self._events = sandbox, token, events
-        self._callbacks = {"stdout": on_stdout, "stderr": on_stderr}
-        self._decode = _Decoders()
-        self._result: CommandResult | None = None
-        self.pid: int = token.pid
-        self.stdout = ""
-        self.stderr = ""
+        super().__init__(token, on_stdout, on_stderr)
+        self._sandbox, self._events = sandbox, events
 
     async def _next_event(self) -> tuple[str, str] | None:
-        kind, payload = await self._events.get()
-        if kind == "exit":
-            self._result = payload
+        event = self._absorb(*await self._events.get())
+        if event is None:
             return None
-        text = self._decode(kind, payload)
-        setattr(self, kind, getattr(self, kind) + text)
-        callback = self._callbacks[kind]
-        if callback:
+        kind, text, callback = event
+        if callback is not None:
             maybe = callback(text)
             if asyncio.iscoroutine(maybe):
                 await maybe
@@ -328,9 +343,7 @@ class AsyncCommandHandle:
     async def wait(self, check: bool = False) -> CommandResult:
         while self._result is None:
             await self._next_event()
-        if isinstance(self._result, BaseException):
-            raise self._result
-        return _checked(self._result, self._token.cmd, check)
+        return self._final(check)
 
     async def kill(self) -> bool:
         return await self._sandbox.commands.kill(self.pid)
@@ -415,12 +428,10 @@ class AsyncFiles:
         return await self.get_info(path)
 
     async def list(self, path: str = ".", depth: int = 1) -> list[EntryInfo]:
-        result = await self._op("list", path=path, depth=depth)
-        return [EntryInfo.from_agent(e) for e in result.get("entries", []) if isinstance(e, dict)]
+        return EntryInfo.list_from(await self._op("list", path=path, depth=depth))
 
     async def get_info(self, path: str) -> EntryInfo:
-        entry = (await self._op("stat", path=path)).get("entry")
-        return EntryInfo.from_agent(entry if isinstance(entry, dict) else {})
+        return EntryInfo.from_stat(await self._op("stat", path=path))
 
     async def exists(self, path: str) -> bool:
         try:
@@ -440,19 +451,13 @@ class AsyncFiles:
         return bool((await self._op("mkdir", path=path)).get("created"))
 
 
-class AsyncSandbox:
+class AsyncSandbox(_SandboxBase):
     """The async twin of :class:`Sandbox`: ``async with await AsyncSandbox.create() as sb: ...``."""
 
     def __init__(self, info: SandboxInfo, transport: Transport) -> None:
-        self._transport = transport
-        self._info = info
-        self.sandbox_id = info.sandbox_id
+        super().__init__(info, transport)
         self.commands = AsyncCommands(self)
         self.files = AsyncFiles(self)
-
-    @property
-    def id(self) -> str:
-        return self.sandbox_id
 
     @classmethod
     async def create(cls, policy: Policy | dict[str, Any] | str | Path | None = None,
@@ -491,6 +496,3 @@ class AsyncSandbox:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.kill()
-
-    def __repr__(self) -> str:
-        return f"AsyncSandbox({self.sandbox_id!r})"
