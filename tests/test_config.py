@@ -1,0 +1,42 @@
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from stockade import StockadeError
+from stockade.config import DEFAULT_UID_RANGE, HostConfig
+
+
+def test_uid_range_from_env(monkeypatch):
+    monkeypatch.setenv("STOCKADE_UID_RANGE", "300000-300009")
+    assert HostConfig.from_env().uid_range == (300000, 300009)
+    monkeypatch.delenv("STOCKADE_UID_RANGE")
+    assert HostConfig.from_env().uid_range == DEFAULT_UID_RANGE
+
+
+@pytest.mark.parametrize("bad", ["abc", "10-5", "0-100", "5", "1000-4294967295"])
+def test_bad_uid_ranges_are_refused(monkeypatch, bad):
+    monkeypatch.setenv("STOCKADE_UID_RANGE", bad)
+    with pytest.raises(StockadeError, match="STOCKADE_UID_RANGE"):
+        HostConfig.from_env()
+
+
+def test_state_dir_from_env(monkeypatch, tmp_path):
+    monkeypatch.setenv("STOCKADE_STATE_DIR", str(tmp_path / "s"))
+    assert HostConfig.from_env().state_dir == tmp_path / "s"
+
+
+def test_a_state_dir_owned_by_someone_else_is_refused(tmp_path):
+    from stockade import SandboxUnavailableError
+    from stockade.runtime.jail.runtime import _check_owned
+
+    d = tmp_path / "state"
+    d.mkdir(mode=0o777)
+    d.chmod(0o777)
+    with pytest.raises(SandboxUnavailableError, match="0700"):
+        _check_owned(d, private=True)  # group/world-writable: another user could plant files
+    if os.geteuid() == 0:
+        os.chown(d, 12345, 12345)
+        with pytest.raises(SandboxUnavailableError, match="not a directory owned by"):
+            _check_owned(d, private=False)
