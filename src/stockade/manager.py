@@ -21,7 +21,7 @@ from .agent import protocol
 from .errors import FilesystemError, PolicyError, SandboxNotFoundError, SandboxUnavailableError
 from .policy import Policy, format_duration
 from .runtime.base import Runtime, RuntimeSandbox
-from .runtime.channel import CommandPending, ReadPending
+from .runtime.channel import CellPending, CommandPending, ReadPending
 
 TOMBSTONES = 1024
 ENV_NAME_OK = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_")
@@ -54,6 +54,23 @@ class CommandRecord:
     background: bool
 
 
+LANGUAGES = ("python",)
+CONTEXT_START_TIMEOUT = 60.0
+
+
+@dataclass
+class CodeContext:
+    """A stateful interpreter inside a sandbox. ``alive`` is False after a crash or a kill: the next
+    cell starts it afresh under the same id."""
+
+    id: str
+    language: str
+    cwd: str
+    backend: str = ""
+    alive: bool = False
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+
 @dataclass
 class ManagedSandbox:
     id: str
@@ -66,6 +83,7 @@ class ManagedSandbox:
     hard_deadline: float                    # loop time: creation + max_lifetime
     timer: asyncio.TimerHandle | None = None
     commands: dict[int, CommandRecord] = field(default_factory=dict)
+    contexts: dict[str, CodeContext] = field(default_factory=dict)
 
     @property
     def channel(self) -> Any:
@@ -252,6 +270,88 @@ class Manager:
             raise SandboxUnavailableError("the sandbox's agent answered ps with garbage")
         return [p for p in procs if isinstance(p, dict) and isinstance(p.get("pid"), int)][:10000]
 
+    # ---- code contexts -------------------------------------------------------------------------
+    def _context(self, sb: ManagedSandbox, context_id: str) -> CodeContext:
+        ctx = sb.contexts.get(context_id)
+        if ctx is None:
+            raise SandboxNotFoundError(f"code context {context_id!r} does not exist in sandbox {sb.id}")
+        return ctx
+
+    async def create_context(self, sandbox_id: str, language: str = "python", cwd: str | None = None,
+                             context_id: str | None = None) -> CodeContext:
+        sb = self.get(sandbox_id)
+        if language not in LANGUAGES:
+            raise PolicyError("language", f"unsupported language {language!r}; supported: {', '.join(LANGUAGES)}")
+        ctx = CodeContext(context_id or "ctx-" + secrets.token_hex(6), language, cwd or "/home/user")
+        sb.contexts[ctx.id] = ctx
+        async with ctx.lock:
+            await self._start_context(sb, ctx)
+        return ctx
+
+    async def _start_context(self, sb: ManagedSandbox, ctx: CodeContext) -> None:
+        pending = CellPending(sb.policy.limits.output)
+        sb.channel.start({"op": "ctx_start", "ctx": ctx.id, "language": ctx.language, "cwd": ctx.cwd,
+                          "python": sb.runtime.python, "limit": sb.policy.limits.output,
+                          "timeout": CONTEXT_START_TIMEOUT, "env": {}}, pending)
+        ready = await asyncio.wait_for(asyncio.shield(pending.done), CONTEXT_START_TIMEOUT + 5)
+        if ready.get("ev") == "cell_done":  # it died while starting
+            err = pending.output["stderr"].decode("utf-8", "replace")[-2000:]
+            raise SandboxUnavailableError(f"the {ctx.language} interpreter did not start: {err.strip()}")
+        ctx.backend = str(ready.get("backend", ""))[:40]
+        ctx.alive = True
+
+    async def run_code(self, sandbox_id: str, code: str, *, language: str = "python", context_id: str | None = None,
+                       envs: Mapping[str, str] | None = None, timeout: float | None = None,
+                       on_output: Callable[[str, bytes], None] | None = None,
+                       on_event: Callable[[dict[str, Any]], None] | None = None) -> tuple[dict[str, Any], CellPending]:
+        sb = self.get(sandbox_id)
+        if not isinstance(code, str):
+            raise PolicyError("code", "must be a string")
+        if context_id is None:
+            context_id = f"default-{language}"
+            if context_id not in sb.contexts:
+                await self.create_context(sandbox_id, language, context_id=context_id)
+        ctx = self._context(sb, context_id)
+        limit = self._command_timeout(sb, timeout, background=False)
+        async with ctx.lock:
+            if not ctx.alive:
+                await self._start_context(sb, ctx)
+            pending = CellPending(sb.policy.limits.output, on_output, on_event)
+            sb.channel.start({"op": "ctx_run", "ctx": ctx.id, "code": code, "env": check_envs(envs),
+                              "timeout": limit, "limit": sb.policy.limits.output}, pending)
+            done = await asyncio.wait_for(asyncio.shield(pending.done), (limit or 0) + 10 if limit else None)
+            if done.get("restarted"):
+                ctx.alive = False
+            return done, pending
+
+    async def restart_context(self, sandbox_id: str, context_id: str) -> CodeContext:
+        sb = self.get(sandbox_id)
+        ctx = self._context(sb, context_id)
+        await self._stop_context(sb, ctx)
+        async with ctx.lock:
+            await self._start_context(sb, ctx)
+        return ctx
+
+    async def remove_context(self, sandbox_id: str, context_id: str) -> None:
+        sb = self.get(sandbox_id)
+        ctx = self._context(sb, context_id)
+        await self._stop_context(sb, ctx)
+        del sb.contexts[context_id]
+
+    async def _stop_context(self, sb: ManagedSandbox, ctx: CodeContext) -> None:
+        await sb.channel.call({"op": "ctx_stop", "ctx": ctx.id})
+        async with ctx.lock:  # a running cell ends (killed) before the context is reused
+            ctx.alive = False
+        # the agent forgets the context when it reaps the process; wait for that before a restart
+        for _ in range(200):
+            procs = await sb.channel.call({"op": "ctx_list"})
+            if ctx.id not in procs.get("contexts", []):
+                return
+            await asyncio.sleep(0.01)
+
+    def list_contexts(self, sandbox_id: str) -> builtins.list[CodeContext]:
+        return builtins.list(self.get(sandbox_id).contexts.values())
+
     # ---- files ---------------------------------------------------------------------------------
     async def file_call(self, sandbox_id: str, header: dict[str, Any]) -> dict[str, Any]:
         return await self.get(sandbox_id).channel.call(header)  # type: ignore[no-any-return]
@@ -312,3 +412,5 @@ async def _rechunk(chunks: Any) -> Any:
         while view:
             yield bytes(view[:protocol.CHUNK])
             view = view[protocol.CHUNK:]
+
+

@@ -28,6 +28,8 @@ OUT_HIGH_WATER = 4 << 20        # stop reading command output while this much wa
 STDIN_LIMIT = 8 << 20           # bytes of stdin buffered for one process
 LIST_LIMIT = 10000              # entries returned by one list call
 LIST_BYTES = protocol.MAX_HEADER // 2  # and their approximate encoded size
+CELL_EVENT_LIMIT = 32 << 20     # one result (an image, say) larger than this is dropped
+INTERRUPT_GRACE = 2.0           # seconds a timed-out cell gets to honour KeyboardInterrupt
 POLL_IN = select.POLLIN | select.POLLHUP | select.POLLERR
 
 
@@ -52,6 +54,19 @@ class Proc:
         self.timed_out = False
 
 
+class Context:
+    """A code-interpreter process and the cell it is running (``current``: the request id)."""
+
+    def __init__(self, ctx_id: str, proc: Proc, fd: int) -> None:
+        self.id, self.proc, self.fd = ctx_id, proc, fd
+        self.buf = bytearray()
+        self.dropping = False
+        self.current: int | None = None
+        self.deadline: float | None = None
+        self.interrupted = False
+        self.backend = ""
+
+
 class Agent:
     def __init__(self, fd: int) -> None:
         self.fd = fd
@@ -71,6 +86,8 @@ class Agent:
         self.paused = False
         self.running = True
         self.list_bytes = 0
+        self.contexts: dict = {}               # context id -> Context
+        self.ctx_by_fd: dict = {}              # events fd -> Context
         # SIGCHLD wakes the loop through a pipe; the handler itself does nothing.
         self.sig_r, sig_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         _signal.set_wakeup_fd(sig_w, warn_on_full_buffer=False)
@@ -126,6 +143,8 @@ class Agent:
                     self.read_output(fd)
                 elif fd in self.stdin_fds:
                     self.write_stdin(self.stdin_fds[fd])
+                elif fd in self.ctx_by_fd:
+                    self.read_events(self.ctx_by_fd[fd])
             self.check_deadlines()
             self.pump_reads()
 
@@ -201,14 +220,7 @@ class Agent:
             for fd in (out_w, err_w, in_r):
                 os.close(fd)
         proc.pid = pid
-        for fd, name in ((out_r, "stdout"), (err_r, "stderr")):
-            os.set_blocking(fd, False)
-            proc.fds[fd] = name
-            self.by_fd[fd] = proc
-            if not self.paused:
-                self.poll.register(fd, POLL_IN)
-        os.set_blocking(in_w, False)
-        proc.stdin_fd = in_w
+        self.attach(proc, out_r, err_r, in_w)
         proc.stdin_buf += body
         proc.stdin_eof = not h.get("stdin_open", False)
         timeout = h.get("timeout")
@@ -218,16 +230,29 @@ class Agent:
         self.send({"id": rid, "ev": "started", "pid": pid})
         self.write_stdin(proc)
 
+    def attach(self, proc: Proc, out_r: int, err_r: int, in_w: int) -> None:
+        for fd, name in ((out_r, "stdout"), (err_r, "stderr")):
+            os.set_blocking(fd, False)
+            proc.fds[fd] = name
+            self.by_fd[fd] = proc
+            if not self.paused:
+                self.poll.register(fd, POLL_IN)
+        os.set_blocking(in_w, False)
+        proc.stdin_fd = in_w
+
     @staticmethod
-    def spawn(argv: list, env: dict, cwd: str, stdin: int, stdout: int, stderr: int) -> int:
+    def spawn(argv: list, env: dict, cwd: str, stdin: int, stdout: int, stderr: int, events: int = -1) -> int:
         """posix_spawn (vfork underneath: no copy of the agent's memory) in a new session, with default
-        signal handling. Every descriptor of the agent is close-on-exec, so the child gets only 0-2."""
+        signal handling. Every descriptor of the agent is close-on-exec, so the child gets only 0-2
+        (and 3 for a code-interpreter context's events)."""
+        actions = [(os.POSIX_SPAWN_DUP2, stdin, 0), (os.POSIX_SPAWN_DUP2, stdout, 1), (os.POSIX_SPAWN_DUP2, stderr, 2)]
+        if events >= 0:
+            actions.append((os.POSIX_SPAWN_DUP2, events, 3))
         os.chdir(cwd)  # posix_spawn has no chdir here; the agent is single-threaded, so borrow its cwd
         try:
             pid = os.posix_spawnp(argv[0], argv, env, setsid=True, setsigmask=(),
                                   setsigdef=(_signal.SIGCHLD, _signal.SIGPIPE, _signal.SIGXFSZ, _signal.SIGINT),
-                                  file_actions=[(os.POSIX_SPAWN_DUP2, stdin, 0), (os.POSIX_SPAWN_DUP2, stdout, 1),
-                                                (os.POSIX_SPAWN_DUP2, stderr, 2)])
+                                  file_actions=actions)
         finally:
             os.chdir(HOME)
         try:  # user code, not the agent, is what the OOM killer should pick first
@@ -339,6 +364,9 @@ class Agent:
             if proc is not None:  # anything else was an orphan we inherited as init
                 proc.status = status
                 self.maybe_finish(proc, draining=True)
+            for ctx in list(self.contexts.values()):
+                if ctx.proc.pid == pid:
+                    self.context_died(ctx)
 
     def maybe_finish(self, proc: Proc, draining: bool = False) -> None:
         if proc.status is None:
@@ -372,12 +400,16 @@ class Agent:
 
     def next_timeout(self) -> int:
         deadlines = [p.deadline for p in self.procs.values() if p.deadline and not p.timed_out]
+        deadlines += [c.deadline for c in self.contexts.values() if c.deadline]
         if not deadlines:
             return -1
         return max(0, int((min(deadlines) - _monotonic()) * 1000) + 1)
 
     def check_deadlines(self) -> None:
         now = _monotonic()
+        for ctx in list(self.contexts.values()):
+            if ctx.deadline and now >= ctx.deadline:
+                self.context_timeout(ctx)
         for proc in list(self.procs.values()):
             if proc.deadline and not proc.timed_out and now >= proc.deadline:
                 proc.timed_out = True
@@ -386,6 +418,170 @@ class Agent:
                         kill(proc.pid, _signal.SIGKILL)
                     except ProcessLookupError:
                         pass
+
+    # ---- code-interpreter contexts --------------------------------------------------------------
+    def op_ctx_start(self, rid: int, h: dict, body: bytes) -> None:
+        ctx_id = h["ctx"]
+        if not isinstance(ctx_id, str) or ctx_id in self.contexts:
+            raise ValueError(f"context {ctx_id!r} exists or is not a string")
+        argv = [h["python"], os.path.join(os.path.dirname(os.path.abspath(__file__)), "interpreter.pyc")]
+        env = dict(self.env)
+        env.update(h.get("env") or {})
+        out_r, out_w = os.pipe2(os.O_CLOEXEC)
+        err_r, err_w = os.pipe2(os.O_CLOEXEC)
+        in_r, in_w = os.pipe2(os.O_CLOEXEC)
+        ev_r, ev_w = os.pipe2(os.O_CLOEXEC)
+        try:
+            pid = self.spawn(argv, env, h.get("cwd") or HOME, in_r, out_w, err_w, ev_w)
+        except OSError:
+            for fd in (out_r, err_r, in_w, ev_r):
+                os.close(fd)
+            raise
+        finally:
+            for fd in (out_w, err_w, in_r, ev_w):
+                os.close(fd)
+        proc = Proc(pid, rid, "code interpreter", "context:" + ctx_id, int(h["limit"]))
+        self.attach(proc, out_r, err_r, in_w)
+        os.set_blocking(ev_r, False)
+        ctx = Context(ctx_id, proc, ev_r)
+        ctx.current = rid
+        ctx.deadline = _monotonic() + float(h.get("timeout") or 60)
+        self.contexts[ctx_id] = ctx
+        self.ctx_by_fd[ev_r] = ctx
+        self.poll.register(ev_r, POLL_IN)
+
+    def op_ctx_run(self, rid: int, h: dict, body: bytes) -> None:
+        ctx = self.contexts.get(h["ctx"])
+        if ctx is None:
+            self.error(rid, "ESRCH", f"context {h['ctx']!r} is not running")
+            return
+        if ctx.current is not None:
+            self.error(rid, "EBUSY", f"context {h['ctx']!r} is running another cell")
+            return
+        proc = ctx.proc
+        proc.rid, proc.limit = rid, int(h["limit"])
+        proc.sent = {"stdout": 0, "stderr": 0}
+        proc.truncated = {"stdout": False, "stderr": False}
+        ctx.current, ctx.interrupted = rid, False
+        timeout = h.get("timeout")
+        ctx.deadline = _monotonic() + float(timeout) if timeout else None
+        request = protocol.dumps({"code": h["code"], "env": h.get("env") or {}}) + "\n"
+        proc.stdin_buf += request.encode()
+        self.write_stdin(proc)
+
+    def op_ctx_stop(self, rid: int, h: dict, body: bytes) -> None:
+        ctx = self.contexts.get(h["ctx"])
+        if ctx is not None:
+            for kill in (os.killpg, os.kill):
+                try:
+                    kill(ctx.proc.pid, _signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+        self.send({"id": rid, "ev": "ok"})
+
+    def op_ctx_list(self, rid: int, h: dict, body: bytes) -> None:
+        self.send({"id": rid, "ev": "result", "contexts": sorted(self.contexts)})
+
+    def read_events(self, ctx: Context) -> None:
+        try:
+            data = os.read(ctx.fd, protocol.CHUNK)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self.poll.unregister(ctx.fd)
+            del self.ctx_by_fd[ctx.fd]
+            os.close(ctx.fd)
+            ctx.fd = -1
+            return
+        ctx.buf += data
+        while b"\n" in ctx.buf:
+            line, _, rest = bytes(ctx.buf).partition(b"\n")
+            ctx.buf = bytearray(rest)
+            self.context_event(ctx, line)
+        if len(ctx.buf) > CELL_EVENT_LIMIT:  # one event larger than any result we pass on: drop it
+            ctx.buf.clear()
+            ctx.dropping = True
+
+    def context_event(self, ctx: Context, line: bytes) -> None:
+        if ctx.dropping:  # the tail of an oversized event
+            ctx.dropping = False
+            line = b'{"type":"error","name":"OutputTooLarge","value":"a result exceeded the size limit"}'
+        try:
+            event = protocol.loads(line.decode("utf-8", "replace"))
+        except protocol.FrameError:
+            return
+        if not isinstance(event, dict) or ctx.current is None:
+            return
+        kind = event.get("type")
+        if kind == "ready":
+            ctx.backend = str(event.get("backend"))
+            self.send({"id": ctx.current, "ev": "result", "backend": ctx.backend, "pid": ctx.proc.pid})
+            ctx.current, ctx.deadline = None, None
+        elif kind == "done":
+            self.drain_output(ctx.proc)
+            count = event.get("execution_count")
+            self.send({"id": ctx.current, "ev": "cell_done", "execution_count": count if isinstance(count, int) else 0,
+                       "timed_out": ctx.interrupted, "restarted": False, "truncated": ctx.proc.truncated})
+            ctx.current, ctx.deadline = None, None
+        else:
+            for start in range(0, len(line), protocol.CHUNK):
+                chunk = line[start:start + protocol.CHUNK]
+                self.send({"id": ctx.current, "ev": "cell", "more": start + protocol.CHUNK < len(line)}, chunk)
+
+    def context_timeout(self, ctx: Context) -> None:
+        if ctx.current is None:
+            ctx.deadline = None
+        elif not ctx.interrupted:  # first: interrupt the cell and keep the state
+            ctx.interrupted = True
+            ctx.deadline = _monotonic() + INTERRUPT_GRACE
+            try:
+                os.kill(ctx.proc.pid, _signal.SIGINT)
+            except ProcessLookupError:
+                pass
+        else:  # the interrupt did not work: kill it; the host restarts the context
+            ctx.deadline = None
+            for kill in (os.killpg, os.kill):
+                try:
+                    kill(ctx.proc.pid, _signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+
+    def drain_output(self, proc: Proc) -> None:
+        for fd in list(proc.fds):
+            for _ in range(64):
+                try:
+                    data = os.read(fd, protocol.CHUNK)
+                except (BlockingIOError, OSError):
+                    break
+                if not data:
+                    break
+                self.forward(proc, proc.fds[fd], data)
+
+    def context_died(self, ctx: Context) -> None:
+        self.drain_output(ctx.proc)
+        for fd in list(ctx.proc.fds):
+            self.close_output(fd)
+        if ctx.proc.stdin_fd is not None:
+            if self.stdin_fds.pop(ctx.proc.stdin_fd, None):
+                self.poll.unregister(ctx.proc.stdin_fd)
+            os.close(ctx.proc.stdin_fd)
+        if ctx.fd >= 0:
+            self.poll.unregister(ctx.fd)
+            del self.ctx_by_fd[ctx.fd]
+            os.close(ctx.fd)
+        del self.contexts[ctx.id]
+        if ctx.current is not None:
+            if ctx.interrupted:
+                why = ("TimeoutError", "the cell ignored the interrupt after its timeout; the context was "
+                       "killed and restarts empty on the next call")
+            else:
+                why = ("ContextDied", "the interpreter exited or crashed; the next call starts a fresh context")
+            line = protocol.dumps({"type": "error", "name": why[0], "value": why[1], "traceback": ""})
+            self.send({"id": ctx.current, "ev": "cell", "more": False}, line.encode())
+            self.send({"id": ctx.current, "ev": "cell_done", "execution_count": 0, "timed_out": ctx.interrupted,
+                       "restarted": True, "truncated": ctx.proc.truncated})
 
     # ---- files ---------------------------------------------------------------------------------
     @staticmethod

@@ -14,6 +14,7 @@ class RuntimeSandbox(ABC):
 
     id: str
     channel: AgentChannel
+    python: str  # the interpreter code contexts run on, as a path inside the sandbox
 
     @abstractmethod
     async def stop(self) -> None:

@@ -34,6 +34,8 @@ _SCHEMA: dict[str, dict[str, type | tuple[type, ...]]] = {
     "data": {},
     "end": {},
     "done": {"size": int},
+    "cell": {"more": bool},
+    "cell_done": {"execution_count": int, "timed_out": bool, "restarted": bool, "truncated": dict},
 }
 
 
@@ -48,7 +50,7 @@ def validate(header: Header, body: bytes) -> None:
         value = header.get(name)
         if not isinstance(value, kind) or (isinstance(value, bool) and kind is int):
             raise ProtocolError(f"agent sent {ev!r} with an invalid {name!r}")
-    if body and ev not in ("stdout", "stderr", "data"):
+    if body and ev not in ("stdout", "stderr", "data", "cell"):
         raise ProtocolError(f"agent sent a body with {ev!r}")
 
 
@@ -130,6 +132,54 @@ class CommandPending(Pending):
             self.started.set_exception(exc)
             self.started.exception()
         super().fail(exc)
+
+
+class CellPending(CommandPending):
+    """A code cell (or a context's start): output as for a command, plus the interpreter's events, each
+    a JSON object reassembled from ``cell`` frames. Events are bounded in size and number."""
+
+    MAX_EVENT = 32 << 20
+    MAX_EVENTS = 10000
+
+    def __init__(self, limit: int, on_output: Callable[[str, bytes], None] | None = None,
+                 on_event: Callable[[dict[str, Any]], None] | None = None) -> None:
+        super().__init__(limit, on_output)
+        self.started.set_result(0)  # output may come at once: there is no separate start
+        self.on_event = on_event
+        self.events: list[dict[str, Any]] = []
+        self._partial = bytearray()
+
+    def feed(self, header: Header, body: bytes) -> bool:
+        ev = header["ev"]
+        if ev in ("stdout", "stderr"):
+            return super().feed(header, body)
+        if ev == "cell":
+            if len(self._partial) + len(body) <= self.MAX_EVENT:
+                self._partial += body
+            else:
+                self._partial = bytearray(b"null")  # too large: dropped below
+            if not header["more"]:
+                self._event(bytes(self._partial))
+                self._partial = bytearray()
+            return False
+        if ev in ("cell_done", "result"):
+            if not self.done.done():
+                self.done.set_result(header)
+            return True
+        if ev == "error":
+            self.fail(filesystem_error(header["code"], header["message"][:1000]))
+            return True
+        raise ProtocolError(f"agent sent {ev!r} for a code cell")
+
+    def _event(self, raw: bytes) -> None:
+        try:
+            event = protocol.loads(raw.decode("utf-8", "replace"))
+        except protocol.FrameError:
+            return  # the interpreter is user code: a garbled event is dropped, not a protocol violation
+        if isinstance(event, dict) and isinstance(event.get("type"), str) and len(self.events) < self.MAX_EVENTS:
+            self.events.append(event)
+            if self.on_event:
+                self.on_event(event)
 
 
 class ReadPending(Pending):

@@ -31,7 +31,7 @@ from . import bwrap as bwrap_mod
 from . import cgroups, rootfs, seccomp
 from .uids import UidAllocator, UidLease
 
-AGENT_SOURCES = ("server.py", "protocol.py")
+AGENT_SOURCES = ("server.py", "protocol.py", "interpreter.py")
 START_TIMEOUT = 15.0
 
 
@@ -170,6 +170,7 @@ class JailSandbox(RuntimeSandbox):
         self.runtime = runtime
         self.id = sandbox_id
         self.policy = policy
+        self.python = runtime.image.python
         self.lock: _Lock | None = None
         self.uid: UidLease | None = None
         self.cgroup: cgroups.Cgroup | None = None

@@ -1,0 +1,151 @@
+"""A code-interpreter context: one long-lived Python process inside the sandbox, started by the agent.
+
+Requests arrive as JSON lines on stdin (``{"code": ..., "env": {...}}``); what the code prints goes to
+fds 1 and 2 like any command's output; structured events go as JSON lines to fd 3:
+``ready``, ``result`` (a MIME bundle; ``main`` for the value of the last expression), ``error`` (name,
+value, traceback) and ``done`` (execution count). It runs user code in its own process, so whatever that
+code does to it, the agent only ever reads lines from it and treats them as untrusted.
+
+IPython's InteractiveShell (the execution core of ipykernel) runs the code when the sandbox's python has
+it: display rules, rich reprs, matplotlib figures. Otherwise a standard-library fallback runs it with the
+same last-expression rule and plain-text results.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import os
+import sys
+import traceback
+
+EVENTS_FD = 3
+
+
+def emit(event: dict) -> None:
+    data = (json.dumps(event, default=str) + "\n").encode()
+    view = memoryview(data)
+    while view:
+        view = view[os.write(EVENTS_FD, view):]
+
+
+def jsonable(bundle: dict) -> dict:
+    out = {}
+    for mime, value in bundle.items():
+        if isinstance(value, bytes):  # images arrive as bytes from some formatters
+            import base64
+
+            value = base64.b64encode(value).decode()
+        elif not isinstance(value, (str, dict, list, int, float, bool)) and value is not None:
+            value = str(value)
+        out[mime] = value
+    return out
+
+
+class StdlibBackend:
+    name = "stdlib"
+
+    def __init__(self) -> None:
+        self.namespace: dict = {"__name__": "__main__", "__builtins__": __builtins__}
+        self.count = 0
+
+    def run(self, code: str) -> None:
+        import linecache
+
+        self.count += 1
+        filename = f"<cell-{self.count}>"
+        linecache.cache[filename] = (len(code), None, code.splitlines(True), filename)
+        try:
+            tree = ast.parse(code, filename)
+            last = None
+            if tree.body and isinstance(tree.body[-1], ast.Expr):
+                last = ast.Expression(tree.body.pop().value)
+            exec(compile(tree, filename, "exec"), self.namespace)
+            if last is not None:
+                value = eval(compile(last, filename, "eval"), self.namespace)
+                if value is not None:
+                    self.namespace["_"] = value
+                    emit({"type": "result", "main": True, "data": {"text/plain": repr(value)}})
+        except BaseException as exc:  # noqa: BLE001 - user code may raise anything, KeyboardInterrupt included
+            if isinstance(exc, SystemExit):
+                raise
+            frames = traceback.extract_tb(exc.__traceback__)
+            user = [f for f in frames if f.filename.startswith("<cell-")]
+            lines = ["Traceback (most recent call last):\n", *traceback.format_list(user),
+                     *traceback.format_exception_only(type(exc), exc)]
+            emit({"type": "error", "name": type(exc).__name__, "value": str(exc), "traceback": "".join(lines)})
+
+
+class IPythonBackend:
+    name = "ipython"
+
+    def __init__(self) -> None:
+        from IPython.core.displayhook import DisplayHook
+        from IPython.core.displaypub import DisplayPublisher
+        from IPython.core.interactiveshell import InteractiveShell
+
+        class Publisher(DisplayPublisher):  # display(...) and figures
+            def publish(self, data, metadata=None, source=None, *, transient=None, update=False, **kw):  # noqa
+                emit({"type": "result", "main": False, "data": jsonable(data)})
+
+            def clear_output(self, wait=False):  # noqa
+                pass
+
+        class Hook(DisplayHook):  # the value of the last expression
+            def write_output_prompt(self):  # noqa
+                pass
+
+            def write_format_data(self, format_dict, md_dict=None):  # noqa
+                emit({"type": "result", "main": True, "data": jsonable(format_dict)})
+
+        os.environ.setdefault("MPLBACKEND", "module://matplotlib_inline.backend_inline")
+        self.shell = InteractiveShell.instance(colors="NoColor", display_pub_class=Publisher,
+                                               displayhook_class=Hook)
+        self.shell.showtraceback = self._capture_traceback  # type: ignore[method-assign]
+        self.error: dict | None = None
+
+    def _capture_traceback(self, exc_tuple=None, *args, **kwargs):  # noqa
+        etype, value, tb = exc_tuple or sys.exc_info()
+        try:
+            stb = self.shell.InteractiveTB.structured_traceback(etype, value, tb)
+            text = "\n".join(stb)
+        except Exception:  # noqa: BLE001 - fall back to the plain formatter
+            text = "".join(traceback.format_exception(etype, value, tb))
+        self.error = {"type": "error", "name": getattr(etype, "__name__", str(etype)), "value": str(value),
+                      "traceback": text}
+
+    def run(self, code: str) -> None:
+        self.error = None
+        self.shell.run_cell(code, store_history=True)
+        if self.error:
+            emit(self.error)
+
+    @property
+    def count(self) -> int:
+        return int(self.shell.execution_count) - 1
+
+
+def main() -> None:
+    sys.stdout = open(1, "w", buffering=1, closefd=False, encoding="utf-8", errors="replace")  # noqa: SIM115
+    sys.stderr = open(2, "w", buffering=1, closefd=False, encoding="utf-8", errors="replace")  # noqa: SIM115
+    sys.stdin = open(os.devnull)  # noqa: SIM115 - user code must not read the request channel
+    requests = os.fdopen(0, "r", encoding="utf-8")
+    try:
+        backend: StdlibBackend | IPythonBackend = IPythonBackend()
+    except Exception:  # noqa: BLE001 - not installed, or broken: the fallback still runs code
+        backend = StdlibBackend()
+    emit({"type": "ready", "backend": backend.name, "pid": os.getpid()})
+    for line in requests:
+        request = json.loads(line)
+        os.environ.update(request.get("env") or {})
+        try:
+            backend.run(request["code"])
+        except KeyboardInterrupt:  # arrived between cells
+            emit({"type": "error", "name": "KeyboardInterrupt", "value": "", "traceback": "KeyboardInterrupt"})
+        sys.stdout.flush()
+        sys.stderr.flush()
+        emit({"type": "done", "execution_count": backend.count})
+
+
+if __name__ == "__main__":
+    main()
