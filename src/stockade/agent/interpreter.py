@@ -59,7 +59,7 @@ class StdlibBackend:
             tree = ast.parse(code, filename)
             last = None
             if tree.body and isinstance(tree.body[-1], ast.Expr):
-                last = ast.Expression(tree.body.pop().value)
+                last = ast.Expression(tree.body.pop().value)  # type: ignore[attr-defined]
             exec(compile(tree, filename, "exec"), self.namespace)
             if last is not None:
                 value = eval(compile(last, filename, "eval"), self.namespace)

@@ -7,6 +7,7 @@ thread (sync) or on the caller's loop (async), never on the portal loop.
 from __future__ import annotations
 
 import asyncio
+import builtins
 import codecs
 import queue
 import signal as signal_mod
@@ -17,6 +18,7 @@ from typing import IO, Any, Literal, overload
 from ..agent.protocol import CHUNK
 from ..errors import CommandError, PathNotFoundError, SandboxNotFoundError, TimeoutError
 from ..policy import Policy
+from .code import Context, Execution, ExecutionBuilder, ExecutionError, Result
 from .models import CommandResult, EntryInfo, ProcessInfo, SandboxInfo
 from .portal import portal
 from .transports.base import Transport
@@ -57,6 +59,18 @@ class _Decoders:
 
     def __call__(self, stream: str, data: bytes) -> str:
         return self._d[stream].decode(data)
+
+
+def _context_id(context: Context | str | None) -> str | None:
+    return context.id if isinstance(context, Context) else context
+
+
+async def _then_put(run: Any, events: queue.SimpleQueue[tuple[str, Any]]) -> Any:
+    """Await ``run`` on the portal loop, then tell the waiting thread it is over (result or error)."""
+    try:
+        return await run
+    finally:
+        events.put(("done", None))
 
 
 async def _next_chunk(agen: AsyncGenerator[bytes, None]) -> bytes | None:
@@ -291,6 +305,42 @@ class Sandbox(_SandboxBase):
     def list(cls, *, transport: Transport | None = None) -> list[SandboxInfo]:
         return portal().call(_transport(transport).list())
 
+    def run_code(self, code: str, language: str = "python", context: Context | str | None = None,
+                 envs: Mapping[str, str] | None = None, timeout: float | None = None,
+                 on_stdout: Callback | None = None, on_stderr: Callback | None = None,
+                 on_result: Callable[[Result], Any] | None = None,
+                 on_error: Callable[[ExecutionError], Any] | None = None) -> Execution:
+        """Run a cell in a stateful interpreter (a context; by default one per language) and return its
+        logs, results (the last expression's value, displays, figures) and error. ``timeout`` interrupts
+        the cell and keeps the context; a cell that ignores the interrupt gets its context restarted."""
+        builder = ExecutionBuilder(on_stdout, on_stderr, on_result, on_error)
+        events: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
+        run = self._transport.run_code(
+            self.sandbox_id, code, language=language, context_id=_context_id(context), envs=envs, timeout=timeout,
+            on_output=lambda s, d: events.put((s, d)), on_event=lambda e: events.put(("event", e)))
+        future = asyncio.run_coroutine_threadsafe(_then_put(run, events), portal().loop)
+        try:
+            while True:
+                kind, payload = events.get()
+                if kind == "done":
+                    return builder.finish(future.result())
+                builder.event(payload) if kind == "event" else builder.output(kind, payload)
+        except BaseException:
+            future.cancel()
+            raise
+
+    def create_code_context(self, language: str = "python", cwd: str | None = None) -> Context:
+        return portal().call(self._transport.create_context(self.sandbox_id, language, cwd))
+
+    def list_code_contexts(self) -> builtins.list[Context]:
+        return portal().call(self._transport.list_contexts(self.sandbox_id))
+
+    def restart_code_context(self, context: Context | str) -> Context:
+        return portal().call(self._transport.restart_context(self.sandbox_id, _context_id(context) or ""))
+
+    def remove_code_context(self, context: Context | str) -> None:
+        portal().call(self._transport.remove_context(self.sandbox_id, _context_id(context) or ""))
+
     def info(self) -> SandboxInfo:
         return portal().call(self._transport.info(self.sandbox_id))
 
@@ -475,6 +525,44 @@ class AsyncSandbox(_SandboxBase):
     @classmethod
     async def list(cls, *, transport: Transport | None = None) -> list[SandboxInfo]:
         return await portal().acall(_transport(transport).list())
+
+    async def run_code(self, code: str, language: str = "python", context: Context | str | None = None,
+                       envs: Mapping[str, str] | None = None, timeout: float | None = None,
+                       on_stdout: Callback | None = None, on_stderr: Callback | None = None,
+                       on_result: Callable[[Result], Any] | None = None,
+                       on_error: Callable[[ExecutionError], Any] | None = None) -> Execution:
+        """Same as ``Sandbox.run_code``; callbacks may be coroutine functions."""
+        builder = ExecutionBuilder(on_stdout, on_stderr, on_result, on_error)
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
+
+        def push(kind: str, payload: Any) -> None:
+            loop.call_soon_threadsafe(events.put_nowait, (kind, payload))
+
+        run = self._transport.run_code(
+            self.sandbox_id, code, language=language, context_id=_context_id(context), envs=envs, timeout=timeout,
+            on_output=push, on_event=lambda e: push("event", e))
+        future = asyncio.wrap_future(asyncio.run_coroutine_threadsafe(run, portal().loop))
+        future.add_done_callback(lambda _f: push("done", None))
+        while True:
+            kind, payload = await events.get()
+            if kind == "done":
+                return builder.finish(await future)
+            maybe = builder.event(payload) if kind == "event" else builder.output(kind, payload)
+            if asyncio.iscoroutine(maybe):
+                await maybe
+
+    async def create_code_context(self, language: str = "python", cwd: str | None = None) -> Context:
+        return await portal().acall(self._transport.create_context(self.sandbox_id, language, cwd))
+
+    async def list_code_contexts(self) -> builtins.list[Context]:
+        return await portal().acall(self._transport.list_contexts(self.sandbox_id))
+
+    async def restart_code_context(self, context: Context | str) -> Context:
+        return await portal().acall(self._transport.restart_context(self.sandbox_id, _context_id(context) or ""))
+
+    async def remove_code_context(self, context: Context | str) -> None:
+        await portal().acall(self._transport.remove_context(self.sandbox_id, _context_id(context) or ""))
 
     async def info(self) -> SandboxInfo:
         return await portal().acall(self._transport.info(self.sandbox_id))

@@ -7,14 +7,14 @@ from abc import ABC, abstractmethod
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping
 from typing import Any
 
+from ...manager import Argv
 from ...policy import Policy
+from ..code import Context
 from ..models import CommandResult, ProcessInfo, SandboxInfo
 
 OutputSink = Callable[[str, bytes], None]
+EventSink = Callable[[dict[str, Any]], None]
 
-
-
-Argv = list[str]  # spelled once here: a method named `list` shadows the builtin in class bodies
 
 class Transport(ABC):
     @abstractmethod
@@ -67,6 +67,25 @@ class Transport(ABC):
     @abstractmethod
     async def file_op(self, sandbox_id: str, op: str, **args: Any) -> dict[str, Any]:
         """stat, list, mkdir, remove, rename: the agent's answer header."""
+
+    @abstractmethod
+    async def create_context(self, sandbox_id: str, language: str, cwd: str | None) -> Context: ...
+
+    @abstractmethod
+    async def list_contexts(self, sandbox_id: str) -> builtins.list[Context]: ...
+
+    @abstractmethod
+    async def restart_context(self, sandbox_id: str, context_id: str) -> Context: ...
+
+    @abstractmethod
+    async def remove_context(self, sandbox_id: str, context_id: str) -> None: ...
+
+    @abstractmethod
+    async def run_code(self, sandbox_id: str, code: str, *, language: str, context_id: str | None,
+                       envs: Mapping[str, str] | None, timeout: float | None, on_output: OutputSink,
+                       on_event: EventSink) -> dict[str, Any]:
+        """Run a cell; output and interpreter events stream to the sinks; returns the completion
+        (execution_count, timed_out, truncated)."""
 
     @abstractmethod
     async def close(self) -> None:

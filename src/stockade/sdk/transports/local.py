@@ -10,12 +10,12 @@ from datetime import datetime
 from typing import Any
 
 from ...errors import SandboxUnavailableError
-from ...manager import CommandRecord, ManagedSandbox, Manager
+from ...manager import Argv, CodeContext, CommandRecord, ManagedSandbox, Manager
 from ...policy import Policy
+from ..code import Context
 from ..models import CommandResult, ProcessInfo, SandboxInfo
-from .base import OutputSink, Transport
+from .base import EventSink, OutputSink, Transport
 
-Argv = list[str]  # spelled once here: a method named `list` shadows the builtin in class bodies
 
 class LocalTransport(Transport):
     def __init__(self) -> None:
@@ -117,6 +117,30 @@ class LocalTransport(Transport):
 
     async def file_op(self, sandbox_id: str, op: str, **args: Any) -> dict[str, Any]:
         return await (await self.manager()).file_call(sandbox_id, {"op": op, **args})
+
+    @staticmethod
+    def _context(ctx: CodeContext) -> Context:
+        return Context(ctx.id, ctx.language, ctx.cwd, ctx.backend)
+
+    async def create_context(self, sandbox_id: str, language: str, cwd: str | None) -> Context:
+        return self._context(await (await self.manager()).create_context(sandbox_id, language, cwd))
+
+    async def list_contexts(self, sandbox_id: str) -> builtins.list[Context]:
+        return [self._context(c) for c in (await self.manager()).list_contexts(sandbox_id)]
+
+    async def restart_context(self, sandbox_id: str, context_id: str) -> Context:
+        return self._context(await (await self.manager()).restart_context(sandbox_id, context_id))
+
+    async def remove_context(self, sandbox_id: str, context_id: str) -> None:
+        await (await self.manager()).remove_context(sandbox_id, context_id)
+
+    async def run_code(self, sandbox_id: str, code: str, *, language: str, context_id: str | None,
+                       envs: Mapping[str, str] | None, timeout: float | None, on_output: OutputSink,
+                       on_event: EventSink) -> dict[str, Any]:
+        done, _ = await (await self.manager()).run_code(sandbox_id, code, language=language, context_id=context_id,
+                                                         envs=envs, timeout=timeout, on_output=on_output,
+                                                         on_event=on_event)
+        return done
 
     async def close(self) -> None:
         if self._manager is not None:
