@@ -15,6 +15,9 @@ app = typer.Typer(help="Run untrusted, AI-written code in a throw-away sandbox o
                   no_args_is_help=True, add_completion=False)
 policy_app = typer.Typer(help="Inspect policies.", no_args_is_help=True)
 app.add_typer(policy_app, name="policy")
+env_app = typer.Typer(help="The Python environment every sandbox gets (for the code interpreter).",
+                      no_args_is_help=True)
+app.add_typer(env_app, name="env")
 
 EXIT_TIMEOUT = 124
 
@@ -99,6 +102,28 @@ def doctor() -> None:
     typer.echo(verdict(checks))
     if any(not c.ok and c.required for c in checks):
         raise typer.Exit(1)
+
+
+@env_app.command("build")
+def env_build(packages: list[str] = typer.Argument(None, help="Extra packages to install.")) -> None:
+    """Build (or update) the sandbox environment: IPython, matplotlib, numpy, pandas, plus PACKAGES."""
+    from .environment import DEFAULT_PACKAGES, build
+
+    try:
+        path = build(packages=DEFAULT_PACKAGES + tuple(packages or ()))
+    except StockadeError as exc:
+        raise _fail(exc) from None
+    typer.echo(f"sandbox environment ready: {path} (mounted read-only at /opt/stockade/env)")
+
+
+@env_app.command("show")
+def env_show() -> None:
+    """Where the sandbox environment is and whether it is built."""
+    from .config import HostConfig
+    from .environment import is_built
+
+    path = HostConfig.from_env().sandbox_env
+    typer.echo(f"{path}: {'built' if is_built(path) else 'not built (run `stockade env build`)'}")
 
 
 @policy_app.command("show")

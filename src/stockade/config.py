@@ -19,6 +19,8 @@ class HostConfig:
     bwrap: str | None
     python: str | None
     cgroup_parent: str
+    data_dir: Path          # what outlives sandboxes and reboots: the sandbox environment, artifacts
+    sandbox_env: Path       # the Python environment mounted read-only into every sandbox (if built)
 
     @classmethod
     def from_env(cls) -> HostConfig:
@@ -33,9 +35,17 @@ class HostConfig:
                 state = Path(runtime) / "stockade"
             else:
                 state = Path(f"/tmp/stockade-{os.geteuid()}")
+        if "STOCKADE_DATA_DIR" in env:
+            data = Path(env["STOCKADE_DATA_DIR"])
+        elif os.geteuid() == 0:
+            data = Path("/var/lib/stockade")
+        else:
+            data = Path(env.get("XDG_DATA_HOME") or Path.home() / ".local/share") / "stockade"
+        sandbox_env = Path(env["STOCKADE_SANDBOX_ENV"]) if env.get("STOCKADE_SANDBOX_ENV") else data / "envs/default"
         return cls(state_dir=state, uid_range=_uid_range(env.get("STOCKADE_UID_RANGE")),
                    bwrap=env.get("STOCKADE_BWRAP") or None, python=env.get("STOCKADE_PYTHON") or None,
-                   cgroup_parent=env.get("STOCKADE_CGROUP_PARENT", "stockade"))
+                   cgroup_parent=env.get("STOCKADE_CGROUP_PARENT", "stockade"), data_dir=data,
+                   sandbox_env=sandbox_env)
 
 
 def _uid_range(text: str | None) -> tuple[int, int]:

@@ -109,7 +109,13 @@ def run_checks(config: HostConfig | None = None) -> list[Check]:
     checks.append(check_seccomp())
     checks += check_cgroups(config)
     checks.append(check_privilege(config))
+    from .environment import is_built
     from .runtime.jail import rootfs
+
+    env_ok = is_built(config.sandbox_env)
+    state = "is built" if env_ok else "is not built: run_code falls back to plain-text results"
+    checks.append(Check("sandbox environment", env_ok, f"{config.sandbox_env} {state}", "stockade env build",
+                        required=False))
 
     try:
         img = rootfs.system_image(config.python)

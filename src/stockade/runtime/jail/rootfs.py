@@ -25,7 +25,7 @@ TOP_LINKS = ("bin", "sbin", "lib", "lib32", "lib64", "libx32")
 # Host /etc entries a program needs to start (dynamic loader, alternatives, certificates, time zone).
 ETC_ALLOW = ("ld.so.cache", "ld.so.conf", "ld.so.conf.d", "alternatives", "localtime", "ssl/certs",
              "ca-certificates", "mime.types", "protocols", "services", "nsswitch.conf", "shells",
-             "python3", f"python3.{sys.version_info.minor}", "inputrc", "terminfo")
+             "python3", f"python3.{sys.version_info.minor}", "inputrc", "terminfo", "fonts")
 
 PASSWD = (f"root:x:0:0:root:/nonexistent:/usr/sbin/nologin\n"
           f"user:x:{SANDBOX_UID}:{SANDBOX_GID}:sandbox user:{HOME}:/bin/sh\n"
@@ -96,8 +96,9 @@ def generated_files() -> dict[str, str]:
             "/etc/resolv.conf": RESOLV_CONF}
 
 
-def sandbox_env(extra: dict[str, str]) -> dict[str, str]:
-    env = {"PATH": "/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin", "HOME": HOME, "USER": "user",
+def sandbox_env(extra: dict[str, str], env_bin: str | None = None) -> dict[str, str]:
+    path = "/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin"
+    env = {"PATH": f"{env_bin}:{path}" if env_bin else path, "HOME": HOME, "USER": "user",
            "LOGNAME": "user", "SHELL": "/bin/sh", "LANG": "C.UTF-8", "TERM": "dumb", "TMPDIR": "/tmp",
            "PYTHONUNBUFFERED": "1"}
     env.update(extra)

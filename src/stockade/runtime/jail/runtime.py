@@ -21,6 +21,7 @@ from collections.abc import Mapping
 from functools import cache
 from pathlib import Path
 
+from ... import environment
 from ...agent import protocol
 from ...config import HostConfig
 from ...errors import PolicyError, SandboxUnavailableError
@@ -126,6 +127,10 @@ class JailRuntime(Runtime):
         self.agent_files = compiled_agent(self.image.python_host, self.config.state_dir)
         self.cgroups = cgroups.detect(self.config.cgroup_parent)
         self.uids = UidAllocator(self.config.state_dir, self.config.uid_range) if self.privileged else None
+        self.sandbox_env = self.config.sandbox_env if environment.is_built(self.config.sandbox_env) else None
+        if self.sandbox_env and self.privileged and not bwrap_mod.reachable_by_anyone(str(self.sandbox_env), False):
+            raise SandboxUnavailableError(f"the sandbox environment {self.sandbox_env} is not reachable by "
+                                          "unprivileged uids", "fix: chmod o+x the directories above it")
 
     async def sweep_stale(self) -> list[str]:
         """Remove the cgroups of sandboxes whose stockade process died without tearing them down
@@ -170,7 +175,7 @@ class JailSandbox(RuntimeSandbox):
         self.runtime = runtime
         self.id = sandbox_id
         self.policy = policy
-        self.python = runtime.image.python
+        self.python = f"{environment.MOUNT}/bin/python3" if runtime.sandbox_env else runtime.image.python
         self.lock: _Lock | None = None
         self.uid: UidLease | None = None
         self.cgroup: cgroups.Cgroup | None = None
@@ -234,7 +239,7 @@ class JailSandbox(RuntimeSandbox):
         reader, writer = await asyncio.open_unix_connection(sock=host_sock)
         self.channel = AgentChannel(reader, writer)
         try:
-            env = rootfs.sandbox_env(dict(envs))
+            env = rootfs.sandbox_env(dict(envs), f"{environment.MOUNT}/bin" if rt.sandbox_env else None)
             # The agent lowers its own rlimits before it runs anything (lowering needs no privilege,
             # and the same agent does it in every runtime); every process it starts inherits them.
             rlimits = {"nofile": lim.open_files, "fsize": lim.file_size, "core": 0}
@@ -263,6 +268,8 @@ class JailSandbox(RuntimeSandbox):
             fd = os.open(rt.image.python_prefix_fd_source, os.O_PATH | os.O_DIRECTORY)
             fds.append(fd)
             argv += ["--ro-bind-fd", str(fd), rootfs.PYTHON_MOUNT]
+        if rt.sandbox_env:
+            argv += ["--ro-bind", str(rt.sandbox_env), environment.MOUNT]
         argv += ["--proc", "/proc", "--dev", "/dev",
                  "--size", str(fs.tmp_size), "--perms", "1777", "--tmpfs", "/dev/shm",
                  "--size", str(fs.tmp_size), "--perms", "1777", "--tmpfs", "/tmp",
@@ -312,6 +319,9 @@ class JailSandbox(RuntimeSandbox):
             "cgroup_version": rt.cgroups.version,
             "controls": {c: c in rt.cgroups.parents for c in cgroups.CONTROLLERS},
             "seccomp": True,
+            "python_env": environment.MOUNT if rt.sandbox_env else None,
+            # what run_code uses: IPython from the sandbox environment, else the stdlib fallback
+            "code_interpreter": "ipython" if rt.sandbox_env else "stdlib",
             "agent_host_pid": self.agent_host_pid,
             "namespaces": dict(self.namespaces),
         }
