@@ -54,7 +54,7 @@ class CommandRecord:
     background: bool
 
 
-LANGUAGES = ("python",)
+LANGUAGES = ("python", "bash", "javascript")
 CONTEXT_START_TIMEOUT = 60.0
 
 
@@ -293,7 +293,11 @@ class Manager:
         sb.channel.start({"op": "ctx_start", "ctx": ctx.id, "language": ctx.language, "cwd": ctx.cwd,
                           "python": sb.runtime.python, "limit": sb.policy.limits.output,
                           "timeout": CONTEXT_START_TIMEOUT, "env": {}}, pending)
-        ready = await asyncio.wait_for(asyncio.shield(pending.done), CONTEXT_START_TIMEOUT + 5)
+        try:
+            ready = await asyncio.wait_for(asyncio.shield(pending.done), CONTEXT_START_TIMEOUT + 5)
+        except FilesystemError as exc:
+            hint = " (javascript contexts need node under /usr on the host)" if ctx.language == "javascript" else ""
+            raise SandboxUnavailableError(f"cannot start a {ctx.language} context: {exc}{hint}") from None
         if ready.get("ev") == "cell_done":  # it died while starting
             err = pending.output["stderr"].decode("utf-8", "replace")[-2000:]
             raise SandboxUnavailableError(f"the {ctx.language} interpreter did not start: {err.strip()}")

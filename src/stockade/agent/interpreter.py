@@ -76,6 +76,52 @@ class StdlibBackend:
             emit({"type": "error", "name": type(exc).__name__, "value": str(exc), "traceback": "".join(lines)})
 
 
+class BashBackend:
+    """One bash process per context; each cell is sourced into it, so variables, functions and the
+    working directory persist. An interrupt stops the cell (``return 130``) and keeps the shell."""
+
+    name = "bash"
+
+    def __init__(self) -> None:
+        import subprocess
+
+        self.status_r, status_w = os.pipe()
+        self.status_fd = status_w
+        self.shell = subprocess.Popen(["bash", "--noprofile", "--norc"], stdin=subprocess.PIPE, pass_fds=(status_w,),
+                                      start_new_session=True)
+        os.close(status_w)
+        self.status = os.fdopen(self.status_r, "r")
+        self.count = 0
+        self.run("trap 'return 130' INT", quiet=True)
+        self.count = 0
+
+    def run(self, code: str, quiet: bool = False) -> None:
+        import signal
+        import tempfile
+
+        self.count += 1
+        with tempfile.NamedTemporaryFile("w", prefix=".stockade-cell-", suffix=".sh", delete=False) as f:
+            f.write(code + "\n")
+        try:
+            assert self.shell.stdin is not None
+            self.shell.stdin.write(f". {f.name}; printf '%s\\n' $? >&{self.status_fd}\n".encode())
+            self.shell.stdin.flush()
+            while True:
+                try:
+                    line = self.status.readline()
+                    break
+                except KeyboardInterrupt:
+                    os.killpg(self.shell.pid, signal.SIGINT)
+        finally:
+            os.unlink(f.name)
+        if not line:  # the shell exited (`exit` in a cell): so does this context
+            raise SystemExit(0)
+        status = int(line.strip() or 1)
+        if status and not quiet:
+            name = "KeyboardInterrupt" if status == 130 else "ExitCode"
+            emit({"type": "error", "name": name, "value": f"exit status {status}", "traceback": ""})
+
+
 class IPythonBackend:
     name = "ipython"
 
@@ -102,6 +148,8 @@ class IPythonBackend:
         self.shell = InteractiveShell.instance(colors="NoColor", display_pub_class=Publisher,
                                                displayhook_class=Hook)
         self.shell.showtraceback = self._capture_traceback  # type: ignore[method-assign]
+        self.shell.showsyntaxerror = lambda *a, **k: self._capture_traceback()  # type: ignore[method-assign]
+        self.shell.showindentationerror = lambda *a, **k: self._capture_traceback()  # type: ignore[method-assign]
         self.error: dict | None = None
 
     def _capture_traceback(self, exc_tuple=None, *args, **kwargs):  # noqa
@@ -130,10 +178,14 @@ def main() -> None:
     sys.stderr = open(2, "w", buffering=1, closefd=False, encoding="utf-8", errors="replace")  # noqa: SIM115
     sys.stdin = open(os.devnull)  # noqa: SIM115 - user code must not read the request channel
     requests = os.fdopen(0, "r", encoding="utf-8")
-    try:
-        backend: StdlibBackend | IPythonBackend = IPythonBackend()
-    except Exception:  # noqa: BLE001 - not installed, or broken: the fallback still runs code
-        backend = StdlibBackend()
+    backend: StdlibBackend | IPythonBackend | BashBackend
+    if sys.argv[1:] == ["--bash"]:
+        backend = BashBackend()
+    else:
+        try:
+            backend = IPythonBackend()
+        except Exception:  # noqa: BLE001 - not installed, or broken: the fallback still runs code
+            backend = StdlibBackend()
     emit({"type": "ready", "backend": backend.name, "pid": os.getpid()})
     for line in requests:
         request = json.loads(line)

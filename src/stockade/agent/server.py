@@ -424,7 +424,12 @@ class Agent:
         ctx_id = h["ctx"]
         if not isinstance(ctx_id, str) or ctx_id in self.contexts:
             raise ValueError(f"context {ctx_id!r} exists or is not a string")
-        argv = [h["python"], os.path.join(os.path.dirname(os.path.abspath(__file__)), "interpreter.pyc")]
+        here = os.path.dirname(os.path.abspath(__file__))
+        language = h["language"]
+        if language == "javascript":
+            argv = ["node", os.path.join(here, "interpreter.js")]
+        else:
+            argv = [h["python"], os.path.join(here, "interpreter.pyc")] + (["--bash"] if language == "bash" else [])
         env = dict(self.env)
         env.update(h.get("env") or {})
         out_r, out_w = os.pipe2(os.O_CLOEXEC)

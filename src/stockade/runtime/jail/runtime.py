@@ -33,6 +33,7 @@ from . import cgroups, rootfs, seccomp
 from .uids import UidAllocator, UidLease
 
 AGENT_SOURCES = ("server.py", "protocol.py", "interpreter.py")
+AGENT_FILES = ("interpreter.js",)  # shipped as they are
 START_TIMEOUT = 15.0
 
 
@@ -75,7 +76,9 @@ def compiled_agent(python_host: str, state_dir: Path) -> dict[str, bytes]:
             for p in tmp.iterdir():
                 p.unlink()
             tmp.rmdir()
-    return {name: path.read_bytes() for name, path in pycs.items()}
+    files = {name: path.read_bytes() for name, path in pycs.items()}
+    files.update({name: (agent_dir / name).read_bytes() for name in AGENT_FILES})
+    return files
 
 
 class _Lock:
