@@ -161,3 +161,12 @@ def test_async_sandbox_mirrors_the_sync_api():
         assert not await sb.is_running()
 
     asyncio.run(main())
+
+
+def test_argv_commands_are_looked_up_in_the_commands_path(sandbox: Sandbox):
+    sandbox.files.write("bin/hello", "#!/bin/sh\necho from-my-path\n")
+    sandbox.commands.run("chmod +x bin/hello")
+    r = sandbox.commands.run(["hello"], envs={"PATH": "/home/user/bin:/usr/bin:/bin"})
+    assert r.stdout == "from-my-path\n"
+    assert sandbox.commands.run(["hello"]).exit_code == 127
+    assert sandbox.commands.run(["which", "save-artifact"]).stdout == "/opt/stockade/bin/save-artifact\n"

@@ -1,5 +1,6 @@
 """stockade: run untrusted, AI-written code in throw-away sandboxes on your own machine."""
 
+from .artifacts import ArtifactError, ArtifactInfo
 from .errors import (
     CommandError,
     FilesystemError,
@@ -13,12 +14,19 @@ from .errors import (
 )
 from .policy import Policy
 from .sdk import (
+    Artifacts,
+    AsyncArtifacts,
     AsyncCommandHandle,
     AsyncSandbox,
     CommandHandle,
     CommandResult,
+    Context,
     EntryInfo,
+    Execution,
+    ExecutionError,
+    Logs,
     ProcessInfo,
+    Result,
     Sandbox,
     SandboxInfo,
 )
@@ -26,7 +34,9 @@ from .sdk import (
 __version__ = "0.1.0"
 
 __all__ = [
-    "AsyncCommandHandle", "AsyncSandbox", "CommandError", "CommandHandle", "CommandResult", "EntryInfo",
+    "ArtifactError", "ArtifactInfo", "Artifacts", "AsyncArtifacts", "Context", "Execution", "ExecutionError",
+    "Logs", "Result", "AsyncCommandHandle", "AsyncSandbox", "CommandError", "CommandHandle", "CommandResult",
+    "EntryInfo",
     "FilesystemError", "PathNotFoundError", "Policy", "PolicyError", "ProcessInfo", "ProtocolError", "Sandbox",
     "SandboxInfo", "SandboxNotFoundError", "SandboxUnavailableError", "StockadeError", "TimeoutError",
 ]

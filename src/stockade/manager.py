@@ -18,10 +18,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .agent import protocol
-from .errors import FilesystemError, PolicyError, SandboxNotFoundError, SandboxUnavailableError
+from .artifacts import ArtifactError, ArtifactStore, ArtifactWriter
+from .errors import FilesystemError, PolicyError, ProtocolError, SandboxNotFoundError, SandboxUnavailableError
 from .policy import Policy, format_duration
 from .runtime.base import Runtime, RuntimeSandbox
-from .runtime.channel import CellPending, CommandPending, ReadPending
+from .runtime.channel import CellPending, CommandPending, ReadPending, StreamPending
 
 TOMBSTONES = 1024
 ENV_NAME_OK = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_")
@@ -84,6 +85,7 @@ class ManagedSandbox:
     timer: asyncio.TimerHandle | None = None
     commands: dict[int, CommandRecord] = field(default_factory=dict)
     contexts: dict[str, CodeContext] = field(default_factory=dict)
+    uploads: dict[int, ArtifactWriter | ArtifactError] = field(default_factory=dict)  # artifacts arriving
 
     @property
     def channel(self) -> Any:
@@ -91,8 +93,9 @@ class ManagedSandbox:
 
 
 class Manager:
-    def __init__(self, runtime: Runtime) -> None:
+    def __init__(self, runtime: Runtime, artifacts: ArtifactStore) -> None:
         self.runtime = runtime
+        self.artifacts = artifacts
         self.sandboxes: dict[str, ManagedSandbox] = {}
         self.tombstones: OrderedDict[str, str] = OrderedDict()
         self.loop = asyncio.get_running_loop()
@@ -115,6 +118,7 @@ class Manager:
                             now + policy.lifetime.max_lifetime)
         self.sandboxes[sandbox_id] = sb
         rt.channel.on_close = lambda reason: self._on_channel_closed(sb, reason)
+        rt.channel.start({"op": "artifacts"}, StreamPending(lambda h, b: self._artifact_frame(sb, h, b), ("artifact",)))
         if rt.channel.closed:  # died between its ready and here
             await self._on_channel_closed(sb, None)
         self._arm(sb)
@@ -167,6 +171,10 @@ class Manager:
             self.tombstones.popitem(last=False)
         if sb.timer is not None:
             sb.timer.cancel()
+        for upload in sb.uploads.values():  # half-received artifacts leave no trace
+            if isinstance(upload, ArtifactWriter):
+                upload.abort()
+        sb.uploads.clear()
         await sb.runtime.stop()
 
     async def _on_channel_closed(self, sb: ManagedSandbox, reason: BaseException | None) -> None:
@@ -269,6 +277,40 @@ class Manager:
         if not isinstance(procs, list):
             raise SandboxUnavailableError("the sandbox's agent answered ps with garbage")
         return [p for p in procs if isinstance(p, dict) and isinstance(p.get("pid"), int)][:10000]
+
+    # ---- artifacts -----------------------------------------------------------------------------
+    MAX_UPLOADS = 16
+
+    def _artifact_frame(self, sb: ManagedSandbox, header: dict[str, Any], body: bytes) -> None:
+        """One frame of an artifact a process in the sandbox is saving. The bytes go to the store as they
+        arrive; the last frame gets an answer the saving process sees."""
+        aid = header["aid"]
+        if "name" in header:
+            if aid in sb.uploads or len(sb.uploads) >= self.MAX_UPLOADS:
+                raise ProtocolError("agent opened an artifact it already has, or too many at once")
+            try:
+                sb.uploads[aid] = self.artifacts.begin(sb.id, header["name"], str(header.get("cmd", "")),
+                                                       sb.policy.artifacts)
+            except ArtifactError as exc:
+                sb.uploads[aid] = exc
+        upload = sb.uploads.get(aid)
+        if upload is None:
+            raise ProtocolError("agent sent data for an artifact it never opened")
+        if isinstance(upload, ArtifactWriter):
+            upload.write(body)
+        if header["more"]:
+            return
+        del sb.uploads[aid]
+        answer: dict[str, Any] = {"op": "artifact_ack", "aid": aid, "ok": False}
+        try:
+            if isinstance(upload, ArtifactError):
+                raise upload
+            info = upload.commit()
+            answer.update(ok=True, size=info.size, sha256=info.sha256)
+        except ArtifactError as exc:
+            answer["message"] = str(exc)
+        if not sb.channel.closed:
+            sb.channel.send(answer)
 
     # ---- code contexts -------------------------------------------------------------------------
     def _context(self, sb: ManagedSandbox, context_id: str) -> CodeContext:

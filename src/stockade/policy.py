@@ -65,7 +65,7 @@ def format_size(n: int) -> str:
 
 
 def format_duration(s: float) -> str:
-    for unit, factor in (("h", 3600), ("m", 60)):
+    for unit, factor in (("d", 86400), ("h", 3600), ("m", 60)):
         if s >= factor and s % factor == 0:
             return f"{int(s // factor)}{unit}"
     return f"{s:g}s"
@@ -156,6 +156,15 @@ class LifetimePolicy(_Section):
     max_lifetime: PositiveDuration = 3600.0
 
 
+class ArtifactsPolicy(_Section):
+    """What a sandbox may hand to the host through save-artifact. Artifacts outlive the sandbox."""
+
+    count: Annotated[int, Field(ge=0, le=100_000)] = 100
+    max_size: PositiveSize = 64 << 20          # bytes per artifact
+    total_size: PositiveSize = 256 << 20       # bytes for all of one sandbox's artifacts
+    retention: PositiveDuration = 7 * 86400.0  # how long the host keeps them after they are saved
+
+
 Control = Literal["memory", "pids", "cpu"]
 
 
@@ -166,6 +175,7 @@ class Policy(_Section):
     filesystem: FilesystemPolicy = FilesystemPolicy()
     limits: LimitsPolicy = LimitsPolicy()
     lifetime: LifetimePolicy = LifetimePolicy()
+    artifacts: ArtifactsPolicy = ArtifactsPolicy()
     # Controls the policy accepts running without when the host cannot apply them (e.g. no cgroups
     # for an unprivileged user). Empty by default: a missing control is an error.
     allow_missing_controls: list[Control] = []
@@ -231,6 +241,10 @@ class Policy(_Section):
         lim["command_timeout"] = format_duration(lim["command_timeout"])
         for key in ("timeout", "max_lifetime"):
             life[key] = format_duration(life[key])
+        art = d["artifacts"]
+        for key in ("max_size", "total_size"):
+            art[key] = format_size(art[key])
+        art["retention"] = format_duration(art["retention"])
         return d
 
 

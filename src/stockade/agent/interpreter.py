@@ -186,6 +186,15 @@ def main() -> None:
             backend = IPythonBackend()
         except Exception:  # noqa: BLE001 - not installed, or broken: the fallback still runs code
             backend = StdlibBackend()
+    try:  # save_artifact(name, data_or_figure) in every Python context (stockade_artifacts is on PYTHONPATH)
+        from stockade_artifacts import save as save_artifact
+
+        if isinstance(backend, IPythonBackend):
+            backend.shell.push({"save_artifact": save_artifact}, interactive=False)
+        elif isinstance(backend, StdlibBackend):
+            backend.namespace["save_artifact"] = save_artifact
+    except ImportError:
+        pass
     emit({"type": "ready", "backend": backend.name, "pid": os.getpid()})
     for line in requests:
         request = json.loads(line)

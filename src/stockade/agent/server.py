@@ -28,6 +28,8 @@ OUT_HIGH_WATER = 4 << 20        # stop reading command output while this much wa
 STDIN_LIMIT = 8 << 20           # bytes of stdin buffered for one process
 LIST_LIMIT = 10000              # entries returned by one list call
 LIST_BYTES = protocol.MAX_HEADER // 2  # and their approximate encoded size
+ARTIFACT_ADDRESS = b"\0stockade-agent"  # abstract: private to the sandbox's network namespace
+MAX_ARTIFACT_CONNS = 16
 CELL_EVENT_LIMIT = 32 << 20     # one result (an image, say) larger than this is dropped
 INTERRUPT_GRACE = 2.0           # seconds a timed-out cell gets to honour KeyboardInterrupt
 POLL_IN = select.POLLIN | select.POLLHUP | select.POLLERR
@@ -87,6 +89,10 @@ class Agent:
         self.running = True
         self.list_bytes = 0
         self.contexts: dict = {}               # context id -> Context
+        self.listener = None                   # the artifact socket, once the host opens artifacts
+        self.artifact_rid = 0
+        self.art_conns: dict = {}              # fd -> an artifact being received from a process
+        self.next_aid = 0
         self.ctx_by_fd: dict = {}              # events fd -> Context
         # SIGCHLD wakes the loop through a pipe; the handler itself does nothing.
         self.sig_r, sig_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -114,7 +120,8 @@ class Agent:
         paused = len(self.out) > OUT_HIGH_WATER
         if paused != self.paused:
             self.paused = paused
-            for pfd in self.by_fd:
+            readers = list(self.by_fd) + [fd for fd, c in self.art_conns.items() if not c.get("done")]
+            for pfd in readers:
                 if paused:
                     self.poll.unregister(pfd)
                 else:
@@ -145,6 +152,10 @@ class Agent:
                     self.write_stdin(self.stdin_fds[fd])
                 elif fd in self.ctx_by_fd:
                     self.read_events(self.ctx_by_fd[fd])
+                elif fd in self.art_conns:
+                    self.read_artifact(fd)
+                elif self.listener is not None and fd == self.listener.fileno():
+                    self.accept_artifact()
             self.check_deadlines()
             self.pump_reads()
 
@@ -248,9 +259,10 @@ class Agent:
         actions = [(os.POSIX_SPAWN_DUP2, stdin, 0), (os.POSIX_SPAWN_DUP2, stdout, 1), (os.POSIX_SPAWN_DUP2, stderr, 2)]
         if events >= 0:
             actions.append((os.POSIX_SPAWN_DUP2, events, 3))
+        program = _which(argv[0], env.get("PATH", ""))
         os.chdir(cwd)  # posix_spawn has no chdir here; the agent is single-threaded, so borrow its cwd
         try:
-            pid = os.posix_spawnp(argv[0], argv, env, setsid=True, setsigmask=(),
+            pid = os.posix_spawn(program, argv, env, setsid=True, setsigmask=(),
                                   setsigdef=(_signal.SIGCHLD, _signal.SIGPIPE, _signal.SIGXFSZ, _signal.SIGINT),
                                   file_actions=actions)
         finally:
@@ -588,6 +600,95 @@ class Agent:
             self.send({"id": ctx.current, "ev": "cell_done", "execution_count": 0, "timed_out": ctx.interrupted,
                        "restarted": True, "truncated": ctx.proc.truncated})
 
+    # ---- artifacts -------------------------------------------------------------------------------
+    def op_artifacts(self, rid: int, h: dict, body: bytes) -> None:
+        """The host opens the artifact stream: listen on the sandbox-private abstract socket."""
+        import _socket
+
+        if self.listener is not None:
+            raise ValueError("artifacts are already open")
+        sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
+        sock.bind(ARTIFACT_ADDRESS)
+        sock.listen(16)
+        sock.setblocking(False)
+        self.listener, self.artifact_rid = sock, rid  # type: ignore[assignment]
+        self.poll.register(sock.fileno(), select.POLLIN)
+
+    def accept_artifact(self) -> None:
+        import _socket
+
+        try:
+            fd, _ = self.listener._accept()  # type: ignore[attr-defined]
+        except (BlockingIOError, InterruptedError):
+            return
+        if len(self.art_conns) >= MAX_ARTIFACT_CONNS:
+            os.close(fd)
+            return
+        conn = _socket.socket(fileno=fd)
+        conn.setblocking(False)
+        try:  # who is saving: the peer's command line, for the record
+            creds = conn.getsockopt(_socket.SOL_SOCKET, _socket.SO_PEERCRED, 12)
+            with open(f"/proc/{int.from_bytes(creds[:4], sys.byteorder)}/cmdline", "rb") as f:
+                cmd = f.read(4096).replace(b"\0", b" ").decode("utf-8", "replace").strip()
+        except OSError:
+            cmd = ""
+        self.next_aid += 1
+        self.art_conns[fd] = {"sock": conn, "aid": self.next_aid, "head": bytearray(), "name": None, "cmd": cmd}
+        if not self.paused:
+            self.poll.register(fd, POLL_IN)
+
+    def read_artifact(self, fd: int) -> None:
+        conn = self.art_conns[fd]
+        try:
+            data = os.read(fd, protocol.CHUNK)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        eof = not data
+        if conn["name"] is None:  # the header line: {"name": ...}
+            conn["head"] += data
+            if b"\n" not in conn["head"] and not eof and len(conn["head"]) < 8192:
+                return
+            line, _, data = bytes(conn["head"]).partition(b"\n")
+            try:
+                name = protocol.loads(line.decode("utf-8", "replace")).get("name")  # type: ignore[attr-defined]
+            except (protocol.FrameError, AttributeError):
+                name = None
+            if not isinstance(name, str):
+                self.finish_artifact(fd, {"ok": False, "message": "bad request: send {\"name\": ...} first"})
+                return
+            conn["name"] = name
+            self.send({"id": self.artifact_rid, "ev": "artifact", "aid": conn["aid"], "more": True,
+                       "name": name, "cmd": conn["cmd"]})
+        if data:
+            self.send({"id": self.artifact_rid, "ev": "artifact", "aid": conn["aid"], "more": True}, data)
+        if not eof:
+            return
+        # end of the client's data: the host answers with an artifact_ack
+        if not self.paused:
+            self.poll.unregister(fd)
+        conn["done"] = True
+        self.send({"id": self.artifact_rid, "ev": "artifact", "aid": conn["aid"], "more": False})
+
+    def op_artifact_ack(self, rid: int, h: dict, body: bytes) -> None:
+        for fd, conn in list(self.art_conns.items()):
+            if conn["aid"] == h["aid"]:
+                self.finish_artifact(fd, {"ok": bool(h.get("ok")), "message": h.get("message"),
+                                          "size": h.get("size"), "sha256": h.get("sha256")})
+
+    def finish_artifact(self, fd: int, answer: dict) -> None:
+        conn = self.art_conns.pop(fd)
+        if not conn.get("done") and not self.paused:
+            self.poll.unregister(fd)
+        try:
+            conn["sock"].setblocking(True)
+            conn["sock"].settimeout(2)
+            conn["sock"].sendall(protocol.dumps(answer).encode())
+        except OSError:
+            pass
+        conn["sock"].close()
+
     # ---- files ---------------------------------------------------------------------------------
     @staticmethod
     def path(h: dict, key: str = "path") -> str:
@@ -715,6 +816,17 @@ class Agent:
     def op_rename(self, rid: int, h: dict, body: bytes) -> None:
         os.rename(self.path(h, "src"), self.path(h, "dst"))
         self.send({"id": rid, "ev": "ok"})
+
+
+def _which(program: str, path: str) -> str:
+    """``program`` looked up in the command's own PATH (posix_spawnp would use the agent's)."""
+    if "/" in program:
+        return program
+    for directory in path.split(":"):
+        candidate = os.path.join(directory or ".", program)
+        if os.access(candidate, os.X_OK) and not os.path.isdir(candidate):
+            return candidate
+    raise FileNotFoundError(errno.ENOENT, "No such file or directory", program)
 
 
 def _is_dir(mode: int) -> bool:

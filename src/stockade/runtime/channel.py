@@ -35,6 +35,7 @@ _SCHEMA: dict[str, dict[str, type | tuple[type, ...]]] = {
     "end": {},
     "done": {"size": int},
     "cell": {"more": bool},
+    "artifact": {"aid": int, "more": bool},
     "cell_done": {"execution_count": int, "timed_out": bool, "restarted": bool, "truncated": dict},
 }
 
@@ -50,7 +51,7 @@ def validate(header: Header, body: bytes) -> None:
         value = header.get(name)
         if not isinstance(value, kind) or (isinstance(value, bool) and kind is int):
             raise ProtocolError(f"agent sent {ev!r} with an invalid {name!r}")
-    if body and ev not in ("stdout", "stderr", "data", "cell"):
+    if body and ev not in ("stdout", "stderr", "data", "cell", "artifact"):
         raise ProtocolError(f"agent sent a body with {ev!r}")
 
 
@@ -180,6 +181,20 @@ class CellPending(CommandPending):
             self.events.append(event)
             if self.on_event:
                 self.on_event(event)
+
+
+class StreamPending(Pending):
+    """A standing request whose frames go to ``on_frame`` as they come; it ends with the channel."""
+
+    def __init__(self, on_frame: Callable[[Header, bytes], None], events: tuple[str, ...]) -> None:
+        super().__init__()
+        self.on_frame, self.events = on_frame, events
+
+    def feed(self, header: Header, body: bytes) -> bool:
+        if header["ev"] not in self.events:
+            raise ProtocolError(f"agent sent {header['ev']!r} on a stream of {self.events}")
+        self.on_frame(header, body)
+        return False
 
 
 class ReadPending(Pending):

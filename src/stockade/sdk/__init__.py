@@ -1,7 +1,9 @@
 """The SDK: ``Sandbox`` and ``AsyncSandbox`` over a local or (later) remote transport."""
 
+from .code import Context, Execution, ExecutionError, Logs, Result
 from .models import CommandResult, EntryInfo, ProcessInfo, SandboxInfo
-from .sandbox import AsyncCommandHandle, AsyncSandbox, CommandHandle, Sandbox
+from .sandbox import Artifacts, AsyncArtifacts, AsyncCommandHandle, AsyncSandbox, CommandHandle, Sandbox
 
-__all__ = ["AsyncCommandHandle", "AsyncSandbox", "CommandHandle", "CommandResult", "EntryInfo", "ProcessInfo",
+__all__ = ["Artifacts", "AsyncArtifacts", "Context", "Execution", "ExecutionError", "Logs", "Result",
+           "AsyncCommandHandle", "AsyncSandbox", "CommandHandle", "CommandResult", "EntryInfo", "ProcessInfo",
            "Sandbox", "SandboxInfo"]

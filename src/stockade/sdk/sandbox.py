@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import IO, Any, Literal, overload
 
 from ..agent.protocol import CHUNK
+from ..artifacts import ArtifactInfo
 from ..errors import CommandError, PathNotFoundError, SandboxNotFoundError, TimeoutError
 from ..policy import Policy
 from .code import Context, Execution, ExecutionBuilder, ExecutionError, Result
@@ -265,6 +266,66 @@ class Files:
         return bool(self._op("mkdir", path=path).get("created"))
 
 
+class Artifacts:
+    """Artifacts a sandbox saved. They outlive it: ``Artifacts(sandbox_id)`` works after the sandbox is
+    gone, until the policy's artifacts.retention."""
+
+    def __init__(self, sandbox_id: str, transport: Transport | None = None) -> None:
+        self.sandbox_id = sandbox_id
+        self._transport = _transport(transport)
+
+    def list(self) -> builtins.list[ArtifactInfo]:
+        return portal().call(self._transport.list_artifacts(self.sandbox_id))
+
+    def _chunks(self, name: str) -> Iterator[bytes]:
+        agen = self._transport.read_artifact(self.sandbox_id, name)
+        try:
+            while (chunk := portal().call(_next_chunk(agen))) is not None:
+                yield chunk
+        finally:
+            portal().call(agen.aclose())
+
+    def get(self, name: str) -> bytes:
+        return b"".join(self._chunks(name))
+
+    def download(self, name: str, path: str | Path) -> Path:
+        """Stream the artifact to a local file; returns its path."""
+        target = Path(path)
+        with open(target, "wb") as f:
+            for chunk in self._chunks(name):
+                f.write(chunk)
+        return target
+
+
+class AsyncArtifacts:
+    """The async twin of :class:`Artifacts`."""
+
+    def __init__(self, sandbox_id: str, transport: Transport | None = None) -> None:
+        self.sandbox_id = sandbox_id
+        self._transport = _transport(transport)
+
+    async def list(self) -> builtins.list[ArtifactInfo]:
+        return await portal().acall(self._transport.list_artifacts(self.sandbox_id))
+
+    async def _chunks(self, name: str) -> AsyncIterator[bytes]:
+        agen = self._transport.read_artifact(self.sandbox_id, name)
+        try:
+            while (chunk := await portal().acall(_next_chunk(agen))) is not None:
+                yield chunk
+        finally:
+            await portal().acall(agen.aclose())
+
+    async def get(self, name: str) -> bytes:
+        return b"".join([chunk async for chunk in self._chunks(name)])
+
+    async def download(self, name: str, path: str | Path) -> Path:
+        target = Path(path)
+        with open(target, "wb") as f:
+            async for chunk in self._chunks(name):
+                f.write(chunk)
+        return target
+
+
 class _SandboxBase:
     def __init__(self, info: SandboxInfo, transport: Transport) -> None:
         self._transport = transport
@@ -286,6 +347,7 @@ class Sandbox(_SandboxBase):
         super().__init__(info, transport)
         self.commands = Commands(self)
         self.files = Files(self)
+        self.artifacts = Artifacts(self.sandbox_id, transport)
 
     @classmethod
     def create(cls, policy: Policy | dict[str, Any] | str | Path | None = None, timeout: float | None = None,
@@ -508,6 +570,7 @@ class AsyncSandbox(_SandboxBase):
         super().__init__(info, transport)
         self.commands = AsyncCommands(self)
         self.files = AsyncFiles(self)
+        self.artifacts = AsyncArtifacts(self.sandbox_id, transport)
 
     @classmethod
     async def create(cls, policy: Policy | dict[str, Any] | str | Path | None = None,

@@ -18,6 +18,8 @@ SANDBOX_UID = 1000
 SANDBOX_GID = 1000
 HOME = "/home/user"
 AGENT_DIR = "/opt/stockade/agent"
+BIN_DIR = "/opt/stockade/bin"      # save-artifact
+LIB_DIR = "/opt/stockade/lib"      # stockade_artifacts, importable by any python in the sandbox
 PYTHON_MOUNT = "/opt/stockade/python"
 
 USR_DIRS = ("bin", "sbin", "lib", "lib32", "lib64", "libx32", "libexec", "share")
@@ -97,8 +99,8 @@ def generated_files() -> dict[str, str]:
 
 
 def sandbox_env(extra: dict[str, str], env_bin: str | None = None) -> dict[str, str]:
-    path = "/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin"
-    env = {"PATH": f"{env_bin}:{path}" if env_bin else path, "HOME": HOME, "USER": "user",
+    path = f"/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin:{BIN_DIR}"
+    env = {"PATH": f"{env_bin}:{path}" if env_bin else path, "HOME": HOME, "PYTHONPATH": LIB_DIR, "USER": "user",
            "LOGNAME": "user", "SHELL": "/bin/sh", "LANG": "C.UTF-8", "TERM": "dumb", "TMPDIR": "/tmp",
            "PYTHONUNBUFFERED": "1"}
     env.update(extra)

@@ -34,6 +34,8 @@ from .uids import UidAllocator, UidLease
 
 AGENT_SOURCES = ("server.py", "protocol.py", "interpreter.py")
 AGENT_FILES = ("interpreter.js",)  # shipped as they are
+SAVE_ARTIFACT = b"#!/usr/bin/python3 -I\nimport sys\nsys.path.insert(0, '/opt/stockade/lib')\n" \
+    b"from stockade_artifacts import main\nmain()\n"
 START_TIMEOUT = 15.0
 
 
@@ -281,6 +283,10 @@ class JailSandbox(RuntimeSandbox):
             argv += ["--ro-bind-data", data(path.rsplit("/", 1)[1], text.encode()), path]
         for name, code in rt.agent_files.items():
             argv += ["--ro-bind-data", data(name, code), f"{rootfs.AGENT_DIR}/{name}"]
+        helper = (Path(protocol.__file__).parent / "stockade_artifacts.py").read_bytes()
+        argv += ["--ro-bind-data", data("stockade_artifacts", helper), f"{rootfs.LIB_DIR}/stockade_artifacts.py",
+                 "--perms", "0555", "--ro-bind-data", data("save-artifact", SAVE_ARTIFACT),
+                 f"{rootfs.BIN_DIR}/save-artifact"]
         for i, mount in enumerate(fs.mounts):
             problem = _mount_source_problem(mount.source, self.uid is not None)
             if problem:

@@ -7,6 +7,7 @@ from abc import ABC, abstractmethod
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping
 from typing import Any
 
+from ...artifacts import ArtifactInfo
 from ...manager import Argv
 from ...policy import Policy
 from ..code import Context
@@ -86,6 +87,13 @@ class Transport(ABC):
                        on_event: EventSink) -> dict[str, Any]:
         """Run a cell; output and interpreter events stream to the sinks; returns the completion
         (execution_count, timed_out, truncated)."""
+
+    @abstractmethod
+    async def list_artifacts(self, sandbox_id: str) -> builtins.list[ArtifactInfo]:
+        """Artifacts the sandbox saved; available after it ended, until their retention."""
+
+    @abstractmethod
+    def read_artifact(self, sandbox_id: str, name: str) -> AsyncGenerator[bytes, None]: ...
 
     @abstractmethod
     async def close(self) -> None:

@@ -9,6 +9,7 @@ from collections.abc import AsyncGenerator, AsyncIterator, Mapping
 from datetime import datetime
 from typing import Any
 
+from ...artifacts import ArtifactInfo, DirectoryStore
 from ...errors import SandboxUnavailableError
 from ...manager import Argv, CodeContext, CommandRecord, ManagedSandbox, Manager
 from ...policy import Policy
@@ -27,7 +28,9 @@ class LocalTransport(Transport):
 
             runtime = JailRuntime()
             await runtime.sweep_stale()
-            self._manager = Manager(runtime)
+            store = DirectoryStore(runtime.config.data_dir / "artifacts")
+            store.prune()
+            self._manager = Manager(runtime, store)
         return self._manager
 
     async def create(self, policy: Policy, timeout: float | None, envs: Mapping[str, str] | None,
@@ -141,6 +144,15 @@ class LocalTransport(Transport):
                                                          envs=envs, timeout=timeout, on_output=on_output,
                                                          on_event=on_event)
         return done
+
+    async def list_artifacts(self, sandbox_id: str) -> builtins.list[ArtifactInfo]:
+        return (await self.manager()).artifacts.list(sandbox_id)
+
+    async def read_artifact(self, sandbox_id: str, name: str) -> AsyncGenerator[bytes, None]:
+        path = (await self.manager()).artifacts.open(sandbox_id, name)
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 20):
+                yield chunk
 
     async def close(self) -> None:
         if self._manager is not None:
