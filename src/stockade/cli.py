@@ -89,6 +89,73 @@ def _writer(stream: Any) -> Any:
 
 
 @app.command()
+def repl(
+    language: str = typer.Option("python", "--language", "-l", help="python, bash or javascript."),
+    policy: Path | None = typer.Option(None, "--policy", "-p", help="Policy file (TOML or JSON)."),
+    images: Path = typer.Option(Path("."), "--images", help="Directory where image results are saved."),
+) -> None:
+    """An interactive session on one fresh sandbox: each line (or block) is a run_code call. Results are
+    printed; images are saved to files named in the output. Ends at EOF (Ctrl-D); the sandbox goes with it."""
+    import base64
+    import codeop
+
+    from .sdk import Sandbox
+
+    interactive = sys.stdin.isatty()
+    try:
+        pol = _load_policy(policy)
+        with Sandbox.create(policy=pol) as sb:
+            context = sb.create_code_context(language)
+            if interactive:
+                typer.echo(f"stockade repl: {language} ({context.backend}) in sandbox {sb.id}; Ctrl-D ends it")
+            saved = 0
+            while (cell := _read_cell(language, interactive, codeop)) is not None:
+                if not cell.strip():
+                    continue
+                execution = sb.run_code(cell, context=context, on_stdout=_writer(sys.stdout),
+                                        on_stderr=_writer(sys.stderr))
+                for result in execution.results:
+                    for fmt in ("png", "jpeg", "svg"):
+                        data = getattr(result, fmt)
+                        if data:
+                            saved += 1
+                            path = images / f"stockade-repl-{saved}.{fmt}"
+                            path.write_bytes(data.encode() if fmt == "svg" else base64.b64decode(data))
+                            typer.echo(f"[image saved to {path}]")
+                            break
+                    else:
+                        if result.text is not None:
+                            typer.echo(result.text)
+                if execution.error:
+                    typer.echo(execution.error.traceback or f"{execution.error.name}: {execution.error.value}",
+                               err=True)
+    except StockadeError as exc:
+        raise _fail(exc) from None
+
+
+def _read_cell(language: str, interactive: bool, codeop: Any) -> str | None:
+    """One cell from stdin: a line, or for python a block completed the way the python REPL does."""
+    lines: list[str] = []
+    while True:
+        if interactive:
+            sys.stdout.write("... " if lines else ">>> ")
+            sys.stdout.flush()
+        line = sys.stdin.readline()
+        if not line:
+            return "\n".join(lines) if lines else None
+        lines.append(line.rstrip("\n"))
+        if language != "python":
+            return lines[0]
+        source = "\n".join(lines)
+        try:
+            complete = codeop.compile_command(source, "<repl>", "exec") is not None
+        except (SyntaxError, ValueError, OverflowError):
+            complete = True  # let the interpreter report it
+        if complete and (len(lines) == 1 or not line.strip()):
+            return source
+
+
+@app.command()
 def doctor() -> None:
     """Check what the sandbox needs from this host and say how to fix what is missing."""
     from .doctor import run_checks, verdict
