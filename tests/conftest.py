@@ -111,3 +111,9 @@ def nothing_left_behind() -> Iterator[None]:
         if (state / "sandboxes" / f"{sid}.lock").exists():
             leftovers.append(f"lock of {sid}")
     assert not leftovers, f"the tests left sandboxes behind: {leftovers}"
+    # artifacts outlive sandboxes by design; the test sandboxes' ones go with the session
+    from stockade.artifacts import DirectoryStore
+
+    store = DirectoryStore(HostConfig.from_env().data_dir / "artifacts")
+    for sid in ids:
+        store.remove_all(sid)
