@@ -15,13 +15,16 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from .agent import protocol
 from .artifacts import ArtifactError, ArtifactStore, ArtifactWriter
+from .broker.proxy import Resolver, system_resolver
+from .broker.server import BrokerEndpoint
 from .errors import FilesystemError, PolicyError, ProtocolError, SandboxNotFoundError, SandboxUnavailableError
-from .policy import Policy, format_duration
-from .runtime.base import Runtime, RuntimeSandbox
+from .policy import NetworkPolicy, Policy, format_duration
+from .runtime.base import BROKER_DIR, Runtime, RuntimeSandbox
 from .runtime.channel import CellPending, CommandPending, ReadPending, StreamPending
 
 TOMBSTONES = 1024
@@ -56,6 +59,14 @@ class CommandRecord:
 
 
 LANGUAGES = ("python", "bash", "javascript")
+HTTP_PROXY_PORT, SOCKS_PORT = 3128, 1080
+_HTTP_PROXY, _SOCKS = f"http://127.0.0.1:{HTTP_PROXY_PORT}", f"socks5h://127.0.0.1:{SOCKS_PORT}"
+# What every common client reads (curl, pip, npm, git, requests, httpx, node) to find the proxy.
+PROXY_ENV = {name: value for names, value in (
+    (("HTTP_PROXY", "http_proxy", "HTTPS_PROXY", "https_proxy"), _HTTP_PROXY),
+    (("ALL_PROXY", "all_proxy"), _SOCKS),
+    (("NO_PROXY", "no_proxy"), "localhost,127.0.0.1,::1"),
+) for name in names}
 CONTEXT_START_TIMEOUT = 60.0
 
 
@@ -86,6 +97,7 @@ class ManagedSandbox:
     commands: dict[int, CommandRecord] = field(default_factory=dict)
     contexts: dict[str, CodeContext] = field(default_factory=dict)
     uploads: dict[int, ArtifactWriter | ArtifactError] = field(default_factory=dict)  # artifacts arriving
+    broker: BrokerEndpoint | None = None
 
     @property
     def channel(self) -> Any:
@@ -93,9 +105,12 @@ class ManagedSandbox:
 
 
 class Manager:
-    def __init__(self, runtime: Runtime, artifacts: ArtifactStore) -> None:
+    def __init__(self, runtime: Runtime, artifacts: ArtifactStore, broker_root: Path, events_root: Path) -> None:
         self.runtime = runtime
         self.artifacts = artifacts
+        self.broker_root = broker_root      # per-sandbox broker sockets (host state)
+        self.events_root = events_root      # per-sandbox network event logs (kept)
+        self.resolver: Resolver = system_resolver
         self.sandboxes: dict[str, ManagedSandbox] = {}
         self.tombstones: OrderedDict[str, str] = OrderedDict()
         self.loop = asyncio.get_running_loop()
@@ -112,10 +127,24 @@ class Manager:
             raise PolicyError("timeout", f"{format_duration(ttl)} exceeds lifetime.max_lifetime "
                               f"({format_duration(policy.lifetime.max_lifetime)})")
         sandbox_id = new_sandbox_id()
-        rt = await self.runtime.start(sandbox_id, policy, envs)
+        broker = None
+        if policy.network.mode == "allowlist":
+            broker = BrokerEndpoint(sandbox_id, policy.network, self.broker_root / sandbox_id,
+                                    self.events_root / f"{sandbox_id}.jsonl", self._resolve)
+            await broker.start()
+            envs = {**PROXY_ENV, **envs}
+        try:
+            rt = await self.runtime.start(sandbox_id, policy, envs, broker.socket_dir if broker else None)
+            if broker is not None:
+                await rt.channel.call({"op": "net_bridge", "broker": f"{BROKER_DIR}/broker.sock",
+                                       "http_port": HTTP_PROXY_PORT, "socks_port": SOCKS_PORT})
+        except BaseException:
+            if broker is not None:
+                await broker.stop()
+            raise
         now = self.loop.time()
         sb = ManagedSandbox(sandbox_id, policy, rt, meta, envs, time.time(), now + ttl,
-                            now + policy.lifetime.max_lifetime)
+                            now + policy.lifetime.max_lifetime, broker=broker)
         self.sandboxes[sandbox_id] = sb
         rt.channel.on_close = lambda reason: self._on_channel_closed(sb, reason)
         rt.channel.start({"op": "artifacts"}, StreamPending(lambda h, b: self._artifact_frame(sb, h, b), ("artifact",)))
@@ -175,7 +204,11 @@ class Manager:
             if isinstance(upload, ArtifactWriter):
                 upload.abort()
         sb.uploads.clear()
-        await sb.runtime.stop()
+        try:
+            await sb.runtime.stop()
+        finally:
+            if sb.broker is not None:
+                await sb.broker.stop()
 
     async def _on_channel_closed(self, sb: ManagedSandbox, reason: BaseException | None) -> None:
         if sb.id not in self.sandboxes:
@@ -277,6 +310,30 @@ class Manager:
         if not isinstance(procs, list):
             raise SandboxUnavailableError("the sandbox's agent answered ps with garbage")
         return [p for p in procs if isinstance(p, dict) and isinstance(p.get("pid"), int)][:10000]
+
+    # ---- network -------------------------------------------------------------------------------
+    async def _resolve(self, host: str, port: int) -> builtins.list[Any]:
+        return await self.resolver(host, port)  # an attribute, so a test can map made-up names
+
+    def update_network(self, sandbox_id: str, changes: dict[str, Any]) -> NetworkPolicy:
+        """Narrow or widen a live sandbox's egress; new connections see it at once."""
+        sb = self.get(sandbox_id)
+        policy = sb.policy.with_overrides(network=changes)
+        if sb.broker is None:
+            if policy.network.mode != "none":
+                raise PolicyError("network.mode", "this sandbox was created without a network; create it with "
+                                  "network.mode = \"allowlist\" to open hosts later")
+        else:
+            network = policy.network
+            if network.mode == "none":  # no more egress: an empty allow list denies everything
+                network = network.model_copy(update={"allow": []})
+            sb.broker.update(network)
+        sb.policy = policy
+        return policy.network
+
+    def network_events(self, sandbox_id: str) -> builtins.list[dict[str, Any]]:
+        sb = self.get(sandbox_id)
+        return builtins.list(sb.broker.events) if sb.broker is not None else []
 
     # ---- artifacts -----------------------------------------------------------------------------
     MAX_UPLOADS = 16

@@ -86,7 +86,38 @@ class _Section(BaseModel):
 
 
 class NetworkPolicy(_Section):
-    mode: Literal["none"] = "none"
+    """No network by default. ``allowlist`` opens the hosts in ``allow`` through the egress broker."""
+
+    mode: Literal["none", "allowlist"] = "none"
+    allow: list[str] = []            # "api.example.com", "*.example.org", "example.net:8443", "198.51.100.0/24:443"
+    deny: list[str] = []             # wins over allow
+    allow_private: list[str] = []    # CIDRs a name may resolve to (private ranges are refused otherwise)
+    max_connections: Annotated[int, Field(ge=1, le=100_000)] = 64   # open at once
+    max_egress_bytes: PositiveSize = 1 << 30                         # sent out over the sandbox's life
+
+    @field_validator("allow", "deny")
+    @classmethod
+    def _rules(cls, v: list[str]) -> list[str]:
+        from .broker.rules import RuleError, parse_rule
+
+        for i, rule in enumerate(v):
+            try:
+                parse_rule(rule)
+            except RuleError as exc:
+                raise ValueError(f"entry {i}: {exc}") from None
+        return v
+
+    @field_validator("allow_private")
+    @classmethod
+    def _cidrs(cls, v: list[str]) -> list[str]:
+        import ipaddress
+
+        for i, cidr in enumerate(v):
+            try:
+                ipaddress.ip_network(cidr, strict=False)
+            except ValueError:
+                raise ValueError(f"entry {i}: {cidr!r} is not a CIDR such as 10.0.0.0/8") from None
+        return v
 
 
 class Mount(_Section):
@@ -226,6 +257,8 @@ class Policy(_Section):
         return Policy.from_dict(data)
 
     def _check_consistency(self) -> None:
+        if self.network.mode == "none" and self.network.allow:
+            raise PolicyError("network.allow", "set network.mode = \"allowlist\" to open these hosts")
         if self.lifetime.timeout > self.lifetime.max_lifetime:
             raise PolicyError("lifetime.timeout", f"{format_duration(self.lifetime.timeout)} exceeds "
                               f"lifetime.max_lifetime ({format_duration(self.lifetime.max_lifetime)})")
@@ -241,6 +274,7 @@ class Policy(_Section):
         lim["command_timeout"] = format_duration(lim["command_timeout"])
         for key in ("timeout", "max_lifetime"):
             life[key] = format_duration(life[key])
+        d["network"]["max_egress_bytes"] = format_size(d["network"]["max_egress_bytes"])
         art = d["artifacts"]
         for key in ("max_size", "total_size"):
             art[key] = format_size(art[key])

@@ -689,6 +689,21 @@ class Agent:
             pass
         conn["sock"].close()
 
+    # ---- network bridge --------------------------------------------------------------------------
+    def op_net_bridge(self, rid: int, h: dict, body: bytes) -> None:
+        """Listen on loopback ports inside the sandbox and relay each connection to the host's broker
+        socket. Threads, so the relay never blocks the agent's loop; each only moves bytes."""
+        import _socket
+        import _thread
+
+        for port, kind in ((int(h["http_port"]), b"H"), (int(h["socks_port"]), b"S")):
+            listener = _socket.socket(_socket.AF_INET, _socket.SOCK_STREAM)
+            listener.setsockopt(_socket.SOL_SOCKET, _socket.SO_REUSEADDR, 1)
+            listener.bind(("127.0.0.1", port))
+            listener.listen(128)
+            _thread.start_new_thread(_bridge_accept, (listener, kind, h["broker"]))
+        self.send({"id": rid, "ev": "ok"})
+
     # ---- files ---------------------------------------------------------------------------------
     @staticmethod
     def path(h: dict, key: str = "path") -> str:
@@ -816,6 +831,71 @@ class Agent:
     def op_rename(self, rid: int, h: dict, body: bytes) -> None:
         os.rename(self.path(h, "src"), self.path(h, "dst"))
         self.send({"id": rid, "ev": "ok"})
+
+
+_bridges = [0]  # open bridged connections (a list: shared with the bridge threads)
+MAX_BRIDGED = 512
+
+
+def _bridge_accept(listener, kind, broker):  # noqa: ANN001
+    import _socket
+    import _thread
+
+    while True:
+        try:
+            fd, _ = listener._accept()
+        except OSError:
+            continue
+        client = _socket.socket(fileno=fd)
+        if _bridges[0] >= MAX_BRIDGED:
+            client.close()
+            continue
+        _bridges[0] += 1
+        _thread.start_new_thread(_bridge_connection, (client, kind, broker))
+
+
+def _bridge_connection(client, kind, broker):  # noqa: ANN001
+    import _socket
+    import _thread
+
+    upstream = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
+    try:
+        upstream.connect(broker)
+        upstream.sendall(kind)
+    except OSError:
+        client.close()
+        upstream.close()
+        _bridges[0] -= 1
+        return
+    done = _thread.allocate_lock()
+    done.acquire()
+    _thread.start_new_thread(_pump, (upstream, client, done))
+    _pump(client, upstream, None)
+    done.acquire()  # both directions finished
+    client.close()
+    upstream.close()
+    _bridges[0] -= 1
+
+
+def _pump(src, dst, done):  # noqa: ANN001 - sockets and a lock from the bridge threads
+    import _socket
+
+    try:
+        while True:
+            data = src.recv(65536)
+            if not data:
+                break
+            dst.sendall(data)
+        dst.shutdown(_socket.SHUT_WR)
+    except OSError:
+        try:
+            src.shutdown(_socket.SHUT_RDWR)
+            dst.shutdown(_socket.SHUT_RDWR)
+        except OSError:
+            pass
+    finally:
+        if done is not None:
+            done.release()
 
 
 def _which(program: str, path: str) -> str:

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
+from pathlib import Path
 
 from ..policy import Policy
 from .channel import AgentChannel
+
+BROKER_DIR = "/run/stockade"  # where the egress broker's socket appears inside every sandbox
 
 
 class RuntimeSandbox(ABC):
@@ -33,6 +36,7 @@ class Runtime(ABC):
     name: str
 
     @abstractmethod
-    async def start(self, sandbox_id: str, policy: Policy, envs: Mapping[str, str]) -> RuntimeSandbox:
+    async def start(self, sandbox_id: str, policy: Policy, envs: Mapping[str, str],
+                    broker_dir: Path | None = None) -> RuntimeSandbox:
         """Start a sandbox whose agent is ready to serve requests; raise SandboxUnavailableError if the
-        host cannot."""
+        host cannot. ``broker_dir`` holds the egress broker's socket, to appear at BROKER_DIR inside."""

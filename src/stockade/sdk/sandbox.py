@@ -326,6 +326,32 @@ class AsyncArtifacts:
         return target
 
 
+class Network:
+    """A sandbox's egress: ``update(allow=[...], deny=[...], ...)`` and ``events()``."""
+
+    def __init__(self, sandbox_id: str, transport: Transport) -> None:
+        self.sandbox_id, self._transport = sandbox_id, transport
+
+    def update(self, **changes: Any) -> dict[str, Any]:
+        """Narrow or widen the network policy (fields of ``network``); applies to new connections at once."""
+        return portal().call(self._transport.update_network(self.sandbox_id, changes))
+
+    def events(self) -> builtins.list[dict[str, Any]]:
+        """Every connection attempt so far: host, port, address, decision, rule, bytes, duration."""
+        return portal().call(self._transport.network_events(self.sandbox_id))
+
+
+class AsyncNetwork:
+    def __init__(self, sandbox_id: str, transport: Transport) -> None:
+        self.sandbox_id, self._transport = sandbox_id, transport
+
+    async def update(self, **changes: Any) -> dict[str, Any]:
+        return await portal().acall(self._transport.update_network(self.sandbox_id, changes))
+
+    async def events(self) -> builtins.list[dict[str, Any]]:
+        return await portal().acall(self._transport.network_events(self.sandbox_id))
+
+
 class _SandboxBase:
     def __init__(self, info: SandboxInfo, transport: Transport) -> None:
         self._transport = transport
@@ -348,6 +374,7 @@ class Sandbox(_SandboxBase):
         self.commands = Commands(self)
         self.files = Files(self)
         self.artifacts = Artifacts(self.sandbox_id, transport)
+        self.network = Network(self.sandbox_id, transport)
 
     @classmethod
     def create(cls, policy: Policy | dict[str, Any] | str | Path | None = None, timeout: float | None = None,
@@ -571,6 +598,7 @@ class AsyncSandbox(_SandboxBase):
         self.commands = AsyncCommands(self)
         self.files = AsyncFiles(self)
         self.artifacts = AsyncArtifacts(self.sandbox_id, transport)
+        self.network = AsyncNetwork(self.sandbox_id, transport)
 
     @classmethod
     async def create(cls, policy: Policy | dict[str, Any] | str | Path | None = None,

@@ -26,7 +26,7 @@ from ...agent import protocol
 from ...config import HostConfig
 from ...errors import PolicyError, SandboxUnavailableError
 from ...policy import Policy
-from ..base import Runtime, RuntimeSandbox
+from ..base import BROKER_DIR, Runtime, RuntimeSandbox
 from ..channel import AgentChannel
 from . import bwrap as bwrap_mod
 from . import cgroups, rootfs, seccomp
@@ -157,7 +157,8 @@ class JailRuntime(Runtime):
     def missing_controls(self, policy: Policy) -> list[str]:
         return [c for c in cgroups.CONTROLLERS if c not in self.cgroups.parents]
 
-    async def start(self, sandbox_id: str, policy: Policy, envs: Mapping[str, str]) -> JailSandbox:
+    async def start(self, sandbox_id: str, policy: Policy, envs: Mapping[str, str],
+                    broker_dir: Path | None = None) -> JailSandbox:
         missing = [c for c in self.missing_controls(policy) if c not in policy.allow_missing_controls]
         if missing:
             reasons = "; ".join(f"{c}: {self.cgroups.problems.get(c, 'unavailable')}" for c in missing)
@@ -166,7 +167,7 @@ class JailRuntime(Runtime):
                 "fix: run as root or give stockade a delegated cgroup (STOCKADE_CGROUP_PARENT); or accept "
                 f"the weaker sandbox with allow_missing_controls = {json.dumps(missing)} in the policy. "
                 "Run `stockade doctor` for details.")
-        sandbox = JailSandbox(self, sandbox_id, policy)
+        sandbox = JailSandbox(self, sandbox_id, policy, broker_dir)
         try:
             await sandbox._start(envs)
         except BaseException:
@@ -176,8 +177,9 @@ class JailRuntime(Runtime):
 
 
 class JailSandbox(RuntimeSandbox):
-    def __init__(self, runtime: JailRuntime, sandbox_id: str, policy: Policy) -> None:
+    def __init__(self, runtime: JailRuntime, sandbox_id: str, policy: Policy, broker_dir: Path | None) -> None:
         self.runtime = runtime
+        self.broker_dir = broker_dir
         self.id = sandbox_id
         self.policy = policy
         self.python = f"{environment.MOUNT}/bin/python3" if runtime.sandbox_env else runtime.image.python
@@ -275,6 +277,8 @@ class JailSandbox(RuntimeSandbox):
             argv += ["--ro-bind-fd", str(fd), rootfs.PYTHON_MOUNT]
         if rt.sandbox_env:
             argv += ["--ro-bind", str(rt.sandbox_env), environment.MOUNT]
+        if self.broker_dir is not None:  # the only way out of the network namespace
+            argv += ["--ro-bind", str(self.broker_dir), BROKER_DIR]
         argv += ["--proc", "/proc", "--dev", "/dev",
                  "--size", str(fs.tmp_size), "--perms", "1777", "--tmpfs", "/dev/shm",
                  "--size", str(fs.tmp_size), "--perms", "1777", "--tmpfs", "/tmp",

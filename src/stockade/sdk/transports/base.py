@@ -96,5 +96,12 @@ class Transport(ABC):
     def read_artifact(self, sandbox_id: str, name: str) -> AsyncGenerator[bytes, None]: ...
 
     @abstractmethod
+    async def update_network(self, sandbox_id: str, changes: dict[str, Any]) -> dict[str, Any]:
+        """Change a live sandbox's network policy (new connections only); returns the new section."""
+
+    @abstractmethod
+    async def network_events(self, sandbox_id: str) -> builtins.list[dict[str, Any]]: ...
+
+    @abstractmethod
     async def close(self) -> None:
         """Release what the transport holds (at interpreter exit)."""

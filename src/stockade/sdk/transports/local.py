@@ -30,7 +30,8 @@ class LocalTransport(Transport):
             await runtime.sweep_stale()
             store = DirectoryStore(runtime.config.data_dir / "artifacts")
             store.prune()
-            self._manager = Manager(runtime, store)
+            self._manager = Manager(runtime, store, runtime.config.state_dir / "net",
+                                    runtime.config.data_dir / "network")
         return self._manager
 
     async def create(self, policy: Policy, timeout: float | None, envs: Mapping[str, str] | None,
@@ -153,6 +154,12 @@ class LocalTransport(Transport):
         with open(path, "rb") as f:
             while chunk := f.read(1 << 20):
                 yield chunk
+
+    async def update_network(self, sandbox_id: str, changes: dict[str, Any]) -> dict[str, Any]:
+        return (await self.manager()).update_network(sandbox_id, changes).model_dump()
+
+    async def network_events(self, sandbox_id: str) -> builtins.list[dict[str, Any]]:
+        return (await self.manager()).network_events(sandbox_id)
 
     async def close(self) -> None:
         if self._manager is not None:
