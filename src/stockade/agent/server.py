@@ -691,8 +691,8 @@ class Agent:
 
     # ---- network bridge --------------------------------------------------------------------------
     def op_net_bridge(self, rid: int, h: dict, body: bytes) -> None:
-        """Listen on loopback ports inside the sandbox and relay each connection to the host's broker
-        socket. Threads, so the relay never blocks the agent's loop; each only moves bytes."""
+        """Listen on loopback ports inside the sandbox; an accept thread per port passes each connection
+        to the host's broker, so the agent's loop never waits on the network."""
         import _socket
         import _thread
 
@@ -833,13 +833,10 @@ class Agent:
         self.send({"id": rid, "ev": "ok"})
 
 
-_bridges = [0]  # open bridged connections (a list: shared with the bridge threads)
-MAX_BRIDGED = 512
-
-
 def _bridge_accept(listener, kind, broker):  # noqa: ANN001
+    """Accept connections on a loopback port and hand each one, as a descriptor, to the host's broker:
+    the bytes then flow between the client and the broker directly, never through the agent."""
     import _socket
-    import _thread
 
     while True:
         try:
@@ -847,55 +844,16 @@ def _bridge_accept(listener, kind, broker):  # noqa: ANN001
         except OSError:
             continue
         client = _socket.socket(fileno=fd)
-        if _bridges[0] >= MAX_BRIDGED:
-            client.close()
-            continue
-        _bridges[0] += 1
-        _thread.start_new_thread(_bridge_connection, (client, kind, broker))
-
-
-def _bridge_connection(client, kind, broker):  # noqa: ANN001
-    import _socket
-    import _thread
-
-    upstream = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
-    try:
-        upstream.connect(broker)
-        upstream.sendall(kind)
-    except OSError:
-        client.close()
-        upstream.close()
-        _bridges[0] -= 1
-        return
-    done = _thread.allocate_lock()
-    done.acquire()
-    _thread.start_new_thread(_pump, (upstream, client, done))
-    _pump(client, upstream, None)
-    done.acquire()  # both directions finished
-    client.close()
-    upstream.close()
-    _bridges[0] -= 1
-
-
-def _pump(src, dst, done):  # noqa: ANN001 - sockets and a lock from the bridge threads
-    import _socket
-
-    try:
-        while True:
-            data = src.recv(65536)
-            if not data:
-                break
-            dst.sendall(data)
-        dst.shutdown(_socket.SHUT_WR)
-    except OSError:
+        upstream = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
         try:
-            src.shutdown(_socket.SHUT_RDWR)
-            dst.shutdown(_socket.SHUT_RDWR)
+            client.setsockopt(_socket.IPPROTO_TCP, _socket.TCP_NODELAY, 1)  # small records must not wait
+            upstream.connect(broker)
+            upstream.sendmsg([kind], [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS, fd.to_bytes(4, sys.byteorder))])
         except OSError:
             pass
-    finally:
-        if done is not None:
-            done.release()
+        finally:  # the broker holds its own copy now
+            upstream.close()
+            client.close()
 
 
 def _which(program: str, path: str) -> str:

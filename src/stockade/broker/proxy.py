@@ -27,6 +27,7 @@ MAX_LINE = 8192
 MAX_HEADERS = 100
 CONNECT_TIMEOUT = 10.0
 HEADER_TIMEOUT = 30.0
+RELAY_CHUNK = 64 * 1024
 
 Resolver = Callable[[str, int], Awaitable[list[IPAddress]]]
 
@@ -285,7 +286,7 @@ async def _splice(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, up
                     return
                 up_writer.write(data)
                 await up_writer.drain()
-            data = await reader.read(65536)
+            data = await reader.read(RELAY_CHUNK)
             if not data:
                 with contextlib.suppress(OSError):
                     if up_writer.can_write_eof():
@@ -294,7 +295,7 @@ async def _splice(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, up
 
     async def inbound() -> None:
         status_seen = not watch_status
-        while data := await up_reader.read(65536):
+        while data := await up_reader.read(RELAY_CHUNK):
             if not status_seen and data.startswith(b"HTTP/"):
                 status_seen = True
                 with contextlib.suppress(ValueError, IndexError):

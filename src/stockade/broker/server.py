@@ -7,6 +7,8 @@ import contextlib
 import json
 import os
 import shutil
+import socket
+import stat
 from collections import deque
 from pathlib import Path
 from typing import Any, TextIO
@@ -30,7 +32,8 @@ class BrokerEndpoint:
         self.events: deque[dict[str, Any]] = deque(maxlen=EVENTS_KEPT)
         self.egress = Egress(sandbox_id, rules_for(policy), policy.max_connections, policy.max_egress_bytes,
                              self._record, resolver)
-        self._server: asyncio.AbstractServer | None = None
+        self._listener: socket.socket | None = None
+        self._accepting: asyncio.Task[None] | None = None
         self._log: TextIO | None = None
 
     @property
@@ -41,18 +44,37 @@ class BrokerEndpoint:
         self.socket_dir.mkdir(parents=True, exist_ok=True, mode=0o755)
         self.log_path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         self._log = open(self.log_path, "a", buffering=1)  # noqa: SIM115 - closed in stop()
-        self._server = await asyncio.start_unix_server(self._client, path=str(self.socket_path))
+        self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._listener.bind(str(self.socket_path))
         os.chmod(self.socket_path, 0o666)  # the sandbox's uid connects; only this sandbox sees the file
+        self._listener.listen(128)
+        self._listener.setblocking(False)
+        self._accepting = asyncio.get_running_loop().create_task(self._accept_loop())
 
-    async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        if task is not None:
+    async def _accept_loop(self) -> None:
+        """Each connection on the socket carries one client connection from inside the sandbox, passed as
+        a descriptor (SCM_RIGHTS) after a one-byte protocol selector."""
+        loop = asyncio.get_running_loop()
+        listener = self._listener
+        assert listener is not None
+        while True:
+            conn, _ = await loop.sock_accept(listener)
+            with conn:
+                try:
+                    kind, fds = await _recv_fd(loop, conn)
+                except (OSError, ValueError, TimeoutError):
+                    continue
+            client = _checked_stream_socket(fds)
+            if client is None or kind not in (b"H", b"S"):
+                continue
+            task = loop.create_task(self._client(client, kind))
             self.egress.tasks.add(task)
-        try:
-            await serve(reader, writer, self.egress)
-        finally:
-            if task is not None:
-                self.egress.tasks.discard(task)
+            task.add_done_callback(self.egress.tasks.discard)
+
+    async def _client(self, client: socket.socket, kind: bytes) -> None:
+        reader, writer = await asyncio.open_connection(sock=client)
+        reader.feed_data(kind)  # serve() reads the selector first, whatever carried it
+        await serve(reader, writer, self.egress)
 
     def update(self, policy: NetworkPolicy) -> None:
         """New rules and limits apply to new connections at once."""
@@ -67,8 +89,10 @@ class BrokerEndpoint:
             self._log.write(json.dumps(event) + "\n")
 
     async def stop(self) -> None:
-        if self._server is not None:
-            self._server.close()
+        if self._accepting is not None:
+            self._accepting.cancel()
+        if self._listener is not None:
+            self._listener.close()
         for task in list(self.egress.tasks):
             task.cancel()
         with contextlib.suppress(Exception):
@@ -77,3 +101,45 @@ class BrokerEndpoint:
             self._log.close()
             self._log = None
         shutil.rmtree(self.socket_dir, ignore_errors=True)
+
+
+async def _recv_fd(loop: asyncio.AbstractEventLoop, conn: socket.socket) -> tuple[bytes, list[int]]:
+    """One byte and at most one descriptor; the sandbox decides what it sends, so anything else is refused."""
+    conn.setblocking(False)
+    ready: asyncio.Future[None] = loop.create_future()
+    def readable() -> None:
+        if not ready.done():
+            ready.set_result(None)
+
+    loop.add_reader(conn.fileno(), readable)
+    try:
+        await asyncio.wait_for(ready, 5)
+    finally:
+        loop.remove_reader(conn.fileno())
+    data, fds, flags, _ = socket.recv_fds(conn, 1, 1)
+    if flags & socket.MSG_CTRUNC:  # more descriptors than asked for: they were closed by the kernel
+        for fd in fds:
+            os.close(fd)
+        raise ValueError("too many descriptors")
+    return data, fds
+
+
+def _checked_stream_socket(fds: list[int]) -> socket.socket | None:
+    """The passed descriptor must be a connected stream socket, or it is closed and ignored."""
+    if len(fds) != 1:
+        for fd in fds:
+            os.close(fd)
+        return None
+    fd = fds[0]
+    try:
+        if not stat.S_ISSOCK(os.fstat(fd).st_mode):
+            raise ValueError("not a socket")
+        sock = socket.socket(fileno=fd)
+        if sock.type != socket.SOCK_STREAM:
+            sock.close()
+            return None
+        sock.setblocking(False)
+        return sock
+    except (OSError, ValueError):
+        os.close(fd)
+        return None

@@ -1,0 +1,146 @@
+"""Egress broker overhead, against the same client talking straight to the upstream from the host.
+
+    python bench/bench_network.py [--requests 200] [--markdown]
+
+- a 1 MiB download over plain HTTP (through the HTTP proxy), repeated, as throughput;
+- small HTTPS requests, each on a new connection through CONNECT (TLS end to end), as latency per request.
+The client is one Python script, run on the host (direct) and inside a sandbox (through the broker).
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.server
+import ipaddress
+import os
+import platform
+import ssl
+import subprocess
+import sys
+import tempfile
+import threading
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from tests.conformance.test_network import _self_signed  # noqa: E402
+
+from stockade import Sandbox  # noqa: E402
+from stockade.sdk.portal import portal  # noqa: E402
+from stockade.sdk.sandbox import _transport  # noqa: E402
+
+CLIENT = r'''
+import http.client, json, os, ssl, sys, time
+mode, host, port, tls_port, n, cafile = sys.argv[1:7]
+port, tls_port, n = int(port), int(tls_port), int(n)
+proxy = os.environ.get("HTTP_PROXY")
+def conn(p, tls):
+    ctx = ssl.create_default_context(cafile=cafile) if tls else None
+    cls = http.client.HTTPSConnection if tls else http.client.HTTPConnection
+    if proxy:
+        c = cls("127.0.0.1", 3128, **({"context": ctx} if tls else {}))
+        if tls: c.set_tunnel(host, p)
+        return c, (f"http://{host}:{p}" if not tls else "")
+    return cls(host if tls else "127.0.0.1", p, **({"context": ctx} if tls else {})), ""
+out = {}
+t = time.perf_counter(); total = 0
+for _ in range(20):
+    c, prefix = conn(port, False); c.request("GET", prefix + "/big", headers={"Host": f"{host}:{port}"})
+    total += len(c.getresponse().read()); c.close()
+out["mib_per_s"] = total / (1 << 20) / (time.perf_counter() - t)
+lat = []
+for _ in range(n):
+    t = time.perf_counter()
+    c, _ = conn(tls_port, True); c.request("GET", "/small", headers={"Host": host}); c.getresponse().read(); c.close()
+    lat.append((time.perf_counter() - t) * 1000)
+lat.sort(); out["p50_ms"] = lat[len(lat) // 2]; out["p95_ms"] = lat[int(len(lat) * .95)]
+print(json.dumps(out))
+'''
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--requests", type=int, default=200)
+    ap.add_argument("--markdown", action="store_true")
+    args = ap.parse_args()
+    tmp = Path(tempfile.mkdtemp(prefix="stockade-bench-net-"))
+    cert, key = tmp / "cert.pem", tmp / "key.pem"
+    _self_signed(cert, key, "api.example.test")
+    big = os.urandom(1 << 20)
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def do_GET(self) -> None:  # noqa: N802
+            body = big if self.path == "/big" else b"ok"
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *a: object) -> None:
+            pass
+
+    plain = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    tls = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.load_cert_chain(cert, key)
+    tls.socket = ctx.wrap_socket(tls.socket, server_side=True)
+    for s in (plain, tls):
+        threading.Thread(target=s.serve_forever, daemon=True).start()
+    port, tls_port = plain.server_address[1], tls.server_address[1]
+    (tmp / "client.py").write_text(CLIENT)
+    # direct: the host resolves api.example.test through a hosts-like mapping: the client connects to 127.0.0.1
+    # for plain HTTP and uses SNI/verification for the name over TLS via a socket patch
+    direct_client = CLIENT.replace('cls(host if tls else "127.0.0.1", p,', 'cls("127.0.0.1", p,').replace(
+        'ctx = ssl.create_default_context(cafile=cafile) if tls else None',
+        'ctx = ssl.create_default_context(cafile=cafile) if tls else None\n    if ctx: ctx.check_hostname = False')
+    (tmp / "direct.py").write_text(direct_client)
+    env = {k: v for k, v in os.environ.items() if "proxy" not in k.lower()}
+    direct = subprocess.run([sys.executable, str(tmp / "direct.py"), "direct", "api.example.test", str(port),
+                             str(tls_port), str(args.requests), str(cert)], capture_output=True, text=True, env=env)
+    import json
+
+    d = json.loads(direct.stdout)
+
+    async def map_names() -> None:
+        async def resolver(host: str, p: int) -> list[ipaddress.IPv4Address]:
+            return [ipaddress.IPv4Address("127.0.0.1")] if host.endswith(".example.test") else []
+
+        (await _transport(None).manager()).resolver = resolver
+
+    portal().call(map_names())
+    policy = {"network": {"mode": "allowlist", "allow": ["api.example.test"], "allow_private": ["127.0.0.1/32"],
+                          "max_egress_bytes": "8GiB"}}
+    with Sandbox.create(policy=policy) as sb:
+        sb.files.write("client.py", CLIENT)
+        sb.files.write("ca.pem", cert.read_text())
+        r = sb.commands.run(["python3", "client.py", "proxy", "api.example.test", str(port), str(tls_port),
+                             str(args.requests), "ca.pem"])
+        b = json.loads(r.stdout or "{}") if r.exit_code == 0 else {}
+        if not b:
+            raise SystemExit(f"sandbox client failed: {r.stderr}")
+    for s in (plain, tls):
+        s.shutdown()
+    rows = [
+        ("1 MiB downloads, HTTP through the proxy", f"{b['mib_per_s']:.0f} MiB/s",
+         f"direct {d['mib_per_s']:.0f} MiB/s ({100 * b['mib_per_s'] / d['mib_per_s']:.0f}% of direct)"),
+        (f"{args.requests} small HTTPS requests via CONNECT, p50", f"{b['p50_ms']:.2f} ms",
+         f"direct {d['p50_ms']:.2f} ms (+{b['p50_ms'] - d['p50_ms']:.2f} ms)"),
+        ("same, p95", f"{b['p95_ms']:.2f} ms", f"direct {d['p95_ms']:.2f} ms"),
+    ]
+    machine = (f"{os.cpu_count()} cores, {platform.machine()}, Linux {platform.release()}, "
+               f"Python {platform.python_version()}")
+    if args.markdown:
+        print(f"Machine: {machine}\n\n| measure | through the broker | baseline (same run) |\n|---|---|---|")
+        for row in rows:
+            print(f"| {row[0]} | {row[1]} | {row[2]} |")
+    else:
+        print(machine)
+        for row in rows:
+            print(f"{row[0]:<50} {row[1]:>12}  {row[2]}")
+
+
+if __name__ == "__main__":
+    main()
