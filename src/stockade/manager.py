@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import builtins
 import contextlib
+import datetime
 import secrets
 import time
 from collections import OrderedDict
@@ -21,6 +22,7 @@ from typing import Any
 from .agent import protocol
 from .artifacts import ArtifactError, ArtifactStore, ArtifactWriter
 from .broker.proxy import Resolver, system_resolver
+from .broker.secrets import SandboxCA, load_secrets, sandbox_trust_bundle
 from .broker.server import BrokerEndpoint
 from .errors import FilesystemError, PolicyError, ProtocolError, SandboxNotFoundError, SandboxUnavailableError
 from .policy import NetworkPolicy, Policy, format_duration
@@ -60,6 +62,10 @@ class CommandRecord:
 
 LANGUAGES = ("python", "bash", "javascript")
 HTTP_PROXY_PORT, SOCKS_PORT = 3128, 1080
+TRUST_BUNDLE = "/etc/ssl/certs/ca-certificates.crt"   # the host's bundle plus the sandbox's own CA
+SANDBOX_CA = "/opt/stockade/ca.pem"
+TRUST_ENV = {"SSL_CERT_FILE": TRUST_BUNDLE, "REQUESTS_CA_BUNDLE": TRUST_BUNDLE, "CURL_CA_BUNDLE": TRUST_BUNDLE,
+             "PIP_CERT": TRUST_BUNDLE, "GIT_SSL_CAINFO": TRUST_BUNDLE, "NODE_EXTRA_CA_CERTS": SANDBOX_CA}
 _HTTP_PROXY, _SOCKS = f"http://127.0.0.1:{HTTP_PROXY_PORT}", f"socks5h://127.0.0.1:{SOCKS_PORT}"
 # What every common client reads (curl, pip, npm, git, requests, httpx, node) to find the proxy.
 PROXY_ENV = {name: value for names, value in (
@@ -128,13 +134,20 @@ class Manager:
                               f"({format_duration(policy.lifetime.max_lifetime)})")
         sandbox_id = new_sandbox_id()
         broker = None
+        files: dict[str, bytes] = {}
         if policy.network.mode == "allowlist":
+            secrets_, ca = load_secrets(dict(policy.secrets)), None
+            if secrets_:
+                ca = SandboxCA(sandbox_id, datetime.timedelta(seconds=policy.lifetime.max_lifetime + 3600))
+                files = {TRUST_BUNDLE: sandbox_trust_bundle(ca.pem), SANDBOX_CA: ca.pem}
             broker = BrokerEndpoint(sandbox_id, policy.network, self.broker_root / sandbox_id,
-                                    self.events_root / f"{sandbox_id}.jsonl", self._resolve)
+                                    self.events_root / f"{sandbox_id}.jsonl", self._resolve, secrets_, ca)
             await broker.start()
-            envs = {**PROXY_ENV, **envs}
+            # placeholders win over same-named envs: a secret's real value never enters the sandbox
+            envs = {**PROXY_ENV, **(TRUST_ENV if secrets_ else {}), **envs,
+                    **{sec.name: sec.placeholder.decode() for sec in secrets_}}
         try:
-            rt = await self.runtime.start(sandbox_id, policy, envs, broker.socket_dir if broker else None)
+            rt = await self.runtime.start(sandbox_id, policy, envs, broker.socket_dir if broker else None, files)
             if broker is not None:
                 await rt.channel.call({"op": "net_bridge", "broker": f"{BROKER_DIR}/broker.sock",
                                        "http_port": HTTP_PROXY_PORT, "socks_port": SOCKS_PORT})

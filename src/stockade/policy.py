@@ -94,6 +94,7 @@ class NetworkPolicy(_Section):
     allow_private: list[str] = []    # CIDRs a name may resolve to (private ranges are refused otherwise)
     max_connections: Annotated[int, Field(ge=1, le=100_000)] = 64   # open at once
     max_egress_bytes: PositiveSize = 1 << 30                         # sent out over the sandbox's life
+    extra_ca_certs: str | None = None  # a PEM file the broker trusts for upstreams, beside the host's store
 
     @field_validator("allow", "deny")
     @classmethod
@@ -187,6 +188,47 @@ class LifetimePolicy(_Section):
     max_lifetime: PositiveDuration = 3600.0
 
 
+class SecretPolicy(_Section):
+    """A credential the sandbox can use but never see: inside, env NAME holds a placeholder; the broker
+    puts the real value in requests to ``hosts`` only."""
+
+    value_from: str                      # "env:VAR" or "file:PATH", read on the host when the sandbox starts
+    hosts: list[str]                     # rules as in network.allow
+    header: str | None = None            # set this header when the request does not carry the placeholder
+    format: str = "{secret}"             # e.g. "Bearer {secret}"
+
+    @field_validator("value_from")
+    @classmethod
+    def _source(cls, v: str) -> str:
+        kind, _, rest = v.partition(":")
+        if kind not in ("env", "file") or not rest:
+            raise ValueError("use env:VARIABLE or file:/absolute/path")
+        if kind == "file" and not rest.startswith("/"):
+            raise ValueError("file: needs an absolute path")
+        return v
+
+    @field_validator("hosts")
+    @classmethod
+    def _hosts(cls, v: list[str]) -> list[str]:
+        if not v:
+            raise ValueError("a secret needs at least one host")
+        return NetworkPolicy._rules(v)
+
+    @field_validator("format")
+    @classmethod
+    def _format(cls, v: str) -> str:
+        if "{secret}" not in v:
+            raise ValueError("format must contain {secret}")
+        return v
+
+    @field_validator("header")
+    @classmethod
+    def _header(cls, v: str | None) -> str | None:
+        if v is not None and (not v or any(c in v for c in " :\r\n\t")):
+            raise ValueError(f"{v!r} is not a header name")
+        return v
+
+
 class ArtifactsPolicy(_Section):
     """What a sandbox may hand to the host through save-artifact. Artifacts outlive the sandbox."""
 
@@ -207,6 +249,7 @@ class Policy(_Section):
     limits: LimitsPolicy = LimitsPolicy()
     lifetime: LifetimePolicy = LifetimePolicy()
     artifacts: ArtifactsPolicy = ArtifactsPolicy()
+    secrets: dict[str, SecretPolicy] = {}
     # Controls the policy accepts running without when the host cannot apply them (e.g. no cgroups
     # for an unprivileged user). Empty by default: a missing control is an error.
     allow_missing_controls: list[Control] = []
@@ -257,6 +300,12 @@ class Policy(_Section):
         return Policy.from_dict(data)
 
     def _check_consistency(self) -> None:
+        for name in self.secrets:
+            if not name or name[0].isdigit() or not all(c.isalnum() or c == "_" for c in name):
+                raise PolicyError(f"secrets.{name}", "the name must be an environment variable name")
+            if self.network.mode != "allowlist":
+                raise PolicyError(f"secrets.{name}", "secrets travel through the egress broker: "
+                                  "set network.mode = \"allowlist\"")
         if self.network.mode == "none" and self.network.allow:
             raise PolicyError("network.allow", "set network.mode = \"allowlist\" to open these hosts")
         if self.lifetime.timeout > self.lifetime.max_lifetime:

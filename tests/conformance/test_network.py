@@ -291,3 +291,89 @@ def test_a_denied_sandbox_cannot_use_another_sandboxes_broker(make_sandbox, upst
     assert closed.commands.run("ls /run/stockade").stdout == "broker.sock\n"  # only its own socket
     assert open_sb.commands.run(f"curl -sS http://api.example.test:{upstream.port}/x").stdout.startswith("upstream")
     socket.gethostname()  # the host is untouched
+
+
+SECRET = "sk-test-REAL-4c0ffee-value"
+
+
+def with_secret(upstream: Upstream, **network: object) -> dict[str, object]:
+    return {"network": {"mode": "allowlist", "allow": ["*.example.test"], "allow_private": ["127.0.0.1/32"],
+                        "extra_ca_certs": str(upstream.cert), **network},
+            "secrets": {"API_KEY": {"value_from": "env:STOCKADE_TEST_SECRET", "hosts": ["api.example.test"],
+                                    "header": "Authorization", "format": "Bearer {secret}"}}}
+
+
+@pytest.fixture
+def secret_env(monkeypatch: pytest.MonkeyPatch) -> str:
+    monkeypatch.setenv("STOCKADE_TEST_SECRET", SECRET)
+    return SECRET
+
+
+class EchoUpstream(Upstream):
+    """Answers with the Authorization and X-Key headers it received (a server that reflects credentials)."""
+
+    def __init__(self, tmp: Path) -> None:
+        super().__init__(tmp)
+        self.headers: list[dict[str, str]] = []
+        record = self.headers
+        for server in (self.http, self.tls):
+            base = server.RequestHandlerClass
+
+            class Echo(base):  # type: ignore[misc, valid-type]
+                def _answer(self, received: int) -> None:
+                    record.append({k: v for k, v in self.headers.items()})
+                    body = f"auth={self.headers.get('Authorization')} key={self.headers.get('X-Key')}\n".encode()
+                    self.send_response(200)
+                    self.send_header("Content-Length", str(len(body)))
+                    self.end_headers()
+                    self.wfile.write(body)
+
+            server.RequestHandlerClass = Echo
+
+
+@pytest.fixture
+def echo(tmp_path: Path) -> Iterator[EchoUpstream]:
+    server = EchoUpstream(tmp_path)
+    yield server
+    server.close()
+
+
+def test_secrets_are_injected_on_their_host_only_and_never_seen_inside(make_sandbox, echo, lookups, secret_env):
+    sb = make_sandbox(**with_secret(echo))
+    placeholder = sb.commands.run("printf %s $API_KEY").stdout
+    assert placeholder.startswith("stockade-secret-api_key-") and SECRET not in placeholder
+    assert sb.commands.run(f"grep -c {SECRET} /proc/self/environ /proc/1/environ; true").stdout.count(":0") == 2
+    # the bound host: the value arrives, in the configured header and where the placeholder was sent
+    r = sb.commands.run(f"curl -sS https://api.example.test:{echo.tls_port}/")
+    assert r.exit_code == 0, r.stderr
+    r2 = sb.commands.run(f"curl -sS -H \"X-Key: $API_KEY\" https://api.example.test:{echo.tls_port}/")
+    assert echo.headers[0]["Authorization"] == f"Bearer {SECRET}" and echo.headers[1]["X-Key"] == SECRET
+    # ...but the upstream's echo of it comes back masked
+    assert SECRET not in r.stdout + r2.stdout and "Bearer ****" in r.stdout and "key=****" in r2.stdout
+    # another allowed host gets the placeholder unchanged, and the attempt is recorded
+    r = sb.commands.run(f"curl -sS -H \"X-Key: $API_KEY\" http://other.example.test:{echo.port}/")
+    assert f"key={placeholder}" in r.stdout and echo.headers[2]["X-Key"] == placeholder
+    events = sb.network.events()
+    assert events[0]["protocol"] == "connect-intercepted" and events[0]["secrets"] == ["API_KEY"]
+    assert events[2]["exfiltration_blocked"] == ["API_KEY"]
+    # the value is in no record the host keeps, nor in anything the sandbox returned
+    log = HostConfig.from_env().data_dir / "network" / f"{sb.sandbox_id}.jsonl"
+    assert SECRET not in log.read_text() and SECRET not in json.dumps(events)
+    assert SECRET not in json.dumps(sb.info().policy)
+
+
+def test_intercepted_upstreams_are_verified(make_sandbox, echo, lookups, secret_env):
+    policy = with_secret(echo)
+    del policy["network"]["extra_ca_certs"]  # type: ignore[attr-defined]
+    sb = make_sandbox(**policy)
+    r = sb.commands.run(f"curl -sS https://api.example.test:{echo.tls_port}/; echo rc=$?")
+    assert "rc=0" not in r.stdout
+    assert echo.headers == []  # the untrusted upstream never saw the request, nor the secret
+
+
+def test_a_missing_secret_is_a_policy_error(make_sandbox, echo, monkeypatch):
+    from stockade import PolicyError
+
+    monkeypatch.delenv("STOCKADE_TEST_SECRET", raising=False)
+    with pytest.raises(PolicyError, match=r"secrets.API_KEY.value_from: environment variable"):
+        make_sandbox(**with_secret(echo))

@@ -16,12 +16,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ipaddress
+import ssl
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from .rules import Decision, IPAddress, RuleError, Rules, normalize_host, parse_ip
+from .secrets import BoundSecret, SandboxCA
 
 MAX_LINE = 8192
 MAX_HEADERS = 100
@@ -52,6 +54,9 @@ class Egress:
     max_egress_bytes: int
     record: Callable[[dict[str, Any]], None]
     resolver: Resolver = system_resolver
+    secrets: list[BoundSecret] = field(default_factory=list)
+    ca: SandboxCA | None = None                    # set when there are secrets to inject
+    upstream_ssl: ssl.SSLContext | None = None     # verification for intercepted upstreams
     active: int = 0
     egress_bytes: int = 0
     tasks: set[asyncio.Task[None]] = field(default_factory=set)
@@ -166,6 +171,15 @@ async def _http(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, egre
         writer.write(b"HTTP/1.1 200 Connection established\r\n\r\n")
         await writer.drain()
         event["established"] = True  # from here a refusal is a closed tunnel, not an HTTP answer
+        bound = [sec for sec in egress.secrets if sec.bound_to(host, port)]
+        if bound and egress.ca is not None and egress.upstream_ssl is not None:
+            event["protocol"] = "connect-intercepted"
+            await writer.start_tls(egress.ca.server_context(host))
+            await up_writer.start_tls(egress.upstream_ssl, server_hostname=host)
+            request_head = await _request_with_secrets(reader, egress, event, bound)
+            await _splice(reader, writer, up_reader, up_writer, egress, event, request_head, watch_status=True,
+                          redact=[sec.value for sec in bound])
+            return
         first = await _check_client_hello(reader, host, event)
         await _splice(reader, writer, up_reader, up_writer, egress, event, first)
         return
@@ -177,8 +191,47 @@ async def _http(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, egre
     event["path"] = ("/" + path)[:200]
     up_reader, up_writer = await _open(egress, event, host, port)
     kept = [(k, v) for k, v in headers if not k.lower().startswith("proxy-") and k.lower() != "connection"]
+    _note_placeholders(kept, egress.secrets, [], event)  # secrets never travel in clear text
     head = f"{method} /{path} {version}\r\n" + "".join(f"{k}: {v}\r\n" for k, v in kept) + "Connection: close\r\n\r\n"
     await _splice(reader, writer, up_reader, up_writer, egress, event, head.encode("latin-1"), watch_status=True)
+
+
+def _note_placeholders(headers: list[tuple[str, str]], secrets: list[BoundSecret], bound: list[BoundSecret],
+                       event: dict[str, Any]) -> None:
+    """A placeholder of a secret not bound to this host is forwarded as it is, and recorded."""
+    leaked = sorted({sec.name for sec in secrets if sec not in bound
+                     for _, v in headers if sec.placeholder.decode() in v})
+    if leaked:
+        event["exfiltration_blocked"] = leaked
+
+
+async def _request_with_secrets(reader: asyncio.StreamReader, egress: Egress, event: dict[str, Any],
+                                bound: list[BoundSecret]) -> bytes:
+    """The decrypted request's head with placeholders replaced by the real values (headers only)."""
+    request_line, headers = await _read_head(reader)
+    parts = request_line.split(" ")
+    if len(parts) != 3 or not parts[2].startswith("HTTP/1."):
+        raise ValueError("malformed request line")
+    event["method"], event["path"] = parts[0][:16], parts[1][:200]
+    _note_placeholders(headers, egress.secrets, bound, event)
+    used: set[str] = set()
+    out: list[tuple[str, str]] = []
+    for name, value in headers:
+        if name.lower() in ("connection", "accept-encoding") or name.lower().startswith("proxy-"):
+            continue
+        for sec in bound:
+            if sec.placeholder.decode() in value:
+                value = value.replace(sec.placeholder.decode(), sec.value.decode("latin-1"))
+                used.add(sec.name)
+        out.append((name, value))
+    for sec in bound:  # the configured header, when the client did not carry the placeholder itself
+        if sec.header and sec.name not in used and not any(n.lower() == sec.header.lower() for n, _ in out):
+            out.append((sec.header, sec.format.replace("{secret}", sec.value.decode("latin-1"))))
+            used.add(sec.name)
+    event["secrets"] = sorted(used)
+    # identity encoding, so the response can be scrubbed of the values; one request per connection
+    head = request_line + "\r\n" + "".join(f"{k}: {v}\r\n" for k, v in out)
+    return (head + "Accept-Encoding: identity\r\nConnection: close\r\n\r\n").encode("latin-1")
 
 
 async def _check_client_hello(reader: asyncio.StreamReader, host: str, event: dict[str, Any]) -> bytes:
@@ -271,8 +324,9 @@ async def _refuse(writer: asyncio.StreamWriter, event: dict[str, Any], decision:
 
 async def _splice(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, up_reader: asyncio.StreamReader,
                   up_writer: asyncio.StreamWriter, egress: Egress, event: dict[str, Any], first: bytes,
-                  watch_status: bool = False) -> None:
-    """Copy both ways until either side closes; bytes out count against max_egress_bytes."""
+                  watch_status: bool = False, redact: list[bytes] | None = None) -> None:
+    """Copy both ways until either side closes; bytes out count against max_egress_bytes. ``redact``:
+    values masked (same length, so framing holds) in what comes back, also across chunk boundaries."""
     event["established"] = True
 
     async def outbound() -> None:
@@ -293,16 +347,31 @@ async def _splice(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, up
                         up_writer.write_eof()
                 return
 
+    keep = max((len(v) for v in redact), default=1) - 1 if redact else 0
+
     async def inbound() -> None:
         status_seen = not watch_status
-        while data := await up_reader.read(RELAY_CHUNK):
+        held = b""
+        while True:
+            data = await up_reader.read(RELAY_CHUNK)
             if not status_seen and data.startswith(b"HTTP/"):
                 status_seen = True
                 with contextlib.suppress(ValueError, IndexError):
                     event["status"] = int(data.split(b" ", 2)[1])
             event["bytes_in"] += len(data)
-            writer.write(data)
-            await writer.drain()
+            if redact:
+                data = held + data
+                for value in redact:
+                    data = data.replace(value, b"*" * len(value))
+                if data and keep and not up_reader.at_eof():  # a value may straddle the next chunk
+                    data, held = data[:-keep], data[-keep:]
+                else:
+                    held = b""
+            if data:
+                writer.write(data)
+                await writer.drain()
+            elif up_reader.at_eof() and not held:
+                return
 
     tasks = [asyncio.ensure_future(outbound()), asyncio.ensure_future(inbound())]
     try:

@@ -16,6 +16,7 @@ from typing import Any, TextIO
 from ..policy import NetworkPolicy
 from .proxy import Egress, Resolver, serve, system_resolver
 from .rules import Rules
+from .secrets import BoundSecret, SandboxCA, upstream_context
 
 EVENTS_KEPT = 10000  # in memory, for sandbox.network.events(); the JSONL file keeps all
 
@@ -26,12 +27,14 @@ def rules_for(policy: NetworkPolicy) -> Rules:
 
 class BrokerEndpoint:
     def __init__(self, sandbox_id: str, policy: NetworkPolicy, socket_dir: Path, log_path: Path,
-                 resolver: Resolver = system_resolver) -> None:
+                 resolver: Resolver = system_resolver, secrets: list[BoundSecret] | None = None,
+                 ca: SandboxCA | None = None) -> None:
         self.socket_dir = socket_dir
         self.log_path = log_path
         self.events: deque[dict[str, Any]] = deque(maxlen=EVENTS_KEPT)
         self.egress = Egress(sandbox_id, rules_for(policy), policy.max_connections, policy.max_egress_bytes,
-                             self._record, resolver)
+                             self._record, resolver, list(secrets or []), ca,
+                             upstream_context(policy.extra_ca_certs) if secrets else None)
         self._listener: socket.socket | None = None
         self._accepting: asyncio.Task[None] | None = None
         self._log: TextIO | None = None
@@ -72,7 +75,13 @@ class BrokerEndpoint:
             task.add_done_callback(self.egress.tasks.discard)
 
     async def _client(self, client: socket.socket, kind: bytes) -> None:
-        reader, writer = await asyncio.open_connection(sock=client)
+        # server-side streams (as start_server makes them), so TLS can be terminated here for secrets
+        loop = asyncio.get_running_loop()
+        reader = asyncio.StreamReader(limit=65536)
+        connected: asyncio.Future[asyncio.StreamWriter] = loop.create_future()
+        protocol = asyncio.StreamReaderProtocol(reader, lambda _r, w: connected.set_result(w))
+        await loop.connect_accepted_socket(lambda: protocol, sock=client)
+        writer = await connected
         reader.feed_data(kind)  # serve() reads the selector first, whatever carried it
         await serve(reader, writer, self.egress)
 

@@ -37,6 +37,7 @@ class Runtime(ABC):
 
     @abstractmethod
     async def start(self, sandbox_id: str, policy: Policy, envs: Mapping[str, str],
-                    broker_dir: Path | None = None) -> RuntimeSandbox:
+                    broker_dir: Path | None = None, files: Mapping[str, bytes] | None = None) -> RuntimeSandbox:
         """Start a sandbox whose agent is ready to serve requests; raise SandboxUnavailableError if the
-        host cannot. ``broker_dir`` holds the egress broker's socket, to appear at BROKER_DIR inside."""
+        host cannot. ``broker_dir`` holds the egress broker's socket, to appear at BROKER_DIR inside;
+        ``files`` are read-only files to place (sandbox path -> content), e.g. the trust bundle."""

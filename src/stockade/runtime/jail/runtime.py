@@ -158,7 +158,7 @@ class JailRuntime(Runtime):
         return [c for c in cgroups.CONTROLLERS if c not in self.cgroups.parents]
 
     async def start(self, sandbox_id: str, policy: Policy, envs: Mapping[str, str],
-                    broker_dir: Path | None = None) -> JailSandbox:
+                    broker_dir: Path | None = None, files: Mapping[str, bytes] | None = None) -> JailSandbox:
         missing = [c for c in self.missing_controls(policy) if c not in policy.allow_missing_controls]
         if missing:
             reasons = "; ".join(f"{c}: {self.cgroups.problems.get(c, 'unavailable')}" for c in missing)
@@ -167,7 +167,7 @@ class JailRuntime(Runtime):
                 "fix: run as root or give stockade a delegated cgroup (STOCKADE_CGROUP_PARENT); or accept "
                 f"the weaker sandbox with allow_missing_controls = {json.dumps(missing)} in the policy. "
                 "Run `stockade doctor` for details.")
-        sandbox = JailSandbox(self, sandbox_id, policy, broker_dir)
+        sandbox = JailSandbox(self, sandbox_id, policy, broker_dir, dict(files or {}))
         try:
             await sandbox._start(envs)
         except BaseException:
@@ -177,9 +177,11 @@ class JailRuntime(Runtime):
 
 
 class JailSandbox(RuntimeSandbox):
-    def __init__(self, runtime: JailRuntime, sandbox_id: str, policy: Policy, broker_dir: Path | None) -> None:
+    def __init__(self, runtime: JailRuntime, sandbox_id: str, policy: Policy, broker_dir: Path | None,
+                 files: dict[str, bytes]) -> None:
         self.runtime = runtime
         self.broker_dir = broker_dir
+        self.files = files
         self.id = sandbox_id
         self.policy = policy
         self.python = f"{environment.MOUNT}/bin/python3" if runtime.sandbox_env else runtime.image.python
@@ -285,6 +287,8 @@ class JailSandbox(RuntimeSandbox):
                  "--size", str(fs.workspace_size), "--perms", "0755", "--tmpfs", rootfs.HOME]
         for path, text in rootfs.generated_files().items():
             argv += ["--ro-bind-data", data(path.rsplit("/", 1)[1], text.encode()), path]
+        for path, content in self.files.items():
+            argv += ["--ro-bind-data", data(path.rsplit("/", 1)[1], content), path]
         for name, code in rt.agent_files.items():
             argv += ["--ro-bind-data", data(name, code), f"{rootfs.AGENT_DIR}/{name}"]
         helper = (Path(protocol.__file__).parent / "stockade_artifacts.py").read_bytes()
