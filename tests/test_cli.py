@@ -80,7 +80,9 @@ def test_run_usage_errors():
 
 def test_policy_show_round_trips(tmp_path):
     p = tmp_path / "p.toml"
-    p.write_text('[limits]\nmemory = "256MiB"\n[[filesystem.mounts]]\nsource = "/data"\ntarget = "/mnt/d"\n')
+    p.write_text('[limits]\nmemory = "256MiB"\n[[filesystem.mounts]]\nsource = "/data"\ntarget = "/mnt/d"\n'
+                 '[network]\nmode = "allowlist"\nallow = ["api.example.com"]\n'
+                 '[secrets.API_KEY]\nvalue_from = "env:KEY"\nhosts = ["api.example.com"]\n')
     r = stockade("policy", "show", "--policy", str(p))
     assert r.returncode == 0, r.stderr
     assert 'memory = "256MiB"' in r.stdout and "[[filesystem.mounts]]" in r.stdout

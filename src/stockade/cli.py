@@ -213,20 +213,25 @@ def to_toml(d: dict[str, Any]) -> str:
             return "[" + ", ".join(value(x) for x in v) + "]"
         return '"' + str(v).replace("\\", "\\\\").replace('"', '\\"') + '"'
 
-    lines = [f"{k} = {value(v)}" for k, v in d.items() if not isinstance(v, dict)]
-    for section, fields in d.items():
-        if not isinstance(fields, dict):
-            continue
-        lines.append(f"\n[{section}]")
-        tables = []
+    def table(name: str, fields: dict[str, Any], header: str) -> list[str]:
+        out = [header] if header else []
+        nested: list[str] = []
         for k, v in fields.items():
-            if isinstance(v, list) and v and isinstance(v[0], dict):
-                tables += [(k, item) for item in v]
+            if v is None:  # TOML has no null: an absent key means the default
+                continue
+            if isinstance(v, dict):
+                nested += table(f"{name}.{k}", v, f"\n[{name}.{k}]")
+            elif isinstance(v, list) and v and isinstance(v[0], dict):
+                for item in v:
+                    nested += table(f"{name}.{k}", item, f"\n[[{name}.{k}]]")
             else:
-                lines.append(f"{k} = {value(v)}")
-        for k, item in tables:
-            lines.append(f"\n[[{section}.{k}]]")
-            lines += [f"{ik} = {value(iv)}" for ik, iv in item.items()]
+                out.append(f"{k} = {value(v)}")
+        return out + nested
+
+    lines = [f"{k} = {value(v)}" for k, v in d.items() if not isinstance(v, dict) and v is not None]
+    for section, fields in d.items():
+        if isinstance(fields, dict):
+            lines += table(section, fields, f"\n[{section}]")
     return "\n".join(lines).lstrip("\n") + "\n"
 
 
