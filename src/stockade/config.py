@@ -21,6 +21,7 @@ class HostConfig:
     cgroup_parent: str
     data_dir: Path          # what outlives sandboxes and reboots: the sandbox environment, artifacts
     sandbox_env: Path       # the Python environment mounted read-only into every sandbox (if built)
+    host_groups: dict[str, list[str]]   # named egress rule lists a policy refers to as "@name"
 
     @classmethod
     def from_env(cls) -> HostConfig:
@@ -45,7 +46,24 @@ class HostConfig:
         return cls(state_dir=state, uid_range=_uid_range(env.get("STOCKADE_UID_RANGE")),
                    bwrap=env.get("STOCKADE_BWRAP") or None, python=env.get("STOCKADE_PYTHON") or None,
                    cgroup_parent=env.get("STOCKADE_CGROUP_PARENT", "stockade"), data_dir=data,
-                   sandbox_env=sandbox_env)
+                   sandbox_env=sandbox_env, host_groups=_host_groups(env.get("STOCKADE_HOST_GROUPS")))
+
+
+def _host_groups(path: str | None) -> dict[str, list[str]]:
+    """``[groups]`` of a TOML file: ``name = ["host", "*.domain:443", ...]``. None are built in."""
+    if not path:
+        return {}
+    import tomllib
+
+    try:
+        data = tomllib.loads(Path(path).read_text())
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise StockadeError(f"STOCKADE_HOST_GROUPS={path}: cannot read the host groups: {exc}") from None
+    groups = data.get("groups", {})
+    if not isinstance(groups, dict) or not all(
+            isinstance(v, list) and all(isinstance(r, str) for r in v) for v in groups.values()):
+        raise StockadeError(f"{path}: [groups] must map names to lists of host rules")
+    return {str(k): list(v) for k, v in groups.items()}
 
 
 def _uid_range(text: str | None) -> tuple[int, int]:

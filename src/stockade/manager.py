@@ -22,6 +22,7 @@ from typing import Any
 from .agent import protocol
 from .artifacts import ArtifactError, ArtifactStore, ArtifactWriter
 from .broker.proxy import Resolver, system_resolver
+from .broker.rules import RuleError
 from .broker.secrets import SandboxCA, load_secrets, sandbox_trust_bundle
 from .broker.server import BrokerEndpoint
 from .errors import FilesystemError, PolicyError, ProtocolError, SandboxNotFoundError, SandboxUnavailableError
@@ -117,6 +118,7 @@ class Manager:
         self.broker_root = broker_root      # per-sandbox broker sockets (host state)
         self.events_root = events_root      # per-sandbox network event logs (kept)
         self.resolver: Resolver = system_resolver
+        self.host_groups: dict[str, builtins.list[str]] = {}  # "@name" rule lists from the host's config
         self.sandboxes: dict[str, ManagedSandbox] = {}
         self.tombstones: OrderedDict[str, str] = OrderedDict()
         self.loop = asyncio.get_running_loop()
@@ -140,8 +142,12 @@ class Manager:
             if secrets_:
                 ca = SandboxCA(sandbox_id, datetime.timedelta(seconds=policy.lifetime.max_lifetime + 3600))
                 files = {TRUST_BUNDLE: sandbox_trust_bundle(ca.pem), SANDBOX_CA: ca.pem}
-            broker = BrokerEndpoint(sandbox_id, policy.network, self.broker_root / sandbox_id,
-                                    self.events_root / f"{sandbox_id}.jsonl", self._resolve, secrets_, ca)
+            try:
+                broker = BrokerEndpoint(sandbox_id, policy.network, self.broker_root / sandbox_id,
+                                        self.events_root / f"{sandbox_id}.jsonl", self._resolve, secrets_, ca,
+                                        self.host_groups)
+            except RuleError as exc:
+                raise PolicyError("network.allow", str(exc)) from None
             await broker.start()
             # placeholders win over same-named envs: a secret's real value never enters the sandbox
             envs = {**PROXY_ENV, **(TRUST_ENV if secrets_ else {}), **envs,
@@ -340,7 +346,10 @@ class Manager:
             network = policy.network
             if network.mode == "none":  # no more egress: an empty allow list denies everything
                 network = network.model_copy(update={"allow": []})
-            sb.broker.update(network)
+            try:
+                sb.broker.update(network)
+            except RuleError as exc:
+                raise PolicyError("network.allow", str(exc)) from None
         sb.policy = policy
         return policy.network
 

@@ -99,9 +99,13 @@ class NetworkPolicy(_Section):
     @field_validator("allow", "deny")
     @classmethod
     def _rules(cls, v: list[str]) -> list[str]:
-        from .broker.rules import RuleError, parse_rule
+        from .broker.rules import GROUP_NAME, RuleError, parse_rule
 
         for i, rule in enumerate(v):
+            if rule.strip().startswith("@"):  # a host group: resolved from the host's configuration at start
+                if not GROUP_NAME.match(rule.strip()):
+                    raise ValueError(f"entry {i}: {rule!r} is not a valid host group name")
+                continue
             try:
                 parse_rule(rule)
             except RuleError as exc:

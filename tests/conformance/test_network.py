@@ -377,3 +377,102 @@ def test_a_missing_secret_is_a_policy_error(make_sandbox, echo, monkeypatch):
     monkeypatch.delenv("STOCKADE_TEST_SECRET", raising=False)
     with pytest.raises(PolicyError, match=r"secrets.API_KEY.value_from: environment variable"):
         make_sandbox(**with_secret(echo))
+
+
+class StaticHTTPS:
+    """Files from a directory over HTTPS on 127.0.0.1 (a package index, a dumb-protocol git remote)."""
+
+    def __init__(self, root: Path, cert: Path, key: Path) -> None:
+        handler = type("Static", (http.server.SimpleHTTPRequestHandler,),
+                       {"log_message": lambda *a: None,
+                        "__init__": lambda self, *a, **k: http.server.SimpleHTTPRequestHandler.__init__(
+                            self, *a, directory=str(root), **k)})
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        ctx.load_cert_chain(cert, key)
+        self.server.socket = ctx.wrap_socket(self.server.socket, server_side=True)
+        self.port = self.server.server_address[1]
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def _wheel(path: Path, name: str, version: str) -> Path:
+    """A minimal pure-Python wheel, built by hand (no network, no build backend)."""
+    import base64
+    import hashlib
+    import zipfile
+
+    files = {f"{name}/__init__.py": f"VERSION = {version!r}\n",
+             f"{name}-{version}.dist-info/METADATA": f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n",
+             f"{name}-{version}.dist-info/WHEEL": "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\n"
+                                                  "Tag: py3-none-any\n"}
+    def digest(content: str) -> str:
+        return base64.urlsafe_b64encode(hashlib.sha256(content.encode()).digest()).rstrip(b"=").decode()
+
+    record = "".join(f"{p},sha256={digest(c)},{len(c)}\n" for p, c in files.items())
+    record += f"{name}-{version}.dist-info/RECORD,,\n"
+    whl = path / f"{name}-{version}-py3-none-any.whl"
+    with zipfile.ZipFile(whl, "w") as z:
+        for p, c in files.items():
+            z.writestr(p, c)
+        z.writestr(f"{name}-{version}.dist-info/RECORD", record)
+    return whl
+
+
+def test_pip_installs_from_an_allowed_index_and_git_clones_over_https(make_sandbox, tmp_path, lookups):
+    import subprocess
+
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    _self_signed(cert, key, "pkgs.example.test")
+    root = tmp_path / "www"
+    (root / "simple" / "stockade-demo").mkdir(parents=True)
+    whl = _wheel(root / "simple" / "stockade-demo", "stockade_demo", "1.0")
+    (root / "simple" / "stockade-demo" / "index.html").write_text(f'<a href="{whl.name}">{whl.name}</a>\n')
+    repo = tmp_path / "work"
+    subprocess.run(["git", "init", "-q", str(repo)], check=True)
+    (repo / "README").write_text("cloned through the broker\n")
+    git = ["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@example.test"]
+    subprocess.run([*git, "add", "README"], check=True)
+    subprocess.run([*git, "commit", "-qm", "init"], check=True)
+    subprocess.run(["git", "clone", "-q", "--bare", str(repo), str(root / "repo.git")], check=True)
+    subprocess.run(["git", "-C", str(root / "repo.git"), "update-server-info"], check=True)
+    server = StaticHTTPS(root, cert, key)
+    try:
+        sb = make_sandbox(network={"mode": "allowlist", "allow": [f"pkgs.example.test:{server.port}"],
+                                   "allow_private": ["127.0.0.1/32"]})
+        sb.files.write("ca.pem", cert.read_text())
+        url = f"https://pkgs.example.test:{server.port}"
+        r = sb.commands.run(f"python3 -m pip install -q --no-cache-dir --cert ca.pem --index-url {url}/simple "
+                            "--target /tmp/site stockade-demo && PYTHONPATH=/tmp/site python3 -c "
+                            "'import stockade_demo; print(stockade_demo.VERSION)'", timeout=60)
+        assert r.stdout.strip().endswith("1.0"), r.stderr
+        r = sb.commands.run(f"git -c http.sslCAInfo=ca.pem clone -q {url}/repo.git clone && cat clone/README",
+                            timeout=60)
+        assert r.stdout == "cloned through the broker\n", r.stderr
+        hosts = {e["host"] for e in sb.network.events() if e["decision"] == "allow"}
+        assert hosts == {"pkgs.example.test"}
+    finally:
+        server.close()
+
+
+def test_host_groups_from_the_hosts_configuration(make_sandbox, upstream, lookups, tmp_path):
+    from stockade import PolicyError
+    from stockade.config import _host_groups
+
+    groups_file = tmp_path / "groups.toml"
+    groups_file.write_text(f'[groups]\napi-hosts = ["api.example.test:{upstream.port}"]\n')
+
+    async def set_groups(groups):  # type: ignore[no-untyped-def]
+        (await _transport(None).manager()).host_groups = groups
+
+    portal().call(set_groups(_host_groups(str(groups_file))))
+    try:
+        sb = make_sandbox(network={"mode": "allowlist", "allow": ["@api-hosts"], "allow_private": ["127.0.0.1/32"]})
+        assert sb.commands.run(f"curl -sS http://api.example.test:{upstream.port}/g").stdout == "upstream saw /g\n"
+        with pytest.raises(PolicyError, match="host group '@nope' is not defined"):
+            make_sandbox(network={"mode": "allowlist", "allow": ["@nope"]})
+    finally:
+        portal().call(set_groups({}))

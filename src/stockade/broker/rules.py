@@ -83,7 +83,7 @@ def parse_rule(text: str) -> Rule:
         raise RuleError("empty rule")
     raw = text.strip()
     if raw.startswith("@"):
-        raise RuleError(f"host group {raw!r} is not defined on this host")
+        raise RuleError(f"host group {raw!r} is not defined on this host (STOCKADE_HOST_GROUPS)")
     port: int | None = None
     body = raw
     if raw.startswith("["):  # [IPv6]:port
@@ -109,6 +109,23 @@ def parse_rule(text: str) -> Rule:
     if "*" in body:
         raise RuleError(f"{raw!r}: a wildcard is only allowed as a leading '*.'")
     return Rule(raw, host=normalize_host(body), port=port)
+
+
+GROUP_NAME = re.compile(r"^@[A-Za-z0-9_.-]{1,64}$")
+
+
+def expand_groups(rules: list[str], groups: dict[str, list[str]]) -> list[str]:
+    """Replace each ``@name`` by the rules of the host group ``name`` (groups do not nest)."""
+    out: list[str] = []
+    for rule in rules:
+        if rule.strip().startswith("@"):
+            name = rule.strip()[1:]
+            if name not in groups:
+                raise RuleError(f"host group {rule.strip()!r} is not defined on this host (STOCKADE_HOST_GROUPS)")
+            out += groups[name]
+        else:
+            out.append(rule)
+    return out
 
 
 def _port(text: str, rule: str) -> int:

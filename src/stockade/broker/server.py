@@ -15,25 +15,27 @@ from typing import Any, TextIO
 
 from ..policy import NetworkPolicy
 from .proxy import Egress, Resolver, serve, system_resolver
-from .rules import Rules
+from .rules import Rules, expand_groups
 from .secrets import BoundSecret, SandboxCA, upstream_context
 
 EVENTS_KEPT = 10000  # in memory, for sandbox.network.events(); the JSONL file keeps all
 
 
-def rules_for(policy: NetworkPolicy) -> Rules:
-    return Rules(list(policy.allow), list(policy.deny), list(policy.allow_private))
+def rules_for(policy: NetworkPolicy, groups: dict[str, list[str]]) -> Rules:
+    return Rules(expand_groups(list(policy.allow), groups), expand_groups(list(policy.deny), groups),
+                 list(policy.allow_private))
 
 
 class BrokerEndpoint:
     def __init__(self, sandbox_id: str, policy: NetworkPolicy, socket_dir: Path, log_path: Path,
                  resolver: Resolver = system_resolver, secrets: list[BoundSecret] | None = None,
-                 ca: SandboxCA | None = None) -> None:
+                 ca: SandboxCA | None = None, groups: dict[str, list[str]] | None = None) -> None:
+        self.groups = dict(groups or {})
         self.socket_dir = socket_dir
         self.log_path = log_path
         self.events: deque[dict[str, Any]] = deque(maxlen=EVENTS_KEPT)
-        self.egress = Egress(sandbox_id, rules_for(policy), policy.max_connections, policy.max_egress_bytes,
-                             self._record, resolver, list(secrets or []), ca,
+        self.egress = Egress(sandbox_id, rules_for(policy, self.groups), policy.max_connections,
+                             policy.max_egress_bytes, self._record, resolver, list(secrets or []), ca,
                              upstream_context(policy.extra_ca_certs) if secrets else None)
         self._listener: socket.socket | None = None
         self._accepting: asyncio.Task[None] | None = None
@@ -87,7 +89,7 @@ class BrokerEndpoint:
 
     def update(self, policy: NetworkPolicy) -> None:
         """New rules and limits apply to new connections at once."""
-        self.egress.rules = rules_for(policy)
+        self.egress.rules = rules_for(policy, self.groups)
         self.egress.max_connections = policy.max_connections
         self.egress.max_egress_bytes = policy.max_egress_bytes
 

@@ -32,6 +32,7 @@ class LocalTransport(Transport):
             store.prune()
             self._manager = Manager(runtime, store, runtime.config.state_dir / "net",
                                     runtime.config.data_dir / "network")
+            self._manager.host_groups = runtime.config.host_groups
         return self._manager
 
     async def create(self, policy: Policy, timeout: float | None, envs: Mapping[str, str] | None,
