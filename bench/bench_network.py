@@ -10,15 +10,12 @@ The client is one Python script, run on the host (direct) and inside a sandbox (
 from __future__ import annotations
 
 import argparse
-import http.server
 import ipaddress
 import os
 import platform
-import ssl
 import subprocess
 import sys
 import tempfile
-import threading
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
@@ -59,6 +56,26 @@ print(json.dumps(out))
 '''
 
 
+UPSTREAMS = r'''
+import http.server, os, ssl, sys, threading
+big = os.urandom(1 << 20)
+class Handler(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    def do_GET(self):
+        body = big if self.path == "/big" else b"ok"
+        self.send_response(200); self.send_header("Content-Length", str(len(body))); self.end_headers()
+        self.wfile.write(body)
+    def log_message(self, *a): pass
+plain = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+tls = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH); ctx.load_cert_chain(sys.argv[1], sys.argv[2])
+tls.socket = ctx.wrap_socket(tls.socket, server_side=True)
+threading.Thread(target=tls.serve_forever, daemon=True).start()
+print(plain.server_address[1], tls.server_address[1], flush=True)
+plain.serve_forever()
+'''
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--requests", type=int, default=200)
@@ -67,29 +84,11 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="stockade-bench-net-"))
     cert, key = tmp / "cert.pem", tmp / "key.pem"
     _self_signed(cert, key, "api.example.test")
-    big = os.urandom(1 << 20)
-
-    class Handler(http.server.BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
-
-        def do_GET(self) -> None:  # noqa: N802
-            body = big if self.path == "/big" else b"ok"
-            self.send_response(200)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *a: object) -> None:
-            pass
-
-    plain = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    tls = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    ctx.load_cert_chain(cert, key)
-    tls.socket = ctx.wrap_socket(tls.socket, server_side=True)
-    for s in (plain, tls):
-        threading.Thread(target=s.serve_forever, daemon=True).start()
-    port, tls_port = plain.server_address[1], tls.server_address[1]
+    # The upstreams run in their own process: in this one they would share a GIL with the broker.
+    servers = subprocess.Popen([sys.executable, "-c", UPSTREAMS, str(cert), str(key)], stdout=subprocess.PIPE,
+                               text=True)
+    assert servers.stdout is not None
+    port, tls_port = (int(p) for p in servers.stdout.readline().split())
     (tmp / "client.py").write_text(CLIENT)
     # direct: the host resolves api.example.test through a hosts-like mapping: the client connects to 127.0.0.1
     # for plain HTTP and uses SNI/verification for the name over TLS via a socket patch
@@ -121,8 +120,8 @@ def main() -> None:
         b = json.loads(r.stdout or "{}") if r.exit_code == 0 else {}
         if not b:
             raise SystemExit(f"sandbox client failed: {r.stderr}")
-    for s in (plain, tls):
-        s.shutdown()
+    servers.terminate()
+    servers.wait()
     rows = [
         ("1 MiB downloads, HTTP through the proxy", f"{b['mib_per_s']:.0f} MiB/s",
          f"direct {d['mib_per_s']:.0f} MiB/s ({100 * b['mib_per_s'] / d['mib_per_s']:.0f}% of direct)"),

@@ -476,3 +476,22 @@ def test_host_groups_from_the_hosts_configuration(make_sandbox, upstream, lookup
             make_sandbox(network={"mode": "allowlist", "allow": ["@nope"]})
     finally:
         portal().call(set_groups({}))
+
+
+def test_a_slow_client_cannot_starve_another_sandbox(make_sandbox, upstream, lookups):
+    greedy = make_sandbox(**allow("*.example.test", max_connections=4))
+    polite = make_sandbox(**allow(f"api.example.test:{upstream.port}"))
+    # four connections that never finish their request line, held open in the background
+    code = "import socket, time\nheld = [socket.create_connection(('127.0.0.1', 3128)) for _ in range(4)]\n" \
+           "[s.sendall(b'GET http://api.example.test/ HT') for s in held]\ntime.sleep(30)"
+    handle = greedy.commands.run(["python3", "-c", code], background=True)
+    try:
+        import time
+
+        time.sleep(0.5)
+        r = greedy.commands.run(f"curl -sS http://api.example.test:{upstream.port}/")
+        assert "network.max_connections" in r.stdout  # its own cap is full
+        assert polite.commands.run(f"curl -sS http://api.example.test:{upstream.port}/p").stdout == \
+            "upstream saw /p\n"
+    finally:
+        handle.kill()
