@@ -11,13 +11,15 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from table import print_table  # noqa: E402
 
 from stockade import Policy, Sandbox  # noqa: E402
 from stockade.config import HostConfig  # noqa: E402
@@ -69,17 +71,7 @@ def main() -> None:
     rows.append(("first run_code in a fresh sandbox (context start)", f"{pct(firsts, .5):.0f} ms",
                  f"{pct(firsts, .95):.0f} ms", baseline))
 
-    machine = (f"{os.cpu_count()} cores, {platform.machine()}, Linux {platform.release()}, "
-               f"Python {platform.python_version()}, {'root' if os.geteuid() == 0 else 'unprivileged'}")
-    if args.markdown:
-        print(f"Machine: {machine}\n\n| measure | p50 | p95 | baseline (same run) |\n|---|---|---|---|")
-        for r in rows:
-            print(f"| {r[0]} | {r[1]} | {r[2]} | {r[3]} |")
-    else:
-        print(machine)
-        for r in rows:
-            print(f"{r[0]:<55} {r[1]:>10} {r[2]:>10}  {r[3]}")
-
+    print_table(["measure", "p50", "p95", "baseline (same run)"], rows, args.markdown)
 
 if __name__ == "__main__":
     main()

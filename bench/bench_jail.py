@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -25,6 +24,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from table import print_table  # noqa: E402
 
 from stockade import Policy, Sandbox  # noqa: E402
 from stockade.runtime.jail import bwrap as bwrap_mod  # noqa: E402
@@ -155,18 +157,7 @@ def main() -> None:
         for sb in sandboxes:
             sb.kill()
 
-    machine = (f"{platform.node()}: {os.cpu_count()} cores, {platform.machine()}, Linux {platform.release()}, "
-               f"Python {platform.python_version()}, {'root' if os.geteuid() == 0 else 'unprivileged'}")
-    if args.markdown:
-        print(f"Machine: {machine}\n")
-        print("| measure | p50 | p95 | baseline (same run) |\n|---|---|---|---|")
-        for r in rows:
-            print(f"| {r[0]} | {r[1]} | {r[2]} | {r[3]} |")
-    else:
-        print(machine)
-        for r in rows:
-            print(f"{r[0]:<45} {r[1]:>10} {r[2]:>10}  {r[3]}")
-
+    print_table(["measure", "p50", "p95", "baseline (same run)"], rows, args.markdown)
 
 if __name__ == "__main__":
     main()

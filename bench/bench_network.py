@@ -12,15 +12,16 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import os
-import platform
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from table import print_table  # noqa: E402
 from tests.conformance.test_network import _self_signed  # noqa: E402
 
 from stockade import Sandbox  # noqa: E402
@@ -69,7 +70,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
 plain = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
 tls = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
 ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH); ctx.load_cert_chain(sys.argv[1], sys.argv[2])
-tls.socket = ctx.wrap_socket(tls.socket, server_side=True)
+tls.socket = ctx.wrap_socket(tls.socket, server_side=True, do_handshake_on_connect=False)
 threading.Thread(target=tls.serve_forever, daemon=True).start()
 print(plain.server_address[1], tls.server_address[1], flush=True)
 plain.serve_forever()
@@ -129,17 +130,7 @@ def main() -> None:
          f"direct {d['p50_ms']:.2f} ms (+{b['p50_ms'] - d['p50_ms']:.2f} ms)"),
         ("same, p95", f"{b['p95_ms']:.2f} ms", f"direct {d['p95_ms']:.2f} ms"),
     ]
-    machine = (f"{os.cpu_count()} cores, {platform.machine()}, Linux {platform.release()}, "
-               f"Python {platform.python_version()}")
-    if args.markdown:
-        print(f"Machine: {machine}\n\n| measure | through the broker | baseline (same run) |\n|---|---|---|")
-        for row in rows:
-            print(f"| {row[0]} | {row[1]} | {row[2]} |")
-    else:
-        print(machine)
-        for row in rows:
-            print(f"{row[0]:<50} {row[1]:>12}  {row[2]}")
-
+    print_table(["measure", "through the broker", "baseline (same run)"], rows, args.markdown)
 
 if __name__ == "__main__":
     main()

@@ -52,7 +52,8 @@ class Upstream:
         _self_signed(self.cert, key, "api.example.test")
         ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         ctx.load_cert_chain(self.cert, key)
-        self.tls.socket = ctx.wrap_socket(self.tls.socket, server_side=True)
+        # the handshake happens in the handler thread: a client that stalls it cannot block accept()
+        self.tls.socket = ctx.wrap_socket(self.tls.socket, server_side=True, do_handshake_on_connect=False)
         self.port = self.http.server_address[1]
         self.tls_port = self.tls.server_address[1]
         for server in (self.http, self.tls):
@@ -390,7 +391,7 @@ class StaticHTTPS:
         self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
         ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         ctx.load_cert_chain(cert, key)
-        self.server.socket = ctx.wrap_socket(self.server.socket, server_side=True)
+        self.server.socket = ctx.wrap_socket(self.server.socket, server_side=True, do_handshake_on_connect=False)
         self.port = self.server.server_address[1]
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 

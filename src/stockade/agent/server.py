@@ -386,15 +386,8 @@ class Agent:
         if draining:
             # What the process wrote before it exited is already in the pipes; a background
             # grandchild holding them open must not keep the command from completing.
+            self.drain_output(proc)
             for fd in list(proc.fds):
-                for _ in range(64):
-                    try:
-                        data = os.read(fd, protocol.CHUNK)
-                    except (BlockingIOError, OSError):
-                        break
-                    if not data:
-                        break
-                    self.forward(proc, proc.fds[fd], data)
                 self.close_output(fd)
         elif proc.fds:
             return
@@ -425,11 +418,7 @@ class Agent:
         for proc in list(self.procs.values()):
             if proc.deadline and not proc.timed_out and now >= proc.deadline:
                 proc.timed_out = True
-                for kill in (os.killpg, os.kill):
-                    try:
-                        kill(proc.pid, _signal.SIGKILL)
-                    except ProcessLookupError:
-                        pass
+                _kill_group(proc.pid)
 
     # ---- code-interpreter contexts --------------------------------------------------------------
     def op_ctx_start(self, rid: int, h: dict, body: bytes) -> None:
@@ -489,11 +478,7 @@ class Agent:
     def op_ctx_stop(self, rid: int, h: dict, body: bytes) -> None:
         ctx = self.contexts.get(h["ctx"])
         if ctx is not None:
-            for kill in (os.killpg, os.kill):
-                try:
-                    kill(ctx.proc.pid, _signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
+            _kill_group(ctx.proc.pid)
         self.send({"id": rid, "ev": "ok"})
 
     def op_ctx_list(self, rid: int, h: dict, body: bytes) -> None:
@@ -559,11 +544,7 @@ class Agent:
                 pass
         else:  # the interrupt did not work: kill it; the host restarts the context
             ctx.deadline = None
-            for kill in (os.killpg, os.kill):
-                try:
-                    kill(ctx.proc.pid, _signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
+            _kill_group(ctx.proc.pid)
 
     def drain_output(self, proc: Proc) -> None:
         for fd in list(proc.fds):
@@ -854,6 +835,15 @@ def _bridge_accept(listener, kind, broker):  # noqa: ANN001
         finally:  # the broker holds its own copy now
             upstream.close()
             client.close()
+
+
+def _kill_group(pid: int) -> None:
+    """SIGKILL a process's group (every command runs in its own session), then the process itself."""
+    for kill in (os.killpg, os.kill):
+        try:
+            kill(pid, _signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
 
 def _which(program: str, path: str) -> str:

@@ -168,20 +168,10 @@ async def _http(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, egre
         event["protocol"] = "connect"
         host, port = _split_target(target, 443)
         up_reader, up_writer = await _open(egress, event, host, port)
-        writer.write(b"HTTP/1.1 200 Connection established\r\n\r\n")
-        await writer.drain()
-        event["established"] = True  # from here a refusal is a closed tunnel, not an HTTP answer
-        bound = [sec for sec in egress.secrets if sec.bound_to(host, port)]
-        if bound and egress.ca is not None and egress.upstream_ssl is not None:
-            event["protocol"] = "connect-intercepted"
-            await writer.start_tls(egress.ca.server_context(host))
-            await up_writer.start_tls(egress.upstream_ssl, server_hostname=host)
-            request_head = await _request_with_secrets(reader, egress, event, bound)
-            await _splice(reader, writer, up_reader, up_writer, egress, event, request_head, watch_status=True,
-                          redact=[sec.value for sec in bound])
-            return
-        first = await _check_client_hello(reader, host, event)
-        await _splice(reader, writer, up_reader, up_writer, egress, event, first)
+        try:
+            await _tunnel(reader, writer, up_reader, up_writer, egress, event, host, port)
+        finally:  # also when the tunnel is refused after the upstream connection was made
+            up_writer.close()
         return
     event["protocol"] = "http"
     if not target.startswith("http://"):
@@ -194,6 +184,26 @@ async def _http(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, egre
     _note_placeholders(kept, egress.secrets, [], event)  # secrets never travel in clear text
     head = f"{method} /{path} {version}\r\n" + "".join(f"{k}: {v}\r\n" for k, v in kept) + "Connection: close\r\n\r\n"
     await _splice(reader, writer, up_reader, up_writer, egress, event, head.encode("latin-1"), watch_status=True)
+
+
+async def _tunnel(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, up_reader: asyncio.StreamReader,
+                  up_writer: asyncio.StreamWriter, egress: Egress, event: dict[str, Any], host: str,
+                  port: int) -> None:
+    """After CONNECT: intercept for a secret-bound host, else check the ClientHello and relay untouched."""
+    writer.write(b"HTTP/1.1 200 Connection established\r\n\r\n")
+    await writer.drain()
+    event["established"] = True  # from here a refusal is a closed tunnel, not an HTTP answer
+    bound = [sec for sec in egress.secrets if sec.bound_to(host, port)]
+    if bound and egress.ca is not None and egress.upstream_ssl is not None:
+        event["protocol"] = "connect-intercepted"
+        await writer.start_tls(egress.ca.server_context(host))
+        await up_writer.start_tls(egress.upstream_ssl, server_hostname=host)
+        request_head = await _request_with_secrets(reader, egress, event, bound)
+        await _splice(reader, writer, up_reader, up_writer, egress, event, request_head, watch_status=True,
+                      redact=[sec.value for sec in bound])
+        return
+    first = await _check_client_hello(reader, host, event)
+    await _splice(reader, writer, up_reader, up_writer, egress, event, first)
 
 
 def _note_placeholders(headers: list[tuple[str, str]], secrets: list[BoundSecret], bound: list[BoundSecret],
