@@ -82,7 +82,11 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=200)
     ap.add_argument("--markdown", action="store_true")
     args = ap.parse_args()
-    tmp = Path(tempfile.mkdtemp(prefix="stockade-bench-net-"))
+    with tempfile.TemporaryDirectory(prefix="stockade-bench-net-") as tmp:
+        run(Path(tmp), args)
+
+
+def run(tmp: Path, args: argparse.Namespace) -> None:
     cert, key = tmp / "cert.pem", tmp / "key.pem"
     _self_signed(cert, key, "api.example.test")
     # The upstreams run in their own process: in this one they would share a GIL with the broker.
@@ -119,10 +123,14 @@ def main() -> None:
         r = sb.commands.run(["python3", "client.py", "proxy", "api.example.test", str(port), str(tls_port),
                              str(args.requests), "ca.pem"])
         b = json.loads(r.stdout or "{}") if r.exit_code == 0 else {}
+        sandbox_id = sb.sandbox_id
         if not b:
             raise SystemExit(f"sandbox client failed: {r.stderr}")
     servers.terminate()
     servers.wait()
+    from stockade.config import HostConfig
+
+    (HostConfig.from_env().data_dir / "network" / f"{sandbox_id}.jsonl").unlink(missing_ok=True)  # leave nothing
     rows = [
         ("1 MiB downloads, HTTP through the proxy", f"{b['mib_per_s']:.0f} MiB/s",
          f"direct {d['mib_per_s']:.0f} MiB/s ({100 * b['mib_per_s'] / d['mib_per_s']:.0f}% of direct)"),

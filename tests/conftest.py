@@ -114,6 +114,8 @@ def nothing_left_behind() -> Iterator[None]:
     # artifacts outlive sandboxes by design; the test sandboxes' ones go with the session
     from stockade.artifacts import DirectoryStore
 
-    store = DirectoryStore(HostConfig.from_env().data_dir / "artifacts")
-    for sid in ids:
+    data_dir = HostConfig.from_env().data_dir
+    store = DirectoryStore(data_dir / "artifacts")
+    for sid in ids:  # and so do their network event logs
         store.remove_all(sid)
+        (data_dir / "network" / f"{sid}.jsonl").unlink(missing_ok=True)
