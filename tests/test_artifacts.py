@@ -96,3 +96,24 @@ def test_unknown_sandboxes_have_no_artifacts():
     with pytest.raises(ArtifactError):
         Artifacts("../../etc").list()
     assert isinstance(Sandbox, type)
+
+
+def test_hostile_clients_of_the_artifact_socket_do_not_harm_the_agent(make_sandbox):
+    sb = make_sandbox()
+    code = """
+import socket
+held = []
+for i in range(100):  # more connections than the agent serves at once, none finishing
+    s = socket.socket(socket.AF_UNIX); s.connect("\\0stockade-agent"); held.append(s)
+for s in held[:5]:
+    s.sendall(b"this is not json\\n" + b"x" * 100000); s.shutdown(socket.SHUT_WR)
+for s in held[5:10]:
+    s.sendall(b'{"name": "../../escape"}\\n data'); s.shutdown(socket.SHUT_WR)
+answers = [s.recv(200) for s in held[:10]]
+print(sum(b'"ok":false' in a or a == b"" for a in answers))
+"""
+    r = sb.commands.run(["python3", "-c", code], timeout=30)
+    assert r.stdout.strip() == "10", r.stderr
+    assert sb.commands.run("echo alive").stdout == "alive\n"
+    assert sb.commands.run("echo fine | save-artifact fine.txt").exit_code == 0
+    assert [a.name for a in sb.artifacts.list()] == ["fine.txt"]

@@ -17,6 +17,7 @@ import os
 import select
 import sys
 from time import monotonic as _monotonic
+from time import sleep as _sleep
 
 try:
     from . import protocol
@@ -600,7 +601,7 @@ class Agent:
 
         try:
             fd, _ = self.listener._accept()  # type: ignore[attr-defined]
-        except (BlockingIOError, InterruptedError):
+        except OSError:  # nothing pending, or out of descriptors: the agent must go on serving
             return
         if len(self.art_conns) >= MAX_ARTIFACT_CONNS:
             os.close(fd)
@@ -822,7 +823,8 @@ def _bridge_accept(listener, kind, broker):  # noqa: ANN001
     while True:
         try:
             fd, _ = listener._accept()
-        except OSError:
+        except OSError:  # out of descriptors, say: back off instead of spinning
+            _sleep(0.05)
             continue
         client = _socket.socket(fileno=fd)
         upstream = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
