@@ -47,6 +47,18 @@ for _ in range(20):
     c, prefix = conn(port, False); c.request("GET", prefix + "/big", headers={"Host": f"{host}:{port}"})
     total += len(c.getresponse().read()); c.close()
 out["mib_per_s"] = total / (1 << 20) / (time.perf_counter() - t)
+t = time.perf_counter(); total = 0
+for _ in range(20):
+    c, _ = conn(tls_port, True); c.request("GET", "/big", headers={"Host": host})
+    total += len(c.getresponse().read()); c.close()
+out["tls_mib_per_s"] = total / (1 << 20) / (time.perf_counter() - t)
+plain = []
+for _ in range(n):
+    t = time.perf_counter()
+    c, prefix = conn(port, False); c.request("GET", prefix + "/small", headers={"Host": f"{host}:{port}"})
+    c.getresponse().read(); c.close()
+    plain.append((time.perf_counter() - t) * 1000)
+plain.sort(); out["plain_p50_ms"] = plain[len(plain) // 2]
 lat = []
 for _ in range(n):
     t = time.perf_counter()
@@ -134,9 +146,13 @@ def run(tmp: Path, args: argparse.Namespace) -> None:
     rows = [
         ("1 MiB downloads, HTTP through the proxy", f"{b['mib_per_s']:.0f} MiB/s",
          f"direct {d['mib_per_s']:.0f} MiB/s ({100 * b['mib_per_s'] / d['mib_per_s']:.0f}% of direct)"),
+        ("1 MiB downloads, HTTPS through CONNECT", f"{b['tls_mib_per_s']:.0f} MiB/s",
+         f"direct {d['tls_mib_per_s']:.0f} MiB/s ({100 * b['tls_mib_per_s'] / d['tls_mib_per_s']:.0f}% of direct)"),
         (f"{args.requests} small HTTPS requests via CONNECT, p50", f"{b['p50_ms']:.2f} ms",
          f"direct {d['p50_ms']:.2f} ms (+{b['p50_ms'] - d['p50_ms']:.2f} ms)"),
         ("same, p95", f"{b['p95_ms']:.2f} ms", f"direct {d['p95_ms']:.2f} ms"),
+        (f"{args.requests} small plain HTTP requests, p50", f"{b['plain_p50_ms']:.2f} ms",
+         f"direct {d['plain_p50_ms']:.2f} ms (+{b['plain_p50_ms'] - d['plain_p50_ms']:.2f} ms)"),
     ]
     print_table(["measure", "through the broker", "baseline (same run)"], rows, args.markdown)
 

@@ -16,6 +16,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ipaddress
+import os
+import socket
 import ssl
 import time
 from collections.abc import Awaitable, Callable
@@ -203,7 +205,7 @@ async def _tunnel(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, up
                       redact=[sec.value for sec in bound])
         return
     first = await _check_client_hello(reader, host, event)
-    await _splice(reader, writer, up_reader, up_writer, egress, event, first)
+    await _kernel_relay(reader, writer, up_reader, up_writer, egress, event, first)
 
 
 def _note_placeholders(headers: list[tuple[str, str]], secrets: list[BoundSecret], bound: list[BoundSecret],
@@ -306,7 +308,8 @@ async def _socks(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, egr
         raise Denied(Decision(False, "socks-command", "only TCP CONNECT is allowed through SOCKS"))
     up_reader, up_writer = await _open(egress, event, normalize_host(host), port)
     writer.write(b"\x05\x00\x00\x01\x00\x00\x00\x00\x00\x00")
-    await _splice(reader, writer, up_reader, up_writer, egress, event, b"")
+    await writer.drain()
+    await _kernel_relay(reader, writer, up_reader, up_writer, egress, event, b"")
 
 
 async def _refuse(writer: asyncio.StreamWriter, event: dict[str, Any], decision: Decision | None) -> None:
@@ -394,3 +397,103 @@ async def _splice(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, up
         for t in tasks:
             t.cancel()
         up_writer.close()
+
+
+async def _kernel_relay(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, up_reader: asyncio.StreamReader,
+                        up_writer: asyncio.StreamWriter, egress: Egress, event: dict[str, Any], first: bytes) -> None:
+    """An untouched tunnel: after what Python already read is passed on, bytes move socket -> pipe -> socket
+    inside the kernel (splice), counted against the caps but never copied through Python."""
+    event["established"] = True
+    for w in (writer, up_writer):  # from here on nothing may land in the streams' buffers
+        w.transport.pause_reading()  # type: ignore[attr-defined]
+    leftover = first + _take_buffered(reader)
+    if leftover:
+        _count_out(egress, event, len(leftover))
+        up_writer.write(leftover)
+    back = _take_buffered(up_reader)
+    if back:
+        event["bytes_in"] += len(back)
+        writer.write(back)
+    await asyncio.gather(writer.drain(), up_writer.drain())
+    if egress.egress_bytes > egress.max_egress_bytes:
+        event["reason"] = "network.max_egress_bytes reached"
+        return
+    # duplicates of the two sockets: asyncio will not watch a descriptor a transport owns
+    client, upstream = (socket.socket(fileno=os.dup(w.get_extra_info("socket").fileno())) for w in (writer, up_writer))
+    for sock in (client, upstream):
+        sock.setblocking(False)  # a socket object made from a descriptor starts blocking, and so would the original
+    out = asyncio.ensure_future(_pump(client, upstream, egress, event, outbound=True))
+    inbound = asyncio.ensure_future(_pump(upstream, client, egress, event, outbound=False))
+    try:
+        done, _ = await asyncio.wait([out, inbound], return_when=asyncio.FIRST_COMPLETED)
+        if out in done and not event.get("reason"):  # the client finished sending: let the answer finish
+            await inbound
+    finally:
+        for task in (out, inbound):
+            task.cancel()
+        await asyncio.gather(out, inbound, return_exceptions=True)
+        client.close()
+        upstream.close()
+        up_writer.close()
+
+
+def _take_buffered(reader: asyncio.StreamReader) -> bytes:
+    # what the stream already read from the socket and nobody consumed (StreamReader has no public view)
+    data = bytes(reader._buffer)  # type: ignore[attr-defined]
+    reader._buffer.clear()  # type: ignore[attr-defined]
+    return data
+
+
+def _count_out(egress: Egress, event: dict[str, Any], n: int) -> None:
+    egress.egress_bytes += n
+    event["bytes_out"] += n
+
+
+async def _pump(src: Any, dst: Any, egress: Egress, event: dict[str, Any], outbound: bool) -> None:
+    loop = asyncio.get_running_loop()
+    pipe_r, pipe_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    flags = os.SPLICE_F_NONBLOCK | os.SPLICE_F_MOVE
+    in_pipe = 0
+    try:
+        while True:
+            if not in_pipe:
+                try:
+                    n = os.splice(src.fileno(), pipe_w, 1 << 20, flags=flags)
+                except BlockingIOError:
+                    await _ready(loop, src.fileno(), loop.add_reader, loop.remove_reader)
+                    continue
+                if n == 0:  # end of stream: pass the half-close on
+                    with contextlib.suppress(OSError):
+                        dst.shutdown(socket.SHUT_WR)
+                    return
+                in_pipe = n
+                if outbound:
+                    _count_out(egress, event, n)
+                    if egress.egress_bytes > egress.max_egress_bytes:
+                        event["reason"] = "network.max_egress_bytes reached"
+                        return
+                else:
+                    event["bytes_in"] += n
+            try:
+                in_pipe -= os.splice(pipe_r, dst.fileno(), in_pipe, flags=flags)
+            except BlockingIOError:
+                await _ready(loop, dst.fileno(), loop.add_writer, loop.remove_writer)
+    except (ConnectionError, OSError):
+        return
+    finally:
+        os.close(pipe_r)
+        os.close(pipe_w)
+
+
+async def _ready(loop: asyncio.AbstractEventLoop, fd: int, add: Any, remove: Any) -> None:
+    future: asyncio.Future[None] = loop.create_future()
+
+    def wake() -> None:
+        if not future.done():
+            future.set_result(None)
+
+    add(fd, wake)
+    try:
+        await future
+    finally:
+        remove(fd)
