@@ -278,12 +278,9 @@ class Agent:
 
     def read_output(self, fd: int) -> None:
         proc = self.by_fd[fd]
-        try:
-            data = os.read(fd, protocol.CHUNK)
-        except BlockingIOError:
+        data = _read_some(fd)
+        if data is None:
             return
-        except OSError:
-            data = b""
         if not data:
             self.close_output(fd)
             self.maybe_finish(proc)
@@ -486,12 +483,9 @@ class Agent:
         self.send({"id": rid, "ev": "result", "contexts": sorted(self.contexts)})
 
     def read_events(self, ctx: Context) -> None:
-        try:
-            data = os.read(ctx.fd, protocol.CHUNK)
-        except BlockingIOError:
+        data = _read_some(ctx.fd)
+        if data is None:
             return
-        except OSError:
-            data = b""
         if not data:
             self.poll.unregister(ctx.fd)
             del self.ctx_by_fd[ctx.fd]
@@ -621,12 +615,9 @@ class Agent:
 
     def read_artifact(self, fd: int) -> None:
         conn = self.art_conns[fd]
-        try:
-            data = os.read(fd, protocol.CHUNK)
-        except BlockingIOError:
+        data = _read_some(fd)
+        if data is None:
             return
-        except OSError:
-            data = b""
         eof = not data
         if conn["name"] is None:  # the header line: {"name": ...}
             conn["head"] += data
@@ -837,6 +828,16 @@ def _bridge_accept(listener, kind, broker):  # noqa: ANN001
         finally:  # the broker holds its own copy now
             upstream.close()
             client.close()
+
+
+def _read_some(fd: int) -> bytes | None:
+    """What a non-blocking descriptor has: None if nothing yet, b"" at its end (or on an error)."""
+    try:
+        return os.read(fd, protocol.CHUNK)
+    except BlockingIOError:
+        return None
+    except OSError:
+        return b""
 
 
 def _kill_group(pid: int) -> None:
