@@ -47,3 +47,15 @@ def test_an_agent_that_dies_ends_the_sandbox(make_sandbox):
     with pytest.raises(SandboxNotFoundError, match="stopped unexpectedly"):
         sb.files.list()
     assert not sandbox_traces(runtime, sb.sandbox_id)
+
+
+def test_broker_directories_of_dead_owners_are_swept():
+    async def sweep(name):  # type: ignore[no-untyped-def]
+        manager = await _transport(None).manager()
+        stale = manager.broker_root / name
+        stale.mkdir(parents=True)
+        (stale / "broker.sock").touch()
+        return manager.sweep_broker_dirs(), stale.exists()
+
+    removed, still_there = portal().call(sweep("sbx-deadbeefdeadbeef"))
+    assert "sbx-deadbeefdeadbeef" in removed and not still_there

@@ -12,6 +12,7 @@ import builtins
 import contextlib
 import datetime
 import secrets
+import shutil
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
@@ -329,6 +330,15 @@ class Manager:
         if not isinstance(procs, list):
             raise SandboxUnavailableError("the sandbox's agent answered ps with garbage")
         return [p for p in procs if isinstance(p, dict) and isinstance(p.get("pid"), int)][:10000]
+
+    def sweep_broker_dirs(self) -> builtins.list[str]:
+        """Remove broker socket directories left by a process that died without tearing down."""
+        removed = []
+        for d in self.broker_root.iterdir() if self.broker_root.is_dir() else []:
+            if d.name not in self.sandboxes and self.runtime.is_stale(d.name):
+                shutil.rmtree(d, ignore_errors=True)
+                removed.append(d.name)
+        return removed
 
     # ---- network -------------------------------------------------------------------------------
     async def _resolve(self, host: str, port: int) -> builtins.list[Any]:

@@ -36,6 +36,10 @@ class Runtime(ABC):
     name: str
 
     @abstractmethod
+    def is_stale(self, sandbox_id: str) -> bool:
+        """True when no live process owns this sandbox any more (its owner died without teardown)."""
+
+    @abstractmethod
     async def start(self, sandbox_id: str, policy: Policy, envs: Mapping[str, str],
                     broker_dir: Path | None = None, files: Mapping[str, bytes] | None = None) -> RuntimeSandbox:
         """Start a sandbox whose agent is ready to serve requests; raise SandboxUnavailableError if the

@@ -137,6 +137,9 @@ class JailRuntime(Runtime):
             raise SandboxUnavailableError(f"the sandbox environment {self.sandbox_env} is not reachable by "
                                           "unprivileged uids", "fix: chmod o+x the directories above it")
 
+    def is_stale(self, sandbox_id: str) -> bool:
+        return _lock_is_stale(self.config.state_dir / "sandboxes" / f"{sandbox_id}.lock")
+
     async def sweep_stale(self) -> list[str]:
         """Remove the cgroups of sandboxes whose stockade process died without tearing them down
         (their processes died with it: bwrap --die-with-parent)."""

@@ -33,6 +33,7 @@ class LocalTransport(Transport):
             self._manager = Manager(runtime, store, runtime.config.state_dir / "net",
                                     runtime.config.data_dir / "network")
             self._manager.host_groups = runtime.config.host_groups
+            self._manager.sweep_broker_dirs()
         return self._manager
 
     async def create(self, policy: Policy, timeout: float | None, envs: Mapping[str, str] | None,
