@@ -137,10 +137,7 @@ def test_repl_runs_cells_and_saves_images(tmp_path, weak_policy):
         assert image.read_bytes().startswith(b"\x89PNG")
 
 
-def test_repl_bash():
-    r = subprocess.run([sys.executable, "-m", "stockade.cli", "repl", "--language", "bash"],
-                       input="X=7\necho $((X * 6))\n", capture_output=True, text=True, timeout=120,
-                       env={**os.environ})
-    if not ROOT:
-        pytest.skip("covered as root; unprivileged needs a policy file, as above")
+def test_repl_bash(weak_policy):
+    r = subprocess.run([sys.executable, "-m", "stockade.cli", "repl", *weak_policy, "--language", "bash"],
+                       input="X=7\necho $((X * 6))\n", capture_output=True, text=True, timeout=120)
     assert r.stdout == "42\n", r.stderr

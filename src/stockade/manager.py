@@ -97,12 +97,10 @@ class ManagedSandbox:
     policy: Policy
     runtime: RuntimeSandbox
     metadata: dict[str, str]
-    envs: dict[str, str]
     started_at: float                       # wall clock, for display
     deadline: float                         # loop time
     hard_deadline: float                    # loop time: creation + max_lifetime
     timer: asyncio.TimerHandle | None = None
-    commands: dict[int, CommandRecord] = field(default_factory=dict)
     contexts: dict[str, CodeContext] = field(default_factory=dict)
     uploads: dict[int, ArtifactWriter | ArtifactError] = field(default_factory=dict)  # artifacts arriving
     broker: BrokerEndpoint | None = None
@@ -153,17 +151,20 @@ class Manager:
             # placeholders win over same-named envs: a secret's real value never enters the sandbox
             envs = {**PROXY_ENV, **(TRUST_ENV if secrets_ else {}), **envs,
                     **{sec.name: sec.placeholder.decode() for sec in secrets_}}
+        rt: RuntimeSandbox | None = None
         try:
             rt = await self.runtime.start(sandbox_id, policy, envs, broker.socket_dir if broker else None, files)
             if broker is not None:
                 await rt.channel.call({"op": "net_bridge", "broker": f"{BROKER_DIR}/broker.sock",
                                        "http_port": HTTP_PROXY_PORT, "socks_port": SOCKS_PORT})
         except BaseException:
+            if rt is not None:  # started, but its network bridge did not: nothing of it may remain
+                await rt.stop()
             if broker is not None:
                 await broker.stop()
             raise
         now = self.loop.time()
-        sb = ManagedSandbox(sandbox_id, policy, rt, meta, envs, time.time(), now + ttl,
+        sb = ManagedSandbox(sandbox_id, policy, rt, meta, time.time(), now + ttl,
                             now + policy.lifetime.max_lifetime, broker=broker)
         self.sandboxes[sandbox_id] = sb
         rt.channel.on_close = lambda reason: self._on_channel_closed(sb, reason)
@@ -233,7 +234,7 @@ class Manager:
     async def _on_channel_closed(self, sb: ManagedSandbox, reason: BaseException | None) -> None:
         if sb.id not in self.sandboxes:
             return
-        peak = getattr(sb.runtime, "memory_peak", lambda: None)()
+        peak = sb.runtime.memory_peak()
         if peak is not None and peak >= sb.policy.limits.memory * 0.95:
             why = "the sandbox ran out of memory (limits.memory) and its agent was killed"
         else:
@@ -278,8 +279,6 @@ class Manager:
         rid = sb.channel.start(header, pending, data if inline else b"")
         pid = await pending.started
         record = CommandRecord(pid, rid, cmd if isinstance(cmd, str) else " ".join(cmd), pending, background)
-        sb.commands[pid] = record
-        pending.done.add_done_callback(lambda _f: sb.commands.pop(pid, None))
         if not inline:
             try:
                 await self.send_stdin(sandbox_id, pid, data, eof=not stdin_open)

@@ -63,16 +63,12 @@ def dumps(obj: object) -> str:
             raise FrameError("non-finite number in a header")
         return float.__repr__(obj)
     if isinstance(obj, dict):
-        return "{" + ",".join(_quote(k) + ":" + dumps(v) for k, v in obj.items() if _is_key(k)) + "}"
+        if not all(isinstance(k, str) for k in obj):
+            raise FrameError("header keys must be strings")
+        return "{" + ",".join(_quote(k) + ":" + dumps(v) for k, v in obj.items()) + "}"
     if isinstance(obj, list | tuple):
         return "[" + ",".join(dumps(v) for v in obj) + "]"
     raise FrameError(f"cannot encode {type(obj).__name__} in a header")
-
-
-def _is_key(k: object) -> bool:
-    if not isinstance(k, str):
-        raise FrameError("header keys must be strings")
-    return True
 
 
 def loads(text: str) -> object:

@@ -27,6 +27,10 @@ class RuntimeSandbox(ABC):
     def is_alive(self) -> bool:
         """Whether the sandbox's processes are still running."""
 
+    def memory_peak(self) -> int | None:
+        """The most memory the sandbox has used, where the runtime can tell (for "ran out of memory")."""
+        return None
+
     @abstractmethod
     def describe(self) -> dict[str, object]:
         """Runtime facts for ``info()``: isolation in force, host uid, cgroup, pids."""

@@ -81,9 +81,8 @@ def _python(override: str | None) -> tuple[str, str, str | None]:
             raise SandboxUnavailableError(f"STOCKADE_PYTHON={override} resolves outside /usr",
                                           "fix: point it at an interpreter under /usr, or unset it")
         return override, override, None
-    for candidate in ("/usr/bin/python3",):
-        if os.path.exists(candidate):
-            return candidate, candidate, None
+    if os.path.exists("/usr/bin/python3"):
+        return "/usr/bin/python3", "/usr/bin/python3", None
     prefix = sys.base_prefix
     exe = os.path.realpath(sys.executable)
     if not exe.startswith(prefix + "/"):

@@ -157,12 +157,10 @@ class JailRuntime(Runtime):
                     lock.unlink()
         return swept
 
-    def missing_controls(self, policy: Policy) -> list[str]:
-        return [c for c in cgroups.CONTROLLERS if c not in self.cgroups.parents]
-
     async def start(self, sandbox_id: str, policy: Policy, envs: Mapping[str, str],
                     broker_dir: Path | None = None, files: Mapping[str, bytes] | None = None) -> JailSandbox:
-        missing = [c for c in self.missing_controls(policy) if c not in policy.allow_missing_controls]
+        missing = [c for c in cgroups.CONTROLLERS
+                   if c not in self.cgroups.parents and c not in policy.allow_missing_controls]
         if missing:
             reasons = "; ".join(f"{c}: {self.cgroups.problems.get(c, 'unavailable')}" for c in missing)
             raise SandboxUnavailableError(

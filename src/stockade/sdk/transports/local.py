@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import builtins
 import contextlib
-import posixpath
 from collections.abc import AsyncGenerator, AsyncIterator, Mapping
 from datetime import datetime
 from typing import Any
@@ -166,8 +165,3 @@ class LocalTransport(Transport):
     async def close(self) -> None:
         if self._manager is not None:
             await self._manager.shutdown()
-
-
-def display_path(path: str) -> str:
-    """The absolute sandbox path the agent will use for ``path`` (string arithmetic only)."""
-    return posixpath.normpath(posixpath.join("/home/user", path))
