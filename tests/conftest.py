@@ -17,6 +17,9 @@ from stockade.config import HostConfig
 from stockade.sdk.transports.base import Transport
 
 ROOT = os.geteuid() == 0
+# The tests' audit events go to a database of their own, removed with the session.
+AUDIT_DIR = tempfile.mkdtemp(prefix="stockade-test-audit-")
+os.environ["STOCKADE_DATABASE_URL"] = f"sqlite:///{AUDIT_DIR}/audit.db"
 UNPRIVILEGED_GAPS = ["memory", "pids", "cpu"]
 
 
@@ -102,6 +105,7 @@ def nothing_left_behind() -> Iterator[None]:
         return list(manager.tombstones)
 
     ids = portal().call(created_here())
+    shutil.rmtree(AUDIT_DIR, ignore_errors=True)
     state = HostConfig.from_env().state_dir
     leftovers = []
     for sid in ids:
@@ -116,6 +120,5 @@ def nothing_left_behind() -> Iterator[None]:
 
     data_dir = HostConfig.from_env().data_dir
     store = DirectoryStore(data_dir / "artifacts")
-    for sid in ids:  # and so do their network event logs
+    for sid in ids:
         store.remove_all(sid)
-        (data_dir / "network" / f"{sid}.jsonl").unlink(missing_ok=True)

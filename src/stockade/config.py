@@ -22,6 +22,8 @@ class HostConfig:
     data_dir: Path          # what outlives sandboxes and reboots: the sandbox environment, artifacts
     sandbox_env: Path       # the Python environment mounted read-only into every sandbox (if built)
     host_groups: dict[str, list[str]]   # named egress rule lists a policy refers to as "@name"
+    database_url: str | None = None     # the audit log's store; None: SQLite in data_dir
+    audit_retention: float = 30 * 86400 # seconds audit events are kept
 
     @classmethod
     def from_env(cls) -> HostConfig:
@@ -46,7 +48,21 @@ class HostConfig:
         return cls(state_dir=state, uid_range=_uid_range(env.get("STOCKADE_UID_RANGE")),
                    bwrap=env.get("STOCKADE_BWRAP") or None, python=env.get("STOCKADE_PYTHON") or None,
                    cgroup_parent=env.get("STOCKADE_CGROUP_PARENT", "stockade"), data_dir=data,
-                   sandbox_env=sandbox_env, host_groups=_host_groups(env.get("STOCKADE_HOST_GROUPS")))
+                   sandbox_env=sandbox_env, host_groups=_host_groups(env.get("STOCKADE_HOST_GROUPS")),
+                   database_url=env.get("STOCKADE_DATABASE_URL") or None,
+                   audit_retention=_duration("STOCKADE_AUDIT_RETENTION", env.get("STOCKADE_AUDIT_RETENTION"),
+                                             30 * 86400))
+
+
+def _duration(name: str, text: str | None, default: float) -> float:
+    if not text:
+        return default
+    from .policy import parse_duration
+
+    try:
+        return parse_duration(text)
+    except ValueError as exc:
+        raise StockadeError(f"{name}={text!r}: {exc}") from None
 
 
 def _host_groups(path: str | None) -> dict[str, list[str]]:

@@ -11,6 +11,7 @@ import asyncio
 import builtins
 import contextlib
 import datetime
+import hashlib
 import secrets
 import shutil
 import time
@@ -22,6 +23,7 @@ from typing import Any
 
 from .agent import protocol
 from .artifacts import ArtifactError, ArtifactStore, ArtifactWriter
+from .audit import Audit, AuditEvent, NullAudit, Redactor
 from .broker.proxy import Resolver, system_resolver
 from .broker.rules import RuleError
 from .broker.secrets import SandboxCA, load_secrets, sandbox_trust_bundle
@@ -63,6 +65,7 @@ class CommandRecord:
 
 
 LANGUAGES = ("python", "bash", "javascript")
+OUTPUT_RECORDED = 64 << 10   # per stream and command: what the audit log keeps of its output
 HTTP_PROXY_PORT, SOCKS_PORT = 3128, 1080
 TRUST_BUNDLE = "/etc/ssl/certs/ca-certificates.crt"   # the host's bundle plus the sandbox's own CA
 SANDBOX_CA = "/opt/stockade/ca.pem"
@@ -104,6 +107,11 @@ class ManagedSandbox:
     contexts: dict[str, CodeContext] = field(default_factory=dict)
     uploads: dict[int, ArtifactWriter | ArtifactError] = field(default_factory=dict)  # artifacts arriving
     broker: BrokerEndpoint | None = None
+    tenant: str | None = None
+    user_id: str | None = None
+    redact: Redactor = field(default_factory=Redactor)
+    last_active: float = 0.0                # loop time of the last request or foreground work
+    busy: int = 0                           # foreground commands and cells running now
 
     @property
     def channel(self) -> Any:
@@ -111,20 +119,25 @@ class ManagedSandbox:
 
 
 class Manager:
-    def __init__(self, runtime: Runtime, artifacts: ArtifactStore, broker_root: Path, events_root: Path) -> None:
+    def __init__(self, runtime: Runtime, artifacts: ArtifactStore, broker_root: Path,
+                 audit: Audit | None = None, output_recorded: int = OUTPUT_RECORDED) -> None:
         self.runtime = runtime
         self.artifacts = artifacts
         self.broker_root = broker_root      # per-sandbox broker sockets (host state)
-        self.events_root = events_root      # per-sandbox network event logs (kept)
+        self.audit: Audit = audit or NullAudit()
+        self.output_recorded = output_recorded
         self.resolver: Resolver = system_resolver
         self.host_groups: dict[str, builtins.list[str]] = {}  # "@name" rule lists from the host's config
         self.sandboxes: dict[str, ManagedSandbox] = {}
         self.tombstones: OrderedDict[str, str] = OrderedDict()
+        # (sandbox, read id) -> path, sha256 so far, bytes so far: a read is recorded when it ends
+        self._reads: dict[tuple[str, int], tuple[str, Any, int]] = {}
         self.loop = asyncio.get_running_loop()
 
     # ---- lifecycle -----------------------------------------------------------------------------
     async def create(self, policy: Policy, timeout: float | None = None, envs: Mapping[str, str] | None = None,
-                     metadata: Mapping[str, str] | None = None) -> ManagedSandbox:
+                     metadata: Mapping[str, str] | None = None, *, tenant: str | None = None,
+                     user_id: str | None = None, sandbox_id: str | None = None) -> ManagedSandbox:
         envs = check_envs(envs)
         meta = {str(k): str(v) for k, v in (metadata or {}).items()}
         ttl = policy.lifetime.timeout if timeout is None else float(timeout)
@@ -133,18 +146,22 @@ class Manager:
         if ttl > policy.lifetime.max_lifetime:
             raise PolicyError("timeout", f"{format_duration(ttl)} exceeds lifetime.max_lifetime "
                               f"({format_duration(policy.lifetime.max_lifetime)})")
-        sandbox_id = new_sandbox_id()
+        sandbox_id = sandbox_id or new_sandbox_id()
         broker = None
         files: dict[str, bytes] = {}
+        redact = Redactor()
         if policy.network.mode == "allowlist":
             secrets_, ca = load_secrets(dict(policy.secrets)), None
+            redact = Redactor(sec.value for sec in secrets_)
+
+            def on_network(event: dict[str, Any]) -> None:
+                self.audit.record(AuditEvent("network.connection", redact(event), sandbox_id, tenant, user_id))
             if secrets_:
                 ca = SandboxCA(sandbox_id, datetime.timedelta(seconds=policy.lifetime.max_lifetime + 3600))
                 files = {TRUST_BUNDLE: sandbox_trust_bundle(ca.pem), SANDBOX_CA: ca.pem}
             try:
-                broker = BrokerEndpoint(sandbox_id, policy.network, self.broker_root / sandbox_id,
-                                        self.events_root / f"{sandbox_id}.jsonl", self._resolve, secrets_, ca,
-                                        self.host_groups)
+                broker = BrokerEndpoint(sandbox_id, policy.network, self.broker_root / sandbox_id, on_network,
+                                        self._resolve, secrets_, ca, self.host_groups)
             except RuleError as exc:
                 raise PolicyError("network.allow", str(exc)) from None
             await broker.start()
@@ -165,8 +182,11 @@ class Manager:
             raise
         now = self.loop.time()
         sb = ManagedSandbox(sandbox_id, policy, rt, meta, time.time(), now + ttl,
-                            now + policy.lifetime.max_lifetime, broker=broker)
+                            now + policy.lifetime.max_lifetime, broker=broker, tenant=tenant, user_id=user_id,
+                            redact=redact, last_active=now)
         self.sandboxes[sandbox_id] = sb
+        self._record(sb, "sandbox.create", {"policy": policy.to_display(), "timeout": ttl, "metadata": meta,
+                                            "env_names": sorted(envs), "runtime": rt.describe()})
         rt.channel.on_close = lambda reason: self._on_channel_closed(sb, reason)
         rt.channel.start({"op": "artifacts"}, StreamPending(lambda h, b: self._artifact_frame(sb, h, b), ("artifact",)))
         if rt.channel.closed:  # died between its ready and here
@@ -175,12 +195,26 @@ class Manager:
         return sb
 
     def get(self, sandbox_id: str) -> ManagedSandbox:
+        """The live sandbox; every request goes through here, so this is also what keeps it from idling."""
         sb = self.sandboxes.get(sandbox_id)
         if sb is None:
             why = self.tombstones.get(sandbox_id)
             raise SandboxNotFoundError(f"sandbox {sandbox_id!r} " + (f"has ended: {why}" if why else
                                        "does not exist (or belongs to another process)"))
+        sb.last_active = self.loop.time()
         return sb
+
+    def _record(self, sb: ManagedSandbox, kind: str, data: dict[str, Any]) -> None:
+        self.audit.record(AuditEvent(kind, sb.redact(data), sb.id, sb.tenant, sb.user_id))
+
+    def _recorded_output(self, sb: ManagedSandbox, pending: CommandPending) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for stream, buf in pending.output.items():
+            out[stream] = bytes(buf[:self.output_recorded]).decode("utf-8", "replace")
+            out[f"{stream}_bytes"] = len(buf)
+        out["output_truncated"] = any(len(b) > self.output_recorded for b in pending.output.values()) or \
+            any(pending.truncated.values())
+        return out
 
     def list(self) -> list[ManagedSandbox]:
         return list(self.sandboxes.values())
@@ -195,15 +229,31 @@ class Manager:
             raise PolicyError("timeout", f"{format_duration(seconds)} would outlive lifetime.max_lifetime "
                               f"({format_duration(sb.policy.lifetime.max_lifetime)}; {left:.0f}s left)")
         sb.deadline = deadline
+        self._record(sb, "sandbox.timeout", {"timeout": seconds})
         self._arm(sb)
+
+    def _idle_deadline(self, sb: ManagedSandbox) -> float:
+        idle = sb.policy.lifetime.idle_timeout
+        return float("inf") if idle is None else sb.last_active + idle
 
     def _arm(self, sb: ManagedSandbox) -> None:
         if sb.timer is not None:
             sb.timer.cancel()
-        sb.timer = self.loop.call_at(min(sb.deadline, sb.hard_deadline), self._expire, sb)
+        sb.timer = self.loop.call_at(min(sb.deadline, sb.hard_deadline, self._idle_deadline(sb)), self._expire, sb)
 
     def _expire(self, sb: ManagedSandbox) -> None:
-        reason = "reached lifetime.max_lifetime" if sb.hard_deadline <= sb.deadline else "its timeout expired"
+        now = self.loop.time()
+        if sb.hard_deadline <= now:
+            reason = "reached lifetime.max_lifetime"
+        elif sb.deadline <= now:
+            reason = "its timeout expired"
+        elif self._idle_deadline(sb) <= now and not sb.busy:
+            reason = "it was idle for lifetime.idle_timeout"
+        else:  # it was used since the timer was set: look again later
+            if sb.busy:
+                sb.last_active = now
+            self._arm(sb)
+            return
         self.loop.create_task(self._end(sb, reason))
 
     async def kill(self, sandbox_id: str) -> bool:
@@ -221,6 +271,7 @@ class Manager:
             self.tombstones.popitem(last=False)
         if sb.timer is not None:
             sb.timer.cancel()
+        self._record(sb, "sandbox.end", {"reason": reason})
         for upload in sb.uploads.values():  # half-received artifacts leave no trace
             if isinstance(upload, ArtifactWriter):
                 upload.abort()
@@ -279,6 +330,25 @@ class Manager:
         rid = sb.channel.start(header, pending, data if inline else b"")
         pid = await pending.started
         record = CommandRecord(pid, rid, cmd if isinstance(cmd, str) else " ".join(cmd), pending, background)
+        self._record(sb, "command.start", {"pid": pid, ("cmd" if isinstance(cmd, str) else "argv"): cmd,
+                                           "cwd": cwd, "env_names": sorted(header["env"]), "background": background,
+                                           "stdin_bytes": len(data)})
+        started = time.monotonic()
+        if not background:
+            sb.busy += 1
+
+        def ended(fut: asyncio.Future[dict[str, Any]]) -> None:
+            if not background:
+                sb.busy -= 1
+                sb.last_active = self.loop.time()
+            exit_ = fut.result() if not fut.cancelled() and fut.exception() is None else {}
+            self._record(sb, "command.end", {"pid": pid, "exit_code": exit_.get("code"), "signal": exit_.get("signal"),
+                                             "timed_out": bool(exit_.get("timed_out")),
+                                             "duration": round(time.monotonic() - started, 6),
+                                             "ended": "exit" if exit_ else "sandbox ended",
+                                             **self._recorded_output(sb, pending)})
+
+        pending.done.add_done_callback(ended)
         if not inline:
             try:
                 await self.send_stdin(sandbox_id, pid, data, eof=not stdin_open)
@@ -360,6 +430,7 @@ class Manager:
             except RuleError as exc:
                 raise PolicyError("network.allow", str(exc)) from None
         sb.policy = policy
+        self._record(sb, "network.update", {"changes": changes, "network": policy.to_display()["network"]})
         return policy.network
 
     def network_events(self, sandbox_id: str) -> builtins.list[dict[str, Any]]:
@@ -395,6 +466,8 @@ class Manager:
                 raise upload
             info = upload.commit()
             answer.update(ok=True, size=info.size, sha256=info.sha256)
+            self._record(sb, "artifact.save", {"name": info.name, "size": info.size, "sha256": info.sha256,
+                                               "cmd": info.command})
         except ArtifactError as exc:
             answer["message"] = str(exc)
         if not sb.channel.closed:
@@ -451,9 +524,24 @@ class Manager:
             if not ctx.alive:
                 await self._start_context(sb, ctx)
             pending = CellPending(sb.policy.limits.output, on_output, on_event)
-            sb.channel.start({"op": "ctx_run", "ctx": ctx.id, "code": code, "env": check_envs(envs),
-                              "timeout": limit, "limit": sb.policy.limits.output}, pending)
-            done = await asyncio.wait_for(asyncio.shield(pending.done), (limit or 0) + 10 if limit else None)
+            env = check_envs(envs)
+            self._record(sb, "code.run", {"context": ctx.id, "language": ctx.language, "code": code,
+                                          "env_names": sorted(env)})
+            started = time.monotonic()
+            sb.busy += 1
+            try:
+                sb.channel.start({"op": "ctx_run", "ctx": ctx.id, "code": code, "env": env,
+                                  "timeout": limit, "limit": sb.policy.limits.output}, pending)
+                done = await asyncio.wait_for(asyncio.shield(pending.done), (limit or 0) + 10 if limit else None)
+            finally:
+                sb.busy -= 1
+                sb.last_active = self.loop.time()
+            errors = [e for e in pending.events if e.get("type") == "error"][:1]
+            self._record(sb, "code.end", {"context": ctx.id, "execution_count": done.get("execution_count"),
+                                          "timed_out": bool(done.get("timed_out")),
+                                          "duration": round(time.monotonic() - started, 6),
+                                          "error": errors[0] if errors else None,
+                                          **self._recorded_output(sb, pending)})
             if done.get("restarted"):
                 ctx.alive = False
             return done, pending
@@ -488,28 +576,47 @@ class Manager:
 
     # ---- files ---------------------------------------------------------------------------------
     async def file_call(self, sandbox_id: str, header: dict[str, Any]) -> dict[str, Any]:
-        return await self.get(sandbox_id).channel.call(header)  # type: ignore[no-any-return]
+        sb = self.get(sandbox_id)
+        if header.get("op") not in ("stat", "list"):  # changes are recorded; looking is not
+            self._record(sb, "file.op", {k: v for k, v in header.items() if isinstance(v, str | int | bool)})
+        return await sb.channel.call(header)  # type: ignore[no-any-return]
 
     async def open_read(self, sandbox_id: str, path: str) -> tuple[ReadPending, int]:
         sb = self.get(sandbox_id)
         pending = ReadPending()
         rid = sb.channel.start({"op": "read", "path": path}, pending)
         await pending.done
+        self._reads[(sb.id, rid)] = (path, hashlib.sha256(), 0)
         return pending, rid
 
     async def read_chunk(self, sandbox_id: str, pending: ReadPending, rid: int) -> bytes | None:
         item = await pending.chunks.get()
         if isinstance(item, BaseException):
+            self._reads.pop((sandbox_id, rid), None)
             raise item
+        sb = self.sandboxes.get(sandbox_id)
         if item is not None:
+            path, digest, size = self._reads.get((sandbox_id, rid), ("", hashlib.sha256(), 0))
+            digest.update(item)
+            self._reads[(sandbox_id, rid)] = (path, digest, size + len(item))
             pending.outstanding += 1
-            sb = self.sandboxes.get(sandbox_id)
             if sb is not None and not sb.channel.closed:
                 sb.channel.send({"op": "credit", "id": rid, "n": 1})
+        elif sb is not None:
+            self._read_done(sb, rid, True)
         return item
+
+    def _read_done(self, sb: ManagedSandbox, rid: int, complete: bool) -> None:
+        read = self._reads.pop((sb.id, rid), None)
+        if read is not None:
+            path, digest, size = read
+            self._record(sb, "file.read", {"path": path, "size": size, "complete": complete,
+                                           **({"sha256": digest.hexdigest()} if complete else {})})
 
     async def cancel_read(self, sandbox_id: str, rid: int) -> None:
         sb = self.sandboxes.get(sandbox_id)
+        if sb is not None:
+            self._read_done(sb, rid, False)
         if sb is not None and not sb.channel.closed:
             sb.channel.forget(rid)
             sb.channel.send({"op": "cancel", "id": rid})
@@ -521,7 +628,10 @@ class Manager:
 
         pending = Pending()
         rid = 0
+        digest, sent = hashlib.sha256(), 0
         async for chunk in _rechunk(chunks):
+            digest.update(chunk)
+            sent += len(chunk)
             if pending.done.done():  # the agent already refused (ENOSPC, EACCES...)
                 break
             header = {"op": "write", "path": path, "append": append, "more": True}
@@ -535,8 +645,13 @@ class Manager:
             rid = sb.channel.start(final, pending)
         else:  # also after a refusal: it lets the agent forget the request
             sb.channel.send({**final, "id": rid})
-        result = await asyncio.wait_for(pending.done, 60)
+        try:
+            result = await asyncio.wait_for(pending.done, 60)
+        except Exception as exc:
+            self._record(sb, "file.write", {"path": path, "size": sent, "append": append, "error": str(exc)[:500]})
+            raise
         size = result.get("size")
+        self._record(sb, "file.write", {"path": path, "size": sent, "sha256": digest.hexdigest(), "append": append})
         return size if isinstance(size, int) else 0
 
 

@@ -190,6 +190,8 @@ class LimitsPolicy(_Section):
 class LifetimePolicy(_Section):
     timeout: PositiveDuration = 300.0
     max_lifetime: PositiveDuration = 3600.0
+    # ends the sandbox after this long without a request or a running foreground command; None: never
+    idle_timeout: PositiveDuration | None = None
 
 
 class SecretPolicy(_Section):
@@ -325,8 +327,9 @@ class Policy(_Section):
         for key in ("memory", "output", "file_size"):
             lim[key] = format_size(lim[key])
         lim["command_timeout"] = format_duration(lim["command_timeout"])
-        for key in ("timeout", "max_lifetime"):
-            life[key] = format_duration(life[key])
+        for key in ("timeout", "max_lifetime", "idle_timeout"):
+            if life[key] is not None:
+                life[key] = format_duration(life[key])
         d["network"]["max_egress_bytes"] = format_size(d["network"]["max_egress_bytes"])
         art = d["artifacts"]
         for key in ("max_size", "total_size"):

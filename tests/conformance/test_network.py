@@ -15,7 +15,6 @@ from pathlib import Path
 
 import pytest
 
-from stockade.config import HostConfig
 from stockade.sdk.portal import portal
 from stockade.sdk.sandbox import _transport
 
@@ -142,8 +141,9 @@ def test_allowed_host_through_curl_python_and_socks(make_sandbox, upstream, look
         ("http", "allow", "api.example.test", "127.0.0.1"), ("http", "allow", "api.example.test", "127.0.0.1"),
         ("socks5", "allow", "api.example.test", "127.0.0.1")]
     assert events[0]["status"] == 200 and events[0]["bytes_in"] > 0 and events[0]["rule"].startswith("allow:")
-    log = HostConfig.from_env().data_dir / "network" / f"{sb.sandbox_id}.jsonl"
-    assert [json.loads(line).get("path") for line in log.read_text().splitlines()] == ["/curl", "/py", None]
+    recorded = [e["data"] for e in sb.audit_log(type="network")]
+    assert [e.get("path") for e in recorded] == ["/curl", "/py", None]
+    assert [e["decision"] for e in recorded] == ["allow"] * 3
 
 
 def test_https_through_connect_and_the_sni_check(make_sandbox, upstream, lookups):
@@ -358,8 +358,9 @@ def test_secrets_are_injected_on_their_host_only_and_never_seen_inside(make_sand
     assert events[0]["protocol"] == "connect-intercepted" and events[0]["secrets"] == ["API_KEY"]
     assert events[2]["exfiltration_blocked"] == ["API_KEY"]
     # the value is in no record the host keeps, nor in anything the sandbox returned
-    log = HostConfig.from_env().data_dir / "network" / f"{sb.sandbox_id}.jsonl"
-    assert SECRET not in log.read_text() and SECRET not in json.dumps(events)
+    recorded = sb.audit_log()
+    assert any(e["type"] == "network.connection" for e in recorded)
+    assert SECRET not in json.dumps(recorded) and SECRET not in json.dumps(events)
     assert SECRET not in json.dumps(sb.info().policy)
 
 

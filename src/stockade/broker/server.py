@@ -1,24 +1,24 @@
-"""One broker endpoint per sandbox: a Unix socket on the host, and the sandbox's event log."""
+"""One broker endpoint per sandbox: a Unix socket on the host; its events go to the audit log."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import os
 import shutil
 import socket
 import stat
 from collections import deque
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any
 
 from ..policy import NetworkPolicy
 from .proxy import Egress, Resolver, serve, system_resolver
 from .rules import Rules, expand_groups
 from .secrets import BoundSecret, SandboxCA, upstream_context
 
-EVENTS_KEPT = 10000  # in memory, for sandbox.network.events(); the JSONL file keeps all
+EVENTS_KEPT = 10000  # in memory, for sandbox.network.events(); the audit log keeps all
 
 
 def rules_for(policy: NetworkPolicy, groups: dict[str, list[str]]) -> Rules:
@@ -27,19 +27,19 @@ def rules_for(policy: NetworkPolicy, groups: dict[str, list[str]]) -> Rules:
 
 
 class BrokerEndpoint:
-    def __init__(self, sandbox_id: str, policy: NetworkPolicy, socket_dir: Path, log_path: Path,
+    def __init__(self, sandbox_id: str, policy: NetworkPolicy, socket_dir: Path,
+                 on_event: Callable[[dict[str, Any]], None],
                  resolver: Resolver = system_resolver, secrets: list[BoundSecret] | None = None,
                  ca: SandboxCA | None = None, groups: dict[str, list[str]] | None = None) -> None:
         self.groups = dict(groups or {})
         self.socket_dir = socket_dir
-        self.log_path = log_path
+        self.on_event = on_event
         self.events: deque[dict[str, Any]] = deque(maxlen=EVENTS_KEPT)
         self.egress = Egress(sandbox_id, rules_for(policy, self.groups), policy.max_connections,
                              policy.max_egress_bytes, self._record, resolver, list(secrets or []), ca,
                              upstream_context(policy.extra_ca_certs) if secrets else None)
         self._listener: socket.socket | None = None
         self._accepting: asyncio.Task[None] | None = None
-        self._log: TextIO | None = None
 
     @property
     def socket_path(self) -> Path:
@@ -47,8 +47,6 @@ class BrokerEndpoint:
 
     async def start(self) -> None:
         self.socket_dir.mkdir(parents=True, exist_ok=True, mode=0o755)
-        self.log_path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        self._log = open(self.log_path, "a", buffering=1)  # noqa: SIM115 - closed in stop()
         self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self._listener.bind(str(self.socket_path))
         os.chmod(self.socket_path, 0o666)  # the sandbox's uid connects; only this sandbox sees the file
@@ -96,8 +94,7 @@ class BrokerEndpoint:
     def _record(self, event: dict[str, Any]) -> None:
         event.pop("established", None)
         self.events.append(event)
-        if self._log is not None:
-            self._log.write(json.dumps(event) + "\n")
+        self.on_event(event)
 
     async def stop(self) -> None:
         if self._accepting is not None:
@@ -108,9 +105,6 @@ class BrokerEndpoint:
             task.cancel()
         with contextlib.suppress(Exception):
             await asyncio.gather(*self.egress.tasks, return_exceptions=True)
-        if self._log is not None:
-            self._log.close()
-            self._log = None
         shutil.rmtree(self.socket_dir, ignore_errors=True)
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import builtins
 import codecs
+import os
 import queue
 import signal as signal_mod
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator, Mapping
@@ -26,18 +27,35 @@ from .transports.base import Transport
 
 Callback = Callable[[str], Any]
 _default_transport: Transport | None = None
+_remote_transports: dict[tuple[str, str], Transport] = {}
 
 
-def _transport(transport: Transport | None) -> Transport:
+def _transport(transport: Transport | None, api_url: str | None = None, api_key: str | None = None) -> Transport:
+    """The explicit transport; else a server's (``api_url``, or STOCKADE_API_URL); else this host's."""
     global _default_transport
     if transport is not None:
         return transport
+    api_url = api_url or os.environ.get("STOCKADE_API_URL") or None
+    if api_url:
+        key = api_key or os.environ.get("STOCKADE_API_KEY") or ""
+        if (api_url, key) not in _remote_transports:
+            from .transports.remote import RemoteTransport
+
+            remote = RemoteTransport(api_url, key)
+            _remote_transports[(api_url, key)] = remote
+            portal().on_close(remote.close)
+        return _remote_transports[(api_url, key)]
     if _default_transport is None:
         from .transports.local import LocalTransport
 
         _default_transport = LocalTransport()
         portal().on_close(_default_transport.close)
     return _default_transport
+
+
+def _filtered(infos: list[SandboxInfo], metadata: Mapping[str, str] | None, state: str | None) -> list[SandboxInfo]:
+    return [i for i in infos if (state is None or i.state == state)
+            and all(i.metadata.get(k) == v for k, v in (metadata or {}).items())]
 
 
 def _as_bytes(data: str | bytes | None) -> bytes | None:
@@ -379,20 +397,27 @@ class Sandbox(_SandboxBase):
     @classmethod
     def create(cls, policy: Policy | dict[str, Any] | str | Path | None = None, timeout: float | None = None,
                envs: Mapping[str, str] | None = None, metadata: Mapping[str, str] | None = None,
-               *, transport: Transport | None = None) -> Sandbox:
+               *, user_id: str | None = None, api_url: str | None = None, api_key: str | None = None,
+               transport: Transport | None = None) -> Sandbox:
         """Start a fresh sandbox. ``policy`` is a Policy, a dict, or a TOML/JSON file; ``timeout`` is
-        its time to live in seconds (default lifetime.timeout)."""
-        t = _transport(transport)
-        return cls(portal().call(t.create(Policy.coerce(policy), timeout, envs, metadata)), t)
+        its time to live in seconds (default lifetime.timeout). ``user_id`` names the end user it is for
+        (a server may keep one sandbox per user). With ``api_url`` (or STOCKADE_API_URL) it runs on a
+        stockade server, authenticated by ``api_key`` (or STOCKADE_API_KEY)."""
+        t = _transport(transport, api_url, api_key)
+        return cls(portal().call(t.create(Policy.coerce(policy), timeout, envs, metadata, user_id=user_id)), t)
 
     @classmethod
-    def connect(cls, sandbox_id: str, *, transport: Transport | None = None) -> Sandbox:
-        t = _transport(transport)
+    def connect(cls, sandbox_id: str, *, api_url: str | None = None, api_key: str | None = None,
+                transport: Transport | None = None) -> Sandbox:
+        t = _transport(transport, api_url, api_key)
         return cls(portal().call(t.info(sandbox_id)), t)
 
     @classmethod
-    def list(cls, *, transport: Transport | None = None) -> list[SandboxInfo]:
-        return portal().call(_transport(transport).list())
+    def list(cls, *, metadata: Mapping[str, str] | None = None, state: str | None = None,
+             api_url: str | None = None, api_key: str | None = None,
+             transport: Transport | None = None) -> list[SandboxInfo]:
+        """Sandboxes you can reach, optionally only those whose metadata has every given key=value."""
+        return _filtered(portal().call(_transport(transport, api_url, api_key).list()), metadata, state)
 
     def run_code(self, code: str, language: str = "python", context: Context | str | None = None,
                  envs: Mapping[str, str] | None = None, timeout: float | None = None,
@@ -438,6 +463,12 @@ class Sandbox(_SandboxBase):
 
     def kill(self) -> bool:
         return portal().call(self._transport.kill(self.sandbox_id))
+
+    def audit_log(self, type: str | None = None, after_id: int | None = None,
+                  limit: int = 1000) -> builtins.list[dict[str, Any]]:
+        """The sandbox's recorded events (commands and their output, files, network...), oldest first;
+        ``type="command"`` selects command.start and command.end. Kept after the sandbox ends."""
+        return portal().call(self._transport.audit_events(self.sandbox_id, type, after_id, limit))
 
     def is_running(self) -> bool:
         try:
@@ -603,19 +634,23 @@ class AsyncSandbox(_SandboxBase):
     @classmethod
     async def create(cls, policy: Policy | dict[str, Any] | str | Path | None = None,
                      timeout: float | None = None, envs: Mapping[str, str] | None = None,
-                     metadata: Mapping[str, str] | None = None, *,
+                     metadata: Mapping[str, str] | None = None, *, user_id: str | None = None,
+                     api_url: str | None = None, api_key: str | None = None,
                      transport: Transport | None = None) -> AsyncSandbox:
-        t = _transport(transport)
-        return cls(await portal().acall(t.create(Policy.coerce(policy), timeout, envs, metadata)), t)
+        t = _transport(transport, api_url, api_key)
+        return cls(await portal().acall(t.create(Policy.coerce(policy), timeout, envs, metadata, user_id=user_id)), t)
 
     @classmethod
-    async def connect(cls, sandbox_id: str, *, transport: Transport | None = None) -> AsyncSandbox:
-        t = _transport(transport)
+    async def connect(cls, sandbox_id: str, *, api_url: str | None = None, api_key: str | None = None,
+                      transport: Transport | None = None) -> AsyncSandbox:
+        t = _transport(transport, api_url, api_key)
         return cls(await portal().acall(t.info(sandbox_id)), t)
 
     @classmethod
-    async def list(cls, *, transport: Transport | None = None) -> list[SandboxInfo]:
-        return await portal().acall(_transport(transport).list())
+    async def list(cls, *, metadata: Mapping[str, str] | None = None, state: str | None = None,
+                   api_url: str | None = None, api_key: str | None = None,
+                   transport: Transport | None = None) -> list[SandboxInfo]:
+        return _filtered(await portal().acall(_transport(transport, api_url, api_key).list()), metadata, state)
 
     async def run_code(self, code: str, language: str = "python", context: Context | str | None = None,
                        envs: Mapping[str, str] | None = None, timeout: float | None = None,
@@ -663,6 +698,10 @@ class AsyncSandbox(_SandboxBase):
 
     async def kill(self) -> bool:
         return await portal().acall(self._transport.kill(self.sandbox_id))
+
+    async def audit_log(self, type: str | None = None, after_id: int | None = None,
+                        limit: int = 1000) -> builtins.list[dict[str, Any]]:
+        return await portal().acall(self._transport.audit_events(self.sandbox_id, type, after_id, limit))
 
     async def is_running(self) -> bool:
         try:

@@ -20,7 +20,7 @@ EventSink = Callable[[dict[str, Any]], None]
 class Transport(ABC):
     @abstractmethod
     async def create(self, policy: Policy, timeout: float | None, envs: Mapping[str, str] | None,
-                     metadata: Mapping[str, str] | None) -> SandboxInfo: ...
+                     metadata: Mapping[str, str] | None, *, user_id: str | None = None) -> SandboxInfo: ...
 
     @abstractmethod
     async def info(self, sandbox_id: str) -> SandboxInfo: ...
@@ -101,6 +101,11 @@ class Transport(ABC):
 
     @abstractmethod
     async def network_events(self, sandbox_id: str) -> builtins.list[dict[str, Any]]: ...
+
+    @abstractmethod
+    async def audit_events(self, sandbox_id: str, type: str | None, after_id: int | None,
+                           limit: int) -> builtins.list[dict[str, Any]]:
+        """The sandbox's audit events (also after it ended), oldest first."""
 
     @abstractmethod
     async def close(self) -> None:

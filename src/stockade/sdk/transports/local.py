@@ -2,19 +2,32 @@
 
 from __future__ import annotations
 
+import asyncio
 import builtins
 import contextlib
+import time
 from collections.abc import AsyncGenerator, AsyncIterator, Mapping
 from datetime import datetime
 from typing import Any
 
 from ...artifacts import ArtifactInfo, DirectoryStore
+from ...audit import Audit, SQLAudit
+from ...audit.events import EventFilter
+from ...config import HostConfig
+from ...db import engine_for
 from ...errors import SandboxUnavailableError
 from ...manager import Argv, CodeContext, CommandRecord, ManagedSandbox, Manager
 from ...policy import Policy
 from ..code import Context
 from ..models import CommandResult, ProcessInfo, SandboxInfo
 from .base import EventSink, OutputSink, Transport
+
+
+def open_audit(config: HostConfig) -> SQLAudit:
+    """The host's audit store, with events past their retention pruned."""
+    audit = SQLAudit(engine_for(config.database_url, config.data_dir))
+    audit.prune(time.time() - config.audit_retention)
+    return audit
 
 
 class LocalTransport(Transport):
@@ -27,18 +40,19 @@ class LocalTransport(Transport):
 
             runtime = JailRuntime()
             await runtime.sweep_stale()
-            store = DirectoryStore(runtime.config.data_dir / "artifacts")
+            config = runtime.config
+            store = DirectoryStore(config.data_dir / "artifacts")
             store.prune()
-            self._manager = Manager(runtime, store, runtime.config.state_dir / "net",
-                                    runtime.config.data_dir / "network")
+            audit = await asyncio.to_thread(open_audit, config)
+            self._manager = Manager(runtime, store, config.state_dir / "net", audit)
             self._manager.host_groups = runtime.config.host_groups
             self._manager.sweep_broker_dirs()
         return self._manager
 
     async def create(self, policy: Policy, timeout: float | None, envs: Mapping[str, str] | None,
-                     metadata: Mapping[str, str] | None) -> SandboxInfo:
+                     metadata: Mapping[str, str] | None, *, user_id: str | None = None) -> SandboxInfo:
         m = await self.manager()
-        return self._info(m, await m.create(policy, timeout, envs, metadata))
+        return self._info(m, await m.create(policy, timeout, envs, metadata, user_id=user_id))
 
     def _info(self, m: Manager, sb: ManagedSandbox) -> SandboxInfo:
         left = sb.deadline - m.loop.time()
@@ -162,6 +176,14 @@ class LocalTransport(Transport):
     async def network_events(self, sandbox_id: str) -> builtins.list[dict[str, Any]]:
         return (await self.manager()).network_events(sandbox_id)
 
+    async def audit_events(self, sandbox_id: str, type: str | None, after_id: int | None,
+                           limit: int) -> builtins.list[dict[str, Any]]:
+        audit: Audit = (await self.manager()).audit
+        await asyncio.to_thread(audit.flush)
+        flt = EventFilter(sandbox_id=sandbox_id, type=type, after_id=after_id, limit=limit)
+        return [e.to_dict() for e in await asyncio.to_thread(audit.query, flt)]
+
     async def close(self) -> None:
         if self._manager is not None:
             await self._manager.shutdown()
+            await asyncio.to_thread(self._manager.audit.close)

@@ -1,0 +1,122 @@
+"""The audit store on SQLite and on a real PostgreSQL server (STOCKADE_TEST_POSTGRES_URL; CI starts one)."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+
+from stockade.audit import AuditEvent, Redactor, SQLAudit
+from stockade.audit.events import REDACTED, EventFilter
+from stockade.db import MIGRATIONS, engine_for, migrate
+
+PG_URL = os.environ.get("STOCKADE_TEST_POSTGRES_URL")
+
+
+def pg_schema_url() -> Iterator[str]:
+    """A schema of its own on the test server, dropped afterwards."""
+    if not PG_URL:
+        pytest.skip("STOCKADE_TEST_POSTGRES_URL is not set (.ci/run starts a PostgreSQL server and sets it)")
+    schema = "t_" + secrets.token_hex(6)
+    admin = engine_for(PG_URL, Path("/nonexistent"))
+    with admin.begin() as conn:
+        conn.execute(sa.text(f"CREATE SCHEMA {schema}"))
+    sep = "&" if "?" in PG_URL else "?"
+    try:
+        yield f"{PG_URL}{sep}options=-csearch_path%3D{schema}"
+    finally:
+        with admin.begin() as conn:
+            conn.execute(sa.text(f"DROP SCHEMA {schema} CASCADE"))
+        admin.dispose()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'audit.db'}"
+    else:
+        yield from pg_schema_url()
+
+
+@pytest.fixture
+def store(db_url: str, tmp_path: Path) -> Iterator[SQLAudit]:
+    audit = SQLAudit(engine_for(db_url, tmp_path))
+    yield audit
+    audit.close()
+
+
+def test_events_round_trip_with_every_filter(store: SQLAudit) -> None:
+    t0 = 1_700_000_000.0
+    store.record(AuditEvent("sandbox.create", {"policy": {"a": 1}}, "sbx-1", "acme", "u1", t0))
+    store.record(AuditEvent("command.start", {"argv": ["ls", "-l"]}, "sbx-1", "acme", "u1", t0 + 1))
+    store.record(AuditEvent("command.end", {"exit_code": 0, "stdout": "é\n"}, "sbx-1", "acme", "u1", t0 + 2))
+    store.record(AuditEvent("commandeer", {}, "sbx-2", "other", "u2", t0 + 3))  # not in the command family
+    store.record(AuditEvent("api.request", {"route": "/sandboxes"}, None, "acme", None, t0 + 4))
+    store.flush()
+    every = store.query(EventFilter())
+    assert [e.type for e in every] == ["sandbox.create", "command.start", "command.end", "commandeer", "api.request"]
+    assert every[2].data == {"exit_code": 0, "stdout": "é\n"} and every[2].time == t0 + 2
+    assert all(isinstance(e.id, int) for e in every) and [e.id for e in every] == sorted(e.id for e in every)
+    q = store.query
+    assert [e.type for e in q(EventFilter(type="command"))] == ["command.start", "command.end"]
+    assert [e.type for e in q(EventFilter(tenant="other"))] == ["commandeer"]
+    assert [e.type for e in q(EventFilter(user_id="u1", since=t0 + 1, until=t0 + 2))] == ["command.start"]
+    assert len(q(EventFilter(sandbox_id="sbx-1"))) == 3
+    assert [e.type for e in q(EventFilter(after_id=every[3].id))] == ["api.request"]
+    assert len(q(EventFilter(limit=2))) == 2
+    assert q(EventFilter(type="%")) == []  # a LIKE wildcard in the filter is a literal character
+
+
+def test_events_survive_a_reopen_and_prune_by_age(db_url: str, tmp_path: Path) -> None:
+    first = SQLAudit(engine_for(db_url, tmp_path))
+    first.record(AuditEvent("old", {}, "sbx-1", time=100.0))
+    first.record(AuditEvent("new", {}, "sbx-1", time=200.0))
+    first.close()
+    second = SQLAudit(engine_for(db_url, tmp_path))
+    try:
+        assert [e.type for e in second.query(EventFilter(sandbox_id="sbx-1"))] == ["old", "new"]
+        assert second.prune(150.0) == 1
+        assert [e.type for e in second.query(EventFilter())] == ["new"]
+    finally:
+        second.close()
+
+
+def test_migrations_run_once_also_when_processes_race(db_url: str, tmp_path: Path) -> None:
+    engine = engine_for(db_url, tmp_path)
+    errors: list[BaseException] = []
+
+    def again() -> None:
+        try:
+            migrate(engine)
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=again) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    with engine.connect() as conn:
+        assert conn.execute(sa.text("SELECT version FROM stockade_schema")).scalars().all() == [len(MIGRATIONS)]
+    engine.dispose()
+
+
+def test_huge_values_are_bounded_and_bytes_become_text(store: SQLAudit) -> None:
+    store.record(AuditEvent("command.end", {"stdout": "x" * (3 << 20), "raw": b"\xff\xfe", "n": [1, None]}))
+    store.flush()
+    (event,) = store.query(EventFilter())
+    assert len(event.data["stdout"]) < (1 << 20) + 100 and event.data["stdout"].endswith("[cut]")
+    assert event.data["raw"] == "\ufffd\ufffd" and event.data["n"] == [1, None]
+
+
+def test_redactor_replaces_every_occurrence_at_any_depth() -> None:
+    redact = Redactor([b"s3cr3t-value", "s3cr3t"])
+    out = redact({"stdout": "a s3cr3t-value b", "argv": ["--key=s3cr3t"], "n": 3, "s3cr3t": "k"})
+    assert out == {"stdout": f"a {REDACTED} b", "argv": [f"--key={REDACTED}"], "n": 3, REDACTED: "k"}
+    assert Redactor()({"a": "b"}) == {"a": "b"}
