@@ -91,6 +91,31 @@ def shared_dir() -> Iterator[Path]:
     shutil.rmtree(path, ignore_errors=True)
 
 
+@pytest.fixture(scope="session")
+def api_server() -> Iterator[Any]:
+    """One `stockade serve` for the session (the conformance suite's remote backend). When it stops, every
+    sandbox it ran must be gone from the host."""
+    from .server_support import RunningServer
+
+    # the conformance tenant may use the host resources tests give it (mounts, secrets, CA files)
+    server = RunningServer(tenants={"conformance": {"allow_mounts": ["/"], "allow_secrets": ["*"],
+                                                    "allow_ca_files": ["/"]}})
+    yield server
+    manager = server.server.manager
+    server.stop()
+    assert manager is not None and not manager.sandboxes
+    leftovers = [t for sid in manager.tombstones for t in _cgroup_and_lock_traces(sid)]
+    assert not leftovers, f"the server left sandboxes behind: {leftovers}"
+
+
+def _cgroup_and_lock_traces(sandbox_id: str) -> list[str]:
+    bases = [Path("/sys/fs/cgroup") / c / "stockade" for c in ("memory", "pids", "cpu")]
+    found = [str(base / sandbox_id) for base in bases if (base / sandbox_id).exists()]
+    if (HostConfig.from_env().state_dir / "sandboxes" / f"{sandbox_id}.lock").exists():
+        found.append(f"lock of {sandbox_id}")
+    return found
+
+
 @pytest.fixture(scope="session", autouse=True)
 def nothing_left_behind() -> Iterator[None]:
     """At the end of the session: every sandbox this test process created is gone without a trace.
@@ -106,14 +131,7 @@ def nothing_left_behind() -> Iterator[None]:
 
     ids = portal().call(created_here())
     shutil.rmtree(AUDIT_DIR, ignore_errors=True)
-    state = HostConfig.from_env().state_dir
-    leftovers = []
-    for sid in ids:
-        for base in [Path("/sys/fs/cgroup") / c / "stockade" for c in ("memory", "pids", "cpu")]:
-            if (base / sid).exists():
-                leftovers.append(str(base / sid))
-        if (state / "sandboxes" / f"{sid}.lock").exists():
-            leftovers.append(f"lock of {sid}")
+    leftovers = [t for sid in ids for t in _cgroup_and_lock_traces(sid)]
     assert not leftovers, f"the tests left sandboxes behind: {leftovers}"
     # artifacts outlive sandboxes by design; the test sandboxes' ones go with the session
     from stockade.artifacts import DirectoryStore

@@ -1,4 +1,4 @@
-"""The `stockade` command line: run, doctor, policy show."""
+"""The `stockade` command line: run, repl, doctor, policy, env, serve, keys, logs."""
 
 from __future__ import annotations
 
@@ -18,6 +18,12 @@ app.add_typer(policy_app, name="policy")
 env_app = typer.Typer(help="The Python environment every sandbox gets (for the code interpreter).",
                       no_args_is_help=True)
 app.add_typer(env_app, name="env")
+keys_app = typer.Typer(help="API keys of a stockade server (stored as hashes in its database).",
+                       no_args_is_help=True)
+app.add_typer(keys_app, name="keys")
+
+DATA_DIR = typer.Option(None, "--data-dir", help="The server's data directory (state and audit log).")
+CONFIG = typer.Option(None, "--config", help="Server config file (TOML); also STOCKADE_CONFIG.")
 
 EXIT_TIMEOUT = 124
 
@@ -237,3 +243,158 @@ def to_toml(d: dict[str, Any]) -> str:
 
 if __name__ == "__main__":
     app()
+
+
+# ---- server -----------------------------------------------------------------------------------------
+def _settings(config: Path | None, **overrides: Any) -> Any:
+    from .server.settings import ServerSettings
+
+    try:
+        return ServerSettings.load(config, **overrides)
+    except StockadeError as exc:
+        raise _fail(exc) from None
+
+
+def _engine(config: Path | None, data_dir: Path | None) -> Any:
+    from .config import HostConfig
+    from .db import engine_for
+
+    settings = _settings(config, data_dir=data_dir)
+    return engine_for(settings.database_url, settings.data_dir or HostConfig.from_env().data_dir)
+
+
+@app.command()
+def serve(
+    host: str | None = typer.Option(None, "--host", help="Address to listen on (default 127.0.0.1)."),
+    port: int | None = typer.Option(None, "--port", help="Port (default 8421)."),
+    data_dir: Path | None = DATA_DIR,
+    config: Path | None = CONFIG,
+) -> None:
+    """Serve the HTTP API: sandboxes for many tenants, authenticated by API keys (`stockade keys create`)."""
+    import uvicorn
+
+    from .server.app import create_app
+
+    settings = _settings(config, host=host, port=port, data_dir=data_dir)
+    try:
+        application = create_app(settings)
+    except StockadeError as exc:
+        raise _fail(exc) from None
+    uvicorn.run(application, host=settings.host, port=settings.port, log_level="info", access_log=False,
+                timeout_graceful_shutdown=10)
+
+
+@app.command()
+def openapi() -> None:
+    """Print the server's OpenAPI document (docs/openapi.json is this output)."""
+    from .server.app import openapi_json
+
+    typer.echo(openapi_json(), nl=False)
+
+
+@keys_app.command("create")
+def keys_create(tenant: str = typer.Option(..., "--tenant", help="The tenant the key acts for."),
+                name: str = typer.Option("", "--name", help="A note to recognise the key by."),
+                data_dir: Path | None = DATA_DIR, config: Path | None = CONFIG) -> None:
+    """Create an API key. It is printed once: only its hash is kept."""
+    from .server.auth import KeyStore
+
+    try:
+        key_id, key = KeyStore(_engine(config, data_dir)).create(tenant, name)
+    except ValueError as exc:
+        typer.echo(f"stockade: --tenant: {exc}", err=True)
+        raise typer.Exit(2) from None
+    typer.echo(key)
+    typer.echo(f"key id {key_id} for tenant {tenant}; this is the only time the key is shown", err=True)
+
+
+@keys_app.command("list")
+def keys_list(tenant: str | None = typer.Option(None, "--tenant"), data_dir: Path | None = DATA_DIR,
+              config: Path | None = CONFIG) -> None:
+    """List keys (ids, tenants, state); never the keys themselves."""
+    import datetime
+
+    from .server.auth import KeyStore
+
+    for k in KeyStore(_engine(config, data_dir)).list(tenant):
+        when = datetime.datetime.fromtimestamp(k["created"], datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        state = "revoked" if k["revoked"] else "active"
+        typer.echo(f"{k['id']}  {k['tenant']}  {state}  {when}  {k['name']}")
+
+
+@keys_app.command("revoke")
+def keys_revoke(key_id: str, data_dir: Path | None = DATA_DIR, config: Path | None = CONFIG) -> None:
+    """Revoke a key by its id; a running server refuses it within seconds."""
+    from .server.auth import KeyStore
+
+    if not KeyStore(_engine(config, data_dir)).revoke(key_id.removeprefix("sk_")[:16]):
+        typer.echo(f"stockade: no active key {key_id!r}", err=True)
+        raise typer.Exit(1)
+    typer.echo(f"revoked {key_id}")
+
+
+@app.command()
+def logs(
+    sandbox_id: str,
+    follow: bool = typer.Option(False, "--follow", "-f", help="Keep printing new events."),
+    since: str | None = typer.Option(None, "--since", help="Only events newer than this: 10m, 2h, or a Unix time."),
+    type: str | None = typer.Option(None, "--type", help="Only this event type (or family: command, file...)."),
+    as_json: bool = typer.Option(False, "--json", help="One JSON object per line."),
+    data_dir: Path | None = DATA_DIR,
+    config: Path | None = CONFIG,
+) -> None:
+    """Print a sandbox's audit log: lifecycle, commands and their output, files, network."""
+    import json
+    import time
+
+    from .audit.events import EventFilter
+    from .audit.store import SQLAudit
+    from .policy import parse_duration
+
+    start: float | None = None
+    if since:
+        try:
+            start = float(since) if since.replace(".", "", 1).isdigit() and float(since) > 1e9 else \
+                time.time() - parse_duration(since)
+        except ValueError as exc:
+            typer.echo(f"stockade: --since: {exc}", err=True)
+            raise typer.Exit(2) from None
+    audit = SQLAudit(_engine(config, data_dir))
+    last: int | None = None
+    try:
+        while True:
+            batch = audit.query(EventFilter(sandbox_id=sandbox_id, type=type, since=start, after_id=last))
+            for e in batch:
+                typer.echo(json.dumps(e.to_dict()) if as_json else _event_line(e.to_dict()))
+                last = e.id
+            if not follow:
+                if last is None:
+                    typer.echo(f"stockade: no events for {sandbox_id}", err=True)
+                    raise typer.Exit(1)
+                return
+            if not batch:
+                time.sleep(0.5)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        audit.close()
+
+
+def _event_line(e: dict[str, Any]) -> str:
+    import datetime
+    import json
+
+    when = datetime.datetime.fromtimestamp(e["time"], datetime.UTC).strftime("%H:%M:%S.%f")[:-3]
+    d = e["data"]
+    if e["type"] == "command.start":
+        text = "$ " + (d.get("cmd") or " ".join(d.get("argv") or []))
+    elif e["type"] in ("command.end", "code.end"):
+        code = d.get("exit_code", d.get("execution_count"))
+        text = f"exit {code} after {d.get('duration', 0):.3f}s" + "".join(
+            f"\n  {stream}: " + d[stream].rstrip("\n").replace("\n", "\n  " + " " * len(stream) + "  ")
+            for stream in ("stdout", "stderr") if d.get(stream))
+    elif e["type"] == "code.run":
+        text = d.get("code", "")
+    else:
+        text = json.dumps(d, separators=(",", ":"))
+    return f"{when} {e['type']:<18} {text}"

@@ -66,3 +66,74 @@ def filesystem_error(errno_name: str, message: str) -> FilesystemError:
 
 class ProtocolError(StockadeError):
     """The sandbox's agent sent something the host refuses (malformed, oversized, out of order)."""
+
+
+class AuthenticationError(StockadeError):
+    """The server refused the API key (missing, malformed, unknown or revoked)."""
+
+
+class QuotaError(StockadeError):
+    """Over a tenant's quota or a key's request rate. ``retry_after`` is in seconds when the server gave one."""
+
+    def __init__(self, message: str, retry_after: float | None = None) -> None:
+        self.retry_after = retry_after
+        super().__init__(message)
+
+
+class ConflictError(StockadeError):
+    """The request conflicts with existing state, e.g. the user already has a sandbox."""
+
+
+class RequestError(StockadeError):
+    """The server refused a malformed request (wrong types, too large)."""
+
+
+# The wire form of errors: the server answers {code, message, ...} with the status, the remote SDK raises
+# the same class again. Order matters: subclasses before their bases.
+WIRE_ERRORS: list[tuple[type[StockadeError], str, int]] = [
+    (PolicyError, "invalid_policy", 400),
+    (PathNotFoundError, "path_not_found", 404),
+    (FilesystemError, "filesystem_error", 400),
+    (SandboxNotFoundError, "not_found", 404),
+    (AuthenticationError, "unauthorized", 401),
+    (QuotaError, "quota_exceeded", 429),
+    (ConflictError, "conflict", 409),
+    (TimeoutError, "timeout", 504),
+    (ProtocolError, "protocol_error", 502),
+    (SandboxUnavailableError, "sandbox_unavailable", 503),
+    (RequestError, "invalid_request", 400),
+]
+
+
+def to_wire(exc: StockadeError) -> tuple[int, dict[str, object]]:
+    """(HTTP status, JSON body) for an error."""
+    for cls, code, status in WIRE_ERRORS:
+        if isinstance(exc, cls):
+            body: dict[str, object] = {"code": code, "message": str(exc)}
+            if isinstance(exc, PolicyError):
+                body["field"] = exc.field
+            if isinstance(exc, FilesystemError):
+                body["errno"] = exc.errno_name
+            return status, body
+    return 400, {"code": "error", "message": str(exc)}
+
+
+def from_wire(status: int, body: object) -> StockadeError:
+    """The error a server's answer stands for."""
+    data = body if isinstance(body, dict) else {}
+    code, message = str(data.get("code", "")), str(data.get("message", f"HTTP {status}"))[:10000]
+    if code == "invalid_policy":
+        field = str(data.get("field", ""))
+        return PolicyError(field, message.removeprefix(f"{field}: ") if field else message)
+    if code in ("path_not_found", "filesystem_error"):
+        return filesystem_error(str(data.get("errno", "EIO")), message)
+    if code == "quota_exceeded":
+        return QuotaError(message)
+    if code == "artifact_error":
+        from .artifacts import ArtifactError
+
+        return ArtifactError(message)
+    for cls, wire_code, _ in WIRE_ERRORS:
+        if wire_code == code and cls not in (PolicyError, FilesystemError, PathNotFoundError):
+            return cls(message)
+    return StockadeError(f"server error {status}: {message}")

@@ -130,6 +130,7 @@ class Manager:
         self.host_groups: dict[str, builtins.list[str]] = {}  # "@name" rule lists from the host's config
         self.sandboxes: dict[str, ManagedSandbox] = {}
         self.tombstones: OrderedDict[str, str] = OrderedDict()
+        self.on_end: Callable[[ManagedSandbox, str], None] | None = None   # told when any sandbox ends
         # (sandbox, read id) -> path, sha256 so far, bytes so far: a read is recorded when it ends
         self._reads: dict[tuple[str, int], tuple[str, Any, int]] = {}
         self.loop = asyncio.get_running_loop()
@@ -272,6 +273,8 @@ class Manager:
         if sb.timer is not None:
             sb.timer.cancel()
         self._record(sb, "sandbox.end", {"reason": reason})
+        if self.on_end is not None:
+            self.on_end(sb, reason)
         for upload in sb.uploads.values():  # half-received artifacts leave no trace
             if isinstance(upload, ArtifactWriter):
                 upload.abort()

@@ -9,12 +9,13 @@ import pytest
 from stockade import FilesystemError, PathNotFoundError, PolicyError, Sandbox, SandboxNotFoundError
 
 
-def test_unknown_ids_are_not_found(make_sandbox):
+def test_unknown_ids_are_not_found(make_sandbox, transport):
     with pytest.raises(SandboxNotFoundError, match="does not exist"):
-        Sandbox.connect("sbx-0000000000000000")
+        Sandbox.connect("sbx-0000000000000000", transport=transport)
     make_sandbox()  # ids of live sandboxes do not help guess others
-    with pytest.raises(SandboxNotFoundError):
-        Sandbox.connect("../../etc")
+    for bad in ("../../etc", "sbx-%2e%2e", "a/b", "x" * 5000, "sbx-\u00e9\n"):
+        with pytest.raises(SandboxNotFoundError):
+            Sandbox.connect(bad, transport=transport)
 
 
 @pytest.mark.parametrize("policy,field", [
@@ -27,9 +28,9 @@ def test_unknown_ids_are_not_found(make_sandbox):
     ({"lifetime": {"timeout": "2h", "max_lifetime": "1h"}}, "lifetime.timeout"),
     ({"limits": {"memroy": "1G"}}, "limits.memroy"),
 ])
-def test_invalid_policies_name_the_field(policy, field):
+def test_invalid_policies_name_the_field(policy, field, transport):
     with pytest.raises(PolicyError) as err:
-        Sandbox.create(policy=policy)
+        Sandbox.create(policy=policy, transport=transport)
     assert err.value.field == field
     assert str(err.value).startswith(field + ":")
 

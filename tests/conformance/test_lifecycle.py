@@ -72,24 +72,27 @@ def test_max_lifetime_caps_timeouts(make_sandbox):
         make_sandbox(timeout=10, lifetime={"timeout": "1s", "max_lifetime": "2s"})
 
 
-def test_context_manager_kills(make_sandbox):
+def test_context_manager_kills(transport):
     from ..conftest import base_policy
 
-    with Sandbox.create(policy=base_policy()) as sb:
+    with Sandbox.create(policy=base_policy(), transport=transport) as sb:
         runtime = sb.info().runtime
     assert wait_until(lambda: not sandbox_traces(runtime, sb.sandbox_id))
 
 
-def test_list_and_connect(make_sandbox):
-    a = make_sandbox()
-    ids = {info.sandbox_id for info in Sandbox.list()}
-    assert a.sandbox_id in ids
-    again = Sandbox.connect(a.sandbox_id)
+def test_list_and_connect(make_sandbox, transport):
+    a = make_sandbox(metadata={"role": "a"})
+    b = make_sandbox(metadata={"role": "b"})
+    ids = {info.sandbox_id for info in Sandbox.list(transport=transport)}
+    assert {a.sandbox_id, b.sandbox_id} <= ids
+    assert [i.sandbox_id for i in Sandbox.list(metadata={"role": "b"}, transport=transport)
+            if i.sandbox_id in (a.sandbox_id, b.sandbox_id)] == [b.sandbox_id]
+    again = Sandbox.connect(a.sandbox_id, transport=transport)
     assert again.commands.run("echo same").stdout == "same\n"
     a.kill()
-    assert a.sandbox_id not in {info.sandbox_id for info in Sandbox.list()}
+    assert a.sandbox_id not in {info.sandbox_id for info in Sandbox.list(transport=transport)}
     with pytest.raises(SandboxNotFoundError):
-        Sandbox.connect(a.sandbox_id)
+        Sandbox.connect(a.sandbox_id, transport=transport)
 
 
 CREATOR = """
@@ -106,9 +109,13 @@ time.sleep(600)
 """
 
 
-def test_sandbox_dies_with_the_process_that_created_it(backend):
+def test_sandbox_dies_with_the_process_that_created_it():
     """The host process that owns a sandbox is SIGKILLed: the sandbox dies at once (bwrap's
     --die-with-parent), and the next stockade process removes the cgroup it left."""
+    from stockade.sdk.portal import portal
+    from stockade.sdk.sandbox import _transport
+
+    portal().call(_transport(None).manager())  # this process's own start-up sweep is behind us
     root = str(Path(__file__).resolve().parents[2])
     proc = subprocess.Popen([sys.executable, "-c", CREATOR.format(path=[root, root + "/src"])],
                             stdout=subprocess.PIPE, text=True)
@@ -123,9 +130,6 @@ def test_sandbox_dies_with_the_process_that_created_it(backend):
     process_traces = lambda: [t for t in sandbox_traces(runtime, sandbox_id) if "process" in t]  # noqa: E731
     assert wait_until(lambda: not process_traces()), process_traces()
     # what is left (an empty cgroup, a lock file nobody holds) goes when stockade next starts
-    from stockade.sdk.portal import portal
-    from stockade.sdk.sandbox import _transport
-
     swept = portal().call(_sweep(_transport(None)))
     assert not sandbox_traces(runtime, sandbox_id)
     if ROOT:

@@ -15,9 +15,6 @@ from pathlib import Path
 
 import pytest
 
-from stockade.sdk.portal import portal
-from stockade.sdk.sandbox import _transport
-
 
 class Upstream:
     """An HTTP server (and a TLS one for api.example.test) on 127.0.0.1, with a record of what arrived."""
@@ -92,7 +89,7 @@ def upstream(tmp_path: Path) -> Iterator[Upstream]:
 
 
 @pytest.fixture
-def lookups() -> Iterator[list[str]]:
+def lookups(backend_manager) -> Iterator[list[str]]:  # type: ignore[no-untyped-def]
     """Every name the broker resolves; *.example.test resolves to 127.0.0.1, anything else to nothing."""
     asked: list[str] = []
 
@@ -100,14 +97,9 @@ def lookups() -> Iterator[list[str]]:
         asked.append(host)
         return [ipaddress.IPv4Address("127.0.0.1")] if host.endswith(".example.test") else []
 
-    async def swap(new):  # type: ignore[no-untyped-def]
-        manager = await _transport(None).manager()
-        old, manager.resolver = manager.resolver, new
-        return old
-
-    previous = portal().call(swap(resolver))
+    previous, backend_manager.resolver = backend_manager.resolver, resolver
     yield asked
-    portal().call(swap(previous))
+    backend_manager.resolver = previous
 
 
 def allow(*rules: str, **extra: object) -> dict[str, object]:
@@ -460,24 +452,21 @@ def test_pip_installs_from_an_allowed_index_and_git_clones_over_https(make_sandb
         server.close()
 
 
-def test_host_groups_from_the_hosts_configuration(make_sandbox, upstream, lookups, tmp_path):
+def test_host_groups_from_the_hosts_configuration(make_sandbox, upstream, lookups, tmp_path, backend_manager):
     from stockade import PolicyError
     from stockade.config import _host_groups
 
     groups_file = tmp_path / "groups.toml"
     groups_file.write_text(f'[groups]\napi-hosts = ["api.example.test:{upstream.port}"]\n')
 
-    async def set_groups(groups):  # type: ignore[no-untyped-def]
-        (await _transport(None).manager()).host_groups = groups
-
-    portal().call(set_groups(_host_groups(str(groups_file))))
+    backend_manager.host_groups = _host_groups(str(groups_file))
     try:
         sb = make_sandbox(network={"mode": "allowlist", "allow": ["@api-hosts"], "allow_private": ["127.0.0.1/32"]})
         assert sb.commands.run(f"curl -sS http://api.example.test:{upstream.port}/g").stdout == "upstream saw /g\n"
         with pytest.raises(PolicyError, match="host group '@nope' is not defined"):
             make_sandbox(network={"mode": "allowlist", "allow": ["@nope"]})
     finally:
-        portal().call(set_groups({}))
+        backend_manager.host_groups = {}
 
 
 def test_a_slow_client_cannot_starve_another_sandbox(make_sandbox, upstream, lookups):

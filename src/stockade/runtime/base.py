@@ -44,6 +44,10 @@ class Runtime(ABC):
         """True when no live process owns this sandbox any more (its owner died without teardown)."""
 
     @abstractmethod
+    async def sweep_stale(self) -> list[str]:
+        """Remove what sandboxes of owners that died left on the host; returns their ids."""
+
+    @abstractmethod
     async def start(self, sandbox_id: str, policy: Policy, envs: Mapping[str, str],
                     broker_dir: Path | None = None, files: Mapping[str, bytes] | None = None) -> RuntimeSandbox:
         """Start a sandbox whose agent is ready to serve requests; raise SandboxUnavailableError if the

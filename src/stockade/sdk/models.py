@@ -71,6 +71,7 @@ class SandboxInfo:
     policy: dict[str, Any]
     runtime: dict[str, Any]
     state: Literal["running", "ended"] = "running"
+    user_id: str | None = None
 
 
 def _int(v: Any) -> int:

@@ -23,6 +23,14 @@ from ..models import CommandResult, ProcessInfo, SandboxInfo
 from .base import EventSink, OutputSink, Transport
 
 
+def sandbox_info(m: Manager, sb: ManagedSandbox) -> SandboxInfo:
+    left = min(sb.deadline, sb.hard_deadline) - m.loop.time()
+    return SandboxInfo(sb.id, datetime.fromtimestamp(sb.started_at),
+                       datetime.fromtimestamp(datetime.now().timestamp() + left), dict(sb.metadata),
+                       sb.policy.to_display(), sb.runtime.describe(),
+                       "running" if sb.runtime.is_alive() else "ended", sb.user_id)
+
+
 def open_audit(config: HostConfig) -> SQLAudit:
     """The host's audit store, with events past their retention pruned."""
     audit = SQLAudit(engine_for(config.database_url, config.data_dir))
@@ -54,14 +62,9 @@ class LocalTransport(Transport):
         m = await self.manager()
         return self._info(m, await m.create(policy, timeout, envs, metadata, user_id=user_id))
 
-    def _info(self, m: Manager, sb: ManagedSandbox) -> SandboxInfo:
-        left = sb.deadline - m.loop.time()
-        hard_left = sb.hard_deadline - m.loop.time()
-        now = datetime.now().timestamp()
-        return SandboxInfo(sb.id, datetime.fromtimestamp(sb.started_at),
-                           datetime.fromtimestamp(now + min(left, hard_left)), dict(sb.metadata),
-                           sb.policy.to_display(), sb.runtime.describe(),
-                           "running" if sb.runtime.is_alive() else "ended")
+    @staticmethod
+    def _info(m: Manager, sb: ManagedSandbox) -> SandboxInfo:
+        return sandbox_info(m, sb)
 
     async def info(self, sandbox_id: str) -> SandboxInfo:
         m = await self.manager()

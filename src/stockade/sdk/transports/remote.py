@@ -1,0 +1,280 @@
+"""The remote transport: the same Sandbox API against a `stockade serve` server, over HTTP (httpx).
+
+Commands and code cells stream as server-sent events; output bytes arrive base64-encoded, so what the
+caller gets is byte-for-byte what the process wrote. Server errors are raised as the same exception
+classes local mode raises (see ``errors.WIRE_ERRORS``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import builtins
+import json
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+from urllib.parse import quote
+
+import httpx
+
+from ...artifacts import ArtifactInfo
+from ...errors import SandboxNotFoundError, SandboxUnavailableError, StockadeError, from_wire
+from ...manager import Argv
+from ...policy import Policy
+from ..code import Context
+from ..models import CommandResult, ProcessInfo, SandboxInfo
+from .base import EventSink, OutputSink, Transport
+
+MAX_EVENT_LINE = 64 << 20   # one SSE data line (a cell's figure can be large)
+
+
+@dataclass
+class RemoteCommand:
+    pid: int
+    cmd: str
+    task: asyncio.Task[CommandResult]
+
+
+class RemoteTransport(Transport):
+    def __init__(self, api_url: str, api_key: str, timeout: float = 300.0) -> None:
+        if not api_key:
+            raise StockadeError("an API key is needed for a stockade server: pass api_key= or set STOCKADE_API_KEY")
+        self.api_url = api_url.rstrip("/")
+        self._api_key = api_key
+        self._timeout = timeout
+        self._http: httpx.AsyncClient | None = None
+
+    @property
+    def http(self) -> httpx.AsyncClient:
+        if self._http is None:  # made on first use, on the portal loop that will use it
+            self._http = httpx.AsyncClient(
+                base_url=self.api_url, headers={"Authorization": f"Bearer {self._api_key}"},
+                timeout=httpx.Timeout(self._timeout, connect=10.0),
+                limits=httpx.Limits(max_connections=200, max_keepalive_connections=50))
+        return self._http
+
+    async def _call(self, method: str, path: str, **kwargs: Any) -> Any:
+        r = await self.http.request(method, path, **kwargs)
+        if r.status_code >= 400:
+            raise _error(r.status_code, r.content)
+        if r.status_code == 204 or not r.content:
+            return None
+        return r.json()
+
+    @staticmethod
+    def _info(d: dict[str, Any]) -> SandboxInfo:
+        return SandboxInfo(d["sandbox_id"], datetime.fromtimestamp(d["started_at"]),
+                           datetime.fromtimestamp(d["end_at"] or d["started_at"]), dict(d.get("metadata") or {}),
+                           d.get("policy") or {}, d.get("runtime") or {}, d.get("state", "running"), d.get("user_id"))
+
+    # ---- sandboxes ------------------------------------------------------------------------------
+    async def create(self, policy: Policy, timeout: float | None, envs: Mapping[str, str] | None,
+                     metadata: Mapping[str, str] | None, *, user_id: str | None = None) -> SandboxInfo:
+        body = {"policy": policy.model_dump(mode="json"), "timeout": timeout, "envs": dict(envs or {}),
+                "metadata": dict(metadata or {}), "user_id": user_id}
+        return self._info(await self._call("POST", "/sandboxes", json=body))
+
+    async def info(self, sandbox_id: str) -> SandboxInfo:
+        return self._info(await self._call("GET", f"/sandboxes/{_id(sandbox_id)}"))
+
+    async def list(self) -> builtins.list[SandboxInfo]:
+        return [self._info(d) for d in await self._call("GET", "/sandboxes")]
+
+    async def kill(self, sandbox_id: str) -> bool:
+        try:
+            await self._call("DELETE", f"/sandboxes/{_id(sandbox_id)}")
+            return True
+        except SandboxNotFoundError:
+            return False
+
+    async def set_timeout(self, sandbox_id: str, seconds: float) -> None:
+        await self._call("POST", f"/sandboxes/{_id(sandbox_id)}/timeout", json={"timeout": seconds})
+
+    # ---- commands -------------------------------------------------------------------------------
+    async def run(self, sandbox_id: str, cmd: str | Argv, *, envs: Mapping[str, str] | None,
+                  cwd: str | None, stdin: bytes | None, timeout: float | None,
+                  on_output: OutputSink | None) -> CommandResult:
+        token = await self.start(sandbox_id, cmd, envs=envs, cwd=cwd, stdin=stdin, timeout=timeout,
+                                 on_output=on_output, background=False)
+        return await self.wait(sandbox_id, token)
+
+    async def start(self, sandbox_id: str, cmd: str | Argv, *, envs: Mapping[str, str] | None,
+                    cwd: str | None, stdin: bytes | None, timeout: float | None,
+                    on_output: OutputSink | None, background: bool = True) -> RemoteCommand:
+        body: dict[str, Any] = {("cmd" if isinstance(cmd, str) else "argv"): cmd, "envs": dict(envs or {}),
+                                "cwd": cwd, "timeout": timeout, "background": background}
+        if stdin is not None:
+            body["stdin"] = base64.b64encode(stdin).decode()
+        started: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+
+        async def pump() -> CommandResult:
+            out = {"stdout": bytearray(), "stderr": bytearray()}
+            async for event, data in self._events("POST", f"/sandboxes/{_id(sandbox_id)}/commands", json=body):
+                if event == "start" and not started.done():
+                    started.set_result(int(data["pid"]))
+                elif event in out:
+                    chunk = base64.b64decode(data["b64"])
+                    out[event] += chunk
+                    if on_output is not None:
+                        on_output(event, chunk)
+                elif event == "exit":
+                    return CommandResult(out["stdout"].decode("utf-8", "replace"),
+                                         out["stderr"].decode("utf-8", "replace"), int(data["exit_code"]),
+                                         bool(data.get("truncated")), bool(data.get("timed_out")),
+                                         bytes(out["stdout"]), bytes(out["stderr"]))
+            raise SandboxUnavailableError("the server ended the command's stream before the command ended")
+
+        task = asyncio.get_running_loop().create_task(pump())
+        waiting: builtins.list[asyncio.Future[Any]] = [started, task]
+        await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+        if not started.done():
+            started.cancel()
+            await task  # raises the server's error
+            raise SandboxUnavailableError("the server did not report the command's start")
+        return RemoteCommand(started.result(), cmd if isinstance(cmd, str) else " ".join(cmd), task)
+
+    async def wait(self, sandbox_id: str, token: Any) -> CommandResult:
+        command: RemoteCommand = token
+        return await asyncio.shield(command.task)
+
+    async def send_stdin(self, sandbox_id: str, pid: int, data: bytes, eof: bool) -> None:
+        await self._call("POST", f"/sandboxes/{_id(sandbox_id)}/commands/{int(pid)}/stdin",
+                         params={"eof": "true" if eof else "false"}, content=data,
+                         headers={"content-type": "application/octet-stream"})
+
+    async def signal(self, sandbox_id: str, pid: int, sig: int) -> bool:
+        answer = await self._call("POST", f"/sandboxes/{_id(sandbox_id)}/commands/{int(pid)}/signal",
+                                  json={"signal": int(sig)})
+        return bool(answer["delivered"])
+
+    async def processes(self, sandbox_id: str) -> builtins.list[ProcessInfo]:
+        return [ProcessInfo(p["pid"], p["cmd"], p.get("tag"))
+                for p in await self._call("GET", f"/sandboxes/{_id(sandbox_id)}/commands")]
+
+    # ---- files ----------------------------------------------------------------------------------
+    async def read(self, sandbox_id: str, path: str) -> AsyncGenerator[bytes, None]:
+        async with self.http.stream("GET", f"/sandboxes/{_id(sandbox_id)}/files", params={"path": path},
+                                    timeout=httpx.Timeout(None, connect=10.0)) as r:
+            if r.status_code >= 400:
+                raise _error(r.status_code, await r.aread())
+            async for chunk in r.aiter_bytes():
+                yield chunk
+
+    async def write(self, sandbox_id: str, path: str, chunks: AsyncIterator[bytes]) -> int:
+        answer = await self._call("PUT", f"/sandboxes/{_id(sandbox_id)}/files", params={"path": path},
+                                  content=chunks, headers={"content-type": "application/octet-stream"})
+        return int(answer["size"])
+
+    async def file_op(self, sandbox_id: str, op: str, **args: Any) -> dict[str, Any]:
+        answer: dict[str, Any] = await self._call("POST", f"/sandboxes/{_id(sandbox_id)}/files/{op}", json=args)
+        return answer
+
+    # ---- code -----------------------------------------------------------------------------------
+    @staticmethod
+    def _context(d: dict[str, Any]) -> Context:
+        return Context(d["id"], d["language"], d["cwd"], d.get("backend", ""))
+
+    async def create_context(self, sandbox_id: str, language: str, cwd: str | None) -> Context:
+        return self._context(await self._call("POST", f"/sandboxes/{_id(sandbox_id)}/contexts",
+                                              json={"language": language, "cwd": cwd}))
+
+    async def list_contexts(self, sandbox_id: str) -> builtins.list[Context]:
+        return [self._context(d) for d in await self._call("GET", f"/sandboxes/{_id(sandbox_id)}/contexts")]
+
+    async def restart_context(self, sandbox_id: str, context_id: str) -> Context:
+        return self._context(await self._call(
+            "POST", f"/sandboxes/{_id(sandbox_id)}/contexts/{_id(context_id)}/restart"))
+
+    async def remove_context(self, sandbox_id: str, context_id: str) -> None:
+        await self._call("DELETE", f"/sandboxes/{_id(sandbox_id)}/contexts/{_id(context_id)}")
+
+    async def run_code(self, sandbox_id: str, code: str, *, language: str, context_id: str | None,
+                       envs: Mapping[str, str] | None, timeout: float | None, on_output: OutputSink,
+                       on_event: EventSink) -> dict[str, Any]:
+        body = {"code": code, "language": language, "context_id": context_id, "envs": dict(envs or {}),
+                "timeout": timeout}
+        async for event, data in self._events("POST", f"/sandboxes/{_id(sandbox_id)}/code", json=body):
+            if event in ("stdout", "stderr"):
+                on_output(event, base64.b64decode(data["b64"]))
+            elif event == "event":
+                on_event(data)
+            elif event == "done":
+                done: dict[str, Any] = data
+                return done
+        raise SandboxUnavailableError("the server ended the cell's stream before the cell ended")
+
+    # ---- artifacts, network, audit --------------------------------------------------------------
+    async def list_artifacts(self, sandbox_id: str) -> builtins.list[ArtifactInfo]:
+        return [ArtifactInfo(a["name"], a["size"], a["sha256"], a["media_type"],
+                             datetime.fromtimestamp(a["created_at"]), a["command"])
+                for a in await self._call("GET", f"/sandboxes/{_id(sandbox_id)}/artifacts")]
+
+    async def read_artifact(self, sandbox_id: str, name: str) -> AsyncGenerator[bytes, None]:
+        async with self.http.stream("GET", f"/sandboxes/{_id(sandbox_id)}/artifacts/{_id(name)}") as r:
+            if r.status_code >= 400:
+                raise _error(r.status_code, await r.aread())
+            async for chunk in r.aiter_bytes():
+                yield chunk
+
+    async def update_network(self, sandbox_id: str, changes: dict[str, Any]) -> dict[str, Any]:
+        answer: dict[str, Any] = await self._call("PATCH", f"/sandboxes/{_id(sandbox_id)}/network", json=changes)
+        return answer
+
+    async def network_events(self, sandbox_id: str) -> builtins.list[dict[str, Any]]:
+        answer: builtins.list[dict[str, Any]] = await self._call("GET", f"/sandboxes/{_id(sandbox_id)}/network/events")
+        return answer
+
+    async def audit_events(self, sandbox_id: str, type: str | None, after_id: int | None,
+                           limit: int) -> builtins.list[dict[str, Any]]:
+        params: dict[str, Any] = {"sandbox_id": sandbox_id, "limit": limit}
+        if type is not None:
+            params["type"] = type
+        if after_id is not None:
+            params["after_id"] = after_id
+        answer: builtins.list[dict[str, Any]] = await self._call("GET", "/events", params=params)
+        return answer
+
+    async def close(self) -> None:
+        if self._http is not None:
+            await self._http.aclose()
+            self._http = None
+
+    # ---- server-sent events ---------------------------------------------------------------------
+    async def _events(self, method: str, path: str, **kwargs: Any) -> AsyncIterator[tuple[str, dict[str, Any]]]:
+        """(event, data) pairs of an SSE response; an ``error`` event is raised as the error it names."""
+        headers = {"accept": "text/event-stream"}
+        async with self.http.stream(method, path, headers=headers, timeout=httpx.Timeout(None, connect=10.0),
+                                    **kwargs) as r:
+            if r.status_code >= 400:
+                raise _error(r.status_code, await r.aread())
+            event, data = "message", ""
+            async for line in r.aiter_lines():
+                if len(line) > MAX_EVENT_LINE:
+                    raise SandboxUnavailableError("the server sent an oversized event")
+                if line.startswith("event:"):
+                    event = line[6:].strip()
+                elif line.startswith("data:"):
+                    data += line[5:].strip()
+                elif not line and data:
+                    payload = json.loads(data)
+                    if event == "error":
+                        raise from_wire(0, payload)
+                    yield event, payload
+                    event, data = "message", ""
+
+
+def _id(value: str) -> str:
+    """A path segment: ids never contain '/', and one that does is refused here rather than re-routed."""
+    if not value or "/" in value or value in (".", ".."):
+        raise SandboxNotFoundError(f"{value!r} is not a valid id")
+    return quote(value, safe="")
+
+
+def _error(status: int, content: bytes) -> StockadeError:
+    try:
+        body = json.loads(content)
+    except ValueError:
+        body = {"message": content[:500].decode("utf-8", "replace") or f"HTTP {status}"}
+    return from_wire(status, body)

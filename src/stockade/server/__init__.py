@@ -1,0 +1,1 @@
+"""`stockade serve`: the multi-tenant HTTP API over the manager."""

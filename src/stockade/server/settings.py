@@ -1,0 +1,117 @@
+"""Server settings: defaults, then a TOML file (``--config`` or STOCKADE_CONFIG), then STOCKADE_* variables,
+then command-line options. Invalid settings name the field, as policies do.
+
+    [server]
+    host = "127.0.0.1"
+    port = 8421
+    data_dir = "/var/lib/stockade"
+    database_url = "postgresql://user:pass@db/stockade"   # default: SQLite in data_dir
+
+    [tenant_defaults]            # every tenant, unless [tenants.NAME] says otherwise
+    max_sandboxes = 20
+    one_sandbox_per_user = "reuse"
+
+    [tenants.acme]
+    max_memory = "64GiB"
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import os
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from ..errors import PolicyError
+from ..policy import Duration, Policy, PositiveDuration, PositiveSize, Size, _policy_error
+
+
+def _under(path: str, directories: list[str]) -> bool:
+    """Whether ``path``, symlinks resolved, is one of ``directories`` or below one."""
+    real = os.path.realpath(path)
+    return any(real == d or real.startswith(d.rstrip("/") + "/") for d in map(os.path.realpath, directories))
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class TenantSettings(_Model):
+    max_sandboxes: Annotated[int, Field(ge=0)] = 20             # running at once
+    max_memory: Size = 32 << 30                                 # sum of limits.memory of running sandboxes
+    max_cpus: Annotated[float, Field(ge=0)] = 32.0              # sum of limits.cpus
+    max_lifetime: PositiveDuration = 86400.0                    # cap on a policy's lifetime.max_lifetime
+    # a second create for the same user_id: "reuse" answers with the live one, "reject" with 409
+    one_sandbox_per_user: Literal["off", "reuse", "reject"] = "off"
+    rate_limit: Annotated[float, Field(gt=0)] = 100.0           # requests per second and key (sustained)
+    rate_burst: Annotated[int, Field(ge=1)] = 200
+    # A policy names host resources: mounts, secrets read from the server's env or files, CA files. A
+    # tenant may use none of them unless allowed here (else a tenant could mount the server's files, or
+    # have the server's own credentials sent to a host of its choosing).
+    allow_mounts: list[str] = []        # host directories (and what is below them) a mount may come from
+    allow_secrets: list[str] = []       # value_from patterns, e.g. "env:ACME_*" or "file:/etc/stockade/acme/*"
+    allow_ca_files: list[str] = []      # host directories a network.extra_ca_certs file may be in
+
+    def check(self, policy: Policy) -> None:
+        """Refuse what the policy would take from the server host beyond what this tenant is allowed."""
+        for i, mount in enumerate(policy.filesystem.mounts):
+            if not _under(mount.source, self.allow_mounts):
+                raise PolicyError(f"filesystem.mounts.{i}.source", f"{mount.source} is not in a directory this "
+                                  "tenant may mount (server setting allow_mounts)")
+        for name, secret in policy.secrets.items():
+            if not any(fnmatch.fnmatchcase(secret.value_from, pattern) for pattern in self.allow_secrets):
+                raise PolicyError(f"secrets.{name}.value_from", f"{secret.value_from!r} is not a secret source "
+                                  "this tenant may use (server setting allow_secrets)")
+        ca = policy.network.extra_ca_certs
+        if ca is not None and not _under(ca, self.allow_ca_files):
+            raise PolicyError("network.extra_ca_certs", f"{ca} is not in a directory this tenant may read "
+                              "(server setting allow_ca_files)")
+
+
+class ServerSettings(_Model):
+    host: str = "127.0.0.1"
+    port: Annotated[int, Field(ge=0, le=65535)] = 8421
+    data_dir: Path | None = None                 # None: the host default (HostConfig)
+    database_url: str | None = None
+    audit_output: Size = 64 << 10                # of each command's stdout and stderr, kept in the audit log
+    audit_retention: PositiveDuration = 30 * 86400.0
+    max_upload: PositiveSize = 1 << 30           # one file upload
+    max_body: PositiveSize = 1 << 20             # any other request body (JSON)
+    reaper_interval: Duration = 60.0             # how often expired audit events are pruned
+    tenant_defaults: TenantSettings = TenantSettings()
+    tenants: dict[str, TenantSettings] = {}
+
+    def tenant(self, name: str) -> TenantSettings:
+        return self.tenants.get(name, self.tenant_defaults)
+
+    @classmethod
+    def load(cls, config_file: Path | None = None, **overrides: Any) -> ServerSettings:
+        data: dict[str, Any] = {}
+        path = config_file or (Path(os.environ["STOCKADE_CONFIG"]) if os.environ.get("STOCKADE_CONFIG") else None)
+        if path is not None:
+            try:
+                raw = tomllib.loads(path.read_text())
+            except OSError as exc:
+                raise PolicyError("", f"cannot read the config file {path}: {exc.strerror}") from None
+            except tomllib.TOMLDecodeError as exc:
+                raise PolicyError("", f"{path} is not valid TOML: {exc}") from None
+            unknown = set(raw) - {"server", "tenant_defaults", "tenants"}
+            if unknown:
+                raise PolicyError(sorted(unknown)[0],
+                                  "unknown section; use [server], [tenant_defaults] or [tenants.NAME]")
+            data.update(raw.get("server", {}))
+            data.update({k: raw[k] for k in ("tenant_defaults", "tenants") if k in raw})
+            if "tenants" in data and "tenant_defaults" in raw:  # a tenant's table overrides the defaults
+                data["tenants"] = {n: {**raw["tenant_defaults"], **t} for n, t in data["tenants"].items()}
+        for name, env in (("host", "STOCKADE_HOST"), ("port", "STOCKADE_PORT"), ("data_dir", "STOCKADE_DATA_DIR"),
+                          ("database_url", "STOCKADE_DATABASE_URL"), ("audit_retention", "STOCKADE_AUDIT_RETENTION")):
+            if os.environ.get(env):
+                data[name] = os.environ[env]
+        data.update({k: v for k, v in overrides.items() if v is not None})
+        try:
+            return cls.model_validate(data)
+        except ValidationError as exc:
+            raise _policy_error(exc) from None
