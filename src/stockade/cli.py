@@ -241,9 +241,6 @@ def to_toml(d: dict[str, Any]) -> str:
     return "\n".join(lines).lstrip("\n") + "\n"
 
 
-if __name__ == "__main__":
-    app()
-
 
 # ---- server -----------------------------------------------------------------------------------------
 def _settings(config: Path | None, **overrides: Any) -> Any:
@@ -398,3 +395,7 @@ def _event_line(e: dict[str, Any]) -> str:
     else:
         text = json.dumps(d, separators=(",", ":"))
     return f"{when} {e['type']:<18} {text}"
+
+
+if __name__ == "__main__":
+    app()

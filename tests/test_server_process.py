@@ -1,0 +1,162 @@
+"""`stockade serve` as its own process: killed mid-exec (SIGKILL) and restarted, stopped gracefully, on
+SQLite and on PostgreSQL; keys and logs through the CLI against the same data directory."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from stockade.config import HostConfig
+
+from .conftest import base_policy, sandbox_traces
+from .test_audit import pg_schema_url
+
+STOCKADE = [sys.executable, "-m", "stockade.cli"]
+
+
+def wait_until(predicate: Any, timeout: float = 20.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.05)
+    return bool(predicate())
+
+
+class ServerProcess:
+    def __init__(self, data_dir: Path, database_url: str | None = None) -> None:
+        self.data_dir = data_dir
+        self.env = {**os.environ}
+        self.env.pop("STOCKADE_DATABASE_URL", None)
+        if database_url:
+            self.env["STOCKADE_DATABASE_URL"] = database_url
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.url = ""
+
+    def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([*STOCKADE, *args, "--data-dir", str(self.data_dir)], env=self.env,
+                              capture_output=True, text=True, timeout=60)
+
+    def start(self) -> None:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        self.proc = subprocess.Popen([*STOCKADE, "serve", "--port", str(port), "--data-dir", str(self.data_dir)],
+                                     env=self.env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        self.url = f"http://127.0.0.1:{port}"
+
+        def up() -> bool:
+            try:
+                return httpx.get(f"{self.url}/health", timeout=1).status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        if not wait_until(up, 30):
+            self.proc.kill()
+            raise RuntimeError(f"the server did not start: {self.proc.communicate()[1].decode()[-2000:]}")
+
+    def stop(self, sig: int) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+        self.proc.wait(30)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def server(request: pytest.FixtureRequest) -> Iterator[ServerProcess]:
+    data_dir = Path(tempfile.mkdtemp(prefix="stockade-test-serve-"))
+    urls = pg_schema_url() if request.param == "postgresql" else iter([None])
+    url = next(urls)
+    srv = ServerProcess(data_dir, url)
+    try:
+        yield srv
+    finally:
+        if srv.proc is not None and srv.proc.poll() is None:
+            srv.stop(signal.SIGKILL)
+        for _ in urls:  # drops the PostgreSQL schema
+            pass
+        shutil.rmtree(data_dir, ignore_errors=True)
+
+
+def _host_traces(info: dict[str, Any]) -> list[str]:
+    sid = info["sandbox_id"]
+    traces = sandbox_traces(info["runtime"], sid)
+    if (HostConfig.from_env().state_dir / "net" / sid).exists():
+        traces.append("broker socket directory")
+    return traces
+
+
+def test_a_killed_server_leaves_nothing_and_its_successor_closes_the_records(server: ServerProcess) -> None:
+    made = server.cli("keys", "create", "--tenant", "acme")
+    assert made.returncode == 0, made.stderr
+    key = made.stdout.strip()
+    server.start()
+    h = httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {key}"}, timeout=30)
+    policy = base_policy(network={"mode": "allowlist", "allow": ["x.example.test"]}).model_dump(mode="json")
+    info = h.post("/sandboxes", json={"policy": policy}).json()
+    sid = info["sandbox_id"]
+    # mid-exec: a command is streaming output when the server dies
+    with h.stream("POST", f"/sandboxes/{sid}/commands", headers={"accept": "text/event-stream"},
+                  json={"cmd": "echo started; sleep 600"}) as r:
+        lines = r.iter_lines()  # held, so leaving the loop does not close the stream (which kills the command)
+        for line in lines:
+            if "stdout" in line:
+                break
+        assert wait_until(lambda: h.get("/events", params={"sandbox_id": sid, "type": "command.start"}).json())
+        assert _host_traces(info)
+        server.stop(signal.SIGKILL)
+    # the sandbox died with the server: no process of it survives
+    assert wait_until(lambda: not [t for t in _host_traces(info) if "process" in t]), _host_traces(info)
+    server.start()  # the successor sweeps cgroups, locks and broker directories, and closes the records
+    h = httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {key}"}, timeout=30)
+    assert wait_until(lambda: not _host_traces(info)), _host_traces(info)
+    r = h.get(f"/sandboxes/{sid}")
+    assert r.status_code == 404 and "server restarted" in r.json()["message"]
+    events = h.get("/events", params={"sandbox_id": sid}).json()
+    types = [e["type"] for e in events]
+    assert types[:2] == ["sandbox.create", "command.start"] and "command.end" not in types, types
+    (end,) = [e for e in events if e["type"] == "sandbox.end"]
+    assert "server restarted" in end["data"]["reason"]
+    server.stop(signal.SIGTERM)
+    logs = server.cli("logs", sid)
+    assert logs.returncode == 0 and "$ echo started; sleep 600" in logs.stdout and "sandbox.end" in logs.stdout
+
+
+def test_graceful_shutdown_kills_sandboxes_and_flushes_the_log(server: ServerProcess) -> None:
+    key = server.cli("keys", "create", "--tenant", "acme").stdout.strip()
+    server.start()
+    h = httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {key}"}, timeout=30)
+    info = h.post("/sandboxes", json={"policy": base_policy().model_dump(mode="json")}).json()
+    assert h.post(f"/sandboxes/{info['sandbox_id']}/commands", json={"cmd": "echo last words"}).status_code == 200
+    server.stop(signal.SIGTERM)
+    # uvicorn shuts down gracefully, then re-raises SIGTERM so the exit status tells how it ended
+    assert server.proc is not None and server.proc.returncode in (0, -signal.SIGTERM)
+    assert wait_until(lambda: not _host_traces(info)), _host_traces(info)
+    logs = server.cli("logs", info["sandbox_id"], "--type", "command.end")
+    assert "last words" in logs.stdout
+    assert "its owner shut down" in server.cli("logs", info["sandbox_id"], "--type", "sandbox.end").stdout
+
+
+def test_keys_cli_lists_and_revokes_without_showing_keys(server: ServerProcess) -> None:
+    key = server.cli("keys", "create", "--tenant", "acme", "--name", "ci").stdout.strip()
+    key_id = key.split("_")[1]
+    listed = server.cli("keys", "list").stdout
+    assert key_id in listed and "acme" in listed and "active" in listed and key.split("_")[2] not in listed
+    assert server.cli("keys", "revoke", key_id).returncode == 0
+    assert "revoked" in server.cli("keys", "list").stdout
+    assert server.cli("keys", "revoke", key_id).returncode == 1
+    bad = server.cli("keys", "create", "--tenant", "../etc")
+    assert bad.returncode == 2 and "--tenant" in bad.stderr
+    missing = server.cli("logs", "sbx-0000000000000000")
+    assert missing.returncode == 1 and "no events" in missing.stderr
