@@ -15,7 +15,7 @@ import httpx
 import pytest
 
 from stockade import Sandbox
-from stockade.errors import AuthenticationError, ConflictError, QuotaError
+from stockade.errors import AuthenticationError, QuotaError
 
 from .conftest import base_policy
 from .server_support import RunningServer
