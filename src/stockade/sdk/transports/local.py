@@ -41,21 +41,31 @@ def open_audit(config: HostConfig) -> SQLAudit:
 class LocalTransport(Transport):
     def __init__(self) -> None:
         self._manager: Manager | None = None
+        self._starting: asyncio.Lock | None = None
 
     async def manager(self) -> Manager:
-        if self._manager is None:
-            from ...runtime.jail import JailRuntime
-
-            runtime = JailRuntime()
-            await runtime.sweep_stale()
-            config = runtime.config
-            store = DirectoryStore(config.data_dir / "artifacts")
-            store.prune()
-            audit = await asyncio.to_thread(open_audit, config)
-            self._manager = Manager(runtime, store, config.state_dir / "net", audit)
-            self._manager.host_groups = runtime.config.host_groups
-            self._manager.sweep_broker_dirs()
+        if self._manager is not None:
+            return self._manager
+        if self._starting is None:  # made on the portal loop; concurrent first callers share one start
+            self._starting = asyncio.Lock()
+        async with self._starting:
+            if self._manager is None:
+                self._manager = await self._make_manager()
         return self._manager
+
+    async def _make_manager(self) -> Manager:
+        from ...runtime.jail import JailRuntime
+
+        runtime = JailRuntime()
+        await runtime.sweep_stale()
+        config = runtime.config
+        store = DirectoryStore(config.data_dir / "artifacts")
+        store.prune()
+        audit = await asyncio.to_thread(open_audit, config)
+        manager = Manager(runtime, store, config.state_dir / "net", audit)
+        manager.host_groups = runtime.config.host_groups
+        manager.sweep_broker_dirs()
+        return manager
 
     async def create(self, policy: Policy, timeout: float | None, envs: Mapping[str, str] | None,
                      metadata: Mapping[str, str] | None, *, user_id: str | None = None) -> SandboxInfo:

@@ -1,0 +1,166 @@
+"""The server under load, beside the same workload run in-process (local mode, no HTTP) in the same run.
+
+    python bench/bench_server.py [--clients 50] [--execs 5] [--database-url URL] [--markdown]
+
+Each client: create a sandbox, run `true` N times, kill it. The server (`stockade serve`, its own process,
+SQLite audit store unless --database-url) and the clients share this machine. Measured: errors, exec
+round trip p50/p95 (POST /commands, JSON answer), and create + first exec, with all clients at once
+and with one client alone. These are measurements, not tests: nothing here asserts a time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import httpx  # noqa: E402
+from table import print_table  # noqa: E402
+
+from stockade import AsyncSandbox, Policy  # noqa: E402
+
+CONFIG = """
+[tenant_defaults]
+max_sandboxes = 1000
+max_memory = "1TiB"
+max_cpus = 1000
+rate_limit = 100000
+rate_burst = 100000
+"""
+
+
+def policy() -> Policy:
+    return Policy.from_dict({} if os.geteuid() == 0 else {"allow_missing_controls": ["memory", "pids", "cpu"]})
+
+
+def pct(values: list[float], p: float) -> float:
+    values = sorted(values)
+    return values[min(len(values) - 1, int(round(p / 100 * (len(values) - 1))))]
+
+
+async def remote_client(http: httpx.AsyncClient, body: dict[str, Any], execs: int, out: dict[str, list[Any]]) -> None:
+    try:
+        t0 = time.perf_counter()
+        r = await http.post("/sandboxes", json=body)
+        r.raise_for_status()
+        sid = r.json()["sandbox_id"]
+        for i in range(execs):
+            t = time.perf_counter()
+            r = await http.post(f"/sandboxes/{sid}/commands", json={"argv": ["true"]})
+            r.raise_for_status()
+            assert r.json()["exit_code"] == 0
+            now = time.perf_counter()
+            out["exec"].append((now - t) * 1000)
+            if i == 0:
+                out["first"].append((now - t0) * 1000)
+        (await http.delete(f"/sandboxes/{sid}")).raise_for_status()
+    except Exception as exc:  # noqa: BLE001 - counted and reported
+        out["errors"].append(repr(exc)[:200])
+
+
+async def local_client(execs: int, out: dict[str, list[Any]]) -> None:
+    try:
+        t0 = time.perf_counter()
+        sb = await AsyncSandbox.create(policy())
+        for i in range(execs):
+            t = time.perf_counter()
+            assert (await sb.commands.run(["true"])).exit_code == 0
+            now = time.perf_counter()
+            out["exec"].append((now - t) * 1000)
+            if i == 0:
+                out["first"].append((now - t0) * 1000)
+        await sb.kill()
+    except Exception as exc:  # noqa: BLE001
+        out["errors"].append(repr(exc)[:200])
+
+
+async def run_remote(url: str, key: str, clients: int, execs: int) -> dict[str, list[Any]]:
+    out: dict[str, list[Any]] = {"exec": [], "first": [], "errors": []}
+    body = {"policy": policy().model_dump(mode="json")}
+    limits = httpx.Limits(max_connections=clients * 2, max_keepalive_connections=clients * 2)
+    async with httpx.AsyncClient(base_url=url, headers={"Authorization": f"Bearer {key}"}, timeout=120,
+                                 limits=limits) as http:
+        await asyncio.gather(*(remote_client(http, body, execs, out) for _ in range(clients)))
+    return out
+
+
+async def run_local(clients: int, execs: int) -> dict[str, list[Any]]:
+    out: dict[str, list[Any]] = {"exec": [], "first": [], "errors": []}
+    await asyncio.gather(*(local_client(execs, out) for _ in range(clients)))
+    return out
+
+
+def start_server(data_dir: Path, config: Path, database_url: str | None) -> tuple[subprocess.Popen[bytes], str, str]:
+    env = {**os.environ}
+    if database_url:
+        env["STOCKADE_DATABASE_URL"] = database_url
+    cli = [sys.executable, "-m", "stockade.cli"]
+    common = ["--data-dir", str(data_dir), "--config", str(config)]
+    key = subprocess.run([*cli, "keys", "create", "--tenant", "bench", *common], env=env, check=True,
+                         capture_output=True, text=True).stdout.strip()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([*cli, "serve", "--port", str(port), *common], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(300):
+        try:
+            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                return proc, url, key
+        except httpx.HTTPError:
+            time.sleep(0.1)
+    proc.kill()
+    raise SystemExit("the server did not start")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--clients", type=int, default=50)
+    ap.add_argument("--execs", type=int, default=5)
+    ap.add_argument("--database-url", default=None)
+    ap.add_argument("--markdown", action="store_true")
+    args = ap.parse_args()
+    data_dir = Path(tempfile.mkdtemp(prefix="stockade-bench-server-"))
+    config = data_dir / "server.toml"
+    config.write_text(CONFIG)
+    proc, url, key = start_server(data_dir, config, args.database_url)
+    rows: list[tuple[str, ...]] = []
+    try:
+        asyncio.run(run_remote(url, key, 2, 2))  # warm-up: the server's first sandboxes
+        results = {
+            f"server, {args.clients} clients": asyncio.run(run_remote(url, key, args.clients, args.execs)),
+            "server, 1 client": asyncio.run(run_remote(url, key, 1, args.execs * 5)),
+            f"local (no HTTP), {args.clients} clients": asyncio.run(run_local(args.clients, args.execs)),
+            "local (no HTTP), 1 client": asyncio.run(run_local(1, args.execs * 5)),
+        }
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(60)
+        shutil.rmtree(data_dir, ignore_errors=True)
+    for name, r in results.items():
+        rows.append((name, str(len(r["errors"])), f"{pct(r['exec'], 50):.2f}", f"{pct(r['exec'], 95):.2f}",
+                     f"{statistics.median(r['first']):.1f}", f"{pct(r['first'], 95):.1f}"))
+        for err in r["errors"][:3]:
+            print(f"  error ({name}): {err}", file=sys.stderr)
+    store = "PostgreSQL" if args.database_url else "SQLite (WAL)"
+    print(f"audit store: {store}; {args.execs} execs per client (x5 for one client)")
+    print_table(["workload", "errors", "exec p50 ms", "exec p95 ms", "create+1st exec p50 ms",
+                 "create+1st exec p95 ms"], rows, args.markdown)
+
+
+if __name__ == "__main__":
+    main()
