@@ -170,3 +170,32 @@ def test_argv_commands_are_looked_up_in_the_commands_path(sandbox: Sandbox):
     assert r.stdout == "from-my-path\n"
     assert sandbox.commands.run(["hello"]).exit_code == 127
     assert sandbox.commands.run(["which", "save-artifact"]).stdout == "/opt/stockade/bin/save-artifact\n"
+
+
+def test_concurrent_first_calls_share_one_manager() -> None:
+    """Many sandboxes created at once on a fresh transport all live in the one manager that serves them."""
+    import asyncio
+
+    from stockade import AsyncSandbox
+    from stockade.sdk.transports.local import LocalTransport
+
+    from .conftest import base_policy
+
+    transport = LocalTransport()
+
+    async def one() -> str:
+        sb = await AsyncSandbox.create(base_policy(), transport=transport)
+        try:
+            return (await sb.commands.run("echo ok")).stdout
+        finally:
+            await sb.kill()
+
+    async def many() -> list[str]:
+        return await asyncio.gather(*(one() for _ in range(4)))
+
+    try:
+        assert asyncio.run(many()) == ["ok\n"] * 4
+    finally:
+        from stockade.sdk.portal import portal
+
+        portal().call(transport.close())

@@ -1,7 +1,8 @@
 """The durable store: a table in the host's database (SQLite WAL or PostgreSQL), written by one thread.
 
-Callers only queue events; a writer thread inserts them in batches, so a request never waits on a disk
-flush. A backlog beyond BACKLOG events makes callers wait (back-pressure) rather than drop records.
+Callers only queue events (a lock-free SimpleQueue); a writer thread inserts them in batches, so a
+request never waits on a disk flush. A backlog beyond BACKLOG events makes callers wait (back-pressure)
+rather than drop records.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from .events import Audit, AuditEvent, EventFilter
 
 BACKLOG = 100_000
 BATCH = 1000
+GATHER = 0.005            # the writer waits this long after a first event for others to share its transaction
 MAX_STRING = 1 << 20      # no single value in an event may exceed this (output has its own, lower cap)
 log = logging.getLogger("stockade.audit")
 
@@ -35,14 +37,17 @@ class SQLAudit(Audit):
         self.engine = engine
         self.written = 0
         self.failures = 0
-        self._queue: queue.Queue[AuditEvent | _Flush | None] = queue.Queue(BACKLOG)
+        self._queue: queue.SimpleQueue[AuditEvent | _Flush | None] = queue.SimpleQueue()
         self._closed = False
         self._thread = threading.Thread(target=self._writer, name="stockade-audit", daemon=True)
         self._thread.start()
 
     def record(self, event: AuditEvent) -> None:
-        if not self._closed:
-            self._queue.put(event)
+        if self._closed:
+            return
+        while self._queue.qsize() > BACKLOG:  # the store is far behind: slow the producers down
+            time.sleep(0.01)
+        self._queue.put(event)
 
     def flush(self) -> None:
         if self._closed:
@@ -63,6 +68,8 @@ class SQLAudit(Audit):
     def _writer(self) -> None:
         while True:
             item = self._queue.get()
+            if isinstance(item, AuditEvent) and self._queue.qsize() < BATCH:
+                time.sleep(GATHER)
             batch: list[AuditEvent] = []
             markers: list[_Flush] = []
             stop = False

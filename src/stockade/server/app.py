@@ -209,17 +209,18 @@ ERRORS: dict[int | str, dict[str, Any]] = {s: {"model": ErrorOut} for s in (400,
 
 
 # ---- the app ----------------------------------------------------------------------------------------
-def server_of(request: Request) -> Server:
+# Dependencies are coroutines: FastAPI runs plain functions in a thread pool, a cost on every request.
+async def server_of(request: Request) -> Server:
     return request.app.state.server  # type: ignore[no-any-return]
 
 
-def principal(request: Request) -> Principal:
-    srv = server_of(request)
+async def principal(request: Request) -> Principal:
+    srv: Server = request.app.state.server
     header = request.headers.get("authorization", "")
     key = header[7:].strip() if header[:7].lower() == "bearer " else request.headers.get("x-api-key", "")
     if not key:
         raise AuthenticationError("missing API key: send 'Authorization: Bearer <key>'")
-    found = srv.keys.authenticate(key)
+    found = srv.keys.cached(key) or await asyncio.to_thread(srv.keys.authenticate, key)
     if found is None:
         raise AuthenticationError("invalid or revoked API key")
     request.scope.setdefault("state", {})["principal"] = found

@@ -64,6 +64,18 @@ class KeyStore:
         self._cache.pop(key_id, None)
         return bool(n)
 
+    def cached(self, key: str) -> Principal | None:
+        """The key's principal if it was verified in the last CACHE_SECONDS (no database access)."""
+        m = KEY_RE.match(key)
+        if m is None:
+            return None
+        key_id, secret = m.groups()
+        cached = self._cache.get(key_id)
+        if cached is not None and time.monotonic() - cached[0] < CACHE_SECONDS and \
+                hmac.compare_digest(cached[1], _hash(secret)):
+            return cached[2]
+        return None
+
     def authenticate(self, key: str) -> Principal | None:
         m = KEY_RE.match(key)
         if m is None:
@@ -71,9 +83,6 @@ class KeyStore:
         key_id, secret = m.groups()
         digest = _hash(secret)
         now = time.monotonic()
-        cached = self._cache.get(key_id)
-        if cached is not None and now - cached[0] < CACHE_SECONDS and hmac.compare_digest(cached[1], digest):
-            return cached[2]
         with self.engine.connect() as conn:
             row = conn.execute(sa.select(api_keys.c.tenant, api_keys.c.secret_hash)
                                .where(api_keys.c.id == key_id, api_keys.c.revoked.is_(None))).first()
