@@ -5,7 +5,8 @@
 Each client: create a sandbox, run `true` N times, kill it. The server (`stockade serve`, its own process,
 SQLite audit store unless --database-url) and the clients share this machine. Measured: errors, exec
 round trip p50/p95 (POST /commands, JSON answer), and create + first exec, with all clients at once
-and with one client alone. These are measurements, not tests: nothing here asserts a time.
+and with one client alone; the server runs once without and once with a warm pool as large as the
+burst. These are measurements, not tests: nothing here asserts a time.
 """
 
 from __future__ import annotations
@@ -34,6 +35,10 @@ from table import print_table  # noqa: E402
 from stockade import AsyncSandbox, Policy  # noqa: E402
 
 CONFIG = """
+[server]
+warm_pool = {warm}
+warm_pool_policy = {policy}
+
 [tenant_defaults]
 max_sandboxes = 1000
 max_memory = "1TiB"
@@ -135,7 +140,8 @@ async def run_local(clients: int, execs: int) -> dict[str, list[Any]]:
     return out
 
 
-def start_server(data_dir: Path, config: Path, database_url: str | None) -> tuple[subprocess.Popen[bytes], str, str]:
+def start_server(data_dir: Path, config: Path, database_url: str | None,
+                 warm: int = 0) -> tuple[subprocess.Popen[bytes], str, str]:
     env = {**os.environ}
     if database_url:
         env["STOCKADE_DATABASE_URL"] = database_url
@@ -149,14 +155,27 @@ def start_server(data_dir: Path, config: Path, database_url: str | None) -> tupl
     proc = subprocess.Popen([*cli, "serve", "--port", str(port), *common], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
-    for _ in range(300):
+    for _ in range(1200):
         try:
-            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+            health = httpx.get(f"{url}/health", timeout=1)
+            if health.status_code == 200 and health.json()["warm"] >= warm:
                 return proc, url, key
+            time.sleep(0.1)
         except httpx.HTTPError:
             time.sleep(0.1)
     proc.kill()
     raise SystemExit("the server did not start")
+
+
+def _toml_inline(value: Any) -> str:
+    """An inline TOML value (tables and arrays of strings, numbers and booleans; None dropped)."""
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k} = {_toml_inline(v)}" for k, v in value.items() if v is not None) + "}"
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_inline(v) for v in value) + "]"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return json.dumps(value)
 
 
 def main() -> None:
@@ -166,23 +185,28 @@ def main() -> None:
     ap.add_argument("--database-url", default=None)
     ap.add_argument("--markdown", action="store_true")
     args = ap.parse_args()
-    data_dir = Path(tempfile.mkdtemp(prefix="stockade-bench-server-"))
-    config = data_dir / "server.toml"
-    config.write_text(CONFIG)
-    proc, url, key = start_server(data_dir, config, args.database_url)
+    results: dict[str, dict[str, list[Any]]] = {}
+    for warm in (0, args.clients):
+        data_dir = Path(tempfile.mkdtemp(prefix="stockade-bench-server-"))
+        config = data_dir / "server.toml"
+        config.write_text(CONFIG.format(warm=warm, policy=_toml_inline(policy().model_dump(mode="json"))))
+        proc, url, key = start_server(data_dir, config, args.database_url, warm)
+        label = f"server, warm pool {warm}"
+        try:
+            if not warm:
+                asyncio.run(run_remote(url, key, 2, 2))  # warm-up: the server's first sandboxes
+            results[f"{label}, {args.clients} clients"] = asyncio.run(run_remote(url, key, args.clients, args.execs))
+            if warm:  # the burst emptied the pool: let it refill before the single client
+                while httpx.get(f"{url}/health").json()["warm"] < warm:
+                    time.sleep(0.2)
+            results[f"{label}, 1 client"] = asyncio.run(run_remote(url, key, 1, args.execs * 5))
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(60)
+            shutil.rmtree(data_dir, ignore_errors=True)
+    results[f"local (no HTTP), {args.clients} clients"] = asyncio.run(run_local(args.clients, args.execs))
+    results["local (no HTTP), 1 client"] = asyncio.run(run_local(1, args.execs * 5))
     rows: list[tuple[str, ...]] = []
-    try:
-        asyncio.run(run_remote(url, key, 2, 2))  # warm-up: the server's first sandboxes
-        results = {
-            f"server, {args.clients} clients": asyncio.run(run_remote(url, key, args.clients, args.execs)),
-            "server, 1 client": asyncio.run(run_remote(url, key, 1, args.execs * 5)),
-            f"local (no HTTP), {args.clients} clients": asyncio.run(run_local(args.clients, args.execs)),
-            "local (no HTTP), 1 client": asyncio.run(run_local(1, args.execs * 5)),
-        }
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(60)
-        shutil.rmtree(data_dir, ignore_errors=True)
     for name, r in results.items():
         rows.append((name, str(len(r["errors"])), f"{pct(r['exec'], 50):.2f}", f"{pct(r['exec'], 95):.2f}",
                      f"{statistics.median(r['first']):.1f}", f"{pct(r['first'], 95):.1f}"))

@@ -98,8 +98,10 @@ def api_server() -> Iterator[Any]:
     from .server_support import RunningServer
 
     # the conformance tenant may use the host resources tests give it (mounts, secrets, CA files)
+    # and a warm pool for the suite's usual policy: most of the suite then runs in warm sandboxes
     server = RunningServer(tenants={"conformance": {"allow_mounts": ["/"], "allow_secrets": ["*"],
-                                                    "allow_ca_files": ["/"]}})
+                                                    "allow_ca_files": ["/"]}},
+                           warm_pool=2, warm_pool_policy=base_policy().model_dump(mode="json"))
     yield server
     manager = server.server.manager
     server.stop()

@@ -308,3 +308,49 @@ def test_the_committed_openapi_document_is_current() -> None:
     committed = (Path(__file__).parents[1] / "docs" / "openapi.json").read_text()
     assert json.loads(committed) == json.loads(openapi_json()), "run: stockade openapi > docs/openapi.json"
 
+
+
+def test_warm_pool_hands_out_fresh_sandboxes_once(shared_dir: Path) -> None:
+    import signal
+
+    from .conftest import sandbox_traces
+
+    policy = base_policy().model_dump(mode="json")
+    server = RunningServer(warm_pool=2, warm_pool_policy=policy)
+    pool = server.server.manager.pool  # type: ignore[union-attr]
+    assert pool is not None
+    c = Client(server, "alice")
+    try:
+        deadline = time.monotonic() + 30
+        while len(pool.ready) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        warm_ids = [sb.id for sb, _ in pool.ready]
+        a = c.create(envs={"GREETING": "hello-a"})
+        b = c.create()
+        assert {a["sandbox_id"], b["sandbox_id"]} == set(warm_ids)
+        assert c.run(a["sandbox_id"], "echo $GREETING; id -u").json()["stdout"] == "hello-a\n1000\n"
+        assert c.run(b["sandbox_id"], "echo ${GREETING:-unset}; ls -A /tmp /home/user").json()["stdout"] == \
+            "unset\n/home/user:\n\n/tmp:\n"
+        if a["runtime"]["uid_isolation"]:
+            assert a["runtime"]["host_uid"] != b["runtime"]["host_uid"]
+        other = c.create(policy=base_policy(limits={"pids": 100}).model_dump(mode="json"))
+        assert other["sandbox_id"] not in warm_ids  # another policy: started for the caller
+        events = c.http.get("/events", params={"type": "sandbox.create"}).json()
+        creates = {e["sandbox_id"]: e["data"]["warm"] for e in events}
+        assert creates == {a["sandbox_id"]: True, b["sandbox_id"]: True, other["sandbox_id"]: False}
+        # the pool refills; a warm sandbox that died while waiting is never handed out
+        deadline = time.monotonic() + 30
+        while len(pool.ready) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        dead, _ = pool.ready[0]
+        signal.pidfd_send_signal(dead.agent_pidfd, signal.SIGKILL)  # type: ignore[attr-defined]
+        while not dead.channel.closed and time.monotonic() < deadline:
+            time.sleep(0.05)
+        got = c.create()
+        assert got["sandbox_id"] != dead.id and c.run(got["sandbox_id"], "echo ok").json()["stdout"] == "ok\n"
+        waiting = [(sb.id, sb.describe()) for sb, _ in pool.ready]
+    finally:
+        c.close()
+        server.stop()
+    for sid, runtime in waiting:  # warm sandboxes go with the server
+        assert not sandbox_traces(runtime, sid), sid

@@ -30,6 +30,7 @@ from .broker.secrets import SandboxCA, load_secrets, sandbox_trust_bundle
 from .broker.server import BrokerEndpoint
 from .errors import FilesystemError, PolicyError, ProtocolError, SandboxNotFoundError, SandboxUnavailableError
 from .policy import NetworkPolicy, Policy, format_duration
+from .pool import WarmPool
 from .runtime.base import BROKER_DIR, Runtime, RuntimeSandbox
 from .runtime.channel import CellPending, CommandPending, ReadPending, StreamPending
 
@@ -131,6 +132,7 @@ class Manager:
         self.sandboxes: dict[str, ManagedSandbox] = {}
         self.tombstones: OrderedDict[str, str] = OrderedDict()
         self.on_end: Callable[[ManagedSandbox, str], None] | None = None   # told when any sandbox ends
+        self.pool: WarmPool | None = None
         # (sandbox, read id) -> path, sha256 so far, bytes so far: a read is recorded when it ends
         self._reads: dict[tuple[str, int], tuple[str, Any, int]] = {}
         self.loop = asyncio.get_running_loop()
@@ -138,7 +140,7 @@ class Manager:
     # ---- lifecycle -----------------------------------------------------------------------------
     async def create(self, policy: Policy, timeout: float | None = None, envs: Mapping[str, str] | None = None,
                      metadata: Mapping[str, str] | None = None, *, tenant: str | None = None,
-                     user_id: str | None = None, sandbox_id: str | None = None) -> ManagedSandbox:
+                     user_id: str | None = None) -> ManagedSandbox:
         envs = check_envs(envs)
         meta = {str(k): str(v) for k, v in (metadata or {}).items()}
         ttl = policy.lifetime.timeout if timeout is None else float(timeout)
@@ -147,7 +149,8 @@ class Manager:
         if ttl > policy.lifetime.max_lifetime:
             raise PolicyError("timeout", f"{format_duration(ttl)} exceeds lifetime.max_lifetime "
                               f"({format_duration(policy.lifetime.max_lifetime)})")
-        sandbox_id = sandbox_id or new_sandbox_id()
+        sandbox_id = new_sandbox_id()
+        warm = False
         broker = None
         files: dict[str, bytes] = {}
         redact = Redactor()
@@ -171,7 +174,14 @@ class Manager:
                     **{sec.name: sec.placeholder.decode() for sec in secrets_}}
         rt: RuntimeSandbox | None = None
         try:
-            rt = await self.runtime.start(sandbox_id, policy, envs, broker.socket_dir if broker else None, files)
+            if broker is None and self.pool is not None and self.pool.matches(policy):
+                rt = await self.pool.take()
+            if rt is not None:  # warm: it gets its id's records, and the caller's variables, now
+                sandbox_id, warm = rt.id, True
+                if envs:
+                    await rt.channel.call({"op": "setenv", "env": envs})
+            else:
+                rt = await self.runtime.start(sandbox_id, policy, envs, broker.socket_dir if broker else None, files)
             if broker is not None:
                 await rt.channel.call({"op": "net_bridge", "broker": f"{BROKER_DIR}/broker.sock",
                                        "http_port": HTTP_PROXY_PORT, "socks_port": SOCKS_PORT})
@@ -187,7 +197,8 @@ class Manager:
                             redact=redact, last_active=now)
         self.sandboxes[sandbox_id] = sb
         self._record(sb, "sandbox.create", {"policy": policy.to_display(), "timeout": ttl, "metadata": meta,
-                                            "env_names": sorted(envs), "runtime": rt.describe()})
+                                            "env_names": sorted(envs), "runtime": rt.describe(),
+                                            "warm": warm})
         rt.channel.on_close = lambda reason: self._on_channel_closed(sb, reason)
         rt.channel.start({"op": "artifacts"}, StreamPending(lambda h, b: self._artifact_frame(sb, h, b), ("artifact",)))
         if rt.channel.closed:  # died between its ready and here
@@ -296,6 +307,8 @@ class Manager:
         await self._end(sb, why)
 
     async def shutdown(self) -> None:
+        if self.pool is not None:
+            await self.pool.close()
         await asyncio.gather(*(self._end(sb, "its owner shut down") for sb in list(self.sandboxes.values())),
                              return_exceptions=True)
 

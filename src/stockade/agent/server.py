@@ -204,6 +204,11 @@ class Agent:
         self.send({"id": rid, "ev": "ready", "v": protocol.VERSION, "pid": os.getpid()})
 
     # ---- processes -----------------------------------------------------------------------------
+    def op_setenv(self, rid: int, h: dict, body: bytes) -> None:
+        """More variables for everything started from now on (a warm sandbox gets its caller's here)."""
+        self.env.update({str(k): str(v) for k, v in h["env"].items()})
+        self.send({"id": rid, "ev": "ok"})
+
     def op_exec(self, rid: int, h: dict, body: bytes) -> None:
         argv = h.get("argv")
         if argv is None:

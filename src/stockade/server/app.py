@@ -44,8 +44,9 @@ from ..errors import (
     StockadeError,
     to_wire,
 )
-from ..manager import ManagedSandbox, Manager
+from ..manager import ManagedSandbox, Manager, new_sandbox_id
 from ..policy import Policy
+from ..pool import WarmPool
 from ..runtime.base import Runtime
 from ..sdk.transports.local import sandbox_info
 from .auth import KeyStore, Principal, RateLimiter
@@ -85,6 +86,10 @@ class Server:
         manager.host_groups = self.config.host_groups
         manager.sweep_broker_dirs()
         manager.on_end = self._ended
+        if self.settings.warm_pool:
+            manager.pool = WarmPool(runtime, Policy.from_dict(self.settings.warm_pool_policy), self.settings.warm_pool,
+                                    new_sandbox_id)
+            manager.pool.start()
         self.manager = manager
         self._pruner = asyncio.get_running_loop().create_task(self._prune_forever())
 
@@ -267,7 +272,9 @@ def create_app(settings: ServerSettings, config: HostConfig | None = None, runti
     # ---- sandboxes --------------------------------------------------------------------------------
     @app.get("/health", tags=["server"])
     async def health(srv: Srv) -> dict[str, Any]:
-        return {"status": "ok", "version": __version__, "sandboxes": len(srv.m.sandboxes)}
+        pool = srv.m.pool
+        return {"status": "ok", "version": __version__, "sandboxes": len(srv.m.sandboxes),
+                "warm": len(pool.ready) if pool is not None else 0}
 
     @app.get("/metrics", tags=["server"], response_class=Response)
     async def metrics(srv: Srv) -> Response:
@@ -278,7 +285,6 @@ def create_app(settings: ServerSettings, config: HostConfig | None = None, runti
         policy = Policy.from_dict(body.policy or {})
         limits = srv.settings.tenant(who.tenant)
         limits.check(policy)
-        sandbox_id = None
         async with srv.registry.lock(who.tenant):
             existing = srv.registry.existing_for_user(who.tenant, body.user_id)
             if existing is not None and limits.one_sandbox_per_user != "off":
@@ -292,17 +298,18 @@ def create_app(settings: ServerSettings, config: HostConfig | None = None, runti
             except QuotaError:
                 srv.metrics.create_failures.labels("quota").inc()
                 raise
-            from ..manager import new_sandbox_id
-
-            sandbox_id = new_sandbox_id()
-            owned = srv.registry.reserve(sandbox_id, who.tenant, body.user_id, policy)
+            owned = srv.registry.reserve(who.tenant, body.user_id, policy)
         try:
             sb = await srv.m.create(policy, body.timeout, body.envs, body.metadata, tenant=who.tenant,
-                                    user_id=body.user_id, sandbox_id=sandbox_id)
+                                    user_id=body.user_id)
         except BaseException as exc:
-            srv.registry.release(sandbox_id)
+            srv.registry.release(owned.id)
             srv.metrics.create_failures.labels(type(exc).__name__[:40]).inc()
             raise
+        srv.registry.assign(owned, sb.id)
+        if sb.id not in srv.m.sandboxes:  # it died while being created: its quota is free, the caller told why
+            srv.registry.release(sb.id)
+            srv.m.get(sb.id)
         await asyncio.to_thread(srv.registry.started, owned, dict(sb.metadata))
         srv.metrics.creates.inc()
         srv.metrics.alive.set(len(srv.registry.live))

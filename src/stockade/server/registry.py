@@ -9,6 +9,7 @@ starts finds rows of an earlier run still marked running: their processes died w
 from __future__ import annotations
 
 import asyncio
+import secrets
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -80,10 +81,16 @@ class Registry:
             raise PolicyError("lifetime.max_lifetime", f"{format_duration(policy.lifetime.max_lifetime)} exceeds "
                               f"this tenant's cap ({format_duration(limits.max_lifetime)})")
 
-    def reserve(self, sandbox_id: str, tenant: str, user_id: str | None, policy: Policy) -> Owned:
-        owned = Owned(sandbox_id, tenant, user_id, policy.limits.memory, policy.limits.cpus)
-        self.live[sandbox_id] = owned
+    def reserve(self, tenant: str, user_id: str | None, policy: Policy) -> Owned:
+        """Count a sandbox being created against the quota (under a provisional key until it has its id)."""
+        owned = Owned("creating-" + secrets.token_hex(8), tenant, user_id, policy.limits.memory, policy.limits.cpus)
+        self.live[owned.id] = owned
         return owned
+
+    def assign(self, owned: Owned, sandbox_id: str) -> None:
+        del self.live[owned.id]
+        owned.id = sandbox_id
+        self.live[sandbox_id] = owned
 
     def release(self, sandbox_id: str) -> None:
         self.live.pop(sandbox_id, None)

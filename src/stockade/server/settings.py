@@ -81,6 +81,10 @@ class ServerSettings(_Model):
     max_upload: PositiveSize = 1 << 30           # one file upload
     max_body: PositiveSize = 1 << 20             # any other request body (JSON)
     reaper_interval: Duration = 60.0             # how often expired audit events are pruned
+    # Sandboxes started ahead of demand for creates whose policy equals warm_pool_policy (network none);
+    # each is handed out once. 0: none.
+    warm_pool: Annotated[int, Field(ge=0, le=1000)] = 0
+    warm_pool_policy: dict[str, Any] = {}
     tenant_defaults: TenantSettings = TenantSettings()
     tenants: dict[str, TenantSettings] = {}
 
