@@ -40,3 +40,26 @@ def test_a_state_dir_owned_by_someone_else_is_refused(tmp_path):
         os.chown(d, 12345, 12345)
         with pytest.raises(SandboxUnavailableError, match="not a directory owned by"):
             _check_owned(d, private=False)
+
+
+def test_server_settings_layer_file_env_and_options(tmp_path, monkeypatch):
+    from stockade import PolicyError
+    from stockade.server.settings import ServerSettings
+
+    config = tmp_path / "server.toml"
+    config.write_text('[server]\nport = 9000\nmax_upload = "1MiB"\n\n[tenant_defaults]\nmax_sandboxes = 3\n\n'
+                      '[tenants.acme]\nmax_memory = "2GiB"\n')
+    monkeypatch.setenv("STOCKADE_MAX_UPLOAD", "2MiB")
+    monkeypatch.setenv("STOCKADE_AUDIT_RETENTION", "7d")
+    s = ServerSettings.load(config, port=9100)
+    assert (s.port, s.max_upload, s.audit_retention) == (9100, 2 << 20, 7 * 86400)
+    assert s.tenant("acme").max_memory == 2 << 30 and s.tenant("acme").max_sandboxes == 3
+    assert s.tenant("other").max_sandboxes == 3
+    config.write_text("[server]\nwarm_pol = 3\n")
+    with pytest.raises(PolicyError) as err:
+        ServerSettings.load(config)
+    assert err.value.field == "warm_pol"
+    config.write_text('[tenants.acme]\none_sandbox_per_user = "maybe"\n')
+    with pytest.raises(PolicyError) as err:
+        ServerSettings.load(config)
+    assert err.value.field == "tenants.acme.one_sandbox_per_user"

@@ -23,7 +23,7 @@ from .server_support import RunningServer
 TENANTS = {
     "solo": {"one_sandbox_per_user": "reuse"},
     "strict": {"one_sandbox_per_user": "reject"},
-    "tiny": {"max_sandboxes": 1, "max_memory": "600MiB"},
+    "tiny": {"max_sandboxes": 1, "max_memory": "600MiB", "max_lifetime": "2h"},
     "slow": {"rate_limit": 1, "rate_burst": 3},
 }
 
@@ -133,6 +133,9 @@ def test_quotas_and_rate_limits_are_429_with_a_reason(srv: RunningServer, client
     big = base_policy(limits={"memory": "1GiB"}).model_dump(mode="json")
     r = tiny.http.post("/sandboxes", json={"policy": big})
     assert r.status_code == 429 and "max_memory" in r.json()["message"]
+    long_lived = base_policy(lifetime={"max_lifetime": "3h"}).model_dump(mode="json")
+    r = tiny.http.post("/sandboxes", json={"policy": long_lived})
+    assert r.status_code == 400 and r.json()["field"] == "lifetime.max_lifetime" and "cap (2h)" in r.json()["message"]
     first = tiny.create()
     r = tiny.http.post("/sandboxes", json={"policy": base_policy().model_dump(mode="json")})
     assert r.status_code == 429 and "max_sandboxes = 1" in r.json()["message"]
@@ -354,3 +357,20 @@ def test_warm_pool_hands_out_fresh_sandboxes_once(shared_dir: Path) -> None:
         server.stop()
     for sid, runtime in waiting:  # warm sandboxes go with the server
         assert not sandbox_traces(runtime, sid), sid
+
+
+def test_uploads_and_downloads_over_the_size_cap_are_413_and_leave_nothing() -> None:
+    server = RunningServer(max_upload=4096)
+    c = Client(server, "alice")
+    try:
+        sid = c.create()["sandbox_id"]
+        r = c.http.put(f"/sandboxes/{sid}/files", params={"path": "/tmp/big"}, content=b"x" * 10000)
+        assert r.status_code == 413 and r.json()["code"] == "too_large"
+        assert c.run(sid, "ls /tmp").json()["stdout"] == ""  # the partial file is gone
+        assert c.http.put(f"/sandboxes/{sid}/files", params={"path": "/tmp/ok"}, content=b"y" * 4096).status_code == 200
+        c.run(sid, "head -c 5000 /dev/zero > /tmp/made-inside")
+        r = c.http.get(f"/sandboxes/{sid}/files", params={"path": "/tmp/made-inside"})
+        assert r.status_code == 413 and "max_upload" in r.json()["message"]
+    finally:
+        c.close()
+        server.stop()

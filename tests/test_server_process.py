@@ -133,6 +133,26 @@ def test_a_killed_server_leaves_nothing_and_its_successor_closes_the_records(ser
     assert logs.returncode == 0 and "$ echo started; sleep 600" in logs.stdout and "sandbox.end" in logs.stdout
 
 
+def test_logs_follow_prints_events_as_they_come(server: ServerProcess) -> None:
+    key = server.cli("keys", "create", "--tenant", "acme").stdout.strip()
+    server.start()
+    h = httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {key}"}, timeout=30)
+    sid = h.post("/sandboxes", json={"policy": base_policy().model_dump(mode="json")}).json()["sandbox_id"]
+    follow = subprocess.Popen([*STOCKADE, "logs", sid, "--follow", "--data-dir", str(server.data_dir)],
+                              env=server.env, stdout=subprocess.PIPE, text=True)
+    try:
+        assert "sandbox.create" in (follow.stdout.readline() if follow.stdout else "")
+        h.post(f"/sandboxes/{sid}/commands", json={"cmd": "echo followed"})
+        seen = ""
+        while "followed" not in seen and follow.stdout is not None:
+            seen += follow.stdout.readline()
+        assert "$ echo followed" in seen
+    finally:
+        follow.kill()
+        follow.wait()
+        h.delete(f"/sandboxes/{sid}")
+
+
 def test_graceful_shutdown_kills_sandboxes_and_flushes_the_log(server: ServerProcess) -> None:
     key = server.cli("keys", "create", "--tenant", "acme").stdout.strip()
     server.start()

@@ -1,5 +1,6 @@
-"""Server settings: defaults, then a TOML file (``--config`` or STOCKADE_CONFIG), then STOCKADE_* variables,
-then command-line options. Invalid settings name the field, as policies do.
+"""Server settings: defaults, then a TOML file (``--config`` or STOCKADE_CONFIG), then STOCKADE_<SETTING>
+variables (STOCKADE_PORT, STOCKADE_DATABASE_URL, STOCKADE_WARM_POOL...), then command-line options.
+Invalid settings name the field, as policies do.
 
     [server]
     host = "127.0.0.1"
@@ -110,10 +111,10 @@ class ServerSettings(_Model):
             data.update({k: raw[k] for k in ("tenant_defaults", "tenants") if k in raw})
             if "tenants" in data and "tenant_defaults" in raw:  # a tenant's table overrides the defaults
                 data["tenants"] = {n: {**raw["tenant_defaults"], **t} for n, t in data["tenants"].items()}
-        for name, env in (("host", "STOCKADE_HOST"), ("port", "STOCKADE_PORT"), ("data_dir", "STOCKADE_DATA_DIR"),
-                          ("database_url", "STOCKADE_DATABASE_URL"), ("audit_retention", "STOCKADE_AUDIT_RETENTION")):
-            if os.environ.get(env):
-                data[name] = os.environ[env]
+        for name, info in cls.model_fields.items():  # every scalar setting also from STOCKADE_<NAME>
+            value = os.environ.get(f"STOCKADE_{name.upper()}")
+            if value and info.annotation not in (TenantSettings, dict[str, TenantSettings], dict[str, Any]):
+                data[name] = value
         data.update({k: v for k, v in overrides.items() if v is not None})
         try:
             return cls.model_validate(data)
