@@ -210,7 +210,8 @@ class ErrorOut(BaseModel):
     message: str
 
 
-ERRORS: dict[int | str, dict[str, Any]] = {s: {"model": ErrorOut} for s in (400, 401, 404, 409, 413, 422, 429)}
+ERRORS: dict[int | str, dict[str, Any]] = {s: {"model": ErrorOut}
+                                           for s in (400, 401, 404, 409, 413, 422, 429, 502, 503, 504)}
 
 
 # ---- the app ----------------------------------------------------------------------------------------
