@@ -355,7 +355,10 @@ def test_warm_pool_hands_out_fresh_sandboxes_once(shared_dir: Path) -> None:
     finally:
         c.close()
         server.stop()
-    for sid, runtime in waiting:  # warm sandboxes go with the server
+    for sid, runtime in waiting:  # warm sandboxes go with the server (their last processes exit just after)
+        deadline = time.monotonic() + 15
+        while sandbox_traces(runtime, sid) and time.monotonic() < deadline:
+            time.sleep(0.05)
         assert not sandbox_traces(runtime, sid), sid
 
 
