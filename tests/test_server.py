@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -200,6 +201,19 @@ def test_bad_input_is_a_json_4xx_and_harms_nothing(srv: RunningServer, clients: 
     assert r.status_code == 200 and Path("/etc/passwd").read_bytes() != r.content
     assert alice.run(sid, "echo still fine").json()["stdout"] == "still fine\n"
     assert httpx.get(f"{srv.url}/health").status_code == 200
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="as root every control is available")
+def test_a_policy_the_host_cannot_enforce_is_422_and_the_sdk_raises_the_local_error(srv: RunningServer,
+                                                                                  clients: Any) -> None:
+    from stockade import UnenforceableError
+
+    alice = clients("alice")
+    r = alice.http.post("/sandboxes", json={})
+    assert r.status_code == 422 and r.json()["code"] == "unenforceable_policy"
+    assert "allow_missing_controls" in r.json()["message"]
+    with pytest.raises(UnenforceableError):
+        Sandbox.create(api_url=srv.url, api_key=alice.key)
 
 
 def test_expired_sandboxes_answer_404_with_why(clients: Any) -> None:

@@ -2,15 +2,19 @@
 
 from .artifacts import ArtifactError, ArtifactInfo
 from .errors import (
+    AuthenticationError,
     CommandError,
+    ConflictError,
     FilesystemError,
     PathNotFoundError,
     PolicyError,
     ProtocolError,
+    QuotaError,
     SandboxNotFoundError,
     SandboxUnavailableError,
     StockadeError,
     TimeoutError,
+    UnenforceableError,
 )
 from .policy import Policy
 from .sdk import (
@@ -39,4 +43,5 @@ __all__ = [
     "EntryInfo",
     "FilesystemError", "PathNotFoundError", "Policy", "PolicyError", "ProcessInfo", "ProtocolError", "Sandbox",
     "SandboxInfo", "SandboxNotFoundError", "SandboxUnavailableError", "StockadeError", "TimeoutError",
+    "AuthenticationError", "ConflictError", "QuotaError", "UnenforceableError",
 ]

@@ -30,6 +30,11 @@ class SandboxUnavailableError(StockadeError):
         super().__init__(message + (f"\n{advice}" if advice else ""))
 
 
+class UnenforceableError(SandboxUnavailableError):
+    """The policy asks for controls this host cannot apply (e.g. cgroup limits without root). Fix the
+    host, or accept the weaker sandbox with ``allow_missing_controls``."""
+
+
 class CommandError(StockadeError):
     """A command exited non-zero with ``check=True``; carries its result."""
 
@@ -95,6 +100,7 @@ WIRE_ERRORS: list[tuple[type[StockadeError], str, int]] = [
     (PathNotFoundError, "path_not_found", 404),
     (FilesystemError, "filesystem_error", 400),
     (SandboxNotFoundError, "not_found", 404),
+    (UnenforceableError, "unenforceable_policy", 422),
     (AuthenticationError, "unauthorized", 401),
     (QuotaError, "quota_exceeded", 429),
     (ConflictError, "conflict", 409),

@@ -24,7 +24,7 @@ from pathlib import Path
 from ... import environment
 from ...agent import protocol
 from ...config import HostConfig
-from ...errors import PolicyError, SandboxUnavailableError
+from ...errors import PolicyError, SandboxUnavailableError, UnenforceableError
 from ...policy import Policy
 from ..base import BROKER_DIR, Runtime, RuntimeSandbox
 from ..channel import AgentChannel
@@ -163,7 +163,7 @@ class JailRuntime(Runtime):
                    if c not in self.cgroups.parents and c not in policy.allow_missing_controls]
         if missing:
             reasons = "; ".join(f"{c}: {self.cgroups.problems.get(c, 'unavailable')}" for c in missing)
-            raise SandboxUnavailableError(
+            raise UnenforceableError(
                 f"cannot enforce limits.{'/'.join(missing)} on this host ({reasons})",
                 "fix: run as root or give stockade a delegated cgroup (STOCKADE_CGROUP_PARENT); or accept "
                 f"the weaker sandbox with allow_missing_controls = {json.dumps(missing)} in the policy. "
