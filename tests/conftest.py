@@ -17,9 +17,21 @@ from stockade.config import HostConfig
 from stockade.sdk.transports.base import Transport
 
 ROOT = os.geteuid() == 0
-# The tests' audit events go to a database of their own, removed with the session.
-AUDIT_DIR = tempfile.mkdtemp(prefix="stockade-test-audit-")
-os.environ["STOCKADE_DATABASE_URL"] = f"sqlite:///{AUDIT_DIR}/audit.db"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """The tests' audit events go to a database of their own, removed with the session. (A hook, not
+    module code: helper processes that import this file must not make directories of their own.)"""
+    audit_dir = tempfile.mkdtemp(prefix="stockade-test-audit-")
+    config.stash[AUDIT_DIR] = audit_dir
+    os.environ["STOCKADE_DATABASE_URL"] = f"sqlite:///{audit_dir}/audit.db"
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    shutil.rmtree(config.stash.get(AUDIT_DIR, ""), ignore_errors=True)
+
+
+AUDIT_DIR = pytest.StashKey[str]()
 UNPRIVILEGED_GAPS = ["memory", "pids", "cpu"]
 
 
@@ -132,7 +144,6 @@ def nothing_left_behind() -> Iterator[None]:
         return list(manager.tombstones)
 
     ids = portal().call(created_here())
-    shutil.rmtree(AUDIT_DIR, ignore_errors=True)
     leftovers = [t for sid in ids for t in _cgroup_and_lock_traces(sid)]
     assert not leftovers, f"the tests left sandboxes behind: {leftovers}"
     # artifacts outlive sandboxes by design; the test sandboxes' ones go with the session
