@@ -19,7 +19,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from table import print_table  # noqa: E402
+from table import print_table, private_audit_store  # noqa: E402
 
 from stockade import Policy, Sandbox  # noqa: E402
 from stockade.config import HostConfig  # noqa: E402
@@ -45,6 +45,7 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=50)
     ap.add_argument("--markdown", action="store_true")
     args = ap.parse_args()
+    private_audit_store()
     policy = Policy.from_dict({} if os.geteuid() == 0 else {"allow_missing_controls": ["memory", "pids", "cpu"]})
     env = HostConfig.from_env().sandbox_env
     rows = []

@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from table import print_table  # noqa: E402
+from table import print_table, private_audit_store  # noqa: E402
 from tests.conformance.test_network import _self_signed  # noqa: E402
 
 from stockade import Sandbox  # noqa: E402
@@ -74,6 +74,7 @@ import http.server, os, ssl, sys, threading
 big = os.urandom(1 << 20)
 class Handler(http.server.BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True  # headers and body are separate writes: Nagle would hold the body for an ACK
     def do_GET(self):
         body = big if self.path == "/big" else b"ok"
         self.send_response(200); self.send_header("Content-Length", str(len(body))); self.end_headers()
@@ -94,6 +95,7 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=200)
     ap.add_argument("--markdown", action="store_true")
     args = ap.parse_args()
+    private_audit_store()
     with tempfile.TemporaryDirectory(prefix="stockade-bench-net-") as tmp:
         run(Path(tmp), args)
 
@@ -135,14 +137,10 @@ def run(tmp: Path, args: argparse.Namespace) -> None:
         r = sb.commands.run(["python3", "client.py", "proxy", "api.example.test", str(port), str(tls_port),
                              str(args.requests), "ca.pem"])
         b = json.loads(r.stdout or "{}") if r.exit_code == 0 else {}
-        sandbox_id = sb.sandbox_id
         if not b:
             raise SystemExit(f"sandbox client failed: {r.stderr}")
     servers.terminate()
     servers.wait()
-    from stockade.config import HostConfig
-
-    (HostConfig.from_env().data_dir / "network" / f"{sandbox_id}.jsonl").unlink(missing_ok=True)  # leave nothing
     rows = [
         ("1 MiB downloads, HTTP through the proxy", f"{b['mib_per_s']:.0f} MiB/s",
          f"direct {d['mib_per_s']:.0f} MiB/s ({100 * b['mib_per_s'] / d['mib_per_s']:.0f}% of direct)"),

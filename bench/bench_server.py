@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import httpx  # noqa: E402
-from table import print_table  # noqa: E402
+from table import print_table, private_audit_store  # noqa: E402
 
 from stockade import AsyncSandbox, Policy  # noqa: E402
 
@@ -185,6 +185,7 @@ def main() -> None:
     ap.add_argument("--database-url", default=None)
     ap.add_argument("--markdown", action="store_true")
     args = ap.parse_args()
+    private_audit_store()
     results: dict[str, dict[str, list[Any]]] = {}
     for warm in (0, args.clients):
         data_dir = Path(tempfile.mkdtemp(prefix="stockade-bench-server-"))

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import atexit
 import os
 import platform
+import shutil
+import tempfile
 
 
 def machine() -> str:
@@ -21,3 +24,11 @@ def print_table(columns: list[str], rows: list[tuple[str, ...]], markdown: bool)
         print(machine())
         for row in rows:
             print(f"{row[0]:<55} " + "  ".join(f"{cell:>12}" for cell in row[1:]))
+
+
+def private_audit_store() -> None:
+    """Benchmark sandboxes record to a throw-away audit database, not the host's (removed at exit)."""
+    if "STOCKADE_DATABASE_URL" not in os.environ:
+        tmp = tempfile.mkdtemp(prefix="stockade-bench-audit-")
+        atexit.register(shutil.rmtree, tmp, True)
+        os.environ["STOCKADE_DATABASE_URL"] = f"sqlite:///{tmp}/audit.db"
