@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import fcntl
 import ipaddress
 import os
 import socket
@@ -33,7 +32,6 @@ MAX_HEADERS = 100
 CONNECT_TIMEOUT = 10.0
 HEADER_TIMEOUT = 30.0
 RELAY_CHUNK = 64 * 1024
-PIPE_SIZE = 1 << 20       # per relay direction (the default pipe holds 64 KiB)
 
 Resolver = Callable[[str, int], Awaitable[list[IPAddress]]]
 
@@ -472,8 +470,6 @@ async def _pump(src: Any, dst: Any, egress: Egress, event: dict[str, Any], outbo
                 watch_status: bool = False) -> None:
     loop = asyncio.get_running_loop()
     pipe_r, pipe_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-    with contextlib.suppress(OSError):  # a larger pipe: fewer splices and wake-ups per MiB
-        fcntl.fcntl(pipe_w, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
     flags = os.SPLICE_F_NONBLOCK | os.SPLICE_F_MOVE
     in_pipe = 0
     try:
@@ -487,7 +483,7 @@ async def _pump(src: Any, dst: Any, egress: Egress, event: dict[str, Any], outbo
                         await _ready(loop, src.fileno(), loop.add_reader, loop.remove_reader)
                         continue
                 try:
-                    n = os.splice(src.fileno(), pipe_w, PIPE_SIZE, flags=flags)
+                    n = os.splice(src.fileno(), pipe_w, 1 << 20, flags=flags)
                 except BlockingIOError:
                     await _ready(loop, src.fileno(), loop.add_reader, loop.remove_reader)
                     continue
