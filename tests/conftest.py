@@ -112,7 +112,8 @@ def api_server() -> Iterator[Any]:
     # the conformance tenant may use the host resources tests give it (mounts, secrets, CA files)
     # and a warm pool for the suite's usual policy: most of the suite then runs in warm sandboxes
     server = RunningServer(tenants={"conformance": {"allow_mounts": ["/"], "allow_secrets": ["*"],
-                                                    "allow_ca_files": ["/"]}},
+                                                    "allow_ca_files": ["/"],
+                                                    "allow_private": ["0.0.0.0/0", "::/0"]}},
                            warm_pool=2, warm_pool_policy=base_policy().model_dump(mode="json"))
     yield server
     manager = server.server.manager

@@ -158,11 +158,22 @@ def test_a_tenant_cannot_use_the_servers_files_or_secrets(clients: Any, shared_d
         ({"network": {"mode": "allowlist", "allow": ["a.example.test"]},
           "secrets": {"K": {"value_from": "env:HOME", "hosts": ["a.example.test"]}}}, "secrets.K.value_from"),
         ({"network": {"mode": "allowlist", "extra_ca_certs": "/etc/shadow"}}, "network.extra_ca_certs"),
+        ({"network": {"mode": "allowlist", "allow": ["169.254.169.254"], "allow_private": ["169.254.0.0/16"]}},
+         "network.allow_private.0"),
+        ({"network": {"mode": "allowlist", "allow_private": ["127.0.0.1"]}}, "network.allow_private.0"),
     ]
     for policy, field in cases:
         r = alice.http.post("/sandboxes", json={"policy": base_policy(**policy).model_dump(mode="json")})
         assert r.status_code == 400, r.text
         assert r.json()["code"] == "invalid_policy" and r.json()["field"] == field, r.text
+    # nor later, through a network update of a sandbox it was given without them
+    sid = alice.create(policy=base_policy(network={"mode": "allowlist", "allow": ["a.example.test"]})
+                       .model_dump(mode="json"))["sandbox_id"]
+    for change, field in (({"allow_private": ["10.0.0.0/8"]}, "network.allow_private.0"),
+                          ({"extra_ca_certs": "/etc/shadow"}, "network.extra_ca_certs")):
+        r = alice.http.patch(f"/sandboxes/{sid}/network", json=change)
+        assert r.status_code == 400 and r.json()["field"] == field, r.text
+    assert alice.http.patch(f"/sandboxes/{sid}/network", json={"allow": ["b.example.test"]}).status_code == 200
 
 
 def test_bad_input_is_a_json_4xx_and_harms_nothing(srv: RunningServer, clients: Any) -> None:

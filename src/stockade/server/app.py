@@ -563,7 +563,8 @@ def create_app(settings: ServerSettings, config: HostConfig | None = None, runti
 
     @app.patch("/sandboxes/{sandbox_id}/network", tags=["network"])
     async def update_network(sandbox_id: str, body: dict[str, Any], srv: Srv, who: Auth) -> dict[str, Any]:
-        live(srv, who, sandbox_id)
+        sb = live(srv, who, sandbox_id)
+        srv.settings.tenant(who.tenant).check(sb.policy.with_overrides(network=body))  # the same gate as create
         return srv.m.update_network(sandbox_id, body).model_dump()
 
     @app.get("/sandboxes/{sandbox_id}/network/events", tags=["network"])

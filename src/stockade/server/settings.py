@@ -19,6 +19,7 @@ Invalid settings name the field, as policies do.
 from __future__ import annotations
 
 import fnmatch
+import ipaddress
 import os
 import tomllib
 from pathlib import Path
@@ -28,6 +29,15 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ..errors import PolicyError
 from ..policy import Duration, Policy, PositiveDuration, PositiveSize, Size, _policy_error
+
+
+def _within(cidr: str, ranges: list[str]) -> bool:
+    try:
+        net = ipaddress.ip_network(cidr, strict=False)
+        return any(net.version == r.version and net.subnet_of(r)  # type: ignore[arg-type]
+                   for r in (ipaddress.ip_network(x, strict=False) for x in ranges))
+    except ValueError:
+        return False
 
 
 def _under(path: str, directories: list[str]) -> bool:
@@ -55,6 +65,9 @@ class TenantSettings(_Model):
     allow_mounts: list[str] = []        # host directories (and what is below them) a mount may come from
     allow_secrets: list[str] = []       # value_from patterns, e.g. "env:ACME_*" or "file:/etc/stockade/acme/*"
     allow_ca_files: list[str] = []      # host directories a network.extra_ca_certs file may be in
+    # CIDRs a policy's network.allow_private may open (each entry must lie inside one): private ranges are
+    # the server's own network, its loopback services and the cloud metadata address
+    allow_private: list[str] = []
 
     def check(self, policy: Policy) -> None:
         """Refuse what the policy would take from the server host beyond what this tenant is allowed."""
@@ -66,6 +79,10 @@ class TenantSettings(_Model):
             if not any(fnmatch.fnmatchcase(secret.value_from, pattern) for pattern in self.allow_secrets):
                 raise PolicyError(f"secrets.{name}.value_from", f"{secret.value_from!r} is not a secret source "
                                   "this tenant may use (server setting allow_secrets)")
+        for i, cidr in enumerate(policy.network.allow_private):
+            if not _within(cidr, self.allow_private):
+                raise PolicyError(f"network.allow_private.{i}", f"{cidr} is not a range this tenant may reach on "
+                                  "the server's network (server setting allow_private)")
         ca = policy.network.extra_ca_certs
         if ca is not None and not _under(ca, self.allow_ca_files):
             raise PolicyError("network.extra_ca_certs", f"{ca} is not in a directory this tenant may read "
