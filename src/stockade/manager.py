@@ -78,6 +78,8 @@ PROXY_ENV = {name: value for names, value in (
     (("HTTP_PROXY", "http_proxy", "HTTPS_PROXY", "https_proxy"), _HTTP_PROXY),
     (("ALL_PROXY", "all_proxy"), _SOCKS),
     (("NO_PROXY", "no_proxy"), "localhost,127.0.0.1,::1"),
+    # node's fetch reads none of the above before node 24: a preload points it at the proxy
+    (("NODE_OPTIONS",), "--require /opt/stockade/agent/node_proxy.js"),
 ) for name in names}
 CONTEXT_START_TIMEOUT = 60.0
 

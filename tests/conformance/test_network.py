@@ -7,6 +7,7 @@ import datetime
 import http.server
 import ipaddress
 import json
+import shutil
 import socket
 import ssl
 import threading
@@ -160,6 +161,32 @@ except (ssl.SSLError, OSError) as e:
     assert "/smuggled" not in [s[1] for s in upstream.seen]
     mismatch = [e for e in sb.network.events() if e.get("rule") == "sni-mismatch"]
     assert mismatch and mismatch[0]["sni"] == "api.example.test" and mismatch[0]["host"] == "other.example.test"
+
+
+NODE_FETCH = """
+fetch(process.argv[2], {headers: process.argv[3] ? {"X-Key": process.argv[3]} : {}})
+  .then(async (r) => console.log(r.status, (await r.text()).trim()))
+  .catch((e) => console.log("failed:", String(e.cause && e.cause.message || e)));
+"""
+
+
+@pytest.mark.skipif(not shutil.which("node"), reason="node is not installed on this host")
+def test_node_fetch_goes_through_the_broker(make_sandbox, upstream, lookups):
+    sb = make_sandbox(**allow(f"api.example.test:{upstream.port}", f"api.example.test:{upstream.tls_port}"))
+    sb.files.write("fetch.js", NODE_FETCH)
+    sb.files.write("ca.pem", upstream.cert.read_text())
+    node = ["node", "fetch.js"]
+    r = sb.commands.run([*node, f"http://api.example.test:{upstream.port}/node-http"])
+    assert r.stdout == "200 upstream saw /node-http\n", r.stdout + r.stderr
+    r = sb.commands.run([*node, f"https://api.example.test:{upstream.tls_port}/node-tls"],
+                        envs={"NODE_EXTRA_CA_CERTS": "/home/user/ca.pem"})
+    assert r.stdout == "200 upstream saw /node-tls\n", r.stdout + r.stderr
+    r = sb.commands.run([*node, "https://denied.example.test/"])
+    assert r.stdout.startswith("failed: proxy refused denied.example.test:443") and "network.allow" in r.stdout
+    events = sb.network.events()
+    assert [(e["protocol"], e["decision"]) for e in events] == [("socks5", "allow"), ("connect", "allow"),
+                                                                 ("connect", "deny")]
+    assert [s[1] for s in upstream.seen] == ["/node-http", "/node-tls"]
 
 
 def test_denied_names_get_a_readable_403_and_never_reach_the_resolver(make_sandbox, upstream, lookups):
@@ -346,6 +373,11 @@ def test_secrets_are_injected_on_their_host_only_and_never_seen_inside(make_sand
     # another allowed host gets the placeholder unchanged, and the attempt is recorded
     r = sb.commands.run(f"curl -sS -H \"X-Key: $API_KEY\" http://other.example.test:{echo.port}/")
     assert f"key={placeholder}" in r.stdout and echo.headers[2]["X-Key"] == placeholder
+    if shutil.which("node"):  # node's fetch is intercepted the same way (it trusts the sandbox's CA)
+        sb.files.write("fetch.js", NODE_FETCH)
+        r = sb.commands.run(["node", "fetch.js", f"https://api.example.test:{echo.tls_port}/", "$"])
+        assert r.stdout.startswith("200 auth=Bearer ****"), r.stdout + r.stderr
+        assert echo.headers[-1]["Authorization"] == f"Bearer {SECRET}"
     events = sb.network.events()
     assert events[0]["protocol"] == "connect-intercepted" and events[0]["secrets"] == ["API_KEY"]
     assert events[2]["exfiltration_blocked"] == ["API_KEY"]

@@ -33,7 +33,7 @@ from . import cgroups, rootfs, seccomp
 from .uids import UidAllocator, UidLease
 
 AGENT_SOURCES = ("server.py", "protocol.py", "interpreter.py")
-AGENT_FILES = ("interpreter.js",)  # shipped as they are
+AGENT_FILES = ("interpreter.js", "node_proxy.js")  # shipped as they are
 SAVE_ARTIFACT = b"#!/usr/bin/python3 -I\nimport sys\nsys.path.insert(0, '/opt/stockade/lib')\n" \
     b"from stockade_artifacts import main\nmain()\n"
 START_TIMEOUT = 15.0
