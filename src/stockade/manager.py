@@ -16,7 +16,7 @@ import secrets
 import shutil
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Mapping
+from collections.abc import AsyncGenerator, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,10 +36,8 @@ from .runtime.channel import CellPending, CommandPending, ReadPending, StreamPen
 
 TOMBSTONES = 1024
 ENV_NAME_OK = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_")
-
-
-
 Argv = list[str]  # spelled once here: a method named `list` shadows the builtin in class bodies
+
 
 def new_sandbox_id() -> str:
     return "sbx-" + secrets.token_hex(8)
@@ -135,8 +133,6 @@ class Manager:
         self.tombstones: OrderedDict[str, str] = OrderedDict()
         self.on_end: Callable[[ManagedSandbox, str], None] | None = None   # told when any sandbox ends
         self.pool: WarmPool | None = None
-        # (sandbox, read id) -> path, sha256 so far, bytes so far: a read is recorded when it ends
-        self._reads: dict[tuple[str, int], tuple[str, Any, int]] = {}
         self.loop = asyncio.get_running_loop()
 
     # ---- lifecycle -----------------------------------------------------------------------------
@@ -599,45 +595,39 @@ class Manager:
             self._record(sb, "file.op", {k: v for k, v in header.items() if isinstance(v, str | int | bool)})
         return await sb.channel.call(header)  # type: ignore[no-any-return]
 
-    async def open_read(self, sandbox_id: str, path: str) -> tuple[ReadPending, int]:
+    async def open_read(self, sandbox_id: str, path: str) -> AsyncGenerator[bytes, None]:
+        """Open a file for a streamed read: a refusal (ENOENT, EISDIR...) raises here, the chunks follow as
+        the generator is iterated. A read left unfinished is cancelled in the agent; either way it is
+        recorded (size, and sha256 when complete)."""
         sb = self.get(sandbox_id)
         pending = ReadPending()
         rid = sb.channel.start({"op": "read", "path": path}, pending)
         await pending.done
-        self._reads[(sb.id, rid)] = (path, hashlib.sha256(), 0)
-        return pending, rid
+        return self._read_chunks(sb, pending, rid, path)
 
-    async def read_chunk(self, sandbox_id: str, pending: ReadPending, rid: int) -> bytes | None:
-        item = await pending.chunks.get()
-        if isinstance(item, BaseException):
-            self._reads.pop((sandbox_id, rid), None)
-            raise item
-        sb = self.sandboxes.get(sandbox_id)
-        if item is not None:
-            path, digest, size = self._reads.get((sandbox_id, rid), ("", hashlib.sha256(), 0))
-            digest.update(item)
-            self._reads[(sandbox_id, rid)] = (path, digest, size + len(item))
-            pending.outstanding += 1
-            if sb is not None and not sb.channel.closed:
-                sb.channel.send({"op": "credit", "id": rid, "n": 1})
-        elif sb is not None:
-            self._read_done(sb, rid, True)
-        return item
-
-    def _read_done(self, sb: ManagedSandbox, rid: int, complete: bool) -> None:
-        read = self._reads.pop((sb.id, rid), None)
-        if read is not None:
-            path, digest, size = read
-            self._record(sb, "file.read", {"path": path, "size": size, "complete": complete,
-                                           **({"sha256": digest.hexdigest()} if complete else {})})
-
-    async def cancel_read(self, sandbox_id: str, rid: int) -> None:
-        sb = self.sandboxes.get(sandbox_id)
-        if sb is not None:
-            self._read_done(sb, rid, False)
-        if sb is not None and not sb.channel.closed:
-            sb.channel.forget(rid)
-            sb.channel.send({"op": "cancel", "id": rid})
+    async def _read_chunks(self, sb: ManagedSandbox, pending: ReadPending, rid: int,
+                           path: str) -> AsyncGenerator[bytes, None]:
+        digest, size, ended = hashlib.sha256(), 0, False
+        try:
+            while (item := await pending.chunks.get()) is not None:
+                if isinstance(item, BaseException):
+                    ended = True  # refused midway: the error says so
+                    raise item
+                digest.update(item)
+                size += len(item)
+                pending.outstanding += 1
+                if not sb.channel.closed:
+                    sb.channel.send({"op": "credit", "id": rid, "n": 1})
+                yield item
+            ended = True
+            self._record(sb, "file.read", {"path": path, "size": size, "complete": True,
+                                           "sha256": digest.hexdigest()})
+        finally:
+            if not ended:
+                self._record(sb, "file.read", {"path": path, "size": size, "complete": False})
+                if not sb.channel.closed:
+                    sb.channel.forget(rid)
+                    sb.channel.send({"op": "cancel", "id": rid})
 
     async def write_chunks(self, sandbox_id: str, path: str, chunks: Any, append: bool = False) -> int:
         """Stream ``chunks`` (an async iterator of bytes) to ``path``; returns the bytes written."""

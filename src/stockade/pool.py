@@ -31,7 +31,6 @@ class WarmPool:
         self.ready: deque[tuple[RuntimeSandbox, float]] = deque()
         self._wanted = asyncio.Event()
         self._filler: asyncio.Task[None] | None = None
-        self.handed_out = 0
         self._last_take = 0.0
 
     def start(self) -> None:
@@ -48,7 +47,6 @@ class WarmPool:
         while self.ready:
             sandbox, born = self.ready.popleft()
             if sandbox.is_alive() and not sandbox.channel.closed and time.monotonic() - born < self.max_age:
-                self.handed_out += 1
                 return sandbox
             await sandbox.stop()
         return None

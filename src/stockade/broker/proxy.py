@@ -206,8 +206,8 @@ async def _tunnel(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, up
         await writer.start_tls(egress.ca.server_context(host))
         await up_writer.start_tls(egress.upstream_ssl, server_hostname=host)
         request_head = await _request_with_secrets(reader, egress, event, bound)
-        await _splice(reader, writer, up_reader, up_writer, egress, event, request_head, watch_status=True,
-                      redact=[sec.value for sec in bound])
+        await _splice(reader, writer, up_reader, up_writer, egress, event, request_head,
+                      [sec.value for sec in bound])
         return
     first = await _check_client_hello(reader, host, event)
     await _kernel_relay(reader, writer, up_reader, up_writer, egress, event, first)
@@ -342,17 +342,17 @@ async def _refuse(writer: asyncio.StreamWriter, event: dict[str, Any], decision:
 
 async def _splice(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, up_reader: asyncio.StreamReader,
                   up_writer: asyncio.StreamWriter, egress: Egress, event: dict[str, Any], first: bytes,
-                  watch_status: bool = False, redact: list[bytes] | None = None) -> None:
-    """Copy both ways until either side closes; bytes out count against max_egress_bytes. ``redact``:
-    values masked (same length, so framing holds) in what comes back, also across chunk boundaries."""
+                  redact: list[bytes]) -> None:
+    """An intercepted exchange, copied through Python both ways until either side closes; bytes out count
+    against max_egress_bytes. ``redact``: values masked (same length, so framing holds) in what comes back,
+    also across chunk boundaries."""
     event["established"] = True
 
     async def outbound() -> None:
         data = first
         while True:
             if data:
-                egress.egress_bytes += len(data)
-                event["bytes_out"] += len(data)
+                _count_out(egress, event, len(data))
                 if egress.egress_bytes > egress.max_egress_bytes:
                     event["reason"] = "network.max_egress_bytes reached"
                     return
@@ -365,17 +365,14 @@ async def _splice(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, up
                         up_writer.write_eof()
                 return
 
-    keep = max((len(v) for v in redact), default=1) - 1 if redact else 0
+    keep = max((len(v) for v in redact), default=1) - 1
 
     async def inbound() -> None:
-        status_seen = not watch_status
         held = b""
         while True:
             data = await up_reader.read(RELAY_CHUNK)
-            if not status_seen and data.startswith(b"HTTP/"):
-                status_seen = True
-                with contextlib.suppress(ValueError, IndexError):
-                    event["status"] = int(data.split(b" ", 2)[1])
+            if "status" not in event:
+                _note_status(data, event)
             event["bytes_in"] += len(data)
             if redact:
                 data = held + data

@@ -379,23 +379,13 @@ def create_app(settings: ServerSettings, config: HostConfig | None = None, runti
             try:
                 yield _sse("start", {"pid": record.pid})
                 waiter = asyncio.ensure_future(finish())
-                while True:
-                    getter = asyncio.ensure_future(queue.get())
-                    await asyncio.wait({getter, waiter}, return_when=asyncio.FIRST_COMPLETED)
-                    if getter.done():
-                        stream, data = getter.result()
-                        yield _sse(stream, {"b64": base64.b64encode(data).decode()})
-                        continue
-                    getter.cancel()
-                    while not queue.empty():
-                        stream, data = queue.get_nowait()
-                        yield _sse(stream, {"b64": base64.b64encode(data).decode()})
-                    try:
-                        yield _sse("exit", waiter.result())
-                    except StockadeError as exc:
-                        yield _sse("error", to_wire(exc)[1])
-                    finished = True
-                    return
+                async for kind, data in _as_they_come(queue, waiter):
+                    yield _stream_event(kind, data)
+                try:
+                    yield _sse("exit", waiter.result())
+                except StockadeError as exc:
+                    yield _sse("error", to_wire(exc)[1])
+                finished = True
             finally:
                 if not finished and not body.background:  # the caller went away: its command goes too
                     with contextlib.suppress(Exception):
@@ -434,20 +424,8 @@ def create_app(settings: ServerSettings, config: HostConfig | None = None, runti
         size = info.get("entry", {}).get("size", 0) if isinstance(info.get("entry"), dict) else 0
         if isinstance(size, int) and size > srv.settings.max_upload:
             raise _TooLarge(f"{path} is {size} bytes, over the server's max_upload ({srv.settings.max_upload})")
-        pending, rid = await srv.m.open_read(sandbox_id, path)
-
-        async def chunks() -> AsyncIterator[bytes]:
-            complete = False
-            try:
-                while (chunk := await srv.m.read_chunk(sandbox_id, pending, rid)) is not None:
-                    yield chunk
-                complete = True
-            finally:
-                if not complete:
-                    with contextlib.suppress(Exception):
-                        await srv.m.cancel_read(sandbox_id, rid)
-
-        return StreamingResponse(chunks(), media_type="application/octet-stream")
+        chunks = await srv.m.open_read(sandbox_id, path)  # a refusal is answered here, before the stream
+        return StreamingResponse(chunks, media_type="application/octet-stream")
 
     @app.put("/sandboxes/{sandbox_id}/files", tags=["files"],
              openapi_extra={"requestBody": {"content": {"application/octet-stream": {}}}})
@@ -500,15 +478,8 @@ def create_app(settings: ServerSettings, config: HostConfig | None = None, runti
 
         async def events() -> AsyncIterator[bytes]:
             try:
-                while True:
-                    getter = asyncio.ensure_future(queue.get())
-                    await asyncio.wait({getter, task}, return_when=asyncio.FIRST_COMPLETED)
-                    if not getter.done():
-                        getter.cancel()
-                        break
-                    yield _cell_event(*getter.result())
-                while not queue.empty():
-                    yield _cell_event(*queue.get_nowait())
+                async for kind, payload in _as_they_come(queue, task):
+                    yield _stream_event(kind, payload)
                 try:
                     done, _ = task.result()
                     yield _sse("done", {k: v for k, v in done.items() if k != "id"})
@@ -595,15 +566,9 @@ def _out(srv: Server, sb: ManagedSandbox) -> SandboxOut:
 
 
 def _ended_rows(srv: Server, tenant: str) -> list[SandboxOut]:
-    import sqlalchemy as sa
-
-    from ..db import sandboxes
-
-    q = (sa.select(sandboxes).where(sandboxes.c.tenant == tenant, sandboxes.c.state == "ended")
-         .order_by(sandboxes.c.ended.desc()).limit(1000))
-    with srv.engine.connect() as conn:
-        return [SandboxOut(sandbox_id=r.id, state="ended", started_at=r.created, end_at=r.ended,
-                           metadata=r.metadata, user_id=r.user_id, end_reason=r.end_reason) for r in conn.execute(q)]
+    return [SandboxOut(sandbox_id=r["id"], state="ended", started_at=r["created"], end_at=r["ended"],
+                       metadata=r["metadata"], user_id=r["user_id"], end_reason=r["end_reason"])
+            for r in srv.registry.ended_rows(tenant)]
 
 
 def _ctx(ctx: Any) -> ContextOut:
@@ -621,10 +586,25 @@ def _sse(event: str, data: Any) -> bytes:
     return f"event: {event}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n".encode()
 
 
-def _cell_event(kind: str, payload: Any) -> bytes:
+def _stream_event(kind: str, payload: Any) -> bytes:
+    """Output (stdout, stderr: bytes, sent base64) or an interpreter event (already JSON)."""
     if kind == "event":
         return _sse("event", payload)
     return _sse(kind, {"b64": base64.b64encode(payload).decode()})
+
+
+async def _as_they_come(queue: asyncio.Queue[tuple[str, Any]],
+                        task: asyncio.Future[Any]) -> AsyncIterator[tuple[str, Any]]:
+    """The queue's items as they arrive until ``task`` is done, then the ones still in it."""
+    while True:
+        getter = asyncio.ensure_future(queue.get())
+        await asyncio.wait({getter, task}, return_when=asyncio.FIRST_COMPLETED)
+        if not getter.done():
+            getter.cancel()
+            break
+        yield getter.result()
+    while not queue.empty():
+        yield queue.get_nowait()
 
 
 class _TooLarge(RequestError):

@@ -66,22 +66,21 @@ class KeyStore:
 
     def cached(self, key: str) -> Principal | None:
         """The key's principal if it was verified in the last CACHE_SECONDS (no database access)."""
-        m = KEY_RE.match(key)
-        if m is None:
+        parsed = _parse(key)
+        if parsed is None:
             return None
-        key_id, secret = m.groups()
+        key_id, digest = parsed
         cached = self._cache.get(key_id)
-        if cached is not None and time.monotonic() - cached[0] < CACHE_SECONDS and \
-                hmac.compare_digest(cached[1], _hash(secret)):
+        fresh = cached is not None and time.monotonic() - cached[0] < CACHE_SECONDS
+        if cached is not None and fresh and hmac.compare_digest(cached[1], digest):
             return cached[2]
         return None
 
     def authenticate(self, key: str) -> Principal | None:
-        m = KEY_RE.match(key)
-        if m is None:
+        parsed = _parse(key)
+        if parsed is None:
             return None
-        key_id, secret = m.groups()
-        digest = _hash(secret)
+        key_id, digest = parsed
         now = time.monotonic()
         with self.engine.connect() as conn:
             row = conn.execute(sa.select(api_keys.c.tenant, api_keys.c.secret_hash)
@@ -92,6 +91,12 @@ class KeyStore:
         principal = Principal(key_id, row.tenant)
         self._cache[key_id] = (now, digest, principal)
         return principal
+
+
+def _parse(key: str) -> tuple[str, str] | None:
+    """(key id, sha256 of the secret) of a well-formed key."""
+    m = KEY_RE.match(key)
+    return (m.group(1), _hash(m.group(2))) if m else None
 
 
 class RateLimiter:

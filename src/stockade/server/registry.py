@@ -108,6 +108,13 @@ class Registry:
             conn.execute(sandboxes.update().where(sandboxes.c.id == sandbox_id)
                          .values(state="ended", ended=time.time(), end_reason=reason[:512]))
 
+    def ended_rows(self, tenant: str, limit: int = 1000) -> list[dict[str, Any]]:
+        """The tenant's ended sandboxes, latest first."""
+        q = (sa.select(sandboxes).where(sandboxes.c.tenant == tenant, sandboxes.c.state == "ended")
+             .order_by(sandboxes.c.ended.desc()).limit(limit))
+        with self.engine.connect() as conn:
+            return [dict(r._mapping) for r in conn.execute(q)]
+
     def owner_of(self, tenant: str, sandbox_id: str) -> dict[str, Any]:
         """The row of a sandbox (live or ended) of this tenant; another tenant's is not found, exactly as
         one that never existed."""

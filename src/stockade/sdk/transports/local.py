@@ -132,17 +132,10 @@ class LocalTransport(Transport):
                             p.get("tag") if isinstance(p.get("tag"), str) else None) for p in procs]
 
     async def read(self, sandbox_id: str, path: str) -> AsyncGenerator[bytes, None]:
-        m = await self.manager()
-        pending, rid = await m.open_read(sandbox_id, path)
-        finished = False
-        try:
-            while (chunk := await m.read_chunk(sandbox_id, pending, rid)) is not None:
+        chunks = await (await self.manager()).open_read(sandbox_id, path)
+        async with contextlib.aclosing(chunks):  # a reader that stops early cancels the read
+            async for chunk in chunks:
                 yield chunk
-            finished = True
-        finally:
-            if not finished:
-                with contextlib.suppress(Exception):
-                    await m.cancel_read(sandbox_id, rid)
 
     async def write(self, sandbox_id: str, path: str, chunks: AsyncIterator[bytes]) -> int:
         return await (await self.manager()).write_chunks(sandbox_id, path, chunks)

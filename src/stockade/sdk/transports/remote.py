@@ -154,13 +154,10 @@ class RemoteTransport(Transport):
                 for p in await self._call("GET", f"/sandboxes/{_id(sandbox_id)}/commands")]
 
     # ---- files ----------------------------------------------------------------------------------
-    async def read(self, sandbox_id: str, path: str) -> AsyncGenerator[bytes, None]:
-        async with self.http.stream("GET", f"/sandboxes/{_id(sandbox_id)}/files", params={"path": path},
-                                    timeout=httpx.Timeout(None, connect=10.0)) as r:
-            if r.status_code >= 400:
-                raise _error(r.status_code, await r.aread())
-            async for chunk in r.aiter_bytes():
-                yield chunk
+    def read(self, sandbox_id: str, path: str) -> AsyncGenerator[bytes, None]:
+        # a file can take as long as the sandbox needs to produce it: no read timeout
+        return self._download(f"/sandboxes/{_id(sandbox_id)}/files", {"path": path},
+                              httpx.Timeout(None, connect=10.0))
 
     async def write(self, sandbox_id: str, path: str, chunks: AsyncIterator[bytes]) -> int:
         answer = await self._call("PUT", f"/sandboxes/{_id(sandbox_id)}/files", params={"path": path},
@@ -211,8 +208,12 @@ class RemoteTransport(Transport):
                              datetime.fromtimestamp(a["created_at"]), a["command"])
                 for a in await self._call("GET", f"/sandboxes/{_id(sandbox_id)}/artifacts")]
 
-    async def read_artifact(self, sandbox_id: str, name: str) -> AsyncGenerator[bytes, None]:
-        async with self.http.stream("GET", f"/sandboxes/{_id(sandbox_id)}/artifacts/{_id(name)}") as r:
+    def read_artifact(self, sandbox_id: str, name: str) -> AsyncGenerator[bytes, None]:
+        return self._download(f"/sandboxes/{_id(sandbox_id)}/artifacts/{_id(name)}", {}, self.http.timeout)
+
+    async def _download(self, path: str, params: dict[str, str],
+                        timeout: httpx.Timeout) -> AsyncGenerator[bytes, None]:
+        async with self.http.stream("GET", path, params=params, timeout=timeout) as r:
             if r.status_code >= 400:
                 raise _error(r.status_code, await r.aread())
             async for chunk in r.aiter_bytes():
