@@ -7,7 +7,6 @@ import base64
 import hashlib
 import json
 import os
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -18,7 +17,7 @@ import pytest
 from stockade import Sandbox
 from stockade.errors import AuthenticationError, QuotaError
 
-from .conftest import base_policy
+from .conftest import base_policy, wait_until
 from .server_support import RunningServer
 
 TENANTS = {
@@ -230,9 +229,7 @@ def test_a_policy_the_host_cannot_enforce_is_422_and_the_sdk_raises_the_local_er
 def test_expired_sandboxes_answer_404_with_why(clients: Any) -> None:
     alice = clients("alice")
     sid = alice.create(timeout=1)["sandbox_id"]
-    deadline = time.monotonic() + 30
-    while alice.http.get(f"/sandboxes/{sid}").status_code == 200 and time.monotonic() < deadline:
-        time.sleep(0.2)
+    wait_until(lambda: alice.http.get(f"/sandboxes/{sid}").status_code != 200, 30)
     r = alice.run(sid, "true")
     assert r.status_code == 404 and "timeout expired" in r.json()["message"]
     ended = alice.http.get("/sandboxes", params={"state": "ended"}).json()
@@ -272,9 +269,7 @@ def test_streams_commands_with_stdin_and_signals(clients: Any) -> None:
     sb = Sandbox.connect(sid, api_url=alice.http.base_url.__str__().rstrip("/"), api_key=alice.key)
     handle = sb.commands.run("read line; echo got $line; sleep 60", background=True)
     handle.send_stdin("hello\n")
-    deadline = time.monotonic() + 10
-    while "got hello" not in handle.stdout and time.monotonic() < deadline:
-        time.sleep(0.05)
+    wait_until(lambda: "got hello" in handle.stdout)
     assert handle.pid in [p.pid for p in sb.commands.list()]
     assert handle.kill()
     assert handle.wait().exit_code == -9
@@ -349,9 +344,7 @@ def test_warm_pool_hands_out_fresh_sandboxes_once(shared_dir: Path) -> None:
     assert pool is not None
     c = Client(server, "alice")
     try:
-        deadline = time.monotonic() + 30
-        while len(pool.ready) < 2 and time.monotonic() < deadline:
-            time.sleep(0.05)
+        wait_until(lambda: len(pool.ready) == 2, 30)
         warm_ids = [sb.id for sb, _ in pool.ready]
         a = c.create(envs={"GREETING": "hello-a"})
         b = c.create()
@@ -367,13 +360,10 @@ def test_warm_pool_hands_out_fresh_sandboxes_once(shared_dir: Path) -> None:
         creates = {e["sandbox_id"]: e["data"]["warm"] for e in events}
         assert creates == {a["sandbox_id"]: True, b["sandbox_id"]: True, other["sandbox_id"]: False}
         # the pool refills; a warm sandbox that died while waiting is never handed out
-        deadline = time.monotonic() + 30
-        while len(pool.ready) < 2 and time.monotonic() < deadline:
-            time.sleep(0.05)
+        wait_until(lambda: len(pool.ready) == 2, 30)
         dead, _ = pool.ready[0]
         signal.pidfd_send_signal(dead.agent_pidfd, signal.SIGKILL)  # type: ignore[attr-defined]
-        while not dead.channel.closed and time.monotonic() < deadline:
-            time.sleep(0.05)
+        wait_until(lambda: dead.channel.closed, 30)
         got = c.create()
         assert got["sandbox_id"] != dead.id and c.run(got["sandbox_id"], "echo ok").json()["stdout"] == "ok\n"
         waiting = [(sb.id, sb.describe()) for sb, _ in pool.ready]
@@ -381,10 +371,7 @@ def test_warm_pool_hands_out_fresh_sandboxes_once(shared_dir: Path) -> None:
         c.close()
         server.stop()
     for sid, runtime in waiting:  # warm sandboxes go with the server (their last processes exit just after)
-        deadline = time.monotonic() + 15
-        while sandbox_traces(runtime, sid) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert not sandbox_traces(runtime, sid), sid
+        assert wait_until(lambda: not sandbox_traces(runtime, sid), 15), sid  # noqa: B023 - called at once
 
 
 def test_uploads_and_downloads_over_the_size_cap_are_413_and_leave_nothing() -> None:

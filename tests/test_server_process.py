@@ -10,7 +10,6 @@ import socket
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -20,19 +19,11 @@ import pytest
 
 from stockade.config import HostConfig
 
-from .conftest import base_policy, sandbox_traces
+from .conftest import base_policy, sandbox_traces, wait_until
 from .test_audit import pg_schema_url
 
 STOCKADE = [sys.executable, "-m", "stockade.cli"]
-
-
-def wait_until(predicate: Any, timeout: float = 20.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return bool(predicate())
+SETTLE = 20.0  # seconds for a server's start, a sandbox's last processes, the next run's sweep
 
 
 class ServerProcess:
@@ -113,14 +104,14 @@ def test_a_killed_server_leaves_nothing_and_its_successor_closes_the_records(ser
         for line in lines:
             if "stdout" in line:
                 break
-        assert wait_until(lambda: h.get("/events", params={"sandbox_id": sid, "type": "command.start"}).json())
+        assert wait_until(lambda: h.get("/events", params={"sandbox_id": sid, "type": "command.start"}).json(), SETTLE)
         assert _host_traces(info)
         server.stop(signal.SIGKILL)
     # the sandbox died with the server: no process of it survives
-    assert wait_until(lambda: not [t for t in _host_traces(info) if "process" in t]), _host_traces(info)
+    assert wait_until(lambda: not [t for t in _host_traces(info) if "process" in t], SETTLE), _host_traces(info)
     server.start()  # the successor sweeps cgroups, locks and broker directories, and closes the records
     h = httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {key}"}, timeout=30)
-    assert wait_until(lambda: not _host_traces(info)), _host_traces(info)
+    assert wait_until(lambda: not _host_traces(info), SETTLE), _host_traces(info)
     r = h.get(f"/sandboxes/{sid}")
     assert r.status_code == 404 and "server restarted" in r.json()["message"]
     events = h.get("/events", params={"sandbox_id": sid}).json()
@@ -162,7 +153,7 @@ def test_graceful_shutdown_kills_sandboxes_and_flushes_the_log(server: ServerPro
     server.stop(signal.SIGTERM)
     # uvicorn shuts down gracefully, then re-raises SIGTERM so the exit status tells how it ended
     assert server.proc is not None and server.proc.returncode in (0, -signal.SIGTERM)
-    assert wait_until(lambda: not _host_traces(info)), _host_traces(info)
+    assert wait_until(lambda: not _host_traces(info), SETTLE), _host_traces(info)
     logs = server.cli("logs", info["sandbox_id"], "--type", "command.end")
     assert "last words" in logs.stdout
     assert "its owner shut down" in server.cli("logs", info["sandbox_id"], "--type", "sandbox.end").stdout

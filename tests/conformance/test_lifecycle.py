@@ -13,16 +13,7 @@ import pytest
 
 from stockade import PolicyError, Sandbox, SandboxNotFoundError
 
-from ..conftest import ROOT, sandbox_traces
-
-
-def wait_until(predicate, timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return predicate()
+from ..conftest import ROOT, sandbox_traces, wait_until
 
 
 def busy_sandbox(sb: Sandbox) -> None:
