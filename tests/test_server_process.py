@@ -66,9 +66,9 @@ class ServerProcess:
 
 @pytest.fixture(params=["sqlite", "postgresql"])
 def server(request: pytest.FixtureRequest) -> Iterator[ServerProcess]:
-    data_dir = Path(tempfile.mkdtemp(prefix="stockade-test-serve-"))
     urls = pg_schema_url() if request.param == "postgresql" else iter([None])
-    url = next(urls)
+    url = next(urls)  # skips here when no PostgreSQL server is configured: before anything is made
+    data_dir = Path(tempfile.mkdtemp(prefix="stockade-test-serve-"))
     srv = ServerProcess(data_dir, url)
     try:
         yield srv
