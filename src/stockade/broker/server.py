@@ -97,10 +97,17 @@ class BrokerEndpoint:
         self.on_event(event)
 
     async def stop(self) -> None:
+        # The accept task must have ended (its sock_accept un-registered the listener from the selector)
+        # before the listener is closed: a descriptor closed while the loop still holds it in its selector
+        # leaves a stale entry, and the next descriptor given that number (a pidfd, a client socket) is
+        # then never watched: a sandbox's exit went unseen and its kill timed out.
         if self._accepting is not None:
             self._accepting.cancel()
+            await asyncio.gather(self._accepting, return_exceptions=True)
+            self._accepting = None
         if self._listener is not None:
             self._listener.close()
+            self._listener = None
         for task in list(self.egress.tasks):
             task.cancel()
         with contextlib.suppress(Exception):

@@ -1,0 +1,45 @@
+"""Faults under concurrency: descriptors closed under the event loop, and what a stopped endpoint leaves."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import tempfile
+from pathlib import Path
+
+from stockade.broker.server import BrokerEndpoint
+from stockade.policy import NetworkPolicy
+from stockade.runtime.jail.runtime import _wait_exit
+
+
+def test_a_stopped_broker_endpoint_leaves_no_stale_descriptor_watched_by_the_loop() -> None:
+    """Issue 18.1: many allowlist sandboxes end at once; each broker endpoint stops, then the sandbox's
+    process is awaited through a pidfd, which often gets the number the listener just freed. Before the
+    fix the loop still held the closed listener in its selector, the pidfd was never watched, and the kill
+    timed out (TimeoutError after 10 s in _wait_exit)."""
+
+    async def one(root: Path, i: int) -> None:
+        endpoint = BrokerEndpoint(f"sb{i}", NetworkPolicy(mode="allowlist", allow=["a.test"]), root / f"b{i}",
+                                  on_event=lambda _e: None)
+        await endpoint.start()
+        await asyncio.sleep(0)  # the accept loop is now waiting on the listener
+        await endpoint.stop()
+        proc = subprocess.Popen(["sleep", "0.01"])
+        try:
+            await _wait_exit(proc)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+
+    async def main(root: Path) -> list[BaseException | None]:
+        results = await asyncio.gather(*(one(root, i) for i in range(20)), return_exceptions=True)
+        return [r if isinstance(r, BaseException) else None for r in results]
+
+    with tempfile.TemporaryDirectory(prefix="stockade-test-broker-") as root:
+        fds_before = len(os.listdir("/proc/self/fd"))
+        failures = [r for r in asyncio.run(main(Path(root))) if r is not None]
+        assert failures == [], failures[:3]
+        assert len(os.listdir("/proc/self/fd")) <= fds_before  # listeners and pidfds were all closed
+        assert os.listdir(root) == []  # each endpoint removed its socket directory
