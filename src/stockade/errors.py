@@ -85,6 +85,16 @@ class QuotaError(StockadeError):
         super().__init__(message)
 
 
+class ServerConnectionError(SandboxUnavailableError):
+    """The stockade server could not be reached, or the connection to it failed mid-request (refused,
+    reset, a name that does not resolve, a TLS failure). The message names the URL and the request."""
+
+
+class ServerResponseError(ServerConnectionError):
+    """What answered is not the stockade API (e.g. a proxy in between answered with HTML, or the body is
+    not JSON): the message names the URL, the request, the status and the start of what came back."""
+
+
 class ConflictError(StockadeError):
     """The request conflicts with existing state, e.g. the user already has a sandbox."""
 
@@ -120,6 +130,8 @@ def to_wire(exc: StockadeError) -> tuple[int, dict[str, object]]:
                 body["field"] = exc.field
             if isinstance(exc, FilesystemError):
                 body["errno"] = exc.errno_name
+            if isinstance(exc, QuotaError) and exc.retry_after:
+                body["retry_after"] = round(exc.retry_after, 3)
             return status, body
     return 400, {"code": "error", "message": str(exc)}
 
@@ -134,7 +146,8 @@ def from_wire(status: int, body: object) -> StockadeError:
     if code in ("path_not_found", "filesystem_error"):
         return filesystem_error(str(data.get("errno", "EIO")), message)
     if code == "quota_exceeded":
-        return QuotaError(message)
+        retry = data.get("retry_after")
+        return QuotaError(message, float(retry) if isinstance(retry, int | float) else None)
     if code == "artifact_error":
         from .artifacts import ArtifactError
 

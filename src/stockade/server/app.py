@@ -13,6 +13,7 @@ import base64
 import contextlib
 import dataclasses
 import json
+import math
 import secrets
 import time
 from collections.abc import AsyncIterator
@@ -167,11 +168,12 @@ class RunCommand(_Body):
 
 class CommandOut(BaseModel):
     pid: int
-    exit_code: int
+    exit_code: int | None = Field(description="null while running: a background start answers at once")
     stdout: str
     stderr: str
     timed_out: bool
     truncated: bool
+    running: bool = False
 
 
 class SignalBody(_Body):
@@ -231,11 +233,17 @@ async def principal(request: Request) -> Principal:
         raise AuthenticationError("invalid or revoked API key")
     request.scope.setdefault("state", {})["principal"] = found
     tenant = srv.settings.tenant(found.tenant)
-    wait = srv.limiter.allow(found.key_id, tenant.rate_limit, tenant.rate_burst)
+    wait = 0.0 if _releases(request) else srv.limiter.allow(found.key_id, tenant.rate_limit, tenant.rate_burst)
     if wait:
         raise QuotaError(f"rate limit: this key may send {tenant.rate_limit:g} requests per second; "
                          f"retry in {wait:.2f}s", retry_after=wait)
     return found
+
+
+def _releases(request: Request) -> bool:
+    """Requests that free resources (ending a sandbox or context, signalling a process) are never refused by
+    the rate limiter: refusing them would keep the sandbox running, and holding quota, until its timeout."""
+    return request.method == "DELETE" or (request.method == "POST" and request.url.path.endswith("/signal"))
 
 
 Auth = Annotated[Principal, Depends(principal)]
@@ -368,6 +376,9 @@ def create_app(settings: ServerSettings, config: HostConfig | None = None, runti
             return {"exit_code": code if isinstance(code, int) else -(sig if isinstance(sig, int) else 9),
                     "timed_out": bool(exit_.get("timed_out")), "truncated": any(record.pending.truncated.values())}
 
+        if not streaming and body.background:  # started: the caller follows it with signal/stdin/list
+            return CommandOut(pid=record.pid, exit_code=None, stdout="", stderr="", timed_out=False, truncated=False,
+                              running=True)
         if not streaming:
             done = await finish()
             out = record.pending.output
@@ -623,7 +634,7 @@ def _add_error_handlers(app: FastAPI) -> None:
         status, body = to_wire(exc)
         if isinstance(exc, ArtifactError):
             status, body = 404, {"code": "artifact_error", "message": str(exc)}
-        headers = {"Retry-After": f"{exc.retry_after:.0f}"} if isinstance(exc, QuotaError) and exc.retry_after \
+        headers = {"Retry-After": str(math.ceil(exc.retry_after))} if isinstance(exc, QuotaError) and exc.retry_after \
             else None
         return JSONResponse(body, status_code=status, headers=headers)
 

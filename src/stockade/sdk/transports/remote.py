@@ -2,7 +2,9 @@
 
 Commands and code cells stream as server-sent events; output bytes arrive base64-encoded, so what the
 caller gets is byte-for-byte what the process wrote. Server errors are raised as the same exception
-classes local mode raises (see ``errors.WIRE_ERRORS``).
+classes local mode raises (see ``errors.WIRE_ERRORS``). Transport failures are stockade errors too, naming
+the URL and the request: ServerConnectionError (refused, reset, DNS, TLS), errors.TimeoutError (no answer in
+time), ServerResponseError (what answered is not the stockade API, e.g. a proxy's HTML page).
 """
 
 from __future__ import annotations
@@ -10,8 +12,9 @@ from __future__ import annotations
 import asyncio
 import base64
 import builtins
+import contextlib
 import json
-from collections.abc import AsyncGenerator, AsyncIterator, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -20,7 +23,16 @@ from urllib.parse import quote
 import httpx
 
 from ...artifacts import ArtifactInfo
-from ...errors import SandboxNotFoundError, SandboxUnavailableError, StockadeError, from_wire
+from ...errors import (
+    QuotaError,
+    SandboxNotFoundError,
+    SandboxUnavailableError,
+    ServerConnectionError,
+    ServerResponseError,
+    StockadeError,
+    from_wire,
+)
+from ...errors import TimeoutError as StockadeTimeoutError
 from ...manager import Argv
 from ...policy import Policy
 from ..code import Context
@@ -28,6 +40,7 @@ from ..models import CommandResult, ProcessInfo, SandboxInfo
 from .base import EventSink, OutputSink, Transport
 
 MAX_EVENT_LINE = 64 << 20   # one SSE data line (a cell's figure can be large)
+KILL_RETRY_FOR = 30.0       # seconds a kill retries a rate-limit answer, after the server's Retry-After
 
 
 @dataclass
@@ -55,13 +68,34 @@ class RemoteTransport(Transport):
                 limits=httpx.Limits(max_connections=200, max_keepalive_connections=50))
         return self._http
 
+    @contextlib.contextmanager
+    def _transport_errors(self, method: str, path: str) -> Iterator[None]:
+        """httpx's failures as stockade errors that say what was tried."""
+        what = f"{method} {self.api_url}{path}"
+        try:
+            yield
+        except httpx.TimeoutException as exc:
+            raise StockadeTimeoutError(f"{what}: no answer from the stockade server in time "
+                                       f"({type(exc).__name__}); is it overloaded or unreachable?") from exc
+        except httpx.ConnectError as exc:
+            raise ServerConnectionError(f"{what}: could not connect to the stockade server: {exc or 'refused'}",
+                                        "check that `stockade serve` runs there and the URL (api_url) is right") \
+                from exc
+        except (httpx.TransportError, httpx.DecodingError) as exc:
+            raise ServerConnectionError(f"{what}: the connection to the stockade server failed mid-request "
+                                        f"({type(exc).__name__}: {exc or 'closed'})") from exc
+
     async def _call(self, method: str, path: str, **kwargs: Any) -> Any:
-        r = await self.http.request(method, path, **kwargs)
+        with self._transport_errors(method, path):
+            r = await self.http.request(method, path, **kwargs)
         if r.status_code >= 400:
-            raise _error(r.status_code, r.content)
+            raise _error(r.status_code, r.content, r.headers, f"{method} {self.api_url}{path}")
         if r.status_code == 204 or not r.content:
             return None
-        return r.json()
+        try:
+            return r.json()
+        except ValueError:
+            raise _not_the_api(f"{method} {self.api_url}{path}", r.status_code, r.headers, r.content) from None
 
     @staticmethod
     def _info(d: dict[str, Any]) -> SandboxInfo:
@@ -83,11 +117,20 @@ class RemoteTransport(Transport):
         return [self._info(d) for d in await self._call("GET", "/sandboxes")]
 
     async def kill(self, sandbox_id: str) -> bool:
-        try:
-            await self._call("DELETE", f"/sandboxes/{_id(sandbox_id)}")
-            return True
-        except SandboxNotFoundError:
-            return False
+        """A rate-limit answer is retried after the server's Retry-After (the server exempts kills from its
+        limiter; an older one or a proxy may not), so leaving ``with Sandbox.create(...)`` ends the sandbox."""
+        deadline = asyncio.get_running_loop().time() + KILL_RETRY_FOR
+        while True:
+            try:
+                await self._call("DELETE", f"/sandboxes/{_id(sandbox_id)}")
+                return True
+            except SandboxNotFoundError:
+                return False
+            except QuotaError as exc:
+                wait = min(max(exc.retry_after or 1.0, 0.05), 5.0)
+                if asyncio.get_running_loop().time() + wait > deadline:
+                    raise
+                await asyncio.sleep(wait)
 
     async def set_timeout(self, sandbox_id: str, seconds: float) -> None:
         await self._call("POST", f"/sandboxes/{_id(sandbox_id)}/timeout", json={"timeout": seconds})
@@ -213,11 +256,12 @@ class RemoteTransport(Transport):
 
     async def _download(self, path: str, params: dict[str, str],
                         timeout: httpx.Timeout) -> AsyncGenerator[bytes, None]:
-        async with self.http.stream("GET", path, params=params, timeout=timeout) as r:
-            if r.status_code >= 400:
-                raise _error(r.status_code, await r.aread())
-            async for chunk in r.aiter_bytes():
-                yield chunk
+        with self._transport_errors("GET", path):
+            async with self.http.stream("GET", path, params=params, timeout=timeout) as r:
+                if r.status_code >= 400:
+                    raise _error(r.status_code, await r.aread(), r.headers, f"GET {self.api_url}{path}")
+                async for chunk in r.aiter_bytes():
+                    yield chunk
 
     async def update_network(self, sandbox_id: str, changes: dict[str, Any]) -> dict[str, Any]:
         answer: dict[str, Any] = await self._call("PATCH", f"/sandboxes/{_id(sandbox_id)}/network", json=changes)
@@ -246,24 +290,31 @@ class RemoteTransport(Transport):
     async def _events(self, method: str, path: str, **kwargs: Any) -> AsyncIterator[tuple[str, dict[str, Any]]]:
         """(event, data) pairs of an SSE response; an ``error`` event is raised as the error it names."""
         headers = {"accept": "text/event-stream"}
-        async with self.http.stream(method, path, headers=headers, timeout=httpx.Timeout(None, connect=10.0),
-                                    **kwargs) as r:
-            if r.status_code >= 400:
-                raise _error(r.status_code, await r.aread())
-            event, data = "message", ""
-            async for line in r.aiter_lines():
-                if len(line) > MAX_EVENT_LINE:
-                    raise SandboxUnavailableError("the server sent an oversized event")
-                if line.startswith("event:"):
-                    event = line[6:].strip()
-                elif line.startswith("data:"):
-                    data += line[5:].strip()
-                elif not line and data:
-                    payload = json.loads(data)
-                    if event == "error":
-                        raise from_wire(0, payload)
-                    yield event, payload
-                    event, data = "message", ""
+        what = f"{method} {self.api_url}{path}"
+        with self._transport_errors(method, path):
+            async with self.http.stream(method, path, headers=headers, timeout=httpx.Timeout(None, connect=10.0),
+                                        **kwargs) as r:
+                if r.status_code >= 400:
+                    raise _error(r.status_code, await r.aread(), r.headers, what)
+                if not r.headers.get("content-type", "").startswith("text/event-stream"):
+                    raise _not_the_api(what, r.status_code, r.headers, await r.aread())
+                event, data = "message", ""
+                async for line in r.aiter_lines():
+                    if len(line) > MAX_EVENT_LINE:
+                        raise SandboxUnavailableError("the server sent an oversized event")
+                    if line.startswith("event:"):
+                        event = line[6:].strip()
+                    elif line.startswith("data:"):
+                        data += line[5:].strip()
+                    elif not line and data:
+                        try:
+                            payload = json.loads(data)
+                        except ValueError:
+                            raise _not_the_api(what, r.status_code, r.headers, data.encode()) from None
+                        if event == "error":
+                            raise from_wire(0, payload)
+                        yield event, payload
+                        event, data = "message", ""
 
 
 def _id(value: str) -> str:
@@ -273,9 +324,21 @@ def _id(value: str) -> str:
     return quote(value, safe="")
 
 
-def _error(status: int, content: bytes) -> StockadeError:
+def _error(status: int, content: bytes, headers: httpx.Headers, what: str) -> StockadeError:
     try:
         body = json.loads(content)
     except ValueError:
-        body = {"message": content[:500].decode("utf-8", "replace") or f"HTTP {status}"}
+        return _not_the_api(what, status, headers, content)
+    if not isinstance(body, dict) or "code" not in body:
+        return _not_the_api(what, status, headers, content)
+    if body.get("code") == "quota_exceeded" and "retry_after" not in body:
+        with contextlib.suppress(ValueError):
+            body["retry_after"] = float(headers.get("retry-after", ""))
     return from_wire(status, body)
+
+
+def _not_the_api(what: str, status: int, headers: httpx.Headers, content: bytes) -> ServerResponseError:
+    kind = headers.get("content-type", "no content type")
+    start = content[:200].decode("utf-8", "replace")
+    return ServerResponseError(f"{what}: the answer is not the stockade API's (HTTP {status}, {kind}: {start!r})",
+                               "a proxy in between may have answered, or api_url points at something else")

@@ -1,0 +1,210 @@
+"""The server and its clients when things go wrong: rate limits on the way out, background starts,
+transport failures between the SDK and the server, malformed framing, paging the audit log."""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import struct
+import threading
+from collections.abc import Callable, Iterator
+
+import httpx
+import pytest
+
+from stockade import Sandbox
+from stockade.errors import ServerConnectionError, ServerResponseError, StockadeError
+from stockade.errors import TimeoutError as StockadeTimeoutError
+from stockade.sdk.transports.remote import RemoteTransport
+
+from .conftest import base_policy
+from .server_support import RunningServer
+
+
+@pytest.fixture(scope="module")
+def srv() -> Iterator[RunningServer]:
+    server = RunningServer(tenants={"slow": {"rate_limit": 1, "rate_burst": 4}})
+    yield server
+    manager = server.server.manager
+    server.stop()
+    assert manager is not None and not manager.sandboxes
+
+
+def _http(srv: RunningServer, tenant: str = "test") -> httpx.Client:
+    return httpx.Client(base_url=srv.url, headers={"Authorization": f"Bearer {srv.key(tenant)}"}, timeout=30)
+
+
+# ---- 18.5: a rate-limited key can still end what it started ---------------------------------------
+def test_leaving_the_context_manager_ends_the_sandbox_even_when_rate_limited(srv: RunningServer) -> None:
+    key = srv.key("slow")
+    with Sandbox.create(base_policy(), api_url=srv.url, api_key=key) as sb:
+        for _ in range(3):
+            sb.commands.run("true")
+        sid = sb.sandbox_id
+    assert sid not in srv.server.m.sandboxes  # before the fix: QuotaError on exit, the sandbox kept running
+
+
+def test_a_delete_and_a_signal_are_never_refused_by_the_rate_limiter(srv: RunningServer) -> None:
+    with _http(srv, "slow") as http:
+        sid = http.post("/sandboxes", json={"policy": base_policy().model_dump(mode="json")}).json()["sandbox_id"]
+        pid = http.post(f"/sandboxes/{sid}/commands", json={"cmd": "sleep 300", "background": True}).json()["pid"]
+        limited = [http.get("/sandboxes").status_code for _ in range(6)]
+        assert 429 in limited  # the key is over its rate now
+        r = http.get("/sandboxes")
+        assert r.status_code == 429 and float(r.json()["retry_after"]) > 0 and int(r.headers["Retry-After"]) >= 1
+        assert http.post(f"/sandboxes/{sid}/commands/{pid}/signal", json={"signal": 9}).status_code == 200
+        assert http.delete(f"/sandboxes/{sid}").status_code == 204
+    assert sid not in srv.server.m.sandboxes
+
+
+# ---- 10.3: a background start answers at once --------------------------------------------------------
+def test_a_background_command_over_json_answers_with_its_pid_at_once(srv: RunningServer) -> None:
+    with _http(srv) as http:
+        sid = http.post("/sandboxes", json={"policy": base_policy().model_dump(mode="json")}).json()["sandbox_id"]
+        try:
+            # before the fix this request was held until the command ended: the 30 s client timeout fires
+            r = http.post(f"/sandboxes/{sid}/commands", json={"cmd": "sleep 300", "background": True})
+            assert r.status_code == 200, r.text
+            out = r.json()
+            assert out["running"] is True and out["exit_code"] is None and out["pid"] > 0
+            listed = http.get(f"/sandboxes/{sid}/commands").json()
+            assert out["pid"] in [p["pid"] for p in listed]
+            assert http.post(f"/sandboxes/{sid}/commands/{out['pid']}/signal", json={"signal": 9}).json()["delivered"]
+            # a foreground command still answers with its result
+            done = http.post(f"/sandboxes/{sid}/commands", json={"cmd": "echo hi"}).json()
+            assert done["exit_code"] == 0 and done["stdout"] == "hi\n" and done["running"] is False
+        finally:
+            http.delete(f"/sandboxes/{sid}")
+
+
+def test_a_background_command_through_the_remote_sdk_returns_a_handle_at_once(srv: RunningServer) -> None:
+    with Sandbox.create(base_policy(), api_url=srv.url, api_key=srv.key()) as sb:
+        handle = sb.commands.run("sleep 300", background=True)
+        assert handle.pid in [p.pid for p in sb.commands.list()]
+        assert sb.commands.kill(handle.pid)
+        assert handle.wait().exit_code != 0
+
+
+# ---- 10.8: every transport failure is a stockade error that says what was tried ----------------------
+class Misbehaving:
+    """A local TCP server that does one bad thing to every connection."""
+
+    def __init__(self, behave: Callable[[socket.socket], None]) -> None:
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        self.behave = behave
+        self.conns: list[socket.socket] = []
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            self.conns.append(conn)
+            with contextlib.suppress(OSError):
+                self.behave(conn)
+
+    def close(self) -> None:
+        self.sock.close()
+        self.thread.join(5)
+        for c in self.conns:
+            c.close()
+
+
+def _read_request(conn: socket.socket) -> None:
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = conn.recv(65536)
+        if not chunk:
+            return
+        data += chunk
+
+
+def _reset(conn: socket.socket) -> None:
+    _read_request(conn)
+    conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    conn.close()
+
+
+def _answer(status: str, ctype: str, body: bytes) -> Callable[[socket.socket], None]:
+    def behave(conn: socket.socket) -> None:
+        _read_request(conn)
+        conn.sendall(f"HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {len(body)}\r\n"
+                     "Connection: close\r\n\r\n".encode() + body)
+        conn.close()
+    return behave
+
+
+def _silent(conn: socket.socket) -> None:
+    _read_request(conn)  # and never answer
+
+
+def _not_tls(conn: socket.socket) -> None:
+    conn.recv(65536)
+    conn.sendall(b"HTTP/1.1 400 Bad Request\r\n\r\nthis is not TLS")
+    conn.close()
+
+
+def _refusing_url() -> str:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return f"http://127.0.0.1:{s.getsockname()[1]}"  # nothing listens there once closed
+
+
+CASES: list[tuple[str, Callable[[socket.socket], None] | None, type[StockadeError], str]] = [
+    ("refused", None, ServerConnectionError, "could not connect"),
+    ("reset", _reset, ServerConnectionError, "failed mid-request"),
+    ("timeout", _silent, StockadeTimeoutError, "no answer"),
+    ("tls", _not_tls, ServerConnectionError, "could not connect"),
+    ("proxy html 502", _answer("502 Bad Gateway", "text/html", b"<html>bad gateway</html>"), ServerResponseError,
+     "HTTP 502, text/html"),
+    ("proxy html 200", _answer("200 OK", "text/html", b"<html>login</html>"), ServerResponseError,
+     "HTTP 200, text/html"),
+    ("json without code", _answer("503 Service Unavailable", "application/json", b'{"error": "x"}'),
+     ServerResponseError, "HTTP 503"),
+]
+
+
+@pytest.mark.parametrize(("name", "behave", "error", "says"), CASES, ids=[c[0] for c in CASES])
+def test_a_transport_failure_is_a_stockade_error_naming_what_was_tried(
+        name: str, behave: Callable[[socket.socket], None] | None, error: type[StockadeError], says: str) -> None:
+    server = Misbehaving(behave) if behave is not None else None
+    url = server.url if server is not None else _refusing_url()
+    if name == "tls":
+        url = url.replace("http://", "https://")
+    try:
+        key = "sk_0123456789abcdef_" + "a" * 43
+        with pytest.raises(error) as info:
+            if name == "timeout":  # a short read timeout, so the test does not wait the default 300 s
+                Sandbox.create(base_policy(), transport=RemoteTransport(url, key, timeout=1.0))
+            else:
+                Sandbox.create(base_policy(), api_url=url, api_key=key)
+        message = str(info.value)
+        assert says in message and f"POST {url}/sandboxes" in message, message
+        assert not isinstance(info.value, httpx.HTTPError)
+    finally:
+        if server is not None:
+            server.close()
+
+
+def test_a_stream_that_is_not_the_api_is_a_stockade_error() -> None:
+    """A command's SSE stream answered by something else (a proxy's page) is ServerResponseError."""
+    import asyncio
+
+    server = Misbehaving(_answer("200 OK", "text/html", b"<html>hi</html>"))
+    try:
+        transport = RemoteTransport(server.url, "sk_0123456789abcdef_" + "a" * 43)
+
+        async def go() -> None:
+            try:
+                await transport.run("sb", "true", envs=None, cwd=None, stdin=None, timeout=None, on_output=None)
+            finally:
+                await transport.close()
+
+        with pytest.raises(ServerResponseError):
+            asyncio.run(go())
+    finally:
+        server.close()
