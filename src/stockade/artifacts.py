@@ -94,7 +94,11 @@ class ArtifactWriter:
                           f"artifact {self.name!r} exceeds what is left of artifacts.total_size "
                           f"({format_size(self.quota.total_size)})")
             return
-        self.file.write(data)
+        try:
+            self.file.write(data)
+        except OSError as exc:  # the store's disk is full or failing: this save fails, the sandbox lives on
+            self.error = _store_error(self.name, exc)
+            return
         self.digest.update(data)
         self.size += len(data)
 
@@ -102,19 +106,33 @@ class ArtifactWriter:
         if self.error:
             self.abort()
             raise ArtifactError(self.error)
-        self.file.close()
-        media = mimetypes.guess_type(self.name)[0] or "application/octet-stream"
-        info = ArtifactInfo(self.name, self.size, self.digest.hexdigest(), media, datetime.now(), self.command[:4096])
-        meta = asdict(info) | {"created_at": info.created_at.timestamp(), "retention": self.quota.retention}
-        (self.directory / f".{self.name}.json.tmp").write_text(json.dumps(meta))
-        os.replace(self.tmp, self.directory / self.name)
-        os.replace(self.directory / f".{self.name}.json.tmp", self.directory / f".{self.name}.json")
+        meta_tmp = self.directory / f".{self.name}.json.tmp"
+        try:
+            self.file.close()
+            media = mimetypes.guess_type(self.name)[0] or "application/octet-stream"
+            info = ArtifactInfo(self.name, self.size, self.digest.hexdigest(), media, datetime.now(),
+                                self.command[:4096])
+            meta = asdict(info) | {"created_at": info.created_at.timestamp(), "retention": self.quota.retention}
+            meta_tmp.write_text(json.dumps(meta))
+            os.replace(self.tmp, self.directory / self.name)
+            os.replace(meta_tmp, self.directory / f".{self.name}.json")
+        except OSError as exc:
+            self.abort()
+            with contextlib.suppress(OSError):
+                meta_tmp.unlink()
+            raise ArtifactError(_store_error(self.name, exc)) from None
         return info
 
     def abort(self) -> None:
-        self.file.close()
+        with contextlib.suppress(OSError):  # a full disk fails the close's flush too: the file goes anyway
+            self.file.close()
         with contextlib.suppress(FileNotFoundError):
             self.tmp.unlink()
+
+
+def _store_error(name: str, exc: OSError) -> str:
+    return (f"the server could not store artifact {name!r}: {exc.strerror or exc} (the server's data "
+            "directory is full or failing; nothing was kept, the sandbox is unaffected)")
 
 
 class DirectoryStore(ArtifactStore):
@@ -132,12 +150,15 @@ class DirectoryStore(ArtifactStore):
     def begin(self, sandbox_id: str, name: str, command: str, quota: ArtifactsPolicy) -> ArtifactWriter:
         check_name(name)
         d = self._dir(sandbox_id)
-        d.mkdir(exist_ok=True, mode=0o700)
-        existing = {a.name: a.size for a in self.list(sandbox_id)}
-        if name not in existing and len(existing) >= quota.count:
-            raise ArtifactError(f"artifacts.count reached ({quota.count} artifacts)")
-        used = sum(size for n, size in existing.items() if n != name)
-        return ArtifactWriter(d, name, command, quota, used)
+        try:
+            d.mkdir(exist_ok=True, mode=0o700)
+            existing = {a.name: a.size for a in self.list(sandbox_id)}
+            if name not in existing and len(existing) >= quota.count:
+                raise ArtifactError(f"artifacts.count reached ({quota.count} artifacts)")
+            used = sum(size for n, size in existing.items() if n != name)
+            return ArtifactWriter(d, name, command, quota, used)
+        except OSError as exc:
+            raise ArtifactError(_store_error(name, exc)) from None
 
     def list(self, sandbox_id: str) -> list[ArtifactInfo]:
         d = self._dir(sandbox_id)

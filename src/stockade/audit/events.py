@@ -44,6 +44,25 @@ class EventFilter:
 
 
 class Audit(ABC):
+    @property
+    def state(self) -> str:
+        """"ok", or "failing" while the store cannot be written (see SQLAudit)."""
+        return "ok"
+
+    @property
+    def error(self) -> str | None:
+        """Why the store is failing."""
+        return None
+
+    @property
+    def held(self) -> int:
+        """Events recorded but not yet written because the store is failing."""
+        return 0
+
+    async def commit(self) -> bool:
+        """Wait until the events recorded so far are in the store; False if the store is failing."""
+        return True
+
     @abstractmethod
     def record(self, event: AuditEvent) -> None:
         """Queue one event. Never waits for the store unless a large backlog builds up."""

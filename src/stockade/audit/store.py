@@ -1,12 +1,20 @@
 """The durable store: a table in the host's database (SQLite WAL or PostgreSQL), written by one thread.
 
-Callers only queue events (a lock-free SimpleQueue); a writer thread inserts them in batches, so a
-request never waits on a disk flush. A backlog beyond BACKLOG events makes callers wait (back-pressure)
-rather than drop records.
+Callers queue events (a lock-free SimpleQueue); a writer thread inserts whatever is queued in one
+transaction (group commit: while one commit runs, the next batch gathers). ``commit()`` is awaited by the
+server before it answers a request, so a result a client has seen is in the store: a crash of the server
+process (SIGKILL) loses no record of an answered request. (SQLite runs with synchronous=NORMAL: a power
+loss may lose the last commits; PostgreSQL's commit is durable as it is configured.)
+
+When a write fails (a full disk, the database down), nothing is dropped: the failed batch and everything
+queued after it are held in memory and retried every RETRY seconds, in order; ``state`` says "failing"
+with the reason, and the server refuses new work (503) until a write succeeds again. Only a crash while
+failing loses the held events. A backlog beyond BACKLOG events makes callers wait (back-pressure).
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import queue
@@ -22,21 +30,40 @@ from .events import Audit, AuditEvent, EventFilter
 
 BACKLOG = 100_000
 BATCH = 1000
-GATHER = 0.005            # the writer waits this long after a first event for others to share its transaction
+RETRY = 1.0               # seconds between attempts while the store is failing
 MAX_STRING = 1 << 20      # no single value in an event may exceed this (output has its own, lower cap)
 log = logging.getLogger("stockade.audit")
 
 
 class _Flush:
-    def __init__(self) -> None:
+    """A marker: set once every event queued before it is committed, or the store is failing."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop | None = None) -> None:
         self.done = threading.Event()
+        self.loop = loop
+        self.future: asyncio.Future[bool] | None = loop.create_future() if loop is not None else None
+        self.ok = False
+
+    def set(self, ok: bool) -> None:
+        self.ok = ok
+        self.done.set()
+        if self.loop is not None and self.future is not None:
+            with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits any more
+                self.loop.call_soon_threadsafe(self._resolve, ok)
+
+    def _resolve(self, ok: bool) -> None:
+        if self.future is not None and not self.future.done():
+            self.future.set_result(ok)
 
 
 class SQLAudit(Audit):
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
         self.written = 0
-        self.failures = 0
+        self.failures = 0          # failed write attempts
+        self._state = "ok"          # "failing" while writes fail; new work is refused meanwhile
+        self._error: str | None = None
+        self._held: list[AuditEvent] = []  # written nowhere yet: a failed batch and what queued behind it
         self._queue: queue.SimpleQueue[AuditEvent | _Flush | None] = queue.SimpleQueue()
         self._closed = False
         self._thread = threading.Thread(target=self._writer, name="stockade-audit", daemon=True)
@@ -49,17 +76,43 @@ class SQLAudit(Audit):
             time.sleep(0.01)
         self._queue.put(event)
 
+    @property
+    def state(self) -> str:
+        return self._state
+
+    @property
+    def error(self) -> str | None:
+        return self._error
+
+    @property
+    def held(self) -> int:
+        return len(self._held)
+
     def flush(self) -> None:
+        """Wait until every event recorded so far is in the store, or the store reports failing."""
         if self._closed:
             return
         marker = _Flush()
         self._queue.put(marker)
         marker.done.wait()
 
+    async def commit(self) -> bool:
+        """Wait (without blocking the loop) until the events recorded so far are committed: True, or
+        False when the store is failing (they are held and retried)."""
+        if self._closed:
+            return self.state == "ok"
+        marker = _Flush(asyncio.get_running_loop())
+        self._queue.put(marker)
+        assert marker.future is not None
+        return await marker.future
+
     def close(self) -> None:
         if self._closed:
             return
         self.flush()
+        if self._held:
+            log.critical("audit store unavailable at shutdown: %d events could not be written: %s",
+                         len(self._held), self.error)
         self._closed = True
         self._queue.put(None)
         self._thread.join()
@@ -67,46 +120,66 @@ class SQLAudit(Audit):
 
     def _writer(self) -> None:
         while True:
-            item = self._queue.get()
-            if isinstance(item, AuditEvent) and self._queue.qsize() < BATCH:
-                time.sleep(GATHER)
-            batch: list[AuditEvent] = []
+            try:  # while failing, wake every RETRY seconds to try the held events again
+                item: AuditEvent | _Flush | None = self._queue.get(timeout=RETRY if self._held else None)
+            except queue.Empty:
+                self._write_held()
+                continue
             markers: list[_Flush] = []
             stop = False
+            taken = 0
             while True:
                 if item is None:
                     stop = True
                 elif isinstance(item, _Flush):
                     markers.append(item)
                 else:
-                    batch.append(item)
-                if len(batch) >= BATCH or stop:
+                    self._held.append(item)
+                    taken += 1
+                if taken >= BATCH or stop:
                     break
                 try:
                     item = self._queue.get_nowait()
                 except queue.Empty:
                     break
-            if batch:
-                self._insert(batch)
+            ok = self._write_held()
             for m in markers:
-                m.done.set()
+                m.set(ok)
             if stop:
                 return
 
-    def _insert(self, batch: list[AuditEvent]) -> None:
+    def _write_held(self) -> bool:
+        """Insert the held events in order, in batches; False (and they stay held) when the store fails."""
+        while self._held:
+            batch = self._held[:BATCH]
+            if not self._insert(batch):
+                return False
+            del self._held[:len(batch)]
+        if self.state != "ok":
+            log.warning("audit store writable again: the held events are written")
+            self._state, self._error = "ok", None
+        return True
+
+    def _insert(self, batch: list[AuditEvent]) -> bool:
         rows = [{"time": e.time, "type": e.type[:64], "tenant": e.tenant, "sandbox_id": e.sandbox_id,
                  "user_id": e.user_id, "data": _bounded(e.data)} for e in batch]
-        for attempt in range(5):  # a database restart or a locked SQLite file: retry, then report loudly
+        attempts = 1 if self.state != "ok" else 3  # a locked SQLite file or a database restart: retry briefly
+        for attempt in range(attempts):
             try:
                 with self.engine.begin() as conn:
                     conn.execute(events.insert(), rows)
                 self.written += len(rows)
-                return
+                return True
             except sa.exc.SQLAlchemyError as exc:
                 self.failures += 1
-                log.error("audit store write failed (attempt %d): %s", attempt + 1, exc)
-                time.sleep(0.2 * 2 ** attempt)
-        log.critical("audit store unavailable: %d events could not be written", len(rows))
+                self._error = str(exc.orig if isinstance(exc, sa.exc.DBAPIError) and exc.orig else exc)[:500]
+                if attempt + 1 < attempts:
+                    time.sleep(0.05 * 4 ** attempt)
+        if self.state == "ok":
+            log.critical("audit store cannot be written (%s): %d events held in memory, new work refused until "
+                         "it can", self.error, len(self._held))
+        self._state = "failing"
+        return False
 
     def query(self, flt: EventFilter) -> list[AuditEvent]:
         c = events.c

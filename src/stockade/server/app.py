@@ -72,6 +72,7 @@ class Server:
         self._runtime = runtime
         self.manager: Manager | None = None
         self.audit = MeteredAudit(SQLAudit(self.engine), self.metrics)
+        self.metrics.watch(self.audit)
         self._pruner: asyncio.Task[None] | None = None
         self._pending: set[asyncio.Task[None]] = set()   # database writes in flight
 
@@ -233,17 +234,19 @@ async def principal(request: Request) -> Principal:
         raise AuthenticationError("invalid or revoked API key")
     request.scope.setdefault("state", {})["principal"] = found
     tenant = srv.settings.tenant(found.tenant)
-    wait = 0.0 if _releases(request) else srv.limiter.allow(found.key_id, tenant.rate_limit, tenant.rate_burst)
+    releases = _releases(request.method, request.url.path)
+    wait = 0.0 if releases else srv.limiter.allow(found.key_id, tenant.rate_limit, tenant.rate_burst)
     if wait:
         raise QuotaError(f"rate limit: this key may send {tenant.rate_limit:g} requests per second; "
                          f"retry in {wait:.2f}s", retry_after=wait)
     return found
 
 
-def _releases(request: Request) -> bool:
+def _releases(method: str, path: str) -> bool:
     """Requests that free resources (ending a sandbox or context, signalling a process) are never refused by
-    the rate limiter: refusing them would keep the sandbox running, and holding quota, until its timeout."""
-    return request.method == "DELETE" or (request.method == "POST" and request.url.path.endswith("/signal"))
+    the rate limiter or a failing audit store: refusing them would keep the sandbox running, and holding
+    quota, until its timeout."""
+    return method == "DELETE" or (method == "POST" and path.endswith("/signal"))
 
 
 Auth = Annotated[Principal, Depends(principal)]
@@ -281,9 +284,12 @@ def create_app(settings: ServerSettings, config: HostConfig | None = None, runti
     # ---- sandboxes --------------------------------------------------------------------------------
     @app.get("/health", tags=["server"])
     async def health(srv: Srv) -> dict[str, Any]:
+        """``status`` is "degraded" while the audit log cannot be written (new work is refused then)."""
         pool = srv.m.pool
-        return {"status": "ok", "version": __version__, "sandboxes": len(srv.m.sandboxes),
-                "warm": len(pool.ready) if pool is not None else 0}
+        audit = srv.audit
+        return {"status": "ok" if audit.state == "ok" else "degraded", "version": __version__,
+                "sandboxes": len(srv.m.sandboxes), "warm": len(pool.ready) if pool is not None else 0,
+                "audit": {"state": audit.state, "error": audit.error, "held": audit.held}}
 
     @app.get("/metrics", tags=["server"], response_class=Response)
     async def metrics(srv: Srv) -> Response:
@@ -392,6 +398,7 @@ def create_app(settings: ServerSettings, config: HostConfig | None = None, runti
                 waiter = asyncio.ensure_future(finish())
                 async for kind, data in _as_they_come(queue, waiter):
                     yield _stream_event(kind, data)
+                await srv.audit.commit()  # the command's record is in the audit log before its result goes out
                 try:
                     yield _sse("exit", waiter.result())
                 except StockadeError as exc:
@@ -491,6 +498,7 @@ def create_app(settings: ServerSettings, config: HostConfig | None = None, runti
             try:
                 async for kind, payload in _as_they_come(queue, task):
                     yield _stream_event(kind, payload)
+                await srv.audit.commit()  # the cell's record is in the audit log before its result goes out
                 try:
                     done, _ = task.result()
                     yield _sse("done", {k: v for k, v in done.items() if k != "id"})
@@ -664,9 +672,14 @@ def _add_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(Exception, internal_error)
 
 
+_UNGATED = ("/health", "/metrics")
+
+
 class _Guard:
-    """Pure ASGI middleware: caps request bodies (uploads excepted: their route counts), and records every
-    API call in the audit log with the tenant, key id, route template and status."""
+    """Pure ASGI middleware: caps request bodies (uploads excepted: their route counts), records every API
+    call in the audit log with the tenant, key id, route template and status, and holds each answer until
+    the request's records are committed (a result a client saw is in the audit log). While the audit log
+    cannot be written, new work is refused with 503; ending sandboxes and processes still goes ahead."""
 
     def __init__(self, app: ASGIApp, max_body: int) -> None:
         self.app, self.max_body = app, max_body
@@ -677,6 +690,18 @@ class _Guard:
             return
         started = time.perf_counter()
         status = 500
+        srv: Server | None = getattr(getattr(scope.get("app"), "state", None), "server", None)
+        path, method = scope["path"], scope["method"]
+        if srv is not None and srv.audit.state != "ok" and path not in _UNGATED and not _releases(method, path):
+            srv.metrics.audit_refused.inc()
+            await _send_json(send, 503, {
+                "code": "audit_unavailable",
+                "message": f"the audit log cannot be written ({srv.audit.error}); new work is refused until it "
+                           f"can, so nothing runs unrecorded: free space in the server's data directory or fix "
+                           f"its database (GET /health shows the audit store's state)"},
+                [(b"retry-after", b"5")])
+            self._record(scope, 503, started)
+            return
         is_upload = scope["method"] == "PUT" and scope["path"].endswith("/files")
         length = dict(scope.get("headers") or []).get(b"content-length")
         if not is_upload and length is not None and (not length.isdigit() or int(length) > self.max_body):
@@ -694,10 +719,16 @@ class _Guard:
                     raise _BodyTooLarge
             return message
 
+        recorded = False
+
         async def tracking_send(message: Message) -> None:
-            nonlocal status
+            nonlocal status, recorded
             if message["type"] == "http.response.start":
                 status = message["status"]
+                self._record(scope, status, started)
+                recorded = True
+                if srv is not None and path not in _UNGATED:
+                    await srv.audit.commit()  # group commit: concurrent requests share one transaction
             await send(message)
 
         try:
@@ -706,7 +737,8 @@ class _Guard:
             status = 413
             await _send_json(send, 413, {"code": "too_large", "message": f"request body over {self.max_body} bytes"})
         finally:
-            self._record(scope, status, started)
+            if not recorded:
+                self._record(scope, status, started)
 
     def _record(self, scope: Scope, status: int, started: float) -> None:
         app = scope.get("app")
@@ -729,11 +761,13 @@ class _BodyTooLarge(Exception):
     pass
 
 
-async def _send_json(send: Send, status: int, body: dict[str, Any]) -> None:
+async def _send_json(send: Send, status: int, body: dict[str, Any],
+                     headers: list[tuple[bytes, bytes]] | None = None) -> None:
     data = json.dumps(body).encode()
     with contextlib.suppress(Exception):
         await send({"type": "http.response.start", "status": status,
-                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())]})
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode()),
+                                *(headers or [])]})
         await send({"type": "http.response.body", "body": data})
 
 

@@ -21,6 +21,20 @@ class Metrics:
         self.egress = Counter("stockade_egress_decisions", "Egress connection attempts", ["decision"],
                               registry=self.registry)
         self.requests = Counter("stockade_api_requests", "API requests", ["status"], registry=self.registry)
+        self.audit_refused = Counter("stockade_audit_refused_requests",
+                                     "Requests refused (503) because the audit log could not be written",
+                                     registry=self.registry)
+        self.audit_failing = Gauge("stockade_audit_store_failing", "1 while the audit log cannot be written",
+                                   registry=self.registry)
+        self.audit_held = Gauge("stockade_audit_events_held", "Audit events held in memory, not yet written",
+                                registry=self.registry)
+        self.audit_write_failures = Gauge("stockade_audit_write_failures", "Failed audit store write attempts "
+                                          "since the server started", registry=self.registry)
+
+    def watch(self, audit: Audit) -> None:
+        self.audit_failing.set_function(lambda: float(audit.state != "ok"))
+        self.audit_held.set_function(lambda: float(audit.held))
+        self.audit_write_failures.set_function(lambda: float(getattr(audit, "failures", 0)))
 
 
 class MeteredAudit(Audit):
@@ -42,6 +56,25 @@ class MeteredAudit(Audit):
 
     def flush(self) -> None:
         self.inner.flush()
+
+    async def commit(self) -> bool:
+        return await self.inner.commit()
+
+    @property
+    def state(self) -> str:
+        return self.inner.state
+
+    @property
+    def error(self) -> str | None:
+        return self.inner.error
+
+    @property
+    def held(self) -> int:
+        return self.inner.held
+
+    @property
+    def failures(self) -> int:
+        return int(getattr(self.inner, "failures", 0))
 
     def close(self) -> None:
         self.inner.close()
