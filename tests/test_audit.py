@@ -120,3 +120,17 @@ def test_redactor_replaces_every_occurrence_at_any_depth() -> None:
     out = redact({"stdout": "a s3cr3t-value b", "argv": ["--key=s3cr3t"], "n": 3, "s3cr3t": "k"})
     assert out == {"stdout": f"a {REDACTED} b", "argv": [f"--key={REDACTED}"], "n": 3, REDACTED: "k"}
     assert Redactor()({"a": "b"}) == {"a": "b"}
+
+
+def test_a_size_cap_prunes_the_oldest_events_first(store: SQLAudit) -> None:
+    for i in range(3000):
+        store.record(AuditEvent("command.end", {"stdout": f"{i:06d}" + "x" * 1000}, "sbx-cap", "acme"))
+    store.flush()
+    before = store.size()
+    assert before > 2_000_000
+    removed = store.prune_to_size(1 << 20)
+    assert removed > 0 and store.size() <= 1 << 20
+    left = store.query(EventFilter(sandbox_id="sbx-cap", limit=10_000))
+    assert len(left) == 3000 - removed
+    assert [e.data["stdout"][:6] for e in left] == [f"{i:06d}" for i in range(removed, 3000)]  # the newest stay
+    assert store.prune_to_size(1 << 30) == 0

@@ -43,3 +43,41 @@ def test_a_stopped_broker_endpoint_leaves_no_stale_descriptor_watched_by_the_loo
         assert failures == [], failures[:3]
         assert len(os.listdir("/proc/self/fd")) <= fds_before  # listeners and pidfds were all closed
         assert os.listdir(root) == []  # each endpoint removed its socket directory
+
+
+def test_uid_lock_files_are_removed_and_a_uid_is_never_held_twice(tmp_path: Path) -> None:
+    """Issue 18.7: the lock files stayed (993 after 1,000 cycles). Removing them must not let two holders
+    lock different files of one uid: threads race on a range of two uids, each checking that no one else
+    holds the uid it got."""
+    import threading
+    import time
+
+    from stockade.runtime.jail.uids import UidAllocator
+
+    allocator = UidAllocator(tmp_path, (3_999_000_000, 3_999_000_001))  # uids no process runs as
+    held: set[int] = set()
+    guard = threading.Lock()
+    shared: list[int] = []
+
+    def cycle() -> None:
+        for _ in range(300):
+            try:
+                lease = allocator.acquire()
+            except Exception:  # both taken right now: try again
+                continue
+            with guard:
+                if lease.uid in held:
+                    shared.append(lease.uid)
+                held.add(lease.uid)
+            time.sleep(0.0005)  # hold it a moment, as a sandbox would
+            with guard:
+                held.discard(lease.uid)
+            lease.release()
+
+    threads = [threading.Thread(target=cycle) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert shared == []
+    assert os.listdir(tmp_path / "uids") == []

@@ -1,8 +1,9 @@
 """The event model and the interface everything writes through.
 
-Event types: ``api.request``, ``sandbox.create``, ``sandbox.timeout``, ``sandbox.end``, ``command.start``,
-``command.end``, ``code.run``, ``code.end``, ``file.read``, ``file.write``, ``file.op``,
-``artifact.save``, ``network.connection``, ``network.update``. ``data`` is a JSON object.
+Event types: ``api.request``, ``audit.query`` (a read of the audit log), ``sandbox.create``,
+``sandbox.timeout``, ``sandbox.end``, ``command.start``, ``command.end``, ``code.run``, ``code.end``,
+``file.read``, ``file.write``, ``file.op``, ``artifact.save``, ``network.connection``, ``network.update``.
+``data`` is a JSON object.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ class EventFilter:
     until: float | None = None
     after_id: int | None = None
     limit: int = 1000
+    exclude_type: str | None = None     # leave this type out (the /events route hides its own queries)
 
 
 class Audit(ABC):

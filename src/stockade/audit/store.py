@@ -195,6 +195,8 @@ class SQLAudit(Audit):
             q = q.where(c.time < flt.until)
         if flt.after_id is not None:
             q = q.where(c.id > flt.after_id)
+        if flt.exclude_type is not None:
+            q = q.where(c.type != flt.exclude_type)
         with self.engine.connect() as conn:
             return [AuditEvent(r.type, r.data, r.sandbox_id, r.tenant, r.user_id, r.time, r.id)
                     for r in conn.execute(q)]
@@ -202,6 +204,35 @@ class SQLAudit(Audit):
     def prune(self, before: float) -> int:
         with self.engine.begin() as conn:
             return conn.execute(events.delete().where(events.c.time < before)).rowcount or 0
+
+    def size(self) -> int:
+        """Bytes the audit log takes in the database (SQLite: the whole file's used pages)."""
+        with self.engine.connect() as conn:
+            if self.engine.dialect.name == "sqlite":
+                pages = conn.execute(sa.text("PRAGMA page_count")).scalar() or 0
+                free = conn.execute(sa.text("PRAGMA freelist_count")).scalar() or 0
+                page = conn.execute(sa.text("PRAGMA page_size")).scalar() or 4096
+                return int((pages - free) * page)
+            return int(conn.execute(sa.text("SELECT pg_total_relation_size('audit_events')")).scalar() or 0)
+
+    def prune_to_size(self, max_bytes: int) -> int:
+        """Delete the oldest events until the log takes at most ``max_bytes``; returns how many. (Freed space
+        is reused by new events; SQLite's file does not shrink.)"""
+        removed = 0
+        for _ in range(64):
+            used = self.size()
+            if used <= max_bytes:
+                break
+            with self.engine.begin() as conn:
+                rows = conn.execute(sa.select(sa.func.count()).select_from(events)).scalar() or 0
+                if not rows:
+                    break
+                # the oldest share that is over the cap, and a tenth more so the next events fit
+                n = max(1, int(rows * (1 - max_bytes / used) + rows / 10))
+                cut = conn.execute(sa.select(events.c.id).order_by(events.c.id).offset(min(n, rows) - 1)
+                                   .limit(1)).scalar()
+                removed += conn.execute(events.delete().where(events.c.id <= cut)).rowcount or 0
+        return removed
 
 
 def _bounded(value: Any) -> Any:

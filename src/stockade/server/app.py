@@ -106,6 +106,10 @@ class Server:
         while True:
             with contextlib.suppress(Exception):
                 await asyncio.to_thread(self.audit.prune, time.time() - self.settings.audit_retention)
+            cap, store = self.settings.audit_max_size, self.audit.inner
+            if cap is not None and isinstance(store, SQLAudit):
+                with contextlib.suppress(Exception):
+                    await asyncio.to_thread(store.prune_to_size, cap)
             await asyncio.sleep(self.settings.reaper_interval or 3600)
 
     async def stop(self) -> None:
@@ -568,10 +572,13 @@ def create_app(settings: ServerSettings, config: HostConfig | None = None, runti
                      since: float | None = None, until: float | None = None,
                      after_id: Annotated[int | None, Query(ge=0, le=1 << 62)] = None,
                      limit: Annotated[int, Query(ge=1, le=10000)] = 1000) -> list[dict[str, Any]]:
-        """Audit events of your tenant only, oldest first. Page with ``after_id`` (the last id you saw)."""
+        """Audit events of your tenant only, oldest first. Page with ``after_id`` (the last id you saw).
+        Queries of the audit log itself are recorded as ``audit.query`` and shown only when ``type`` asks for
+        them (else paging would never reach the end: each page's request adds a record)."""
         await asyncio.to_thread(srv.audit.flush)
         flt = EventFilter(tenant=who.tenant, sandbox_id=sandbox_id, user_id=user_id, type=type, since=since,
-                          until=until, after_id=after_id, limit=limit)
+                          until=until, after_id=after_id, limit=limit,
+                          exclude_type=None if (type or "").startswith("audit") else "audit.query")
         return [e.to_dict() for e in await asyncio.to_thread(srv.audit.query, flt)]
 
     return app
@@ -703,21 +710,44 @@ class _Guard:
             self._record(scope, 503, started)
             return
         is_upload = scope["method"] == "PUT" and scope["path"].endswith("/files")
+        names = [name.lower() for name, _ in scope.get("headers") or []]
         length = dict(scope.get("headers") or []).get(b"content-length")
+        if b"transfer-encoding" in names and b"content-length" in names:
+            # a front proxy and this server could disagree on where the body ends (request smuggling)
+            await _send_json(send, 400, {"code": "invalid_request", "message": "a request may not have both "
+                                         "Content-Length and Transfer-Encoding"}, [(b"connection", b"close")])
+            self._record(scope, 400, started)
+            return
         if not is_upload and length is not None and (not length.isdigit() or int(length) > self.max_body):
-            await _send_json(send, 413, {"code": "too_large", "message": f"request body over {self.max_body} bytes"})
+            await _send_json(send, 413, {"code": "too_large", "message": f"request body over {self.max_body} bytes"},
+                             [(b"connection", b"close")])
             self._record(scope, 413, started)
             return
-        seen = 0
-
-        async def capped_receive() -> Message:
-            nonlocal seen
-            message = await receive()
-            if message["type"] == "http.request" and not is_upload:
+        if not is_upload:
+            # Read the (small, JSON) body here: a body over the cap, also a chunked one without a length,
+            # is answered 413 by this middleware (raised inside the app, FastAPI would report a parse error).
+            buffered: list[Message] = []
+            seen = 0
+            while True:
+                message = await receive()
+                buffered.append(message)
+                if message["type"] != "http.request":
+                    break
                 seen += len(message.get("body", b""))
                 if seen > self.max_body:
-                    raise _BodyTooLarge
-            return message
+                    await _send_json(send, 413, {"code": "too_large",
+                                                 "message": f"request body over {self.max_body} bytes"},
+                                     [(b"connection", b"close")])
+                    self._record(scope, 413, started)
+                    return
+                if not message.get("more_body", False):
+                    break
+            original = receive
+
+            async def replay() -> Message:
+                return buffered.pop(0) if buffered else await original()
+
+            receive = replay
 
         recorded = False
 
@@ -732,10 +762,7 @@ class _Guard:
             await send(message)
 
         try:
-            await self.app(scope, capped_receive, tracking_send)
-        except _BodyTooLarge:
-            status = 413
-            await _send_json(send, 413, {"code": "too_large", "message": f"request body over {self.max_body} bytes"})
+            await self.app(scope, receive, tracking_send)
         finally:
             if not recorded:
                 self._record(scope, status, started)
@@ -749,16 +776,13 @@ class _Guard:
         principal = (scope.get("state") or {}).get("principal")
         route = getattr(scope.get("route"), "path", None) or "(unmatched)"
         sandbox_id = (scope.get("path_params") or {}).get("sandbox_id")
-        srv.audit.record(AuditEvent("api.request", {
+        kind = "audit.query" if route == "/events" else "api.request"
+        srv.audit.record(AuditEvent(kind, {
             "method": scope["method"], "route": route, "status": status,
             "key_id": principal.key_id if principal else None,
             "duration_ms": round((time.perf_counter() - started) * 1000, 3)},
             sandbox_id if isinstance(sandbox_id, str) and len(sandbox_id) <= 64 else None,
             principal.tenant if principal else None))
-
-
-class _BodyTooLarge(Exception):
-    pass
 
 
 async def _send_json(send: Send, status: int, body: dict[str, Any],

@@ -96,6 +96,9 @@ class ServerSettings(_Model):
     database_url: str | None = None
     audit_output: Size = 64 << 10                # of each command's stdout and stderr, kept in the audit log
     audit_retention: PositiveDuration = 30 * 86400.0
+    # a cap on the audit log's size: beyond it the oldest events are pruned (checked every reaper_interval);
+    # None: only audit_retention limits it
+    audit_max_size: PositiveSize | None = None
     max_upload: PositiveSize = 1 << 30           # one file upload
     max_body: PositiveSize = 1 << 20             # any other request body (JSON)
     reaper_interval: Duration = 60.0             # how often expired audit events are pruned

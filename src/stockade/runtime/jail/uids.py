@@ -1,11 +1,14 @@
 """One unprivileged host uid per sandbox, when stockade runs as root.
 
 A uid is held by an flock on ``<state>/uids/<uid>.lock`` for the sandbox's life, so sandboxes started by
-different processes never share one, and a crashed process's uids free themselves.
+different processes never share one, and a crashed process's uids free themselves. A release removes the
+file while still holding its lock; an acquirer that locked a file no longer at that path (removed, maybe
+made anew by another) lets it go and tries again, so two holders never lock different files of one uid.
 """
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import secrets
@@ -15,12 +18,15 @@ from ...errors import SandboxUnavailableError
 
 
 class UidLease:
-    def __init__(self, uid: int, fd: int) -> None:
+    def __init__(self, uid: int, fd: int, path: Path) -> None:
         self.uid = uid
         self._fd = fd
+        self._path = path
 
     def release(self) -> None:
         if self._fd >= 0:
+            with contextlib.suppress(FileNotFoundError):
+                self._path.unlink()  # under the lock: see the module's docstring
             os.close(self._fd)
             self._fd = -1
 
@@ -36,19 +42,29 @@ class UidAllocator:
         start = secrets.randbelow(size)
         for i in range(min(size, 4096)):
             uid = self.low + (start + i) % size
-            fd = os.open(self.dir / f"{uid}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            path = self.dir / f"{uid}.lock"
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 os.close(fd)
                 continue
-            if _uid_has_processes(uid):  # left over from something else: never share a uid
+            if not _is_at(fd, path) or _uid_has_processes(uid):  # removed under us / left over: never share
                 os.close(fd)
                 continue
-            return UidLease(uid, fd)
+            return UidLease(uid, fd, path)
         raise SandboxUnavailableError(
             f"no free sandbox uid in {self.low}-{self.high}",
             "fix: widen STOCKADE_UID_RANGE or kill idle sandboxes")
+
+
+def _is_at(fd: int, path: Path) -> bool:
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return False
+    here = os.fstat(fd)
+    return (st.st_dev, st.st_ino) == (here.st_dev, here.st_ino)
 
 
 def _uid_has_processes(uid: int) -> bool:
