@@ -1,14 +1,21 @@
 """The sandbox's Python environment: a virtualenv on the sandbox's own python3, built on the host with
-the packages the code interpreter needs, mounted read-only at /opt/stockade/env in every sandbox.
+the packages the code interpreter needs, mounted at /opt/stockade/env in every sandbox.
 
-Sandboxes have no network, so nothing is installed inside them: `stockade env build` installs on the
-host, once. Without it sandboxes still run; the code interpreter then uses its standard-library
-fallback (text results only) and `info()` says so.
+`stockade env build` installs on the host, once. Without it sandboxes still run; the code interpreter
+then uses its standard-library fallback (text results only) and `info()` says so. The host directory is
+shared read-only; each sandbox sees it through a copy-on-write layer in its own workspace, so `pip
+install` inside a sandbox (where the network policy reaches an index) installs into the environment
+the sandbox's python, its console scripts and run_code all use, and nothing of it reaches the host copy.
+
+Every interpreter started here runs isolated (-I: no PYTHON* variables, no user site, no script or
+current directory on sys.path) from a fixed directory with the caller's PYTHON* variables removed, so a
+pip.py or sitecustomize.py in the caller's directory or PYTHONPATH never runs (as root).
 """
 
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -35,13 +42,18 @@ def build(config: HostConfig | None = None, packages: tuple[str, ...] = DEFAULT_
     python = rootfs.system_image(config.python).python_host
     target = config.sandbox_env
     target.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
+    building = target.with_name(target.name + ".building")
     if not is_built(target):
-        tmp = target.with_name(target.name + ".building")
-        shutil.rmtree(tmp, ignore_errors=True)
-        _run([python, "-m", "venv", str(tmp)], "create the virtualenv (on Debian/Ubuntu: apt-get install python3-venv)")
-        _run([str(tmp / "bin/python3"), "-m", "pip", "install", "-q", "--upgrade", "pip"], "upgrade pip")
-        tmp.rename(target)
-    _run([str(target / "bin/python3"), "-m", "pip", "install", "-q", *packages], f"install {' '.join(packages)}")
+        shutil.rmtree(building, ignore_errors=True)
+        _run([python, "-I", "-m", "venv", str(building)],
+             "create the virtualenv (on Debian/Ubuntu: apt-get install python3-venv)")
+        _run([str(building / "bin/python3"), "-I", "-m", "pip", "install", "-q", "--upgrade", "pip"], "upgrade pip")
+        relocate(building, (building, target))
+        building.rename(target)
+    if packages:
+        _run([str(target / "bin/python3"), "-I", "-m", "pip", "install", "-q", *packages],
+             f"install {' '.join(packages)}")
+    relocate(target, (building, target))  # also repairs an environment built before relocation existed
     for d, _, files in os.walk(target):  # sandboxes run as other uids: everything readable
         os.chmod(d, 0o755)
         for f in files:
@@ -51,7 +63,43 @@ def build(config: HostConfig | None = None, packages: tuple[str, ...] = DEFAULT_
     return target
 
 
+def relocate(env: Path, host_paths: tuple[Path, ...]) -> None:
+    """Point every script and text file of ``env`` at MOUNT, where sandboxes see it, instead of the host
+    paths pip wrote (console scripts' shebangs, activate scripts), then check that no file still names a
+    host path. (.pyc files are exempt: the import system replaces their recorded file name on load.)"""
+    prefixes = sorted((str(p).encode() for p in host_paths), key=len, reverse=True)
+    pattern = re.compile(b"|".join(re.escape(p) + rb"(?![\w.-])" for p in prefixes))
+    for path in [*(env / "bin").iterdir(), env / "pyvenv.cfg"]:
+        if path.is_symlink() or not path.is_file():
+            continue
+        data = path.read_bytes()
+        if b"\0" not in data[:4096] and pattern.search(data):
+            path.write_bytes(pattern.sub(MOUNT.encode(), data))
+    left = []
+    for d, _, files in os.walk(env):
+        for name in files:
+            p = os.path.join(d, name)
+            if name.endswith(".pyc"):
+                continue
+            if os.path.islink(p):
+                found = pattern.search(os.readlink(p).encode())
+            else:
+                with open(p, "rb") as f:
+                    found = pattern.search(f.read())
+            if found:
+                left.append(os.path.relpath(p, env))
+    if left:
+        raise SandboxUnavailableError(f"the sandbox environment {env} still names its host path in "
+                                      f"{', '.join(sorted(left)[:10])}: inside a sandbox those would not work",
+                                      "fix: remove the environment and run `stockade env build` again")
+
+
+def isolated_env() -> dict[str, str]:
+    """The caller's environment without the variables that make a Python interpreter load other code."""
+    return {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
+
+
 def _run(argv: list[str], what: str) -> None:
-    result = subprocess.run(argv, capture_output=True, text=True)
+    result = subprocess.run(argv, capture_output=True, text=True, cwd="/", env=isolated_env())
     if result.returncode != 0:
         raise SandboxUnavailableError(f"cannot {what}: {result.stderr.strip()[-1500:]}")

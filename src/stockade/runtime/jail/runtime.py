@@ -65,8 +65,9 @@ def compiled_agent(python_host: str, state_dir: Path) -> dict[str, bytes]:
                   "for src in sys.argv[1:]:\n"
                   "    py_compile.compile(src, cfile=src + 'c', doraise=True,"
                   " invalidation_mode=py_compile.PycInvalidationMode.UNCHECKED_HASH)\n")
-        result = subprocess.run([python_host, "-E", "-s", "-c", script, *(str(tmp / n) for n in sources)],
-                                capture_output=True, text=True, timeout=60)
+        result = subprocess.run([python_host, "-I", "-c", script, *(str(tmp / n) for n in sources)],  # isolated
+                                capture_output=True, text=True, timeout=60, cwd="/",
+                                env=environment.isolated_env())
         if result.returncode != 0:
             raise SandboxUnavailableError(f"the sandbox's python ({python_host}) cannot compile the agent: "
                                           f"{result.stderr.strip()[-500:]}")

@@ -1,0 +1,93 @@
+"""Building the sandbox environment (`stockade env build`): no code from the caller's directory or
+environment runs, and the result works where sandboxes see it (/opt/stockade/env), not at its host path."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from .wheels import make_wheel
+
+HOSTILE = "import os\nopen({mark!r}, 'a').write('%d %s\\n' % (os.getpid(), {name!r}))\n"
+# Modules an interpreter or pip would pick up from sys.path[0], PYTHONPATH or the startup hooks.
+HOSTILE_MODULES = ("pip", "venv", "ensurepip", "py_compile", "sitecustomize", "usercustomize", "runpy_", "site_",
+                   "encodings_", "startup")
+
+
+@pytest.fixture(scope="module")
+def wheelhouse(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    d = tmp_path_factory.mktemp("wheels")
+    make_wheel(d, "stockadetiny", "1.0", "def main():\n    print('tiny script ran')\n", script="main")
+    return d
+
+
+def offline_env(wheelhouse: Path) -> dict[str, str]:
+    """pip finds packages only in the test's wheel directory."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PIP_", "PYTHON"))}
+    env.update(PIP_NO_INDEX="1", PIP_FIND_LINKS=str(wheelhouse), PIP_DISABLE_PIP_VERSION_CHECK="1")
+    return env
+
+
+def build_env(target: Path, wheelhouse: Path, cwd: Path | None = None, extra_env: dict[str, str] | None = None,
+              packages: tuple[str, ...] = ("stockadetiny",)) -> subprocess.CompletedProcess[str]:
+    """Runs environment.build in a fresh process (the caller itself isolated with -I, so whatever the
+    hostile files record was run by an interpreter stockade started)."""
+    env = offline_env(wheelhouse)
+    env["STOCKADE_SANDBOX_ENV"] = str(target)
+    env["STOCKADE_STATE_DIR"] = str(target.parent / "state")
+    env.update(extra_env or {})
+    code = ("import sys\nfrom pathlib import Path\nfrom stockade import environment\n"
+            "from stockade.config import HostConfig\nfrom stockade.runtime.jail import rootfs, runtime\n"
+            "config = HostConfig.from_env()\n"
+            f"environment.build(config, packages={packages!r})\n"
+            "Path(config.state_dir).mkdir(mode=0o700, exist_ok=True)\n"
+            "runtime.compiled_agent(rootfs.system_image(None).python_host, config.state_dir)\n")
+    return subprocess.run([sys.executable, "-I", "-c", code], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=300)
+
+
+def test_env_build_runs_no_code_from_the_callers_directory_or_environment(tmp_path: Path, wheelhouse: Path):
+    hostile = tmp_path / "hostile"
+    hostile.mkdir()
+    mark = tmp_path / "ran"
+    for name in HOSTILE_MODULES:
+        (hostile / f"{name}.py").write_text(HOSTILE.format(mark=str(mark), name=name))
+    (hostile / "pip").mkdir()  # a package named pip in the current directory, too
+    (hostile / "pip" / "__main__.py").write_text(HOSTILE.format(mark=str(mark), name="pip/__main__"))
+    (hostile / "pip" / "__init__.py").write_text(HOSTILE.format(mark=str(mark), name="pip/__init__"))
+    (hostile / "pth.pth").write_text(f"import os; open({str(mark)!r}, 'a').write('pth\\n')\n")
+    target = tmp_path / "env"
+    r = build_env(target, wheelhouse, cwd=hostile,
+                  extra_env={"PYTHONPATH": str(hostile), "PYTHONSTARTUP": str(hostile / "startup.py"),
+                             "PYTHONUSERBASE": str(hostile), "PYTHONINSPECT": "", "PYTHONSAFEPATH": ""})
+    assert r.returncode == 0, r.stderr
+    assert not mark.exists(), f"hostile code ran during the build: {mark.read_text()}"
+    assert (target / "lib").is_dir()
+
+
+def test_built_environment_names_only_its_sandbox_path(tmp_path: Path, wheelhouse: Path):
+    """Console scripts' shebangs (and every other file) point at /opt/stockade/env, not the host build path."""
+    from stockade.environment import MOUNT
+
+    target = tmp_path / "env"
+    r = build_env(target, wheelhouse)
+    assert r.returncode == 0, r.stderr
+    scripts = [p for p in (target / "bin").iterdir() if p.is_file() and not p.is_symlink()
+               and p.read_bytes().startswith(b"#!")]
+    assert {"pip", "pip3", "stockadetiny-hello"} <= {p.name for p in scripts}
+    for p in scripts:
+        assert p.read_text().splitlines()[0] in (f"#!{MOUNT}/bin/python3", f"#!{MOUNT}/bin/python"), p
+    for d, _, files in os.walk(target):
+        for name in files:
+            p = Path(d) / name
+            if not name.endswith(".pyc") and not p.is_symlink():
+                assert str(tmp_path).encode() not in p.read_bytes(), p
+    # an update (a second build with more packages) relocates the new scripts too
+    make_wheel(wheelhouse, "stockadetwo", "1.0", "def main():\n    print('two')\n", script="main")
+    r = build_env(target, wheelhouse, packages=("stockadetwo",))
+    assert r.returncode == 0, r.stderr
+    assert (target / "bin" / "stockadetwo-hello").read_text().startswith(f"#!{MOUNT}/bin/python")
