@@ -14,8 +14,7 @@ from .wheels import make_wheel
 
 HOSTILE = "import os\nopen({mark!r}, 'a').write('%d %s\\n' % (os.getpid(), {name!r}))\n"
 # Modules an interpreter or pip would pick up from sys.path[0], PYTHONPATH or the startup hooks.
-HOSTILE_MODULES = ("pip", "venv", "ensurepip", "py_compile", "sitecustomize", "usercustomize", "runpy_", "site_",
-                   "encodings_", "startup")
+HOSTILE_MODULES = ("pip", "venv", "ensurepip", "py_compile", "sitecustomize", "usercustomize", "startup")
 
 
 @pytest.fixture(scope="module")
@@ -60,10 +59,14 @@ def test_env_build_runs_no_code_from_the_callers_directory_or_environment(tmp_pa
     (hostile / "pip" / "__main__.py").write_text(HOSTILE.format(mark=str(mark), name="pip/__main__"))
     (hostile / "pip" / "__init__.py").write_text(HOSTILE.format(mark=str(mark), name="pip/__init__"))
     (hostile / "pth.pth").write_text(f"import os; open({str(mark)!r}, 'a').write('pth\\n')\n")
+    user_site = hostile / "lib" / f"python3.{sys.version_info.minor}" / "site-packages"  # via PYTHONUSERBASE
+    user_site.mkdir(parents=True)
+    (user_site / "usersite.pth").write_text(f"import os; open({str(mark)!r}, 'a').write('user site\\n')\n")
+    (user_site / "usercustomize.py").write_text(HOSTILE.format(mark=str(mark), name="user site usercustomize"))
     target = tmp_path / "env"
     r = build_env(target, wheelhouse, cwd=hostile,
                   extra_env={"PYTHONPATH": str(hostile), "PYTHONSTARTUP": str(hostile / "startup.py"),
-                             "PYTHONUSERBASE": str(hostile), "PYTHONINSPECT": "", "PYTHONSAFEPATH": ""})
+                             "PYTHONUSERBASE": str(hostile)})
     assert r.returncode == 0, r.stderr
     assert not mark.exists(), f"hostile code ran during the build: {mark.read_text()}"
     assert (target / "lib").is_dir()
