@@ -14,8 +14,7 @@ from .wheels import make_wheel
 
 HOSTILE = "import os\nopen({mark!r}, 'a').write('%d %s\\n' % (os.getpid(), {name!r}))\n"
 # Modules an interpreter or pip would pick up from sys.path[0], PYTHONPATH or the startup hooks.
-HOSTILE_MODULES = ("pip", "venv", "ensurepip", "py_compile", "sitecustomize", "usercustomize", "runpy_", "site_",
-                   "encodings_", "startup")
+HOSTILE_MODULES = ("pip", "venv", "ensurepip", "py_compile", "sitecustomize", "usercustomize", "startup")
 
 
 @pytest.fixture(scope="module")
@@ -60,10 +59,14 @@ def test_env_build_runs_no_code_from_the_callers_directory_or_environment(tmp_pa
     (hostile / "pip" / "__main__.py").write_text(HOSTILE.format(mark=str(mark), name="pip/__main__"))
     (hostile / "pip" / "__init__.py").write_text(HOSTILE.format(mark=str(mark), name="pip/__init__"))
     (hostile / "pth.pth").write_text(f"import os; open({str(mark)!r}, 'a').write('pth\\n')\n")
+    user_site = hostile / "lib" / f"python3.{sys.version_info.minor}" / "site-packages"  # via PYTHONUSERBASE
+    user_site.mkdir(parents=True)
+    (user_site / "usersite.pth").write_text(f"import os; open({str(mark)!r}, 'a').write('user site\\n')\n")
+    (user_site / "usercustomize.py").write_text(HOSTILE.format(mark=str(mark), name="user site usercustomize"))
     target = tmp_path / "env"
     r = build_env(target, wheelhouse, cwd=hostile,
                   extra_env={"PYTHONPATH": str(hostile), "PYTHONSTARTUP": str(hostile / "startup.py"),
-                             "PYTHONUSERBASE": str(hostile), "PYTHONINSPECT": "", "PYTHONSAFEPATH": ""})
+                             "PYTHONUSERBASE": str(hostile)})
     assert r.returncode == 0, r.stderr
     assert not mark.exists(), f"hostile code ran during the build: {mark.read_text()}"
     assert (target / "lib").is_dir()
@@ -91,3 +94,80 @@ def test_built_environment_names_only_its_sandbox_path(tmp_path: Path, wheelhous
     r = build_env(target, wheelhouse, packages=("stockadetwo",))
     assert r.returncode == 0, r.stderr
     assert (target / "bin" / "stockadetwo-hello").read_text().startswith(f"#!{MOUNT}/bin/python")
+
+
+@pytest.fixture(scope="module")
+def built_env(tmp_path_factory: pytest.TempPathFactory, wheelhouse: Path) -> Path:
+    """A small sandbox environment (pip and one console script) in a directory every sandbox uid reaches;
+    the shared one is never rebuilt by tests."""
+    import shutil
+    import tempfile
+
+    top = Path(tempfile.mkdtemp(prefix="stockade-test-env-"))
+    top.chmod(0o755)
+    r = build_env(top / "env", wheelhouse)
+    assert r.returncode == 0, r.stderr
+    shutil.copytree(wheelhouse, top / "wheels")
+    make_wheel(top / "wheels", "stockadeextra", "2.0", "VALUE = 'installed inside'\n")
+    for d, _, files in os.walk(top / "wheels"):
+        os.chmod(d, 0o755)
+        for f in files:
+            os.chmod(os.path.join(d, f), 0o644)
+    yield top
+    shutil.rmtree(top, ignore_errors=True)
+
+
+def run_in_sandbox(top: Path, script: str) -> subprocess.CompletedProcess[str]:
+    from .conftest import ROOT, UNPRIVILEGED_GAPS
+
+    policy = top / f"policy-{os.getpid()}.toml"
+    gaps = "" if ROOT else f"allow_missing_controls = {UNPRIVILEGED_GAPS!r}\n"
+    policy.write_text(gaps + f'[[filesystem.mounts]]\nsource = "{top / "wheels"}"\ntarget = "/wheels"\n')
+    policy.chmod(0o644)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PIP_")}
+    env["STOCKADE_SANDBOX_ENV"] = str(top / "env")
+    return subprocess.run([sys.executable, "-m", "stockade.cli", "run", "--policy", str(policy), "--", "sh", "-c",
+                           script], capture_output=True, text=True, timeout=120, env=env)
+
+
+def test_pip_and_console_scripts_inside_a_sandbox_are_the_environments_own(built_env: Path):
+    r = run_in_sandbox(built_env, "command -v pip; pip --version; python3 -m pip --version; stockadetiny-hello")
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert lines[0] == "/opt/stockade/env/bin/pip"
+    assert lines[1].startswith("pip ") and "from /opt/stockade/env/lib/" in lines[1]
+    assert lines[2].startswith("pip ") and "from /opt/stockade/env/lib/" in lines[2]
+    assert lines[3] == "tiny script ran"
+
+
+def test_pip_install_inside_a_sandbox_is_importable_and_leaves_the_host_environment_alone(built_env: Path):
+    r = run_in_sandbox(built_env, "pip install -q --no-index --find-links /wheels stockadeextra stockadetiny && "
+                                  "python3 -c 'import stockadeextra, stockadetiny; print(stockadeextra.VALUE, "
+                                  "stockadeextra.__file__)' && command -v stockadetiny-hello")
+    assert r.returncode == 0, r.stderr + r.stdout
+    out = r.stdout.splitlines()
+    assert out[0] == "installed inside /home/user/.local/lib/" + next(
+        p.name for p in (built_env / "env" / "lib").glob("python3.*")) + "/site-packages/stockadeextra.py"
+    assert out[1] == "/home/user/.local/bin/stockadetiny-hello"  # a reinstall shadows the environment's copy
+    assert not list((built_env / "env").rglob("stockadeextra*"))
+
+
+def test_pip_install_inside_a_sandbox_is_seen_by_run_code(built_env: Path, monkeypatch: pytest.MonkeyPatch):
+    from stockade.sdk.transports.local import LocalTransport
+
+    from .conftest import sandbox_factory
+
+    monkeypatch.setenv("STOCKADE_SANDBOX_ENV", str(built_env / "env"))
+    factory = sandbox_factory(LocalTransport())
+    make = next(factory)
+    try:
+        sb = make(filesystem={"mounts": [{"source": str(built_env / "wheels"), "target": "/wheels"}]})
+        r = sb.commands.run("pip install -q --no-index --find-links /wheels stockadeextra")
+        assert r.exit_code == 0, r.stderr
+        execution = sb.run_code("import stockadeextra\nprint(stockadeextra.VALUE)")
+        assert execution.error is None, execution.error
+        assert "".join(execution.logs.stdout) == "installed inside\n"
+        r = sb.commands.run("python3 -c 'import stockadeextra; print(stockadeextra.VALUE)'")
+        assert r.stdout == "installed inside\n"
+    finally:
+        next(factory, None)

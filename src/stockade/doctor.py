@@ -118,6 +118,12 @@ def run_checks(config: HostConfig | None = None) -> list[Check]:
     checks.append(Check("sandbox environment", env_ok, f"{config.sandbox_env} {state}", "stockade env build",
                         required=False))
 
+    # What is in force for the writable workspace (issue 9.8 is open: no disk-backed workspace yet).
+    checks.append(Check("workspace", False, f"{rootfs.HOME}, /tmp and /dev/shm are tmpfs charged to the memory "
+                        "cgroup: filling them past limits.memory ends in an OOM kill, not ENOSPC, so "
+                        "filesystem.workspace_size is only a ceiling below limits.memory",
+                        "raise limits.memory above filesystem.workspace_size + filesystem.tmp_size where a "
+                        "sandbox must use its whole workspace", required=False))
     try:
         img = rootfs.system_image(config.python)
         checks.append(Check("agent python", True, f"{img.python_host} (mounted read-only)"))
