@@ -3,6 +3,7 @@ would try first; each fails if the control it checks is removed."""
 
 from __future__ import annotations
 
+import math
 import os
 import socket
 import threading
@@ -360,3 +361,50 @@ def test_setuid_binaries_and_kernel_knobs_grant_nothing(make_sandbox):
         assert r.exit_code != 0, f"wrote {knob}"
     assert sb.commands.run("hostname evil").exit_code != 0
     assert sb.commands.run("hostname").stdout == "sandbox\n"
+
+
+HOST_IDENTITY_FILES = ("version", "config.gz", "kallsyms", "kcore", "keys", "timer_list", "sched_debug",
+                       "latency_stats", "interrupts", "softirqs", "diskstats", "partitions", "zoneinfo",
+                       "cmdline", "modules", "iomem", "vmallocinfo", "buddyinfo", "swaps")
+
+
+def test_host_identifying_proc_files_read_empty(make_sandbox):
+    present = [n for n in HOST_IDENTITY_FILES if os.path.isfile(f"/proc/{n}")]
+    assert "version" in present
+    script = "; ".join(f"printf '{n}='; cat /proc/{n} 2>/dev/null | wc -c" for n in present)
+    r = make_sandbox().commands.run(script)
+    sizes = dict(line.split("=") for line in r.stdout.split())
+    assert sizes == dict.fromkeys(present, "0"), r.stdout
+
+
+def test_host_proc_directories_are_empty_and_read_only(make_sandbox):
+    present = [d for d in ("acpi", "scsi", "bus", "fs", "irq", "pressure", "asound") if os.path.isdir(f"/proc/{d}")]
+    assert "pressure" in present or "irq" in present
+    sb = make_sandbox()
+    for d in present:
+        assert sb.commands.run(f"ls -A /proc/{d}").stdout == "", d
+        assert sb.commands.run(f"echo 'some 150000 1000000' > /proc/{d}/memory").exit_code != 0, d
+    for knob in ("/proc/sys/kernel/core_pattern", "/proc/sys/vm/overcommit_memory", "/proc/sysrq-trigger"):
+        assert sb.commands.run(f"echo 1 > {knob}").exit_code != 0, knob
+
+
+def test_boot_id_and_load_are_the_sandbox_own(make_sandbox):
+    host_boot_id = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    a, b = make_sandbox(), make_sandbox()
+    ids = {sb.commands.run("cat /proc/sys/kernel/random/boot_id").stdout.strip() for sb in (a, b)}
+    assert len(ids) == 2 and host_boot_id not in ids
+    assert a.commands.run("cat /proc/loadavg").stdout.split()[:3] == ["0.00"] * 3
+
+
+@pytest.mark.parametrize("cpus,memory", [(1, 256 << 20), (0.5, 96 << 20), (1.5, 512 << 20)])
+def test_programs_size_themselves_to_the_sandbox_limits(make_sandbox, cpus, memory):
+    want = min(len(os.sched_getaffinity(0)), math.ceil(cpus))
+    sb = make_sandbox(limits={"cpus": cpus, "memory": memory})
+    code = ("import os; print(os.cpu_count(), len(os.sched_getaffinity(0)), "
+            "open('/proc/cpuinfo').read().count('processor'))")
+    assert sb.commands.run(["python3", "-c", code]).stdout.split() == [str(want)] * 3
+    assert sb.commands.run("nproc").stdout.strip() == str(want)
+    meminfo = dict(line.split(":", 1) for line in sb.files.read("/proc/meminfo").splitlines())
+    assert meminfo["MemTotal"].split() == [str(memory // 1024), "kB"]
+    assert sb.commands.run("free -b | awk '/^Mem:/ {print $2}'").stdout.strip() == str(memory)
+    assert "model name\t: sandbox virtual CPU" in sb.files.read("/proc/cpuinfo")
