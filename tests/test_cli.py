@@ -100,7 +100,8 @@ def test_policy_show_round_trips(tmp_path):
 def test_doctor_reports_every_check():
     r = stockade("doctor")
     assert r.returncode == 0, r.stdout + r.stderr
-    for name in ("user namespaces", "bubblewrap", "seccomp", "cgroup memory", "privilege", "agent python"):
+    for name in ("user namespaces", "bubblewrap", "seccomp", "cgroup memory", "privilege", "agent python",
+                 "/proc masking"):
         assert name in r.stdout
     assert ("OK: every control is in force." if ROOT else "OK with weaker controls") in r.stdout
 
