@@ -100,7 +100,8 @@ def test_policy_show_round_trips(tmp_path):
 def test_doctor_reports_every_check():
     r = stockade("doctor")
     assert r.returncode == 0, r.stdout + r.stderr
-    for name in ("user namespaces", "bubblewrap", "seccomp", "cgroup memory", "privilege", "agent python"):
+    for name in ("user namespaces", "bubblewrap", "seccomp", "cgroup memory", "privilege", "agent python",
+                 "/proc masking"):
         assert name in r.stdout
     # the workspace is tmpfs charged to the memory limit (its size is not real), which doctor says as root too
     assert "[WEAK] workspace: /home/user, /tmp and /dev/shm are tmpfs charged to the memory cgroup" in r.stdout

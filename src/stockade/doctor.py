@@ -93,6 +93,20 @@ def check_cgroups(config: HostConfig) -> list[Check]:
     return checks
 
 
+def check_proc_view() -> Check:
+    """What the sandbox sees of the host through /proc: masking is bwrap mounts, so it holds unprivileged."""
+    from .runtime.jail import rootfs
+
+    files, dirs = rootfs.masked_proc()
+    lxcfs = " (an lxcfs mount exists on this host; stockade does not use it)" if os.path.isdir(
+        "/var/lib/lxcfs/proc") else ""
+    return Check("/proc masking", True, f"{len(files)} host /proc files read empty, {len(dirs)} directories "
+                 "empty and read-only; meminfo, cpuinfo, stat, loadavg and boot_id show the sandbox (MemTotal = "
+                 "limits.memory, CPUs = limits.cpus rounded up, also as the affinity mask)" + lxcfs + ". Not "
+                 "hidden: /proc/uptime and btime, mountinfo's host paths and devices, /proc/self/cgroup's path "
+                 "(the cgroup namespace is rooted above the sandbox's cgroup), sysinfo()'s memory totals")
+
+
 def check_privilege(config: HostConfig) -> Check:
     if os.geteuid() == 0:
         low, high = config.uid_range
@@ -109,6 +123,7 @@ def run_checks(config: HostConfig | None = None) -> list[Check]:
     checks.append(bwrap_check)
     checks.append(check_seccomp())
     checks += check_cgroups(config)
+    checks.append(check_proc_view())
     checks.append(check_privilege(config))
     from .environment import is_built
     from .runtime.jail import rootfs

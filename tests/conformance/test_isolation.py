@@ -3,12 +3,15 @@ would try first; each fails if the control it checks is removed."""
 
 from __future__ import annotations
 
+import math
 import os
 import socket
 import threading
 from pathlib import Path
 
 import pytest
+
+from stockade.runtime.jail import seccomp
 
 from ..conftest import ROOT
 
@@ -21,12 +24,52 @@ args = [{args}]
 r = libc.syscall(nr, *[ctypes.c_long(a) for a in args])
 print(ctypes.get_errno() if r == -1 else 0)
 """
-NR = {"mount": 165, "umount2": 166, "pivot_root": 155, "chroot": 161, "ptrace": 101, "unshare": 272,
-      "setns": 308, "clone3": 435, "bpf": 321, "perf_event_open": 298, "keyctl": 250, "add_key": 248,
-      "userfaultfd": 323, "io_uring_setup": 425, "kexec_load": 246, "init_module": 175, "delete_module": 176,
-      "process_vm_readv": 310, "open_by_handle_at": 304, "personality": 135, "acct": 163, "swapon": 167,
-      "reboot": 169, "quotactl": 179}
+# x86_64 numbers of every syscall stockade refuses (a name added to seccomp.DENIED without one here fails
+# test_every_denied_syscall_has_a_test), and a few it allows.
+NR = {"read": 0, "uselib": 134, "ustat": 136, "sysfs": 139, "personality": 135, "vhangup": 153,
+      "modify_ldt": 154, "pivot_root": 155, "_sysctl": 156, "adjtimex": 159, "chroot": 161, "acct": 163,
+      "settimeofday": 164, "mount": 165, "umount2": 166, "swapon": 167, "swapoff": 168, "reboot": 169,
+      "sethostname": 170, "setdomainname": 171, "iopl": 172, "ioperm": 173, "create_module": 174,
+      "init_module": 175, "delete_module": 176, "get_kernel_syms": 177, "query_module": 178, "quotactl": 179,
+      "nfsservctl": 180, "getpmsg": 181, "putpmsg": 182, "afs_syscall": 183, "tuxcall": 184, "security": 185,
+      "ptrace": 101, "syslog": 103, "lookup_dcookie": 212, "clock_settime": 227, "vserver": 236,
+      "mbind": 237, "set_mempolicy": 238, "get_mempolicy": 239, "kexec_load": 246, "add_key": 248,
+      "request_key": 249, "keyctl": 250, "migrate_pages": 256, "unshare": 272, "move_pages": 279,
+      "perf_event_open": 298, "fanotify_init": 300, "name_to_handle_at": 303, "open_by_handle_at": 304,
+      "clock_adjtime": 305, "setns": 308, "process_vm_readv": 310, "process_vm_writev": 311, "kcmp": 312,
+      "finit_module": 313, "kexec_file_load": 320, "bpf": 321, "userfaultfd": 323, "io_uring_setup": 425,
+      "io_uring_enter": 426, "io_uring_register": 427, "open_tree": 428, "move_mount": 429, "fsopen": 430,
+      "fsconfig": 431, "fsmount": 432, "fspick": 433, "clone3": 435, "pidfd_getfd": 438,
+      "process_madvise": 440, "mount_setattr": 442, "quotactl_fd": 443, "set_mempolicy_home_node": 450,
+      "lsm_get_self_attr": 459, "lsm_set_self_attr": 460, "lsm_list_modules": 461, "open_tree_attr": 467,
+      "file_getattr": 468, "file_setattr": 469}
+# What Docker's default profile (moby/profiles seccomp/default.json) refuses a container without
+# capabilities on x86_64: stockade must refuse at least these.
+DOCKER_DENIED = (
+    "_sysctl", "acct", "add_key", "afs_syscall", "bpf", "chroot", "clock_settime", "clone3", "create_module",
+    "delete_module", "fanotify_init", "finit_module", "fsconfig", "fsmount", "fsopen", "fspick",
+    "get_kernel_syms", "get_mempolicy", "getpmsg", "init_module", "io_uring_enter", "io_uring_register",
+    "io_uring_setup", "ioperm", "iopl", "kcmp", "kexec_file_load", "kexec_load", "keyctl", "lookup_dcookie",
+    "mbind", "migrate_pages", "mount", "mount_setattr", "move_mount", "move_pages", "nfsservctl",
+    "open_by_handle_at", "open_tree", "perf_event_open", "pidfd_getfd", "pivot_root", "process_madvise",
+    "process_vm_readv", "process_vm_writev", "ptrace", "putpmsg", "query_module", "quotactl", "quotactl_fd",
+    "reboot", "request_key", "security", "set_mempolicy", "set_mempolicy_home_node", "setdomainname",
+    "sethostname", "setns", "settimeofday", "swapoff", "swapon", "sysfs", "syslog", "tuxcall", "umount2",
+    "unshare", "uselib", "userfaultfd", "ustat", "vhangup", "vserver", "lsm_get_self_attr",
+    "lsm_set_self_attr", "lsm_list_modules", "open_tree_attr", "file_getattr", "file_setattr")
+# every syscall above with all-zero arguments, in one process: name -> errno (0 = it succeeded)
+ALL_SYSCALLS = """
+import ctypes, json, sys
+libc = ctypes.CDLL(None, use_errno=True)
+out = {}
+for name, nr in json.loads(sys.argv[1]).items():
+    ctypes.set_errno(0)
+    r = libc.syscall(ctypes.c_long(nr), *[ctypes.c_long(0)] * 6)
+    out[name] = ctypes.get_errno() if r == -1 else 0
+print(json.dumps(out))
+"""
 EPERM, ENOSYS = 1, 38
+X86_64 = os.uname().machine == "x86_64"
 
 
 def errno_of(sandbox, name: str, *args: int) -> int:
@@ -64,6 +107,67 @@ def test_dangerous_syscalls_fail_with_eperm(make_sandbox, name, args):
     assert errno_of(make_sandbox(), name, *args) == EPERM
 
 
+def test_every_denied_syscall_has_a_test_and_docker_denials_are_covered():
+    expected_denied = set(seccomp.DENIED) | set(seccomp.DENIED_BY_NUMBER.values())
+    assert expected_denied - set(NR) == set(), "add the syscall's number to NR"
+    open_here = set(DOCKER_DENIED) - expected_denied - {"clone3", "file_getattr", "file_setattr"}  # ENOSYS
+    assert open_here == set(), f"Docker's default profile refuses {sorted(open_here)}"
+
+
+@pytest.mark.skipif(not X86_64, reason="the syscall numbers above are x86_64's")
+def test_every_denied_syscall_is_refused_in_the_sandbox(make_sandbox):
+    import json
+
+    names = {n: NR[n] for n in (*seccomp.DENIED, *seccomp.DENIED_BY_NUMBER.values(), *DOCKER_DENIED, "read")}
+    r = make_sandbox().commands.run(["python3", "-c", ALL_SYSCALLS, json.dumps(names)])
+    assert r.exit_code == 0, r.stderr
+    got = json.loads(r.stdout)
+    assert got.pop("read") == 0  # read(0, NULL, 0) succeeds: the harness reaches the kernel
+    # ENOSYS: clone3 (so libc falls back to clone) and everything newer than the reviewed table
+    want = {n: ENOSYS if n in ("clone3", "file_getattr", "file_setattr") else EPERM for n in got}
+    assert {n: e for n, e in got.items() if e != want[n]} == {}
+
+
+@pytest.mark.skipif(not X86_64, reason="the syscall numbers above are x86_64's")
+def test_syscall_numbers_newer_than_the_reviewed_table_answer_enosys(make_sandbox):
+    import json
+
+    numbers = {f"nr{n}": n for n in (seccomp.NEWEST_REVIEWED + 1, 480, 500, seccomp.NATIVE_TABLE_END - 1)}
+    numbers["statmount"] = 457  # reviewed and allowed, as Docker does: the kernel answers (EFAULT, ...)
+    r = make_sandbox().commands.run(["python3", "-c", ALL_SYSCALLS, json.dumps(numbers)])
+    got = json.loads(r.stdout)
+    assert got.pop("statmount") not in (EPERM, ENOSYS)
+    assert set(got.values()) == {ENOSYS}
+
+
+@pytest.mark.parametrize("persona", [0x0040000, 0x0400000, 0x0000001, 0x0000005, 0x0200000, 0x8000000,
+                                     0x1_0000_0000, 0xFFFF_FFFE])
+def test_personality_changes_are_refused_and_query_allowed(make_sandbox, persona):
+    # ADDR_NO_RANDOMIZE, READ_IMPLIES_EXEC, SVr4-style personas, FDPIC_FUNCPTRS, SHORT_INODE, a 64-bit value
+    # whose low half is PER_LINUX, and the largest non-query value
+    sb = make_sandbox()
+    assert errno_of(sb, "personality", persona) == EPERM
+    assert errno_of(sb, "personality", 0xFFFFFFFF) == 0
+
+
+@pytest.mark.skipif(not X86_64, reason="int 0x80 and x32 exist on x86_64 only")
+@pytest.mark.parametrize("abi", ["int80", "x32"])
+def test_other_syscall_abis_kill_the_process(make_sandbox, abi):
+    """A filter that checks only x86_64 numbers would let i386 numbers through int 0x80 (i386 unshare is
+    310, x86_64 process_vm_readv): libseccomp kills any call from another ABI instead."""
+    code = """
+import ctypes, mmap, sys
+code = {"int80": bytes([0xb8, 20, 0, 0, 0, 0xcd, 0x80, 0xc3]),        # mov eax, 20 (i386 getpid); int 0x80
+        "x32": bytes([0xb8, 0x27, 0, 0, 0x40, 0x0f, 0x05, 0xc3])}[sys.argv[1]]  # x32 getpid; syscall
+buf = mmap.mmap(-1, 4096, prot=mmap.PROT_READ | mmap.PROT_WRITE | mmap.PROT_EXEC)
+buf.write(code)
+print("returned", ctypes.CFUNCTYPE(ctypes.c_long)(ctypes.addressof(ctypes.c_char.from_buffer(buf)))())
+"""
+    r = make_sandbox().commands.run(["python3", "-c", code, abi])
+    assert "returned" not in r.stdout
+    assert r.exit_code == -31, (r.exit_code, r.stderr)  # SIGSYS: the seccomp bad-arch action
+
+
 def test_clone3_is_unavailable_and_clone_cannot_make_namespaces(make_sandbox):
     sb = make_sandbox()
     assert errno_of(sb, "clone3", 0, 0) == ENOSYS  # libc falls back to clone(), whose flags are checked
@@ -93,15 +197,18 @@ print(" ".join(out))
     assert set(r.stdout.split()) == {"EPERM"}
 
 
-def test_terminal_injection_ioctl_is_refused(make_sandbox):
-    code = """
-import fcntl, os, errno, termios
+@pytest.mark.parametrize("request_", ["termios.TIOCSTI", "termios.TIOCSETD", "0x541C",
+                                      "termios.TIOCSETD | 0xFFFF_FFFF_0000_0000"])
+def test_terminal_injection_and_line_discipline_ioctls_are_refused(make_sandbox, request_):
+    # TIOCSTI pushes input, TIOCLINUX (0x541C) the console's, TIOCSETD sets a line discipline (n_gsm, a
+    # kernel CVE source); the kernel reads the request as 32 bits, so high bits must not get around it.
+    code = f"""
+import ctypes, errno, os, struct, termios
+libc = ctypes.CDLL(None, use_errno=True)
 m, s = os.openpty()
-try:
-    fcntl.ioctl(s, termios.TIOCSTI, b"x")
-    print("allowed")
-except OSError as e:
-    print(errno.errorcode[e.errno])
+arg = ctypes.create_string_buffer(struct.pack("i", 0))  # N_TTY for TIOCSETD (allowed, it succeeds)
+r = libc.ioctl(s, ctypes.c_ulong(({request_}) & 0xFFFFFFFFFFFFFFFF), arg)
+print("allowed" if r == 0 else errno.errorcode[ctypes.get_errno()])
 """
     assert make_sandbox().commands.run(["python3", "-c", code]).stdout.strip() == "EPERM"
 
@@ -254,3 +361,50 @@ def test_setuid_binaries_and_kernel_knobs_grant_nothing(make_sandbox):
         assert r.exit_code != 0, f"wrote {knob}"
     assert sb.commands.run("hostname evil").exit_code != 0
     assert sb.commands.run("hostname").stdout == "sandbox\n"
+
+
+HOST_IDENTITY_FILES = ("version", "config.gz", "kallsyms", "kcore", "keys", "timer_list", "sched_debug",
+                       "latency_stats", "interrupts", "softirqs", "diskstats", "partitions", "zoneinfo",
+                       "cmdline", "modules", "iomem", "vmallocinfo", "buddyinfo", "swaps")
+
+
+def test_host_identifying_proc_files_read_empty(make_sandbox):
+    present = [n for n in HOST_IDENTITY_FILES if os.path.isfile(f"/proc/{n}")]
+    assert "version" in present
+    script = "; ".join(f"printf '{n}='; cat /proc/{n} 2>/dev/null | wc -c" for n in present)
+    r = make_sandbox().commands.run(script)
+    sizes = dict(line.split("=") for line in r.stdout.split())
+    assert sizes == dict.fromkeys(present, "0"), r.stdout
+
+
+def test_host_proc_directories_are_empty_and_read_only(make_sandbox):
+    present = [d for d in ("acpi", "scsi", "bus", "fs", "irq", "pressure", "asound") if os.path.isdir(f"/proc/{d}")]
+    assert "pressure" in present or "irq" in present
+    sb = make_sandbox()
+    for d in present:
+        assert sb.commands.run(f"ls -A /proc/{d}").stdout == "", d
+        assert sb.commands.run(f"echo 'some 150000 1000000' > /proc/{d}/memory").exit_code != 0, d
+    for knob in ("/proc/sys/kernel/core_pattern", "/proc/sys/vm/overcommit_memory", "/proc/sysrq-trigger"):
+        assert sb.commands.run(f"echo 1 > {knob}").exit_code != 0, knob
+
+
+def test_boot_id_and_load_are_the_sandbox_own(make_sandbox):
+    host_boot_id = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    a, b = make_sandbox(), make_sandbox()
+    ids = {sb.commands.run("cat /proc/sys/kernel/random/boot_id").stdout.strip() for sb in (a, b)}
+    assert len(ids) == 2 and host_boot_id not in ids
+    assert a.commands.run("cat /proc/loadavg").stdout.split()[:3] == ["0.00"] * 3
+
+
+@pytest.mark.parametrize("cpus,memory", [(1, 256 << 20), (0.5, 96 << 20), (1.5, 512 << 20)])
+def test_programs_size_themselves_to_the_sandbox_limits(make_sandbox, cpus, memory):
+    want = min(len(os.sched_getaffinity(0)), math.ceil(cpus))
+    sb = make_sandbox(limits={"cpus": cpus, "memory": memory})
+    code = ("import os; print(os.cpu_count(), len(os.sched_getaffinity(0)), "
+            "open('/proc/cpuinfo').read().count('processor'))")
+    assert sb.commands.run(["python3", "-c", code]).stdout.split() == [str(want)] * 3
+    assert sb.commands.run("nproc").stdout.strip() == str(want)
+    meminfo = dict(line.split(":", 1) for line in sb.files.read("/proc/meminfo").splitlines())
+    assert meminfo["MemTotal"].split() == [str(memory // 1024), "kB"]
+    assert sb.commands.run("free -b | awk '/^Mem:/ {print $2}'").stdout.strip() == str(memory)
+    assert "model name\t: sandbox virtual CPU" in sb.files.read("/proc/cpuinfo")

@@ -114,3 +114,52 @@ def sandbox_env(extra: dict[str, str], env_bin: str | None = None, env_python: s
                    PYTHONPATH=f"{LIB_DIR}:{PIP_PREFIX}/lib/{env_python}/site-packages")
     env.update(extra)
     return env
+
+
+# /proc entries that describe the host, not the sandbox: runc's masked and read-only set (acpi, asound,
+# interrupts, kcore, keys, latency_stats, timer_list, timer_stats, sched_debug, scsi, bus, fs, irq; bwrap
+# already makes sys and sysrq-trigger read-only) plus the kernel build, the host's disks, memory layout,
+# modules and counters. Files are covered by /dev/null (reads return nothing), directories by an empty
+# read-only tmpfs. Only entries this kernel has are covered (bwrap cannot mount over a missing one).
+MASKED_PROC_FILES = ("kcore", "keys", "key-users", "latency_stats", "timer_list", "timer_stats", "sched_debug",
+                     "interrupts", "softirqs", "version", "config.gz", "kallsyms", "modules", "cmdline",
+                     "diskstats", "partitions", "swaps", "zoneinfo", "buddyinfo", "pagetypeinfo", "vmallocinfo",
+                     "slabinfo", "vmstat", "iomem", "ioports", "dma", "mtrr", "devices", "misc", "consoles",
+                     "locks", "kmsg", "kpagecount", "kpageflags", "kpagecgroup", "execdomains", "crypto")
+MASKED_PROC_DIRS = ("acpi", "asound", "scsi", "bus", "fs", "irq", "driver", "pressure", "tty/driver")
+
+
+@cache
+def masked_proc() -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(files, directories) under /proc to mask, those present on this kernel."""
+    return (tuple(f"/proc/{n}" for n in MASKED_PROC_FILES if os.path.isfile(f"/proc/{n}")),
+            tuple(f"/proc/{n}" for n in MASKED_PROC_DIRS if os.path.isdir(f"/proc/{n}")))
+
+
+def sized_proc_files(memory: int, cpus: int, boot_id: str) -> dict[str, str]:
+    """/proc files programs read to size themselves, showing the sandbox's limits (limits.memory, the
+    CPU count the agent's affinity mask gives) instead of the host's. Static: written once at start."""
+    kib = memory // 1024
+    meminfo = "".join(f"{k + ':':<16}{v:>8} kB\n" for k, v in (
+        ("MemTotal", kib), ("MemFree", kib), ("MemAvailable", kib), ("Buffers", 0), ("Cached", 0),
+        ("SwapCached", 0), ("Active", 0), ("Inactive", 0), ("SwapTotal", 0), ("SwapFree", 0), ("Shmem", 0),
+        ("Slab", 0), ("SReclaimable", 0)))
+    cpuinfo = "".join(f"processor\t: {i}\nvendor_id\t: stockade\nmodel name\t: sandbox virtual CPU\n"
+                      f"physical id\t: 0\nsiblings\t: {cpus}\ncore id\t\t: {i}\ncpu cores\t: {cpus}\n\n"
+                      for i in range(cpus))
+    zeros = " 0" * 10
+    # glibc's get_nprocs (os.cpu_count) counts these cpuN lines when /sys is absent, as it is here.
+    stat = (f"cpu {zeros}\n" + "".join(f"cpu{i}{zeros}\n" for i in range(cpus))
+            + f"intr 0\nctxt 0\nbtime {_btime()}\nprocesses 0\nprocs_running 1\nprocs_blocked 0\n")
+    return {"/proc/meminfo": meminfo, "/proc/cpuinfo": cpuinfo, "/proc/stat": stat,
+            "/proc/loadavg": "0.00 0.00 0.00 1/1 1\n", "/proc/sys/kernel/random/boot_id": boot_id + "\n"}
+
+
+@cache
+def _btime() -> str:
+    """The host's boot time, kept so ps computes process start times (/proc/uptime still shows it)."""
+    with open("/proc/stat") as f:
+        for line in f:
+            if line.startswith("btime "):
+                return line.split()[1]
+    return "0"

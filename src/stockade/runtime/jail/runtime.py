@@ -12,11 +12,14 @@ import asyncio
 import contextlib
 import fcntl
 import hashlib
+import itertools
 import json
+import math
 import os
 import signal
 import socket
 import subprocess
+import uuid
 from collections.abc import Mapping
 from functools import cache
 from pathlib import Path
@@ -133,6 +136,8 @@ class JailRuntime(Runtime):
         self.agent_files = compiled_agent(self.image.python_host, self.config.state_dir)
         self.cgroups = cgroups.detect(self.config.cgroup_parent)
         self.uids = UidAllocator(self.config.state_dir, self.config.uid_range) if self.privileged else None
+        self.host_cpus = sorted(os.sched_getaffinity(0))
+        self._cpu_turn = itertools.count()  # spreads the sandboxes' affinity masks over the host's CPUs
         self.sandbox_env = self.config.sandbox_env if environment.is_built(self.config.sandbox_env) else None
         libs = sorted(p.name for p in (self.sandbox_env / "lib").glob("python3.*")) if self.sandbox_env else []
         self.sandbox_env_python = libs[-1] if libs else None  # where pip inside the sandbox installs
@@ -196,6 +201,11 @@ class JailSandbox(RuntimeSandbox):
         self.agent_pidfd: int | None = None
         self.agent_host_pid: int | None = None
         self.namespaces: dict[str, int] = {}
+        # The CPUs the agent (and so every process) is pinned to: as many as limits.cpus, rounded up, so
+        # nproc, os.cpu_count() and thread pools size themselves to the sandbox. The quota stays the limit.
+        n = min(len(runtime.host_cpus), max(1, math.ceil(policy.limits.cpus)))
+        start = next(runtime._cpu_turn) * n
+        self.cpus = sorted({runtime.host_cpus[(start + i) % len(runtime.host_cpus)] for i in range(n)})
         self._stopped = False
         self._stop_lock = asyncio.Lock()
 
@@ -249,6 +259,8 @@ class JailSandbox(RuntimeSandbox):
             except ProcessLookupError:  # bwrap failed during set-up
                 await self._wait_bwrap(2.0)
                 raise self._start_failure(stderr_fd) from None
+        with contextlib.suppress(ProcessLookupError):  # bwrap failed: the hello below reports it
+            os.sched_setaffinity(child, self.cpus)
         reader, writer = await asyncio.open_unix_connection(sock=host_sock)
         self.channel = AgentChannel(reader, writer)
         try:
@@ -290,6 +302,14 @@ class JailSandbox(RuntimeSandbox):
                  "--size", str(fs.tmp_size), "--perms", "1777", "--tmpfs", "/dev/shm",
                  "--size", str(fs.tmp_size), "--perms", "1777", "--tmpfs", "/tmp",
                  "--size", str(fs.workspace_size), "--perms", "0755", "--tmpfs", rootfs.HOME]
+        masked_files, masked_dirs = rootfs.masked_proc()
+        for path in masked_files:
+            argv += ["--dev-bind", "/dev/null", path]
+        for path in masked_dirs:
+            argv += ["--tmpfs", path, "--remount-ro", path]
+        sized = rootfs.sized_proc_files(self.policy.limits.memory, len(self.cpus), str(uuid.uuid4()))
+        for path, text in sized.items():
+            argv += ["--ro-bind-data", data(path.rsplit("/", 1)[1], text.encode()), path]
         for path, text in rootfs.generated_files().items():
             argv += ["--ro-bind-data", data(path.rsplit("/", 1)[1], text.encode()), path]
         for path, content in self.files.items():

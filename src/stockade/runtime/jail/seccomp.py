@@ -2,10 +2,14 @@
 
 Default allow, with the syscalls a sandbox has no business making answering EPERM: mounting, changing
 root, tracing or reading other processes, loading kernel code, BPF, perf, keyrings, userfaultfd,
-io_uring, namespace creation or entry, and sockets outside AF_UNIX/AF_INET/AF_INET6. ``clone3`` answers
-ENOSYS (its flags sit behind a pointer a filter cannot read), so libc falls back to ``clone``, whose
-flags are checked. Syscalls made through another ABI (32-bit int 0x80, x32) kill the process: libseccomp
-filters the native architecture only and its bad-arch action is KILL.
+io_uring, namespace creation or entry, NUMA memory policy, the LDT, obsolete and unimplemented calls,
+and sockets outside AF_UNIX/AF_INET/AF_INET6. The set is a superset of what Docker's default profile
+(moby/profiles seccomp/default.json) refuses a container without capabilities; docs/architecture.md lists
+each difference. ``clone3`` answers ENOSYS (its flags sit behind a pointer a filter cannot read), so libc
+falls back to ``clone``, whose flags are checked. Syscall numbers above the newest one reviewed here
+answer ENOSYS, so a newer kernel's new calls stay closed until someone reviews them. Syscalls made
+through another ABI (32-bit int 0x80, x32) kill the process: libseccomp filters the native architecture
+only and its bad-arch action is KILL.
 """
 
 from __future__ import annotations
@@ -35,7 +39,21 @@ DENIED = (
     "unshare", "setns",
     # clock and time
     "settimeofday", "clock_settime", "clock_adjtime", "adjtimex",
+    # NUMA placement and other processes' pages (Docker: CAP_SYS_NICE / CAP_SYS_PTRACE only)
+    "mbind", "set_mempolicy", "get_mempolicy", "set_mempolicy_home_node", "migrate_pages", "move_pages",
+    "process_madvise",
+    # the local descriptor table: 16-bit segments, a source of kernel bugs (espfix, CVE-2015-5157)
+    "modify_ldt",
+    # host identity (the UTS namespace already isolates them) and obsolete or unimplemented calls
+    "sethostname", "setdomainname", "_sysctl", "sysfs", "ustat", "create_module", "get_kernel_syms",
+    "query_module", "afs_syscall", "getpmsg", "putpmsg", "security", "tuxcall", "vserver",
 )
+# Syscalls newer than libseccomp 2.5's table, by number (from 424 on every architecture shares the
+# numbers). Those not listed (statmount, listmount, mseal, the *xattrat family) are allowed, as Docker does.
+DENIED_BY_NUMBER = {459: "lsm_get_self_attr", 460: "lsm_set_self_attr", 461: "lsm_list_modules",
+                    467: "open_tree_attr"}
+NEWEST_REVIEWED = 467        # open_tree_attr (6.15); file_getattr/setattr (6.17, 468-469) and later: ENOSYS
+NATIVE_TABLE_END = 512       # x86_64 keeps its native numbers below the x32 range (512 and up)
 NAMESPACE_FLAGS = {
     "CLONE_NEWNS": 0x00020000, "CLONE_NEWCGROUP": 0x02000000, "CLONE_NEWUTS": 0x04000000,
     "CLONE_NEWIPC": 0x08000000, "CLONE_NEWUSER": 0x10000000, "CLONE_NEWPID": 0x20000000,
@@ -43,6 +61,7 @@ NAMESPACE_FLAGS = {
 }
 ALLOWED_SOCKET_FAMILIES = (1, 2, 10)  # AF_UNIX, AF_INET, AF_INET6
 TIOCSTI, TIOCLINUX = 0x5412, 0x541C   # push input into the terminal: a known escape from a session
+TIOCSETD = 0x5423                     # change a terminal's line discipline (n_gsm, n_hdlc: kernel CVEs)
 
 
 @cache
@@ -57,12 +76,18 @@ def filter_bpf() -> bytes:
             "pip install pyseccomp") from None
     eperm = sc.ERRNO(errno.EPERM)
     f = sc.SyscallFilter(sc.ALLOW)
+    f.set_attr(sc.Attr.CTL_OPTIMIZE, 2)  # a binary tree over syscall numbers: O(log n) per syscall
     for name in DENIED:
         try:
             f.add_rule(eperm, name)
         except (OSError, ValueError):  # unknown on this architecture or libseccomp version
             continue
-    f.add_rule(sc.ERRNO(errno.ENOSYS), "clone3")
+    for nr in DENIED_BY_NUMBER:
+        f.add_rule(eperm, nr)
+    enosys = sc.ERRNO(errno.ENOSYS)
+    for nr in range(NEWEST_REVIEWED + 1, NATIVE_TABLE_END):
+        f.add_rule(enosys, nr)
+    f.add_rule(enosys, "clone3")
     for flag in NAMESPACE_FLAGS.values():
         f.add_rule(eperm, "clone", sc.Arg(0, sc.MASKED_EQ, flag, flag))
     for family in range(0, max(ALLOWED_SOCKET_FAMILIES)):
@@ -71,7 +96,7 @@ def filter_bpf() -> bytes:
             f.add_rule(eperm, "socketpair", sc.Arg(0, sc.EQ, family))
     f.add_rule(eperm, "socket", sc.Arg(0, sc.GT, max(ALLOWED_SOCKET_FAMILIES)))
     f.add_rule(eperm, "socketpair", sc.Arg(0, sc.GT, max(ALLOWED_SOCKET_FAMILIES)))
-    for request in (TIOCSTI, TIOCLINUX):
+    for request in (TIOCSTI, TIOCLINUX, TIOCSETD):
         f.add_rule(eperm, "ioctl", sc.Arg(1, sc.MASKED_EQ, 0xFFFFFFFF, request))
     # personality(0xffffffff) only queries; every change (e.g. ADDR_NO_RANDOMIZE) is refused.
     f.add_rule(eperm, "personality", sc.Arg(0, sc.NE, 0xFFFFFFFF))
