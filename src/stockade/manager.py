@@ -406,6 +406,18 @@ class Manager:
                 return False
             raise
 
+    async def kill_all(self, sandbox_id: str) -> int:
+        """SIGKILL every process in the sandbox but its agent (commands, what they left running, code
+        contexts); the sandbox stays usable. Returns how many processes were killed."""
+        sb = self.get(sandbox_id)
+        result = await sb.channel.call({"op": "kill_all"})
+        for ctx in sb.contexts.values():  # their interpreters are gone: the next cell starts a fresh one
+            ctx.alive = False
+        killed = result.get("killed")
+        count = killed if isinstance(killed, int) and not isinstance(killed, bool) and killed >= 0 else 0
+        self._record(sb, "command.kill_all", {"killed": count})
+        return count
+
     async def list_commands(self, sandbox_id: str) -> builtins.list[dict[str, Any]]:
         sb = self.get(sandbox_id)
         result = await sb.channel.call({"op": "ps"})

@@ -6,6 +6,8 @@ import time
 
 import pytest
 
+from stockade.runtime.jail.runtime import AGENT_PIDS_HEADROOM
+
 from ..conftest import ROOT
 
 needs_cgroups = pytest.mark.skipif(not ROOT, reason="cgroup limits need root (or a delegated cgroup)")
@@ -54,7 +56,8 @@ def test_memory_limit_is_in_the_cgroup(make_sandbox):
     base = Path("/sys/fs/cgroup")
     sid = info.sandbox_id
     assert int((base / "memory/stockade" / sid / "memory.limit_in_bytes").read_text()) == 96 << 20
-    assert (base / "pids/stockade" / sid / "pids.max").read_text().strip() == "77"
+    # limits.pids for user code (RLIMIT_NPROC) plus the agent's headroom
+    assert (base / "pids/stockade" / sid / "pids.max").read_text().strip() == str(77 + AGENT_PIDS_HEADROOM)
     assert (base / "cpu/stockade" / sid / "cpu.cfs_quota_us").read_text().strip() == "50000"
     procs = (base / "pids/stockade" / sid / "cgroup.procs").read_text().split()
     assert str(info.runtime["agent_host_pid"]) in procs

@@ -400,6 +400,12 @@ def create_app(settings: ServerSettings, config: HostConfig | None = None, runti
                  "tag": p.get("tag") if isinstance(p.get("tag"), str) else None}
                 for p in await srv.m.list_commands(sandbox_id)]
 
+    @app.post("/sandboxes/{sandbox_id}/commands/kill", tags=["commands"])
+    async def kill_all_commands(sandbox_id: str, srv: Srv, who: Auth) -> dict[str, int]:
+        """Kill every process in the sandbox but its agent; the sandbox stays usable."""
+        live(srv, who, sandbox_id)
+        return {"killed": await srv.m.kill_all(sandbox_id)}
+
     @app.post("/sandboxes/{sandbox_id}/commands/{pid}/stdin", tags=["commands"], status_code=204,
               openapi_extra={"requestBody": {"content": {"application/octet-stream": {}}}})
     async def send_stdin(sandbox_id: str, pid: Annotated[int, PathParam(ge=1, le=1 << 22)], request: Request,

@@ -149,6 +149,10 @@ class RemoteTransport(Transport):
                                   json={"signal": int(sig)})
         return bool(answer["delivered"])
 
+    async def kill_all(self, sandbox_id: str) -> int:
+        answer = await self._call("POST", f"/sandboxes/{_id(sandbox_id)}/commands/kill")
+        return int(answer["killed"])
+
     async def processes(self, sandbox_id: str) -> builtins.list[ProcessInfo]:
         return [ProcessInfo(p["pid"], p["cmd"], p.get("tag"))
                 for p in await self._call("GET", f"/sandboxes/{_id(sandbox_id)}/commands")]
