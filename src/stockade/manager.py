@@ -29,7 +29,7 @@ from .broker.rules import RuleError
 from .broker.secrets import SandboxCA, load_secrets, sandbox_trust_bundle
 from .broker.server import BrokerEndpoint
 from .errors import FilesystemError, PolicyError, ProtocolError, SandboxNotFoundError, SandboxUnavailableError
-from .policy import NetworkPolicy, Policy, format_duration
+from .policy import NetworkPolicy, Policy, format_duration, format_size
 from .pool import WarmPool
 from .runtime.base import BROKER_DIR, Runtime, RuntimeSandbox
 from .runtime.channel import CellPending, CommandPending, ReadPending, StreamPending
@@ -61,6 +61,8 @@ class CommandRecord:
     cmd: str
     pending: CommandPending
     background: bool
+    timeout: float | None = None
+    oom_before: int | None = None       # the sandbox's OOM-kill count when the command started
 
 
 LANGUAGES = ("python", "bash", "javascript")
@@ -338,12 +340,14 @@ class Manager:
                 raise PolicyError("cmd", "argv must be a non-empty list of strings")
             header["argv"] = list(cmd)
         pending = CommandPending(sb.policy.limits.output, on_output)
+        oom_before = sb.runtime.oom_kills()
         data = stdin or b""
         inline = len(data) <= protocol.CHUNK  # larger stdin follows in chunks
         header["stdin_open"] = stdin_open or not inline
         rid = sb.channel.start(header, pending, data if inline else b"")
         pid = await pending.started
-        record = CommandRecord(pid, rid, cmd if isinstance(cmd, str) else " ".join(cmd), pending, background)
+        record = CommandRecord(pid, rid, cmd if isinstance(cmd, str) else " ".join(cmd), pending, background,
+                               header["timeout"], oom_before)
         self._record(sb, "command.start", {"pid": pid, ("cmd" if isinstance(cmd, str) else "argv"): cmd,
                                            "cwd": cwd, "env_names": sorted(header["env"]), "background": background,
                                            "stdin_bytes": len(data)})
@@ -356,7 +360,10 @@ class Manager:
                 sb.busy -= 1
                 sb.last_active = self.loop.time()
             exit_ = fut.result() if not fut.cancelled() and fut.exception() is None else {}
+            if exit_:
+                exit_.update(self._limit_hit(sb, record, exit_))
             self._record(sb, "command.end", {"pid": pid, "exit_code": exit_.get("code"), "signal": exit_.get("signal"),
+                                             "limit": exit_.get("limit"), "error": exit_.get("error"),
                                              "timed_out": bool(exit_.get("timed_out")),
                                              "duration": round(time.monotonic() - started, 6),
                                              "ended": "exit" if exit_ else "sandbox ended",
@@ -370,6 +377,37 @@ class Manager:
                 if exc.errno_name != "ESRCH":  # it exited without reading all of it: not an error
                     raise
         return record
+
+    def _limit_hit(self, sb: ManagedSandbox, record: CommandRecord, exit_: dict[str, Any]) -> dict[str, str]:
+        """Which limit ended or cut the command, from what was observed: the agent's timeout flag, the
+        memory cgroup's own OOM-kill counter, the signal, the output cap, the agent's spawn error."""
+        lim = sb.policy.limits
+        sig, stderr = exit_.get("signal"), bytes(record.pending.output["stderr"][-300:])
+        if exit_.get("timed_out"):
+            value = record.timeout if record.timeout is not None else lim.command_timeout
+            return {"limit": "limits.command_timeout",
+                    "error": f"the command ran past its timeout ({format_duration(value)}) and was killed; pass a "
+                             "longer timeout= or raise limits.command_timeout"}
+        oom_after = sb.runtime.oom_kills()
+        if sig == 9 and record.oom_before is not None and oom_after is not None and oom_after > record.oom_before:
+            return {"limit": "limits.memory",
+                    "error": f"out of memory: the sandbox's memory limit ({format_size(lim.memory)}) was reached and "
+                             "the kernel killed the command; raise limits.memory"}
+        if sig == 25:  # SIGXFSZ
+            return {"limit": "limits.file_size",
+                    "error": f"a file grew past limits.file_size ({format_size(lim.file_size)}); raise it"}
+        if exit_.get("code") == 127 and b"stockade: cannot run" in stderr and b"Resource temporarily" in stderr:
+            return {"limit": "limits.pids",
+                    "error": f"no process could be started: the sandbox's processes hold all {lim.pids} of "
+                             "limits.pids; kill some (commands.kill_all()) or raise limits.pids"}
+        if any(record.pending.truncated.values()):
+            return {"limit": "limits.output",
+                    "error": f"output passed limits.output ({format_size(lim.output)} per stream) and was cut; "
+                             "write large output to a file, or raise limits.output"}
+        if sig == 9 and oom_after is None and sb.runtime.memory_peak() is None:
+            return {"error": "killed by SIGKILL; this host has no memory cgroup, so an out-of-memory kill "
+                             "(limits.memory) cannot be confirmed or ruled out"}
+        return {}
 
     async def wait_command(self, sandbox_id: str, record: CommandRecord) -> dict[str, Any]:
         sb = self.sandboxes.get(sandbox_id)

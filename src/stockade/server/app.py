@@ -172,6 +172,8 @@ class CommandOut(BaseModel):
     stderr: str
     timed_out: bool
     truncated: bool
+    limit: str | None = None    # the policy field whose limit the command hit
+    error: str | None = None    # what happened, in words
 
 
 class SignalBody(_Body):
@@ -366,7 +368,8 @@ def create_app(settings: ServerSettings, config: HostConfig | None = None, runti
             srv.metrics.exec_seconds.observe(time.perf_counter() - started)
             code, sig = exit_.get("code"), exit_.get("signal")
             return {"exit_code": code if isinstance(code, int) else -(sig if isinstance(sig, int) else 9),
-                    "timed_out": bool(exit_.get("timed_out")), "truncated": any(record.pending.truncated.values())}
+                    "timed_out": bool(exit_.get("timed_out")), "truncated": any(record.pending.truncated.values()),
+                    "limit": exit_.get("limit"), "error": exit_.get("error")}
 
         if not streaming:
             done = await finish()

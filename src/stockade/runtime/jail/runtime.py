@@ -354,6 +354,9 @@ class JailSandbox(RuntimeSandbox):
     def memory_peak(self) -> int | None:
         return self.cgroup.memory_peak() if self.cgroup else None
 
+    def oom_kills(self) -> int | None:
+        return self.cgroup.oom_kills() if self.cgroup else None
+
     # ---- teardown ------------------------------------------------------------------------------
     async def stop(self) -> None:
         async with self._stop_lock:

@@ -123,7 +123,9 @@ class RemoteTransport(Transport):
                     return CommandResult(out["stdout"].decode("utf-8", "replace"),
                                          out["stderr"].decode("utf-8", "replace"), int(data["exit_code"]),
                                          bool(data.get("truncated")), bool(data.get("timed_out")),
-                                         bytes(out["stdout"]), bytes(out["stderr"]))
+                                         bytes(out["stdout"]), bytes(out["stderr"]),
+                                         data.get("limit") if isinstance(data.get("limit"), str) else None,
+                                         data.get("error") if isinstance(data.get("error"), str) else None)
             raise SandboxUnavailableError("the server ended the command's stream before the command ended")
 
         task = asyncio.get_running_loop().create_task(pump())
