@@ -314,16 +314,26 @@ class Manager:
 
     # ---- processes -----------------------------------------------------------------------------
     def _command_timeout(self, sb: ManagedSandbox, timeout: float | None, background: bool) -> float | None:
-        cap = sb.policy.limits.command_timeout
+        """limits.command_timeout is the default; a call's own timeout may be longer, up to
+        limits.max_command_timeout where the policy sets one, and never past the sandbox's end."""
+        lim = sb.policy.limits
         if timeout is None:
-            return None if background else cap
+            return None if background else lim.command_timeout
         if timeout <= 0:
             if not background:
                 raise PolicyError("timeout", "a foreground command needs a positive timeout")
             return None
-        if timeout > cap and not background:
-            raise PolicyError("timeout", f"{format_duration(timeout)} exceeds limits.command_timeout "
-                              f"({format_duration(cap)})")
+        if background:
+            return float(timeout)
+        cap = lim.max_command_timeout
+        if cap is not None and timeout > cap:
+            raise PolicyError("timeout", f"{format_duration(timeout)} exceeds limits.max_command_timeout "
+                              f"({format_duration(cap)}); raise limits.max_command_timeout")
+        left = sb.deadline - self.loop.time()
+        if timeout > left:
+            raise PolicyError("timeout", f"{format_duration(timeout)} outlives the sandbox, which ends in "
+                              f"{format_duration(max(round(left), 1))}; extend it first (set_timeout, up to "
+                              "lifetime.max_lifetime)")
         return float(timeout)
 
     async def start_command(self, sandbox_id: str, cmd: str | Argv, *, envs: Mapping[str, str] | None,
@@ -386,8 +396,8 @@ class Manager:
         if exit_.get("timed_out"):
             value = record.timeout if record.timeout is not None else lim.command_timeout
             return {"limit": "limits.command_timeout",
-                    "error": f"the command ran past its timeout ({format_duration(value)}) and was killed; pass a "
-                             "longer timeout= or raise limits.command_timeout"}
+                    "error": f"timed out: the command ran past its timeout ({format_duration(value)}) and was "
+                             "killed; pass a longer timeout= or raise limits.command_timeout"}
         oom_after = sb.runtime.oom_kills()
         if sig == 9 and record.oom_before is not None and oom_after is not None and oom_after > record.oom_before:
             return {"limit": "limits.memory",
@@ -414,7 +424,7 @@ class Manager:
         grace = 5.0
         limit = None
         if sb is not None and not record.background:
-            limit = (sb.policy.limits.command_timeout + grace)
+            limit = (record.timeout or sb.policy.limits.command_timeout) + grace
         try:
             result: dict[str, Any] = await asyncio.wait_for(asyncio.shield(record.pending.done), limit)
             return result

@@ -121,9 +121,32 @@ def test_output_flood_is_truncated_at_the_cap(make_sandbox):
     assert r.exit_code == 0
 
 
-def test_command_timeout_above_the_policy_is_refused(make_sandbox):
+def test_a_calls_timeout_may_exceed_the_default_command_timeout(make_sandbox):
+    sb = make_sandbox(limits={"command_timeout": "1s"})
+    r = sb.commands.run("sleep 1.5; echo done", timeout=120)
+    assert (r.stdout, r.timed_out) == ("done\n", False)
+    assert sb.run_code("import time; time.sleep(1.5); 'done'", timeout=120).text == "'done'"
+    # the default still applies to a call without one
+    r = sb.commands.run("sleep 30")
+    assert r.timed_out and "(1s)" in (r.error or "")
+
+
+def test_a_policy_cap_on_a_calls_timeout_names_its_field(make_sandbox):
     from stockade import PolicyError
 
-    sb = make_sandbox(limits={"command_timeout": "5s"})
-    with pytest.raises(PolicyError, match="limits.command_timeout"):
+    sb = make_sandbox(limits={"command_timeout": "5s", "max_command_timeout": "8s"})
+    assert sb.commands.run("true", timeout=8).exit_code == 0
+    with pytest.raises(PolicyError, match="limits.max_command_timeout"):
         sb.commands.run("true", timeout=10)
+    with pytest.raises(PolicyError, match="limits.max_command_timeout"):
+        sb.run_code("1", timeout=10)
+
+
+def test_a_calls_timeout_cannot_outlive_the_sandbox(make_sandbox):
+    from stockade import PolicyError
+
+    sb = make_sandbox(timeout=30)
+    with pytest.raises(PolicyError, match="outlives the sandbox"):
+        sb.commands.run("true", timeout=120)
+    with pytest.raises(PolicyError, match="outlives the sandbox"):
+        sb.run_code("1", timeout=120)
