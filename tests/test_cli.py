@@ -60,6 +60,13 @@ def test_run_timeout_exits_124(weak_policy):
     assert "timed out" in r.stderr
 
 
+def test_run_says_which_limit_a_command_hit(weak_policy):
+    r = stockade("run", *weak_policy, "--timeout", "1", "--", "sleep", "30")
+    assert "ran past its timeout (1s)" in r.stderr and "limits.command_timeout" in r.stderr
+    r = stockade("run", *weak_policy, "--", "sh", "-c", "kill -XFSZ $$")
+    assert "limits.file_size" in r.stderr
+
+
 def test_run_signal_exit_status(weak_policy):
     r = stockade("run", *weak_policy, "--", "sh", "-c", "kill -TERM $$")
     assert r.returncode == 128 + 15

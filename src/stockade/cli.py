@@ -77,11 +77,14 @@ def run(
         raise _fail(exc) from None
     except KeyboardInterrupt:
         raise typer.Exit(130) from None
-    if result.truncated:
+    if result.truncated and result.limit != "limits.output":
         typer.echo(f"stockade: output was truncated at limits.output ({pol.to_display()['limits']['output']})",
                    err=True)
+    if result.error:  # which limit was hit, and the policy field that raises it
+        typer.echo(f"stockade: {result.error}", err=True)
     if result.timed_out:
-        typer.echo(f"stockade: timed out after {pol.to_display()['limits']['command_timeout']}", err=True)
+        if result.limit != "limits.command_timeout":
+            typer.echo(f"stockade: timed out after {pol.to_display()['limits']['command_timeout']}", err=True)
         raise typer.Exit(EXIT_TIMEOUT)
     raise typer.Exit(result.exit_code if result.exit_code >= 0 else 128 - result.exit_code)
 

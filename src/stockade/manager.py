@@ -29,7 +29,7 @@ from .broker.rules import RuleError
 from .broker.secrets import SandboxCA, load_secrets, sandbox_trust_bundle
 from .broker.server import BrokerEndpoint
 from .errors import FilesystemError, PolicyError, ProtocolError, SandboxNotFoundError, SandboxUnavailableError
-from .policy import NetworkPolicy, Policy, format_duration
+from .policy import NetworkPolicy, Policy, format_duration, format_size
 from .pool import WarmPool
 from .runtime.base import BROKER_DIR, Runtime, RuntimeSandbox
 from .runtime.channel import CellPending, CommandPending, ReadPending, StreamPending
@@ -61,6 +61,8 @@ class CommandRecord:
     cmd: str
     pending: CommandPending
     background: bool
+    timeout: float | None = None
+    oom_before: int | None = None       # the sandbox's OOM-kill count when the command started
 
 
 LANGUAGES = ("python", "bash", "javascript")
@@ -312,16 +314,26 @@ class Manager:
 
     # ---- processes -----------------------------------------------------------------------------
     def _command_timeout(self, sb: ManagedSandbox, timeout: float | None, background: bool) -> float | None:
-        cap = sb.policy.limits.command_timeout
+        """limits.command_timeout is the default; a call's own timeout may be longer, up to
+        limits.max_command_timeout where the policy sets one, and never past the sandbox's end."""
+        lim = sb.policy.limits
         if timeout is None:
-            return None if background else cap
+            return None if background else lim.command_timeout
         if timeout <= 0:
             if not background:
                 raise PolicyError("timeout", "a foreground command needs a positive timeout")
             return None
-        if timeout > cap and not background:
-            raise PolicyError("timeout", f"{format_duration(timeout)} exceeds limits.command_timeout "
-                              f"({format_duration(cap)})")
+        if background:
+            return float(timeout)
+        cap = lim.max_command_timeout
+        if cap is not None and timeout > cap:
+            raise PolicyError("timeout", f"{format_duration(timeout)} exceeds limits.max_command_timeout "
+                              f"({format_duration(cap)}); raise limits.max_command_timeout")
+        left = sb.deadline - self.loop.time()
+        if timeout > left:
+            raise PolicyError("timeout", f"{format_duration(timeout)} outlives the sandbox, which ends in "
+                              f"{format_duration(max(round(left), 1))}; extend it first (set_timeout, up to "
+                              "lifetime.max_lifetime)")
         return float(timeout)
 
     async def start_command(self, sandbox_id: str, cmd: str | Argv, *, envs: Mapping[str, str] | None,
@@ -338,12 +350,14 @@ class Manager:
                 raise PolicyError("cmd", "argv must be a non-empty list of strings")
             header["argv"] = list(cmd)
         pending = CommandPending(sb.policy.limits.output, on_output)
+        oom_before = sb.runtime.oom_kills()
         data = stdin or b""
         inline = len(data) <= protocol.CHUNK  # larger stdin follows in chunks
         header["stdin_open"] = stdin_open or not inline
         rid = sb.channel.start(header, pending, data if inline else b"")
         pid = await pending.started
-        record = CommandRecord(pid, rid, cmd if isinstance(cmd, str) else " ".join(cmd), pending, background)
+        record = CommandRecord(pid, rid, cmd if isinstance(cmd, str) else " ".join(cmd), pending, background,
+                               header["timeout"], oom_before)
         self._record(sb, "command.start", {"pid": pid, ("cmd" if isinstance(cmd, str) else "argv"): cmd,
                                            "cwd": cwd, "env_names": sorted(header["env"]), "background": background,
                                            "stdin_bytes": len(data)})
@@ -356,7 +370,10 @@ class Manager:
                 sb.busy -= 1
                 sb.last_active = self.loop.time()
             exit_ = fut.result() if not fut.cancelled() and fut.exception() is None else {}
+            if exit_:
+                exit_.update(self._limit_hit(sb, record, exit_))
             self._record(sb, "command.end", {"pid": pid, "exit_code": exit_.get("code"), "signal": exit_.get("signal"),
+                                             "limit": exit_.get("limit"), "error": exit_.get("error"),
                                              "timed_out": bool(exit_.get("timed_out")),
                                              "duration": round(time.monotonic() - started, 6),
                                              "ended": "exit" if exit_ else "sandbox ended",
@@ -371,12 +388,43 @@ class Manager:
                     raise
         return record
 
+    def _limit_hit(self, sb: ManagedSandbox, record: CommandRecord, exit_: dict[str, Any]) -> dict[str, str]:
+        """Which limit ended or cut the command, from what was observed: the agent's timeout flag, the
+        memory cgroup's own OOM-kill counter, the signal, the output cap, the agent's spawn error."""
+        lim = sb.policy.limits
+        sig, stderr = exit_.get("signal"), bytes(record.pending.output["stderr"][-300:])
+        if exit_.get("timed_out"):
+            value = record.timeout if record.timeout is not None else lim.command_timeout
+            return {"limit": "limits.command_timeout",
+                    "error": f"timed out: the command ran past its timeout ({format_duration(value)}) and was "
+                             "killed; pass a longer timeout= or raise limits.command_timeout"}
+        oom_after = sb.runtime.oom_kills()
+        if sig == 9 and record.oom_before is not None and oom_after is not None and oom_after > record.oom_before:
+            return {"limit": "limits.memory",
+                    "error": f"out of memory: the sandbox's memory limit ({format_size(lim.memory)}) was reached and "
+                             "the kernel killed the command; raise limits.memory"}
+        if sig == 25:  # SIGXFSZ
+            return {"limit": "limits.file_size",
+                    "error": f"a file grew past limits.file_size ({format_size(lim.file_size)}); raise it"}
+        if exit_.get("code") == 127 and b"stockade: cannot run" in stderr and b"Resource temporarily" in stderr:
+            return {"limit": "limits.pids",
+                    "error": f"no process could be started: the sandbox's processes hold all {lim.pids} of "
+                             "limits.pids; kill some (commands.kill_all()) or raise limits.pids"}
+        if any(record.pending.truncated.values()):
+            return {"limit": "limits.output",
+                    "error": f"output passed limits.output ({format_size(lim.output)} per stream) and was cut; "
+                             "write large output to a file, or raise limits.output"}
+        if sig == 9 and oom_after is None and sb.runtime.memory_peak() is None:
+            return {"error": "killed by SIGKILL; this host has no memory cgroup, so an out-of-memory kill "
+                             "(limits.memory) cannot be confirmed or ruled out"}
+        return {}
+
     async def wait_command(self, sandbox_id: str, record: CommandRecord) -> dict[str, Any]:
         sb = self.sandboxes.get(sandbox_id)
         grace = 5.0
         limit = None
         if sb is not None and not record.background:
-            limit = (sb.policy.limits.command_timeout + grace)
+            limit = (record.timeout or sb.policy.limits.command_timeout) + grace
         try:
             result: dict[str, Any] = await asyncio.wait_for(asyncio.shield(record.pending.done), limit)
             return result
@@ -405,6 +453,18 @@ class Manager:
             if exc.errno_name == "ESRCH":
                 return False
             raise
+
+    async def kill_all(self, sandbox_id: str) -> int:
+        """SIGKILL every process in the sandbox but its agent (commands, what they left running, code
+        contexts); the sandbox stays usable. Returns how many processes were killed."""
+        sb = self.get(sandbox_id)
+        result = await sb.channel.call({"op": "kill_all"})
+        for ctx in sb.contexts.values():  # their interpreters are gone: the next cell starts a fresh one
+            ctx.alive = False
+        killed = result.get("killed")
+        count = killed if isinstance(killed, int) and not isinstance(killed, bool) and killed >= 0 else 0
+        self._record(sb, "command.kill_all", {"killed": count})
+        return count
 
     async def list_commands(self, sandbox_id: str) -> builtins.list[dict[str, Any]]:
         sb = self.get(sandbox_id)

@@ -181,7 +181,8 @@ class LimitsPolicy(_Section):
     memory: Annotated[int, BeforeValidator(parse_size), Field(ge=16 << 20)] = 512 << 20
     cpus: Annotated[float, Field(gt=0, le=1024)] = 1.0
     pids: Annotated[int, Field(ge=8, le=1 << 22)] = 256
-    command_timeout: PositiveDuration = 60.0
+    command_timeout: PositiveDuration = 60.0      # the default for a call that passes no timeout
+    max_command_timeout: PositiveDuration | None = None  # a cap on a call's own timeout; None: the lifetime
     output: PositiveSize = 1 << 20
     open_files: Annotated[int, Field(ge=16, le=1 << 20)] = 1024
     file_size: PositiveSize = 1 << 30
@@ -327,6 +328,8 @@ class Policy(_Section):
         for key in ("memory", "output", "file_size"):
             lim[key] = format_size(lim[key])
         lim["command_timeout"] = format_duration(lim["command_timeout"])
+        if lim["max_command_timeout"] is not None:
+            lim["max_command_timeout"] = format_duration(lim["max_command_timeout"])
         for key in ("timeout", "max_lifetime", "idle_timeout"):
             if life[key] is not None:
                 life[key] = format_duration(life[key])

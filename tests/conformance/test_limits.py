@@ -6,6 +6,8 @@ import time
 
 import pytest
 
+from stockade.runtime.jail.runtime import AGENT_PIDS_HEADROOM
+
 from ..conftest import ROOT
 
 needs_cgroups = pytest.mark.skipif(not ROOT, reason="cgroup limits need root (or a delegated cgroup)")
@@ -54,7 +56,8 @@ def test_memory_limit_is_in_the_cgroup(make_sandbox):
     base = Path("/sys/fs/cgroup")
     sid = info.sandbox_id
     assert int((base / "memory/stockade" / sid / "memory.limit_in_bytes").read_text()) == 96 << 20
-    assert (base / "pids/stockade" / sid / "pids.max").read_text().strip() == "77"
+    # limits.pids for user code (RLIMIT_NPROC) plus the agent's headroom
+    assert (base / "pids/stockade" / sid / "pids.max").read_text().strip() == str(77 + AGENT_PIDS_HEADROOM)
     assert (base / "cpu/stockade" / sid / "cpu.cfs_quota_us").read_text().strip() == "50000"
     procs = (base / "pids/stockade" / sid / "cgroup.procs").read_text().split()
     assert str(info.runtime["agent_host_pid"]) in procs
@@ -118,9 +121,32 @@ def test_output_flood_is_truncated_at_the_cap(make_sandbox):
     assert r.exit_code == 0
 
 
-def test_command_timeout_above_the_policy_is_refused(make_sandbox):
+def test_a_calls_timeout_may_exceed_the_default_command_timeout(make_sandbox):
+    sb = make_sandbox(limits={"command_timeout": "1s"})
+    r = sb.commands.run("sleep 1.5; echo done", timeout=120)
+    assert (r.stdout, r.timed_out) == ("done\n", False)
+    assert sb.run_code("import time; time.sleep(1.5); 'done'", timeout=120).text == "'done'"
+    # the default still applies to a call without one
+    r = sb.commands.run("sleep 30")
+    assert r.timed_out and "(1s)" in (r.error or "")
+
+
+def test_a_policy_cap_on_a_calls_timeout_names_its_field(make_sandbox):
     from stockade import PolicyError
 
-    sb = make_sandbox(limits={"command_timeout": "5s"})
-    with pytest.raises(PolicyError, match="limits.command_timeout"):
+    sb = make_sandbox(limits={"command_timeout": "5s", "max_command_timeout": "8s"})
+    assert sb.commands.run("true", timeout=8).exit_code == 0
+    with pytest.raises(PolicyError, match="limits.max_command_timeout"):
         sb.commands.run("true", timeout=10)
+    with pytest.raises(PolicyError, match="limits.max_command_timeout"):
+        sb.run_code("1", timeout=10)
+
+
+def test_a_calls_timeout_cannot_outlive_the_sandbox(make_sandbox):
+    from stockade import PolicyError
+
+    sb = make_sandbox(timeout=30)
+    with pytest.raises(PolicyError, match="outlives the sandbox"):
+        sb.commands.run("true", timeout=120)
+    with pytest.raises(PolicyError, match="outlives the sandbox"):
+        sb.run_code("1", timeout=120)

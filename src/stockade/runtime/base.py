@@ -31,6 +31,11 @@ class RuntimeSandbox(ABC):
         """The most memory the sandbox has used, where the runtime can tell (for "ran out of memory")."""
         return None
 
+    def oom_kills(self) -> int | None:
+        """How many processes the OOM killer has killed in the sandbox so far, or None where the runtime
+        has no counter to tell (then a SIGKILL cannot be confirmed as an out-of-memory kill)."""
+        return None
+
     @abstractmethod
     def describe(self) -> dict[str, object]:
         """Runtime facts for ``info()``: isolation in force, host uid, cgroup, pids."""

@@ -16,6 +16,8 @@ class CommandResult:
     timed_out: bool = False
     stdout_bytes: bytes = field(default=b"", repr=False)
     stderr_bytes: bytes = field(default=b"", repr=False)
+    limit: str | None = None        # the policy field whose limit the command hit, e.g. "limits.memory"
+    error: str | None = None        # what happened, with the limit's value and the field that raises it
 
     @classmethod
     def from_exit(cls, exit_event: dict[str, Any], stdout: bytes, stderr: bytes,
@@ -23,8 +25,10 @@ class CommandResult:
         code = exit_event.get("code")
         sig = exit_event.get("signal")
         exit_code = code if isinstance(code, int) else -(sig if isinstance(sig, int) else 9)
+        limit, error = exit_event.get("limit"), exit_event.get("error")
         return cls(stdout.decode("utf-8", "replace"), stderr.decode("utf-8", "replace"), exit_code,
-                   any(truncated.values()), bool(exit_event.get("timed_out")), bytes(stdout), bytes(stderr))
+                   any(truncated.values()), bool(exit_event.get("timed_out")), bytes(stdout), bytes(stderr),
+                   limit if isinstance(limit, str) else None, error if isinstance(error, str) else None)
 
 
 @dataclass(frozen=True)

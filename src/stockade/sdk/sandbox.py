@@ -218,6 +218,11 @@ class Commands:
     def kill(self, pid: int) -> bool:
         return portal().call(self._sb._transport.signal(self._sb.sandbox_id, pid, signal_mod.SIGKILL))
 
+    def kill_all(self) -> int:
+        """Kill every process in the sandbox (commands, what they left running, code contexts) but
+        the agent; the sandbox stays usable. Returns how many processes were killed."""
+        return portal().call(self._sb._transport.kill_all(self._sb.sandbox_id))
+
     def send_signal(self, pid: int, sig: int) -> bool:
         return portal().call(self._sb._transport.signal(self._sb.sandbox_id, pid, int(sig)))
 
@@ -563,6 +568,10 @@ class AsyncCommands:
 
     async def kill(self, pid: int) -> bool:
         return await portal().acall(self._sb._transport.signal(self._sb.sandbox_id, pid, signal_mod.SIGKILL))
+
+    async def kill_all(self) -> int:
+        """Kill every process in the sandbox but the agent; see Commands.kill_all."""
+        return await portal().acall(self._sb._transport.kill_all(self._sb.sandbox_id))
 
     async def send_signal(self, pid: int, sig: int) -> bool:
         return await portal().acall(self._sb._transport.signal(self._sb.sandbox_id, pid, int(sig)))

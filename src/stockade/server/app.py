@@ -179,6 +179,8 @@ class CommandOut(BaseModel):
     timed_out: bool
     truncated: bool
     running: bool = False
+    limit: str | None = None    # the policy field whose limit the command hit
+    error: str | None = None    # what happened, in words
 
 
 class SignalBody(_Body):
@@ -384,7 +386,8 @@ def create_app(settings: ServerSettings, config: HostConfig | None = None, runti
             srv.metrics.exec_seconds.observe(time.perf_counter() - started)
             code, sig = exit_.get("code"), exit_.get("signal")
             return {"exit_code": code if isinstance(code, int) else -(sig if isinstance(sig, int) else 9),
-                    "timed_out": bool(exit_.get("timed_out")), "truncated": any(record.pending.truncated.values())}
+                    "timed_out": bool(exit_.get("timed_out")), "truncated": any(record.pending.truncated.values()),
+                    "limit": exit_.get("limit"), "error": exit_.get("error")}
 
         if not streaming and body.background:  # started: the caller follows it with signal/stdin/list
             return CommandOut(pid=record.pid, exit_code=None, stdout="", stderr="", timed_out=False, truncated=False,
@@ -421,6 +424,12 @@ def create_app(settings: ServerSettings, config: HostConfig | None = None, runti
         return [{"pid": p["pid"], "cmd": str(p.get("cmd", ""))[:4096],
                  "tag": p.get("tag") if isinstance(p.get("tag"), str) else None}
                 for p in await srv.m.list_commands(sandbox_id)]
+
+    @app.post("/sandboxes/{sandbox_id}/commands/kill", tags=["commands"])
+    async def kill_all_commands(sandbox_id: str, srv: Srv, who: Auth) -> dict[str, int]:
+        """Kill every process in the sandbox but its agent; the sandbox stays usable."""
+        live(srv, who, sandbox_id)
+        return {"killed": await srv.m.kill_all(sandbox_id)}
 
     @app.post("/sandboxes/{sandbox_id}/commands/{pid}/stdin", tags=["commands"], status_code=204,
               openapi_extra={"requestBody": {"content": {"application/octet-stream": {}}}})

@@ -180,6 +180,22 @@ class Cgroup:
                 continue
         return None
 
+    def oom_kills(self) -> int | None:
+        """The memory cgroup's own count of OOM kills: ``oom_kill`` in memory.events (v2) or
+        memory.oom_control (v1, Linux >= 4.13)."""
+        if "memory" not in self.host.parents:
+            return None
+        d = self.host.parents["memory"] / self.name
+        for name in ("memory.events", "memory.oom_control"):
+            try:
+                for line in (d / name).read_text().splitlines():
+                    key, _, value = line.partition(" ")
+                    if key == "oom_kill":
+                        return int(value)
+            except (OSError, ValueError):
+                continue
+        return None
+
     async def destroy(self) -> None:
         """Kill whatever is left in the cgroup and remove its directories."""
         for _ in range(200):

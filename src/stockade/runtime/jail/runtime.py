@@ -40,6 +40,9 @@ AGENT_FILES = ("interpreter.js", "node_proxy.js")  # shipped as they are
 SAVE_ARTIFACT = b"#!/usr/bin/python3 -I\nimport sys\nsys.path.insert(0, '/opt/stockade/lib')\n" \
     b"from stockade_artifacts import main\nmain()\n"
 START_TIMEOUT = 15.0
+# pids the cgroup allows above limits.pids, which user code cannot use (each command's RLIMIT_NPROC stops
+# it at limits.pids): the agent can always start the next command and kill a runaway one.
+AGENT_PIDS_HEADROOM = 16
 
 
 def _memfd(name: str, data: bytes) -> int:
@@ -218,7 +221,7 @@ class JailSandbox(RuntimeSandbox):
         lim = self.policy.limits
         if rt.cgroups.parents:
             self.cgroup = cgroups.Cgroup(rt.cgroups, self.id)
-            self.cgroup.create(lim.memory, lim.pids, lim.cpus)
+            self.cgroup.create(lim.memory, lim.pids + AGENT_PIDS_HEADROOM, lim.cpus)
         host_sock, agent_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         info_r, info_w = os.pipe2(os.O_CLOEXEC)
         stderr_fd = os.memfd_create("stockade-bwrap-stderr", os.MFD_CLOEXEC)
@@ -269,7 +272,11 @@ class JailSandbox(RuntimeSandbox):
             # The agent lowers its own rlimits before it runs anything (lowering needs no privilege,
             # and the same agent does it in every runtime); every process it starts inherits them.
             rlimits = {"nofile": lim.open_files, "fsize": lim.file_size, "core": 0}
-            await self.channel.call({"op": "hello", "env": env, "rlimits": rlimits}, timeout=START_TIMEOUT)
+            # RLIMIT_NPROC counts per uid per user namespace only from Linux 5.14: before, it would
+            # count the host uid's processes everywhere.
+            nproc = lim.pids if _kernel_at_least(5, 14) else 0
+            await self.channel.call({"op": "hello", "env": env, "rlimits": rlimits, "nproc": nproc},
+                                    timeout=START_TIMEOUT)
         except SandboxUnavailableError:
             await self._wait_bwrap(2.0)
             raise self._start_failure(stderr_fd) from None
@@ -371,6 +378,9 @@ class JailSandbox(RuntimeSandbox):
     def memory_peak(self) -> int | None:
         return self.cgroup.memory_peak() if self.cgroup else None
 
+    def oom_kills(self) -> int | None:
+        return self.cgroup.oom_kills() if self.cgroup else None
+
     # ---- teardown ------------------------------------------------------------------------------
     async def stop(self) -> None:
         async with self._stop_lock:
@@ -398,6 +408,15 @@ class JailSandbox(RuntimeSandbox):
                     self.uid.release()
                 if self.lock is not None:
                     self.lock.release()
+
+
+@cache
+def _kernel_at_least(major: int, minor: int) -> bool:
+    try:
+        found = tuple(int(x) for x in os.uname().release.split("-")[0].split(".")[:2])
+    except ValueError:
+        return False
+    return found >= (major, minor)
 
 
 def _check_owned(path: Path, private: bool) -> None:

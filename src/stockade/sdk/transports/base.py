@@ -56,6 +56,9 @@ class Transport(ABC):
     async def signal(self, sandbox_id: str, pid: int, sig: int) -> bool: ...
 
     @abstractmethod
+    async def kill_all(self, sandbox_id: str) -> int: ...
+
+    @abstractmethod
     async def processes(self, sandbox_id: str) -> builtins.list[ProcessInfo]: ...
 
     @abstractmethod

@@ -126,6 +126,9 @@ class LocalTransport(Transport):
     async def signal(self, sandbox_id: str, pid: int, sig: int) -> bool:
         return await (await self.manager()).signal(sandbox_id, pid, sig)
 
+    async def kill_all(self, sandbox_id: str) -> int:
+        return await (await self.manager()).kill_all(sandbox_id)
+
     async def processes(self, sandbox_id: str) -> builtins.list[ProcessInfo]:
         procs = await (await self.manager()).list_commands(sandbox_id)
         return [ProcessInfo(p["pid"], str(p.get("cmd", ""))[:4096],

@@ -166,7 +166,9 @@ class RemoteTransport(Transport):
                     return CommandResult(out["stdout"].decode("utf-8", "replace"),
                                          out["stderr"].decode("utf-8", "replace"), int(data["exit_code"]),
                                          bool(data.get("truncated")), bool(data.get("timed_out")),
-                                         bytes(out["stdout"]), bytes(out["stderr"]))
+                                         bytes(out["stdout"]), bytes(out["stderr"]),
+                                         data.get("limit") if isinstance(data.get("limit"), str) else None,
+                                         data.get("error") if isinstance(data.get("error"), str) else None)
             raise SandboxUnavailableError("the server ended the command's stream before the command ended")
 
         task = asyncio.get_running_loop().create_task(pump())
@@ -191,6 +193,10 @@ class RemoteTransport(Transport):
         answer = await self._call("POST", f"/sandboxes/{_id(sandbox_id)}/commands/{int(pid)}/signal",
                                   json={"signal": int(sig)})
         return bool(answer["delivered"])
+
+    async def kill_all(self, sandbox_id: str) -> int:
+        answer = await self._call("POST", f"/sandboxes/{_id(sandbox_id)}/commands/kill")
+        return int(answer["killed"])
 
     async def processes(self, sandbox_id: str) -> builtins.list[ProcessInfo]:
         return [ProcessInfo(p["pid"], p["cmd"], p.get("tag"))

@@ -1,0 +1,52 @@
+"""Hitting a limit is reported as such: which limit, its value, and the policy field that raises it."""
+
+from __future__ import annotations
+
+import pytest
+
+from ..conftest import ROOT
+
+needs_cgroups = pytest.mark.skipif(not ROOT, reason="the OOM-kill counter is the memory cgroup's")
+
+
+@needs_cgroups
+@pytest.mark.privileged
+def test_an_out_of_memory_kill_says_so(make_sandbox):
+    sb = make_sandbox(limits={"memory": "64MiB"})
+    r = sb.commands.run(["python3", "-c", "b = []\nwhile True: b.append(bytearray(1 << 20))"])
+    assert r.exit_code == -9 and not r.timed_out
+    assert r.limit == "limits.memory"
+    assert r.error is not None and "out of memory" in r.error and "64MiB" in r.error
+
+
+@needs_cgroups
+@pytest.mark.privileged
+def test_a_plain_sigkill_is_not_called_out_of_memory(make_sandbox):
+    sb = make_sandbox(limits={"memory": "64MiB"})
+    r = sb.commands.run("kill -9 $$")
+    assert r.exit_code == -9 and r.limit is None and r.error is None
+
+
+def test_a_timeout_names_its_value_and_field(make_sandbox):
+    sb = make_sandbox()
+    r = sb.commands.run("sleep 100", timeout=1)
+    assert r.timed_out and r.limit == "limits.command_timeout"
+    assert r.error is not None and "1s" in r.error and "limits.command_timeout" in r.error
+
+
+def test_truncated_output_names_its_field(make_sandbox):
+    sb = make_sandbox(limits={"output": "64KiB"})
+    r = sb.commands.run("head -c 200000 /dev/zero")
+    assert r.truncated and r.limit == "limits.output" and "limits.output" in (r.error or "")
+
+
+def test_a_file_size_kill_names_its_field(make_sandbox):
+    sb = make_sandbox(limits={"file_size": "1MiB"})
+    r = sb.commands.run(["python3", "-c", "import signal; signal.signal(signal.SIGXFSZ, signal.SIG_DFL)\n"
+                         "open('big', 'wb').write(bytes(4 << 20))"])
+    assert r.exit_code == -25 and r.limit == "limits.file_size" and "limits.file_size" in (r.error or "")
+
+
+def test_a_clean_exit_reports_no_limit(make_sandbox):
+    r = make_sandbox().commands.run("echo ok; exit 3")
+    assert (r.exit_code, r.limit, r.error) == (3, None, None)
