@@ -3,6 +3,10 @@ lookup; addresses are checked again after the host resolves them (private ranges
 
 Rule forms: ``api.example.com``, ``*.example.org`` (subdomains only), ``example.net:8443``,
 ``192.0.2.10``, ``198.51.100.0/24:443``, ``[2001:db8::1]:443``. ``deny`` wins over ``allow``.
+
+A tunnel carries TLS (whose SNI must name the host) or HTTP/1.x (whose Host must name it), nothing else,
+unless an allow rule is marked ``tcp://`` (``tcp://git.example.com:22``, a port is required): then that
+host and port take any protocol, relayed unchecked.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ class Rule:
     suffix: str | None = None          # "*.example.org" -> ".example.org"
     network: IPNetwork | None = None   # IP or CIDR
     port: int | None = None
+    tcp: bool = False                  # "tcp://": any protocol, not only TLS and HTTP
 
     def matches(self, host: str, address: IPAddress | None, port: int) -> bool:
         if self.port is not None and self.port != port:
@@ -78,12 +83,39 @@ def normalize_host(host: str) -> str:
     return host
 
 
+def split_target(target: str, default_port: int) -> tuple[str, int]:
+    """host:port (or [v6]:port) from a CONNECT target or URL authority; rejects anything else."""
+    if any(c in target for c in " \t\r\n@/\\?#") or not target:
+        raise ValueError(f"bad target {target[:100]!r}")
+    if target.startswith("["):
+        host, _, rest = target[1:].partition("]")
+        port_text = rest.removeprefix(":") if rest else ""
+    elif target.count(":") == 1:
+        host, port_text = target.split(":")
+    else:
+        host, port_text = target, ""
+    if port_text and not re.fullmatch(r"[0-9]{1,5}", port_text):
+        raise ValueError(f"bad port {port_text[:20]!r}")
+    port = int(port_text) if port_text else default_port
+    if not 0 < port < 65536:
+        raise ValueError(f"bad port {port}")
+    return normalize_host(host), port
+
+
 def parse_rule(text: str) -> Rule:
     if not isinstance(text, str) or not text.strip():
         raise RuleError("empty rule")
     raw = text.strip()
     if raw.startswith("@"):
         raise RuleError(f"host group {raw!r} is not defined on this host (STOCKADE_HOST_GROUPS)")
+    if raw.lower().startswith("tcp://"):
+        rule = parse_rule(raw[len("tcp://"):])
+        if rule.port is None or "://" in rule.text:
+            raise RuleError(f"{raw!r}: a tcp:// rule needs one host and a port, e.g. 'tcp://git.example.com:22'")
+        return Rule(raw, rule.host, rule.suffix, rule.network, rule.port, tcp=True)
+    if "://" in raw or ("/" in raw and parse_ip(raw.partition("/")[0].strip("[]")) is None):
+        raise RuleError(f"{raw!r}: expected a host, optionally with :port (or 'tcp://HOST:PORT'), not a URL"
+                        f"{_suggest_host(raw)}")
     port: int | None = None
     body = raw
     if raw.startswith("["):  # [IPv6]:port
@@ -109,6 +141,17 @@ def parse_rule(text: str) -> Rule:
     if "*" in body:
         raise RuleError(f"{raw!r}: a wildcard is only allowed as a leading '*.'")
     return Rule(raw, host=normalize_host(body), port=port)
+
+
+def _suggest_host(raw: str) -> str:
+    from urllib.parse import urlsplit
+
+    try:
+        netloc = urlsplit(raw if "://" in raw else "//" + raw).netloc.rpartition("@")[2]
+        parse_rule(netloc)
+    except (ValueError, RuleError):
+        return ""
+    return f"; did you mean {netloc!r}?"
 
 
 GROUP_NAME = re.compile(r"^@[A-Za-z0-9_.-]{1,64}$")
@@ -160,6 +203,11 @@ class Rules:
             if rule.matches(host, address, port):
                 return Decision(True, f"allow:{rule.text}", "allowed")
         return Decision(False, "default-deny", f"{host}:{port} is not in network.allow")
+
+    def raw_tcp(self, host: str, port: int) -> bool:
+        """Whether a ``tcp://`` allow rule opens this host and port to any protocol."""
+        address = parse_ip(host)
+        return any(rule.tcp and rule.matches(host, address, port) for rule in self.allow)
 
     def decide_address(self, host: str, address: IPAddress, port: int) -> Decision:
         """After resolving: refuse private, loopback, link-local, CGNAT, multicast and metadata addresses

@@ -8,9 +8,11 @@ value on the way back, so an upstream that echoes it does not leak it into the s
 
 from __future__ import annotations
 
+import base64
 import datetime
 import ipaddress
 import os
+import re
 import secrets as token
 import ssl
 from dataclasses import dataclass, field
@@ -142,3 +144,66 @@ def sandbox_trust_bundle(ca_pem: bytes) -> bytes:
         except OSError:
             continue
     return ca_pem
+
+
+def _byte_forms(b: int) -> list[bytes]:
+    """The spellings of one byte an echo service plausibly produces: raw, percent-encoded, a JSON escape,
+    an HTML character reference (hex in either case)."""
+    forms = [re.escape(bytes([b]))]
+    hexes = f"{b:02x}"
+    hex_class = "".join(f"[{c}{c.upper()}]" if c.isalpha() else c for c in hexes).encode()
+    forms += [b"%" + hex_class, b"\\\\[uU]00" + hex_class, b"&#[xX]" + hex_class + b";",
+              b"&#0?" + str(b).encode() + b";"]
+    escapes = {ord("/"): b"\\\\/", ord('"'): b'\\\\"', ord("\\"): b"\\\\\\\\", ord("\t"): b"\\\\t"}
+    if b in escapes:
+        forms.append(escapes[b])
+    return forms
+
+
+MAX_FORM = 7  # the longest spelling of one byte above: "&#0NNN;"
+
+
+def _base64_needles(value: bytes) -> list[bytes]:
+    """The part of a base64 stream that encodes ``value`` alone, for each of its three alignments in the
+    stream (the characters that also carry a neighbour's bits are left out); std and url alphabets."""
+    out = []
+    for align in range(3):
+        encoded = base64.b64encode(b"\0" * align + value)
+        start = (0, 2, 3)[align]
+        end = ((align + len(value)) * 8) // 6
+        needle = encoded[start:end]
+        out += [needle, needle.translate(bytes.maketrans(b"+/", b"-_"))]
+    return out
+
+
+class Masker:
+    """Masks secret values in a byte stream read in pieces of any size: each value in every form of
+    ``_byte_forms`` per byte, its base64 (std/url, any alignment) and hex, each masked by as many ``*``
+    as the spelling is long (so lengths and framing hold). Up to the longest match minus one byte is held
+    back between pieces, so a value split across reads is still found."""
+
+    def __init__(self, values: list[bytes]) -> None:
+        needles = {v for v in values if v}
+        for value in list(needles):
+            needles.update(_base64_needles(value))
+            needles.update({value.hex().encode(), value.hex().upper().encode()})
+        # longest first, so a spelling is masked whole rather than by a shorter needle inside it
+        ordered = sorted(needles, key=len, reverse=True)
+        self.pattern = re.compile(b"|".join(b"".join(b"(?:" + b"|".join(_byte_forms(c)) + b")" for c in n)
+                                            for n in ordered))
+        self.keep = max(len(n) for n in ordered) * MAX_FORM - 1
+        self.held = b""
+
+    def mask(self, data: bytes) -> bytes:
+        return self.pattern.sub(lambda m: b"*" * len(m.group()), data)
+
+    def feed(self, data: bytes) -> bytes:
+        """What may be passed on now; the rest is held for the next piece or ``flush``."""
+        data = self.mask(self.held + data)
+        cut = max(0, len(data) - self.keep)
+        out, self.held = data[:cut], data[cut:]
+        return out
+
+    def flush(self) -> bytes:
+        out, self.held = self.held, b""
+        return out
