@@ -165,6 +165,40 @@ def test_matplotlib_figures_become_png_results(sandbox: Sandbox):
     assert len(sizes) == 1 and sizes[0][0] > 2 * sizes[0][1]
 
 
+@needs_env
+@pytest.mark.parametrize("select", [
+    "import matplotlib\nmatplotlib.use('Agg')\nimport matplotlib.pyplot as plt",   # before pyplot
+    "import matplotlib.pyplot as plt, matplotlib\nplt.plot([0]); plt.close()\nmatplotlib.use('Agg')",  # after
+    "import matplotlib.pyplot as plt\nplt.switch_backend('Agg')",
+    "import matplotlib.pyplot as plt\nplt.switch_backend('TkAgg')",   # a GUI backend that cannot load here
+    "import matplotlib\nmatplotlib.use('module://no_such_backend')\nimport matplotlib.pyplot as plt",
+    "%matplotlib inline\nimport matplotlib.pyplot as plt",
+])
+def test_figures_come_back_whatever_backend_the_code_selects(sandbox: Sandbox, select: str):
+    e = sandbox.run_code(select + "\nplt.figure(figsize=(4, 3), dpi=50); plt.plot([1, 3, 2]); plt.show()")
+    assert e.error is None, e.error
+    assert len([r for r in e.results if r.png]) == 1
+    assert "".join(e.logs.stderr) == ""  # no "FigureCanvasAgg is non-interactive" warning
+    e = sandbox.run_code("fig = plt.figure(figsize=(6, 2)); fig.gca().plot([1, 2]); fig.show()")  # left open
+    sizes = [png_size(r.png) for r in e.results if r.png]
+    assert len(sizes) == 1 and sizes[0][0] > 2 * sizes[0][1] and "".join(e.logs.stderr) == ""
+    assert len([r for r in sandbox.run_code("plt.plot([4, 5])").results if r.png]) == 1  # and in later cells
+
+
+@needs_env
+def test_one_figure_is_one_result(sandbox: Sandbox):
+    # the README's example: the figure is the cell's value, and is not published again as a display
+    sandbox.run_code("import pandas as pd\ndf = pd.DataFrame({'day': range(7), 'sales': [3, 5, 4, 8, 7, 9, 12]})")
+    e = sandbox.run_code("ax = df.plot(x='day', y='sales'); fig = ax.get_figure(); fig")
+    assert [(r.is_main_result, bool(r.png)) for r in e.results] == [(True, True)]
+    # displayed and left open: once; displayed, then changed: the changed figure comes back too
+    e = sandbox.run_code("import matplotlib.pyplot as plt\nfrom IPython.display import display\n"
+                         "f, a = plt.subplots(); a.plot([1]); display(f)")
+    assert [(r.is_main_result, bool(r.png)) for r in e.results] == [(False, True)]
+    e = sandbox.run_code("f, a = plt.subplots(); a.plot([1]); display(f); a.plot([2])")
+    assert len([r for r in e.results if r.png]) == 2
+
+
 def test_async_run_code():
     async def main() -> None:
         async with await AsyncSandbox.create(policy=base_policy()) as sb:

@@ -18,6 +18,10 @@ import json
 import os
 import sys
 import traceback
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # the agent's cold start: no typing import at run time
+    from typing import Any
 
 EVENTS_FD = 3
 
@@ -144,9 +148,10 @@ class IPythonBackend:
             def write_format_data(self, format_dict, md_dict=None):  # noqa
                 emit({"type": "result", "main": True, "data": jsonable(format_dict)})
 
-        os.environ.setdefault("MPLBACKEND", "module://matplotlib_inline.backend_inline")
         self.shell = InteractiveShell.instance(colors="NoColor", display_pub_class=Publisher,
                                                displayhook_class=Hook)
+        os.environ.setdefault("MPLBACKEND", "agg")  # headless; Figures publishes what is drawn
+        self.figures = Figures(self.shell)
         self.shell.showtraceback = self._capture_traceback  # type: ignore[method-assign]
         self.shell.showsyntaxerror = lambda *a, **k: self._capture_traceback()  # type: ignore[method-assign]
         self.shell.showindentationerror = lambda *a, **k: self._capture_traceback()  # type: ignore[method-assign]
@@ -164,13 +169,113 @@ class IPythonBackend:
 
     def run(self, code: str) -> None:
         self.error = None
+        self.figures.shown.clear()
         self.shell.run_cell(code, store_history=True)
+        try:
+            self.figures.flush()
+        except Exception:  # noqa: BLE001 - a figure that cannot render is the cell's error, not the context's
+            if not self.error:
+                self._capture_traceback()
         if self.error:
             emit(self.error)
 
     @property
     def count(self) -> int:
         return int(self.shell.execution_count) - 1
+
+
+INLINE_BACKENDS = {"inline", "module://matplotlib_inline.backend_inline", "module://ipykernel.pylab.backend_inline"}
+
+
+class Figures:
+    """matplotlib figures as PNG results, whatever backend the code selects, as Jupyter's inline backend would.
+
+    The sandbox has no display and no notebook front end, so this does the inline backend's job itself
+    instead of depending on that backend staying selected (``matplotlib.use('Agg')``, a GUI backend, or
+    ``%matplotlib inline`` would each switch it off or add a second copy of every figure): when pyplot is
+    first imported, ``plt.show`` is replaced by one that publishes the open figures, a backend that cannot
+    load (or the inline one) becomes Agg, and at the end of every cell each figure still open is published
+    and closed. A figure already published in the cell (as its value, by ``display`` or ``show``) and not
+    changed since is not published again: one figure, one result.
+    """
+
+    def __init__(self, shell: Any) -> None:
+        import weakref
+
+        self.shell = shell
+        self.shown: weakref.WeakSet = weakref.WeakSet()   # figures published during the current cell
+        sys.meta_path.insert(0, self)  # type: ignore[arg-type]
+        shell.enable_matplotlib = self.enable_matplotlib  # %matplotlib and %pylab: nothing to set up but pyplot
+
+    # the import hook: patch matplotlib.pyplot right after it is first executed
+    def find_spec(self, name, path=None, target=None):  # noqa: ANN001, ANN201
+        if name != "matplotlib.pyplot":
+            return None
+        for finder in sys.meta_path:
+            if finder is not self and hasattr(finder, "find_spec"):
+                spec = finder.find_spec(name, path, target)
+                if spec is not None and spec.loader is not None:
+                    break
+        else:
+            return None
+        execute = spec.loader.exec_module
+
+        def exec_module(module):  # noqa: ANN001, ANN202
+            execute(module)
+            self.patch(module)
+
+        spec.loader.exec_module = exec_module  # type: ignore[method-assign]
+        return spec
+
+    def patch(self, pyplot: Any) -> None:
+        import warnings
+
+        from IPython.core.pylabtools import print_figure
+        from matplotlib.figure import Figure
+
+        def png(fig):  # noqa: ANN001, ANN202
+            data = print_figure(fig, "png", base64=True)  # bbox_inches="tight", as the inline backend does
+            fig.stale = False  # drawn just now (the tight crop's restore marks it stale): a change after this counts
+            self.shown.add(fig)
+            return data
+
+        self.shell.display_formatter.formatters["image/png"].for_type(Figure, png)
+        switch = pyplot.switch_backend
+
+        def switch_backend(name):  # noqa: ANN001, ANN202
+            if isinstance(name, str) and name.lower() in INLINE_BACKENDS:
+                name = "agg"
+            try:
+                switch(name)
+            except ImportError:  # a GUI backend without its toolkit or a display: draw headless instead
+                switch("agg")
+
+        def show(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202 - plt.show(block=...); a function, as
+            self.flush()  # switch_backend sets its __signature__
+
+        pyplot.switch_backend = switch_backend
+        pyplot.show = show
+        # Figure.show() under Agg: the figure is published at the end of the cell, the warning is noise
+        warnings.filterwarnings("ignore", message=".*non-interactive, and thus cannot be shown")
+
+    def flush(self) -> None:
+        pyplot = sys.modules.get("matplotlib.pyplot")
+        if pyplot is None or not hasattr(pyplot, "get_fignums"):
+            return
+        from IPython.display import display
+
+        try:
+            for num in pyplot.get_fignums():
+                fig = pyplot.figure(num)
+                if fig not in self.shown or fig.stale:
+                    display(fig)
+        finally:
+            pyplot.close("all")
+
+    def enable_matplotlib(self, gui=None):  # noqa: ANN001, ANN201
+        import matplotlib.pyplot  # noqa: F401 - the import hook does the rest
+
+        return gui, "agg"
 
 
 def main() -> None:
