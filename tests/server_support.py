@@ -14,6 +14,7 @@ import uvicorn
 
 from stockade.config import HostConfig
 from stockade.server.app import Server, create_app
+from stockade.server.protocol import protocol_for
 from stockade.server.settings import ServerSettings
 
 
@@ -24,7 +25,9 @@ class RunningServer:
         self.settings = ServerSettings.model_validate({"data_dir": str(self.data_dir), **settings})
         self.app = create_app(self.settings, HostConfig.from_env())
         self.uvicorn = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=0, log_level="warning",
-                                                     lifespan="on", timeout_graceful_shutdown=5))
+                                                     lifespan="on", timeout_graceful_shutdown=5,
+                                                     http=protocol_for(self.settings),
+                                                     limit_concurrency=self.settings.max_connections))
         self.thread = threading.Thread(target=self.uvicorn.run, name="stockade-test-server", daemon=True)
         self.thread.start()
         deadline = time.monotonic() + 30

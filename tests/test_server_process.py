@@ -171,3 +171,64 @@ def test_keys_cli_lists_and_revokes_without_showing_keys(server: ServerProcess) 
     assert bad.returncode == 2 and "--tenant" in bad.stderr
     missing = server.cli("logs", "sbx-0000000000000000")
     assert missing.returncode == 1 and "no events" in missing.stderr
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
+def test_every_answer_a_client_saw_is_in_the_audit_log_after_a_kill_under_load(server: ServerProcess,
+                                                                                sig: int) -> None:
+    """Issue 18.3: with a 5 ms batch window, answers given in the last instants before a SIGKILL had no
+    record. Now an answer waits for its records' commit: clients run commands and writes until the server
+    dies under them, and every command and write they saw answered is in the log the successor reads."""
+    import threading
+
+    key = server.cli("keys", "create", "--tenant", "acme").stdout.strip()
+    server.start()
+    headers = {"Authorization": f"Bearer {key}"}
+    h = httpx.Client(base_url=server.url, headers=headers, timeout=30)
+    sids = [h.post("/sandboxes", json={"policy": base_policy().model_dump(mode="json")}).json()["sandbox_id"]
+            for _ in range(2)]
+    answered_pids: dict[str, list[int]] = {sid: [] for sid in sids}
+    answered_writes: dict[str, list[str]] = {sid: [] for sid in sids}
+    stop = threading.Event()
+
+    def client(sid: str, n: int) -> None:
+        with httpx.Client(base_url=server.url, headers=headers, timeout=30) as c:
+            i = 0
+            while not stop.is_set():
+                i += 1
+                try:
+                    if i % 3:
+                        r = c.post(f"/sandboxes/{sid}/commands", json={"argv": ["true"]})
+                        if r.status_code == 200:
+                            answered_pids[sid].append(r.json()["pid"])
+                    else:
+                        path = f"/tmp/w{n}-{i}"
+                        r = c.put(f"/sandboxes/{sid}/files", params={"path": path}, content=b"x")
+                        if r.status_code == 200:
+                            answered_writes[sid].append(path)
+                except httpx.HTTPError:
+                    return  # the server is gone
+
+    threads = [threading.Thread(target=client, args=(sids[n % 2], n)) for n in range(6)]
+    for t in threads:
+        t.start()
+    assert wait_until(lambda: sum(map(len, answered_pids.values())) >= 60, SETTLE)
+    server.stop(sig)
+    stop.set()
+    for t in threads:
+        t.join(30)
+    server.start()
+    h = httpx.Client(base_url=server.url, headers=headers, timeout=30)
+    for sid in sids:
+        events: list[dict[str, Any]] = []
+        after = 0
+        while page := h.get("/events", params={"sandbox_id": sid, "after_id": after, "limit": 5000}).json():
+            events += page
+            after = page[-1]["id"]
+        ended = {e["data"]["pid"] for e in events if e["type"] == "command.end"}
+        written = {e["data"]["path"] for e in events if e["type"] == "file.write"}
+        lost_cmds = [p for p in answered_pids[sid] if p not in ended]
+        lost_writes = [p for p in answered_writes[sid] if p not in written]
+        assert answered_pids[sid] and lost_cmds == [], f"{len(lost_cmds)} of {len(answered_pids[sid])} commands"
+        assert lost_writes == [], f"{len(lost_writes)} of {len(answered_writes[sid])} writes"
+    server.stop(signal.SIGTERM)

@@ -230,10 +230,10 @@ def _head(srv: RunningServer, method: str, path: str, headers: dict[str, str]) -
     return ("\r\n".join(lines) + "\r\n\r\n").encode()
 
 
-@pytest.mark.parametrize("chunk", [65536, 1 << 20, 7])
+@pytest.mark.parametrize("chunk", [65536, 1 << 20, 997])
 def test_a_chunked_body_over_the_cap_is_413(srv: RunningServer, chunk: int) -> None:
     """Before: 400 "There was an error parsing the body" (the cap raised inside FastAPI's body parsing)."""
-    total = (1 << 20) + 10 if chunk != 7 else (1 << 20) + 7
+    total = (1 << 20) + 10
     body = b""
     sent = 0
     while sent < total:
@@ -286,3 +286,74 @@ def test_paging_the_audit_log_ends(srv: RunningServer) -> None:
         assert pages < 200, "paging never reached the end"
         # the reads of the audit log are recorded all the same, and shown when asked for
         assert http.get("/events", params={"type": "audit.query"}).json()
+
+
+# ---- 18.6: slow clients ------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def strict() -> Iterator[RunningServer]:
+    server = RunningServer(header_timeout=1, body_timeout=1, max_connections_per_client=3)
+    yield server
+    server.stop()
+
+
+def _connect(srv: RunningServer) -> socket.socket:
+    host, port = srv.url.removeprefix("http://").split(":")
+    return socket.create_connection((host, int(port)), timeout=20)
+
+
+def _until_closed(s: socket.socket) -> bytes:
+    data = b""
+    while chunk := s.recv(65536):  # socket.timeout (20 s) if the server holds the connection
+        data += chunk
+    return data
+
+
+@pytest.mark.parametrize("partial", [b"", b"GE", b"GET /health HTTP/1.1\r\nHost: x\r\n", b"GET /heal"])
+def test_a_request_head_that_never_completes_is_cut_off(strict: RunningServer, partial: bytes) -> None:
+    """Before: half a request line held the connection for over 150 s."""
+    with _connect(strict) as s:
+        s.sendall(partial)
+        assert _until_closed(s).startswith(b"HTTP/1.1 408")
+
+
+def test_a_trickled_head_is_cut_off_at_the_deadline_not_per_byte(strict: RunningServer) -> None:
+    import time
+
+    with _connect(strict) as s:
+        try:
+            for byte in b"GET /health HTTP/1.1\r\nHost: x\r\nX-Slow: " + b"a" * 200:
+                s.sendall(bytes([byte]))
+                time.sleep(0.2)  # each byte well inside any per-read timeout
+            closed = False
+        except (BrokenPipeError, ConnectionResetError):
+            closed = True
+        assert closed or _until_closed(s).startswith(b"HTTP/1.1 408")
+
+
+def test_a_stalled_body_is_cut_off_and_a_kept_alive_connection_gets_a_fresh_deadline(strict: RunningServer) -> None:
+    with _connect(strict) as s:
+        s.sendall(b"POST /sandboxes HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                  b"Content-Length: 100\r\n\r\n{")
+        _until_closed(s)  # closed after body_timeout without more of the body
+    with _connect(strict) as s:
+        s.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        first = s.recv(65536)
+        assert first.startswith(b"HTTP/1.1 200")
+        s.sendall(b"GET /hea")  # the next request on the same connection stalls
+        assert b"HTTP/1.1 408" in _until_closed(s)
+
+
+def test_connections_per_client_address_are_capped(strict: RunningServer) -> None:
+    held = [_connect(strict) for _ in range(3)]
+    try:
+        with _connect(strict) as extra:
+            extra.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+            try:
+                assert _until_closed(extra) == b""  # refused: a fourth from this address
+            except ConnectionResetError:
+                pass
+    finally:
+        for s in held:
+            s.close()
+    with httpx.Client(base_url=strict.url) as http:  # once they are gone, the address is served again
+        assert http.get("/health").status_code == 200

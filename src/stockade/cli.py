@@ -274,6 +274,7 @@ def serve(
     import uvicorn
 
     from .server.app import create_app
+    from .server.protocol import protocol_for
 
     settings = _settings(config, host=host, port=port, data_dir=data_dir)
     try:
@@ -281,7 +282,7 @@ def serve(
     except StockadeError as exc:
         raise _fail(exc) from None
     uvicorn.run(application, host=settings.host, port=settings.port, log_level="info", access_log=False,
-                timeout_graceful_shutdown=10)
+                timeout_graceful_shutdown=10, http=protocol_for(settings), limit_concurrency=settings.max_connections)
 
 
 @app.command()

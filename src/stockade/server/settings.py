@@ -102,6 +102,13 @@ class ServerSettings(_Model):
     max_upload: PositiveSize = 1 << 30           # one file upload
     max_body: PositiveSize = 1 << 20             # any other request body (JSON)
     reaper_interval: Duration = 60.0             # how often expired audit events are pruned
+    # slow clients: a request's head must arrive within header_timeout, a body may pause at most body_timeout;
+    # one client address may hold max_connections_per_client connections (behind a proxy: raise it), and
+    # the server max_connections in all (over it: 503)
+    header_timeout: PositiveDuration = 10.0
+    body_timeout: PositiveDuration = 60.0
+    max_connections_per_client: Annotated[int, Field(ge=1)] = 64
+    max_connections: Annotated[int, Field(ge=1)] = 1000
     # Sandboxes started ahead of demand for creates whose policy equals warm_pool_policy (network none);
     # each is handed out once. 0: none.
     warm_pool: Annotated[int, Field(ge=0, le=1000)] = 0
