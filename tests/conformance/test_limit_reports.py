@@ -68,3 +68,10 @@ def test_a_cell_killed_for_memory_says_so(make_sandbox):
     assert execution.error is not None and execution.error.name == "MemoryError"
     assert "128MiB" in execution.error.value and "limits.memory" in execution.error.value
     assert sb.run_code("1 + 1").text == "2"
+
+
+@pytest.mark.skipif(ROOT, reason="with a memory cgroup the OOM counter decides")
+def test_without_a_memory_cgroup_a_sigkill_is_not_guessed_as_oom(make_sandbox):
+    r = make_sandbox().commands.run("kill -9 $$")
+    assert r.exit_code == -9 and r.limit is None
+    assert r.error is not None and "cannot be confirmed" in r.error and "limits.memory" in r.error
