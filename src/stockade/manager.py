@@ -419,6 +419,23 @@ class Manager:
                              "(limits.memory) cannot be confirmed or ruled out"}
         return {}
 
+    def _cell_limit_hit(self, sb: ManagedSandbox, done: dict[str, Any], timeout: float | None,
+                        oom_before: int | None) -> dict[str, Any] | None:
+        lim = sb.policy.limits
+        if done.get("timed_out"):
+            what = ("ignored the interrupt, so its context was killed and restarts empty on the next call"
+                    if done.get("restarted") else "was interrupted (the context keeps its state)")
+            return {"type": "error", "name": "TimeoutError", "traceback": "", "limit": "limits.command_timeout",
+                    "value": f"the cell ran past its timeout ({format_duration(timeout or lim.command_timeout)}) "
+                             f"and {what}; pass a longer timeout= or raise limits.command_timeout"}
+        oom_after = sb.runtime.oom_kills()
+        if done.get("restarted") and oom_before is not None and oom_after is not None and oom_after > oom_before:
+            return {"type": "error", "name": "MemoryError", "traceback": "", "limit": "limits.memory",
+                    "value": f"out of memory: the sandbox's memory limit ({format_size(lim.memory)}) was reached and "
+                             "the kernel killed the interpreter, which restarts empty on the next call; raise "
+                             "limits.memory"}
+        return None
+
     async def wait_command(self, sandbox_id: str, record: CommandRecord) -> dict[str, Any]:
         sb = self.sandboxes.get(sandbox_id)
         grace = 5.0
@@ -598,6 +615,7 @@ class Manager:
             if not ctx.alive:
                 await self._start_context(sb, ctx)
             pending = CellPending(sb.policy.limits.output, on_output, on_event)
+            oom_before = sb.runtime.oom_kills()
             env = check_envs(envs)
             self._record(sb, "code.run", {"context": ctx.id, "language": ctx.language, "code": code,
                                           "env_names": sorted(env)})
@@ -610,7 +628,12 @@ class Manager:
             finally:
                 sb.busy -= 1
                 sb.last_active = self.loop.time()
-            errors = [e for e in pending.events if e.get("type") == "error"][:1]
+            hit = self._cell_limit_hit(sb, done, limit, oom_before)
+            if hit is not None:  # said last, so it is the Execution's error
+                pending.events.append(hit)
+                if on_event is not None:
+                    on_event(hit)
+            errors = [e for e in pending.events if e.get("type") == "error"][-1:]
             self._record(sb, "code.end", {"context": ctx.id, "execution_count": done.get("execution_count"),
                                           "timed_out": bool(done.get("timed_out")),
                                           "duration": round(time.monotonic() - started, 6),

@@ -50,3 +50,28 @@ def test_a_file_size_kill_names_its_field(make_sandbox):
 def test_a_clean_exit_reports_no_limit(make_sandbox):
     r = make_sandbox().commands.run("echo ok; exit 3")
     assert (r.exit_code, r.limit, r.error) == (3, None, None)
+
+
+def test_a_cell_timeout_names_its_value_and_field(make_sandbox):
+    sb = make_sandbox()
+    execution = sb.run_code("import time\ntime.sleep(100)", timeout=1)
+    assert execution.timed_out and execution.error is not None
+    assert execution.error.name == "TimeoutError"
+    assert "(1s)" in execution.error.value and "limits.command_timeout" in execution.error.value
+
+
+@needs_cgroups
+@pytest.mark.privileged
+def test_a_cell_killed_for_memory_says_so(make_sandbox):
+    sb = make_sandbox(limits={"memory": "128MiB"})
+    execution = sb.run_code("b = []\nwhile True: b.append(bytearray(1 << 20))")
+    assert execution.error is not None and execution.error.name == "MemoryError"
+    assert "128MiB" in execution.error.value and "limits.memory" in execution.error.value
+    assert sb.run_code("1 + 1").text == "2"
+
+
+@pytest.mark.skipif(ROOT, reason="with a memory cgroup the OOM counter decides")
+def test_without_a_memory_cgroup_a_sigkill_is_not_guessed_as_oom(make_sandbox):
+    r = make_sandbox().commands.run("kill -9 $$")
+    assert r.exit_code == -9 and r.limit is None
+    assert r.error is not None and "cannot be confirmed" in r.error and "limits.memory" in r.error
