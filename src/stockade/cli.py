@@ -12,7 +12,8 @@ from .errors import StockadeError
 from .policy import Policy
 
 app = typer.Typer(help="Run untrusted, AI-written code in a throw-away sandbox on this machine.",
-                  no_args_is_help=True, add_completion=False)
+                  no_args_is_help=True, add_completion=False,
+                  rich_markup_mode=None)  # typer's rich help shows every flag as `--help <bool>`
 policy_app = typer.Typer(help="Inspect policies.", no_args_is_help=True)
 app.add_typer(policy_app, name="policy")
 env_app = typer.Typer(help="The Python environment every sandbox gets (for the code interpreter).",
@@ -306,7 +307,8 @@ def keys_create(tenant: str = typer.Option(..., "--tenant", help="The tenant the
 
 
 @keys_app.command("list")
-def keys_list(tenant: str | None = typer.Option(None, "--tenant"), data_dir: Path | None = DATA_DIR,
+def keys_list(tenant: str | None = typer.Option(None, "--tenant", help="Only the keys of this tenant."),
+              data_dir: Path | None = DATA_DIR,
               config: Path | None = CONFIG) -> None:
     """List keys (ids, tenants, state); never the keys themselves."""
     import datetime
