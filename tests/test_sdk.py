@@ -199,3 +199,10 @@ def test_concurrent_first_calls_share_one_manager() -> None:
         from stockade.sdk.portal import portal
 
         portal().call(transport.close())
+
+
+def test_info_policy_shows_the_effective_lifetime_timeout():
+    with Sandbox.create(policy=base_policy(), timeout=120) as sb:
+        assert sb.info().policy["lifetime"]["timeout"] == "2m"
+        sb.set_timeout(90)
+        assert sb.info().policy["lifetime"]["timeout"] == "90s"
