@@ -192,12 +192,19 @@ def env_build(packages: list[str] = typer.Argument(None, help="Extra packages to
 
 @env_app.command("show")
 def env_show() -> None:
-    """Where the sandbox environment is and whether it is built."""
+    """Where the sandbox environment is, its interpreter and the packages in it, with versions."""
     from .config import HostConfig
-    from .environment import is_built
+    from .environment import MOUNT, describe, is_built
 
     path = HostConfig.from_env().sandbox_env
-    typer.echo(f"{path}: {'built' if is_built(path) else 'not built (run `stockade env build`)'}")
+    if not is_built(path):
+        typer.echo(f"{path}: not built (run `stockade env build`)")
+        return
+    info = describe(path)
+    typer.echo(f"{path}: built (mounted at {MOUNT} in every sandbox)")
+    typer.echo(f"python {info['version']} ({info['python']})")
+    for name, version in info["packages"].items():  # type: ignore[attr-defined]
+        typer.echo(f"{name} {version}")
 
 
 @policy_app.command("show")
