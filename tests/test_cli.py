@@ -152,3 +152,33 @@ def test_repl_bash(weak_policy):
     r = subprocess.run([sys.executable, "-m", "stockade.cli", "repl", *weak_policy, "--language", "bash"],
                        input="X=7\necho $((X * 6))\n", capture_output=True, text=True, timeout=120)
     assert r.stdout == "42\n", r.stderr
+
+
+def test_help_shows_no_bool_metavar_and_every_option_is_described():
+    from typer.main import get_command
+
+    from stockade.cli import app
+
+    root = get_command(app)
+    commands = [[]] + [[name] for name in root.commands]  # type: ignore[attr-defined]
+    commands += [[group, name] for group, sub in root.commands.items()  # type: ignore[attr-defined]
+                 for name in getattr(sub, "commands", {})]
+    for path in commands:
+        r = stockade(*path, "--help")
+        assert r.returncode == 0 and "<bool>" not in r.stdout, (path, r.stdout)
+    r = stockade("keys", "list", "--help")
+    assert "Only the keys of this tenant." in r.stdout
+
+
+def test_env_show_lists_the_interpreter_and_the_packages(tmp_path):
+    from stockade.config import HostConfig
+    from stockade.environment import is_built
+
+    if not is_built(HostConfig.from_env().sandbox_env):
+        pytest.skip("the sandbox environment is not built (stockade env build)")
+    r = stockade("env", "show")
+    assert r.returncode == 0 and ": built" in r.stdout
+    lines = r.stdout.splitlines()
+    assert lines[1].startswith("python 3.")
+    names = {line.split()[0].lower(): line.split()[1] for line in lines[2:]}
+    assert {"ipython", "matplotlib", "numpy", "pandas"} <= set(names) and names["numpy"][0].isdigit()

@@ -12,7 +12,8 @@ from .errors import StockadeError
 from .policy import Policy
 
 app = typer.Typer(help="Run untrusted, AI-written code in a throw-away sandbox on this machine.",
-                  no_args_is_help=True, add_completion=False)
+                  no_args_is_help=True, add_completion=False,
+                  rich_markup_mode=None)  # typer's rich help shows every flag as `--help <bool>`
 policy_app = typer.Typer(help="Inspect policies.", no_args_is_help=True)
 app.add_typer(policy_app, name="policy")
 env_app = typer.Typer(help="The Python environment every sandbox gets (for the code interpreter).",
@@ -194,12 +195,19 @@ def env_build(packages: list[str] = typer.Argument(None, help="Extra packages to
 
 @env_app.command("show")
 def env_show() -> None:
-    """Where the sandbox environment is and whether it is built."""
+    """Where the sandbox environment is, its interpreter and the packages in it, with versions."""
     from .config import HostConfig
-    from .environment import is_built
+    from .environment import MOUNT, describe, is_built
 
     path = HostConfig.from_env().sandbox_env
-    typer.echo(f"{path}: {'built' if is_built(path) else 'not built (run `stockade env build`)'}")
+    if not is_built(path):
+        typer.echo(f"{path}: not built (run `stockade env build`)")
+        return
+    info = describe(path)
+    typer.echo(f"{path}: built (mounted at {MOUNT} in every sandbox)")
+    typer.echo(f"python {info['version']} ({info['python']})")
+    for name, version in info["packages"].items():  # type: ignore[attr-defined]
+        typer.echo(f"{name} {version}")
 
 
 @policy_app.command("show")
@@ -310,7 +318,8 @@ def keys_create(tenant: str = typer.Option(..., "--tenant", help="The tenant the
 
 
 @keys_app.command("list")
-def keys_list(tenant: str | None = typer.Option(None, "--tenant"), data_dir: Path | None = DATA_DIR,
+def keys_list(tenant: str | None = typer.Option(None, "--tenant", help="Only the keys of this tenant."),
+              data_dir: Path | None = DATA_DIR,
               config: Path | None = CONFIG) -> None:
     """List keys (ids, tenants, state); never the keys themselves."""
     import datetime

@@ -33,6 +33,23 @@ def is_built(path: Path) -> bool:
     return (path / "pyvenv.cfg").is_file() and (path / "bin" / "python3").exists()
 
 
+def describe(path: Path) -> dict[str, object]:
+    """What a built environment holds: its interpreter and version (from pyvenv.cfg) and its packages with
+    versions (from the dist-info metadata; nothing of the environment is run on the host)."""
+    import importlib.metadata
+
+    cfg: dict[str, str] = {}
+    for line in (path / "pyvenv.cfg").read_text().splitlines():
+        key, sep, value = line.partition("=")
+        if sep:
+            cfg[key.strip()] = value.strip()
+    site = sorted(path.glob("lib/python*/site-packages"))
+    packages = {d.metadata["Name"]: d.version for d in importlib.metadata.distributions(path=[str(s) for s in site])
+                if d.metadata["Name"]}
+    return {"python": cfg.get("executable") or cfg.get("home", "?"), "version": cfg.get("version", "?"),
+            "packages": dict(sorted(packages.items(), key=lambda kv: kv[0].lower()))}
+
+
 def build(config: HostConfig | None = None, packages: tuple[str, ...] = DEFAULT_PACKAGES,
           log: object = None) -> Path:
     """Create (or update) the environment with the sandbox's interpreter and install ``packages``."""

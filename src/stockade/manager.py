@@ -192,6 +192,7 @@ class Manager:
                 await broker.stop()
             raise
         now = self.loop.time()
+        policy = _with_timeout(policy, ttl)  # info().policy shows the lifetime in force, not the default
         sb = ManagedSandbox(sandbox_id, policy, rt, meta, time.time(), now + ttl,
                             now + policy.lifetime.max_lifetime, broker=broker, tenant=tenant, user_id=user_id,
                             redact=redact, last_active=now)
@@ -241,6 +242,7 @@ class Manager:
             raise PolicyError("timeout", f"{format_duration(seconds)} would outlive lifetime.max_lifetime "
                               f"({format_duration(sb.policy.lifetime.max_lifetime)}; {left:.0f}s left)")
         sb.deadline = deadline
+        sb.policy = _with_timeout(sb.policy, seconds)
         self._record(sb, "sandbox.timeout", {"timeout": seconds})
         self._arm(sb)
 
@@ -754,3 +756,6 @@ async def _rechunk(chunks: Any) -> Any:
             view = view[protocol.CHUNK:]
 
 
+def _with_timeout(policy: Policy, seconds: float) -> Policy:
+    """The policy with lifetime.timeout set to the sandbox's effective time to live."""
+    return policy.model_copy(update={"lifetime": policy.lifetime.model_copy(update={"timeout": float(seconds)})})

@@ -51,6 +51,10 @@ class Result:
 
 @dataclass
 class Logs:
+    """A cell's output, each stream a list of chunks in the order they arrived (as E2B's SDK gives them).
+    Chunk boundaries are not part of the contract: they follow how the code wrote and when the agent read
+    the pipe, so three ``echo`` lines may come as one chunk or three. Join them for the text."""
+
     stdout: list[str] = field(default_factory=list)
     stderr: list[str] = field(default_factory=list)
 

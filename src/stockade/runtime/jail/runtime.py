@@ -177,7 +177,8 @@ class JailRuntime(Runtime):
             raise UnenforceableError(
                 f"cannot enforce limits.{'/'.join(missing)} on this host ({reasons})",
                 "fix: run as root or give stockade a delegated cgroup (STOCKADE_CGROUP_PARENT); or accept "
-                f"the weaker sandbox with allow_missing_controls = {json.dumps(missing)} in the policy. "
+                f"the weaker sandbox with allow_missing_controls = {json.dumps(missing)} in the policy file "
+                f"(SDK: Sandbox.create(policy={{\"allow_missing_controls\": {json.dumps(missing)}}})). "
                 "Run `stockade doctor` for details.")
         sandbox = JailSandbox(self, sandbox_id, policy, broker_dir, dict(files or {}))
         try:
