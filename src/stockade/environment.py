@@ -2,10 +2,7 @@
 the packages the code interpreter needs, mounted read-only at /opt/stockade/env in every sandbox.
 
 `stockade env build` installs on the host, once. Without it sandboxes still run; the code interpreter
-then uses its standard-library fallback (text results only) and `info()` says so. The directory is
-shared read-only by every sandbox; `pip install` inside a sandbox (where the network policy reaches an
-index) installs into the sandbox's workspace instead (rootfs.sandbox_env: PIP_PREFIX), which the
-sandbox's python, console scripts and run_code contexts all see.
+then uses its standard-library fallback (text results only) and `info()` says so.
 
 Every interpreter started here runs isolated (-I: no PYTHON* variables, no user site, no script or
 current directory on sys.path) from a fixed directory with the caller's PYTHON* variables removed, so a

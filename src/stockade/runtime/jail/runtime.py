@@ -134,8 +134,6 @@ class JailRuntime(Runtime):
         self.cgroups = cgroups.detect(self.config.cgroup_parent)
         self.uids = UidAllocator(self.config.state_dir, self.config.uid_range) if self.privileged else None
         self.sandbox_env = self.config.sandbox_env if environment.is_built(self.config.sandbox_env) else None
-        libs = sorted(p.name for p in (self.sandbox_env / "lib").glob("python3.*")) if self.sandbox_env else []
-        self.sandbox_env_python = libs[-1] if libs else None  # where pip inside the sandbox installs
         if self.sandbox_env and self.privileged and not bwrap_mod.reachable_by_anyone(str(self.sandbox_env), False):
             raise SandboxUnavailableError(f"the sandbox environment {self.sandbox_env} is not reachable by "
                                           "unprivileged uids", "fix: chmod o+x the directories above it")
@@ -252,8 +250,7 @@ class JailSandbox(RuntimeSandbox):
         reader, writer = await asyncio.open_unix_connection(sock=host_sock)
         self.channel = AgentChannel(reader, writer)
         try:
-            env = rootfs.sandbox_env(dict(envs), f"{environment.MOUNT}/bin" if rt.sandbox_env else None,
-                                     rt.sandbox_env_python)
+            env = rootfs.sandbox_env(dict(envs), f"{environment.MOUNT}/bin" if rt.sandbox_env else None)
             # The agent lowers its own rlimits before it runs anything (lowering needs no privilege,
             # and the same agent does it in every runtime); every process it starts inherits them.
             rlimits = {"nofile": lim.open_files, "fsize": lim.file_size, "core": 0}
