@@ -1,11 +1,8 @@
 """The sandbox's Python environment: a virtualenv on the sandbox's own python3, built on the host with
-the packages the code interpreter needs, mounted at /opt/stockade/env in every sandbox.
+the packages the code interpreter needs, mounted read-only at /opt/stockade/env in every sandbox.
 
 `stockade env build` installs on the host, once. Without it sandboxes still run; the code interpreter
-then uses its standard-library fallback (text results only) and `info()` says so. The host directory is
-shared read-only; each sandbox sees it through a copy-on-write layer in its own workspace, so `pip
-install` inside a sandbox (where the network policy reaches an index) installs into the environment
-the sandbox's python, its console scripts and run_code all use, and nothing of it reaches the host copy.
+then uses its standard-library fallback (text results only) and `info()` says so.
 
 Every interpreter started here runs isolated (-I: no PYTHON* variables, no user site, no script or
 current directory on sys.path) from a fixed directory with the caller's PYTHON* variables removed, so a

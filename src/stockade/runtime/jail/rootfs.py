@@ -97,21 +97,11 @@ def generated_files() -> dict[str, str]:
             "/etc/resolv.conf": RESOLV_CONF}
 
 
-PIP_PREFIX = f"{HOME}/.local"
-
-
-def sandbox_env(extra: dict[str, str], env_bin: str | None = None, env_python: str | None = None) -> dict[str, str]:
-    """``env_python`` (``python3.X``, the sandbox environment's): `pip install` inside the sandbox installs
-    under PIP_PREFIX in the workspace (the environment itself is read-only), which PYTHONPATH puts ahead of
-    the environment for every python and run_code context; ignoring installed packages lets an upgrade
-    of one of the environment's own packages shadow it instead of failing to uninstall it."""
+def sandbox_env(extra: dict[str, str], env_bin: str | None = None) -> dict[str, str]:
     path = f"/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin:{BIN_DIR}"
     env = {"PATH": f"{env_bin}:{path}" if env_bin else path, "HOME": HOME, "PYTHONPATH": LIB_DIR, "USER": "user",
            "LOGNAME": "user", "SHELL": "/bin/sh", "LANG": "C.UTF-8", "TERM": "dumb", "TMPDIR": "/tmp",
            "PYTHONUNBUFFERED": "1"}
-    if env_bin and env_python:
-        env.update(PATH=f"{PIP_PREFIX}/bin:{env['PATH']}", PIP_PREFIX=PIP_PREFIX, PIP_IGNORE_INSTALLED="1",
-                   PYTHONPATH=f"{LIB_DIR}:{PIP_PREFIX}/lib/{env_python}/site-packages")
     env.update(extra)
     return env
 

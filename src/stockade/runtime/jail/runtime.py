@@ -142,8 +142,6 @@ class JailRuntime(Runtime):
         self.host_cpus = sorted(os.sched_getaffinity(0))
         self._cpu_turn = itertools.count()  # spreads the sandboxes' affinity masks over the host's CPUs
         self.sandbox_env = self.config.sandbox_env if environment.is_built(self.config.sandbox_env) else None
-        libs = sorted(p.name for p in (self.sandbox_env / "lib").glob("python3.*")) if self.sandbox_env else []
-        self.sandbox_env_python = libs[-1] if libs else None  # where pip inside the sandbox installs
         if self.sandbox_env and self.privileged and not bwrap_mod.reachable_by_anyone(str(self.sandbox_env), False):
             raise SandboxUnavailableError(f"the sandbox environment {self.sandbox_env} is not reachable by "
                                           "unprivileged uids", "fix: chmod o+x the directories above it")
@@ -268,8 +266,7 @@ class JailSandbox(RuntimeSandbox):
         reader, writer = await asyncio.open_unix_connection(sock=host_sock)
         self.channel = AgentChannel(reader, writer)
         try:
-            env = rootfs.sandbox_env(dict(envs), f"{environment.MOUNT}/bin" if rt.sandbox_env else None,
-                                     rt.sandbox_env_python)
+            env = rootfs.sandbox_env(dict(envs), f"{environment.MOUNT}/bin" if rt.sandbox_env else None)
             # The agent lowers its own rlimits before it runs anything (lowering needs no privilege,
             # and the same agent does it in every runtime); every process it starts inherits them.
             rlimits = {"nofile": lim.open_files, "fsize": lim.file_size, "core": 0}
