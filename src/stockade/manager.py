@@ -172,6 +172,8 @@ class Manager:
             # placeholders win over same-named envs: a secret's real value never enters the sandbox
             envs = {**PROXY_ENV, **(TRUST_ENV if secrets_ else {}), **envs,
                     **{sec.name: sec.placeholder.decode() for sec in secrets_}}
+        else:  # the proxy ports refuse with the reason (op net_off); pip retries once, which prints the reason
+            envs = {**PROXY_ENV, "PIP_RETRIES": "1", **envs}
         rt: RuntimeSandbox | None = None
         try:
             if broker is None and self.pool is not None and self.pool.matches(policy):
@@ -185,6 +187,8 @@ class Manager:
             if broker is not None:
                 await rt.channel.call({"op": "net_bridge", "broker": f"{BROKER_DIR}/broker.sock",
                                        "http_port": HTTP_PROXY_PORT, "socks_port": SOCKS_PORT})
+            else:  # the same proxy ports answer "network is off" at once, instead of tools timing out
+                await rt.channel.call({"op": "net_off", "http_port": HTTP_PROXY_PORT, "socks_port": SOCKS_PORT})
         except BaseException:
             if rt is not None:  # started, but its network bridge did not: nothing of it may remain
                 await rt.stop()

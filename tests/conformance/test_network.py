@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pytest
 
+from ..conftest import wait_until
+
 
 class Upstream:
     """An HTTP server (and a TLS one for api.example.test) on 127.0.0.1, with a record of what arrived."""
@@ -112,13 +114,67 @@ def py(sb, code: str) -> str:  # type: ignore[no-untyped-def]
     return r.stdout + r.stderr
 
 
+NETWORK_OFF = "network is off for this sandbox (network.mode = none); network.mode = allowlist opens it"
+
+
 def test_no_network_by_default(make_sandbox, upstream):
     sb = make_sandbox()
-    env = sb.commands.run("env").stdout
-    assert "PROXY" not in env.upper()
-    assert not sb.files.exists("/run/stockade")
+    assert not sb.files.exists("/run/stockade")  # no broker socket
     r = sb.commands.run(f"curl -sS --max-time 5 http://127.0.0.1:{upstream.port}/; echo rc=$?")
-    assert "rc=0" not in r.stdout and upstream.seen == []
+    assert "rc=0" not in r.stdout
+    # the proxy ports answer locally: through them the host's upstream is not reached either
+    r = sb.commands.run(f"curl -sS --max-time 5 --noproxy '' -x http://127.0.0.1:3128 http://127.0.0.1:{upstream.port}/")
+    assert NETWORK_OFF in r.stdout
+    r = sb.commands.run(f"curl -sS --max-time 5 --noproxy '' --socks5-hostname 127.0.0.1:1080 http://127.0.0.1:{upstream.port}/")
+    assert r.exit_code != 0 and "SOCKS5" in r.stderr
+    assert upstream.seen == []
+
+
+def test_with_the_network_off_tools_say_so_at_once(make_sandbox):
+    """pip, curl, git, Python and node clients get the reason and the policy field, not a name-lookup timeout."""
+    sb = make_sandbox()
+    def run(cmd: str) -> str:
+        r = sb.commands.run(cmd, timeout=30)  # a hang guard: each of these answers in well under a second
+        assert not r.timed_out, cmd
+        return r.stdout + r.stderr
+    assert NETWORK_OFF in run("curl -sS http://pkg.example.test/simple/")
+    assert "response 403" in run("curl -sS https://pkg.example.test/")
+    assert "response 403" in run("git clone -q https://git.example.test/x.git /tmp/x")
+    for url in ("http://pkg.example.test/", "https://pkg.example.test/"):
+        assert NETWORK_OFF in run(f"python3 -c \"import urllib.request; urllib.request.urlopen('{url}')\"")
+    pip = "/opt/stockade/env/bin/python -m pip" if sb.files.exists("/opt/stockade/env/bin/python") else ""
+    if pip:
+        out = run(f"{pip} install --no-cache-dir --index-url https://pkg.example.test/simple nothing-here")
+        assert NETWORK_OFF in out and "No matching distribution" in out
+    if shutil.which("node"):
+        fetch = "fetch('https://pkg.example.test/').catch(e => console.log(String(e.cause || e)))"
+        assert NETWORK_OFF in run(f"node -e \"{fetch}\"")
+    # the caller's own settings win over the defaults that make pip say it at once
+    assert sb.commands.run("echo $PIP_RETRIES", envs={"PIP_RETRIES": "3"}).stdout == "3\n"
+
+
+def test_the_network_off_answer_survives_hostile_clients(make_sandbox):
+    """Clients that connect and send nothing, trickle bytes, flood or open hundreds of connections delay
+    only themselves: the next request still gets the answer, and the agent still runs commands."""
+    sb = make_sandbox()
+    hostile = """
+import socket, threading, time
+held = []
+for i in range(200):
+    s = socket.socket(); s.connect(("127.0.0.1", 3128 if i % 2 else 1080)); held.append(s)
+held[0].send(b"GET http://x/ HTTP/1.1\\r\\n")           # half a head
+big = socket.socket(); big.connect(("127.0.0.1", 3128)); big.settimeout(5)
+try: big.sendall(b"POST http://x/ HTTP/1.1\\r\\nContent-Length: 9999999\\r\\n\\r\\n" + b"x" * 200000)
+except OSError: pass
+print("opened", len(held))
+time.sleep(60)
+"""
+    sb.files.write("hostile.py", hostile)
+    sb.commands.run("python3 hostile.py", background=True)
+    assert wait_until(lambda: "hostile.py" in sb.commands.run("ps -eo args").stdout)
+    r = sb.commands.run("curl -sS --max-time 25 -x http://127.0.0.1:3128 http://pkg.example.test/", timeout=40)
+    assert NETWORK_OFF in r.stdout, r.stderr
+    assert sb.commands.run("true").exit_code == 0
 
 
 def test_allowed_host_through_curl_python_and_socks(make_sandbox, upstream, lookups):

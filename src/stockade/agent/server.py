@@ -135,6 +135,7 @@ class Agent:
         self.ctx_by_fd: dict = {}              # events fd -> Context
         self.nproc = 0                         # RLIMIT_NPROC of user processes (0: not set)
         self.threads = 1                       # the agent's own tasks, which count against it too
+        self.network_off = False               # the refusing proxy ports listen (op net_off)
         self.prctl = _libc_prctl()
         self.setrlimit: Callable[[int, tuple[int, int]], None] | None = None  # resource's, imported at hello
         self.rlimit_nproc = 0
@@ -772,6 +773,27 @@ class Agent:
             self.threads += 1
         self.send({"id": rid, "ev": "ok"})
 
+    def op_net_off(self, rid: int, h: dict, body: bytes) -> None:
+        """network.mode = none: the proxy ports still listen, and every request gets at once an answer
+        that says the network is off and which field opens it (curl, pip, git, node and Python clients
+        read the proxy variables; without this they retry name lookups and time out, saying nothing).
+        One thread per port polls all its connections (_refuse_network)."""
+        import _socket
+        import _thread
+
+        if self.network_off:  # a warm sandbox is told again at claim
+            self.send({"id": rid, "ev": "ok"})
+            return
+        for port, kind in ((int(h["http_port"]), b"H"), (int(h["socks_port"]), b"S")):
+            listener = _socket.socket(_socket.AF_INET, _socket.SOCK_STREAM)
+            listener.setsockopt(_socket.SOL_SOCKET, _socket.SO_REUSEADDR, 1)
+            listener.bind(("127.0.0.1", port))
+            listener.listen(64)
+            _thread.start_new_thread(_refuse_network, (listener, kind))
+            self.threads += 1
+        self.network_off = True
+        self.send({"id": rid, "ev": "ok"})
+
     # ---- files ---------------------------------------------------------------------------------
     @staticmethod
     def path(h: dict, key: str = "path") -> str:
@@ -923,6 +945,93 @@ def _bridge_accept(listener, kind, broker):  # noqa: ANN001
         finally:  # the broker holds its own copy now
             upstream.close()
             client.close()
+
+
+NETWORK_OFF = "stockade: network is off for this sandbox (network.mode = none); network.mode = allowlist opens it"
+_NETWORK_OFF_REPLY = (f"HTTP/1.1 403 {NETWORK_OFF}\r\nX-Stockade-Reason: {NETWORK_OFF}\r\n"
+                      f"Content-Type: text/plain\r\nContent-Length: {len(NETWORK_OFF) + 1}\r\n"
+                      f"Connection: close\r\n\r\n{NETWORK_OFF}\n").encode()
+
+
+REFUSER_CONNECTIONS = 128   # open at once per port; past it the oldest is closed
+REFUSER_HEAD_TIME = 1.0     # seconds a client may take to send a first byte (then it is answered anyway)
+REFUSER_DRAIN_TIME = 0.5    # after the answer: read what is left, so the close is not a reset
+
+
+def _refuse_network(listener, kind):  # noqa: ANN001
+    """Answer every connection on a proxy port with the refusal: HTTP gets the 403 once its request
+    starts (or after REFUSER_HEAD_TIME), SOCKS5 its 'not allowed by ruleset' reply. One thread polls all
+    of a port's connections, each with a deadline, so hostile clients (silent, trickling, flooding,
+    hundreds at once) delay no one and make the agent start no threads."""
+    import _socket
+
+    listener.setblocking(False)
+    poller = select.poll()
+    poller.register(listener.fileno(), select.POLLIN)
+    conns: dict = {}  # fd -> [socket, stage, deadline]; stages: 0 head/greeting, 1 SOCKS request, 2 draining
+
+    def close(fd):  # noqa: ANN001, ANN202
+        poller.unregister(fd)
+        conns.pop(fd)[0].close()
+
+    def answer(fd, conn, reply):  # noqa: ANN001, ANN202
+        try:
+            conn.send(reply)  # a few hundred bytes: the socket's buffer takes them whole
+            conn.shutdown(_socket.SHUT_WR)
+        except OSError:
+            close(fd)
+            return
+        conns[fd][1:] = [2, _monotonic() + REFUSER_DRAIN_TIME]
+
+    while True:
+        now = _monotonic()
+        for fd in [fd for fd, c in conns.items() if c[2] <= now]:
+            conn, stage, _ = conns[fd]
+            if stage == 0 and kind == b"H":  # a head that never completed still gets the reason
+                answer(fd, conn, _NETWORK_OFF_REPLY)
+            else:
+                close(fd)
+        wait = min((c[2] for c in conns.values()), default=now + 60) - now
+        for fd, _ in poller.poll(max(0, int(wait * 1000)) + 1):
+            if fd == listener.fileno():
+                while True:
+                    try:
+                        cfd, _ = listener._accept()
+                    except OSError:  # nothing more to accept now (or out of descriptors)
+                        break
+                    if len(conns) >= REFUSER_CONNECTIONS:
+                        close(next(iter(conns)))
+                    conn = _socket.socket(fileno=cfd)
+                    conn.setblocking(False)
+                    conns[cfd] = [conn, 0, _monotonic() + REFUSER_HEAD_TIME]
+                    poller.register(cfd, select.POLLIN)
+                continue
+            entry = conns.get(fd)
+            if entry is None:
+                continue
+            conn, stage, _ = entry
+            try:
+                data = conn.recv(65536)
+            except BlockingIOError:
+                continue
+            except OSError:
+                data = b""
+            if not data:
+                close(fd)
+            elif stage == 2:
+                continue  # draining
+            elif kind == b"S":
+                if stage == 0:  # greeting: answer "no authentication", then wait for the request
+                    try:
+                        conn.send(b"\x05\x00")
+                    except OSError:
+                        close(fd)
+                        continue
+                    entry[1] = 1
+                else:  # the request: 0x02, connection not allowed by ruleset
+                    answer(fd, conn, b"\x05\x02\x00\x01" + bytes(6))
+            else:  # the first bytes of a request: the answer does not depend on the rest (drained after)
+                answer(fd, conn, _NETWORK_OFF_REPLY)
 
 
 def _read_some(fd: int) -> bytes | None:
