@@ -3,9 +3,11 @@ real), and v1/v2 detection."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from stockade.runtime.jail import cgroups
+from stockade.runtime.jail.runtime import _enter
 
 
 def fake_v2(root: Path, controllers: str = "cpuset cpu io memory pids") -> Path:
@@ -38,8 +40,11 @@ def test_v2_limits_are_written_where_the_kernel_reads_them(tmp_path, monkeypatch
     assert (d / "memory.swap.max").read_text() == "0"
     assert (d / "pids.max").read_text() == "64"
     assert (d / "cpu.max").read_text() == "150000 100000"
-    cg.attach(4242)
-    assert (d / "cgroup.procs").read_text() == "4242"
+    # bwrap's process joins the sandbox's cgroup before exec (then unshares the cgroup namespace there)
+    enter = _enter(cg, None)
+    assert enter is not None
+    enter()
+    assert (d / "cgroup.procs").read_text() == str(os.getpid())
 
 
 def test_v2_missing_controller_is_reported_not_faked(tmp_path):

@@ -368,6 +368,16 @@ HOST_IDENTITY_FILES = ("version", "config.gz", "kallsyms", "kcore", "keys", "tim
                        "cmdline", "modules", "iomem", "vmallocinfo", "buddyinfo", "swaps")
 
 
+def test_the_cgroup_namespace_is_rooted_at_the_sandbox_own_cgroup(make_sandbox):
+    """/proc/self/cgroup names no host path (before, /stockade/sbx-<id>): on every hierarchy, the agent's
+    and a command's cgroup is the namespace's root."""
+    sb = make_sandbox()
+    for path in ("/proc/self/cgroup", "/proc/1/cgroup"):
+        lines = sb.commands.run(f"cat {path}").stdout.splitlines()
+        assert lines and all(line.endswith(":/") for line in lines), lines
+    assert sb.id not in sb.commands.run("cat /proc/self/mountinfo /proc/self/cgroup").stdout
+
+
 def test_host_identifying_proc_files_read_empty(make_sandbox):
     present = [n for n in HOST_IDENTITY_FILES if os.path.isfile(f"/proc/{n}")]
     assert "version" in present

@@ -156,10 +156,6 @@ class Cgroup:
             _write(d / "cpu.cfs_period_us", str(CPU_PERIOD_US))
             _write(d / "cpu.cfs_quota_us", str(quota))
 
-    def attach(self, pid: int) -> None:
-        for d in self.dirs:
-            _write(d / "cgroup.procs", str(pid))
-
     def pids(self) -> set[int]:
         found: set[int] = set()
         for d in self.dirs:

@@ -1,8 +1,9 @@
 """Starting and tearing down a jailed sandbox.
 
-Order of a start: lease a host uid (root only) -> create the cgroup -> spawn bwrap with the agent as the
-sandbox's PID 1 -> read the agent's host pid from bwrap's info fd -> move it into the cgroup and set its
-rlimits -> hello/ready on the channel. The agent runs nothing before the hello, so no process in the
+Order of a start: lease a host uid (root only) -> create the cgroup -> spawn bwrap inside the cgroup, as
+the sandbox uid, with the agent as the sandbox's PID 1 (so the cgroup namespace bwrap unshares is rooted
+at the sandbox's own cgroup) -> read the agent's host pid from bwrap's info fd -> hello/ready on the
+channel, where the agent sets its rlimits. The agent runs nothing before the hello, so no process in the
 sandbox ever escapes the cgroup or the rlimits.
 """
 
@@ -20,7 +21,7 @@ import signal
 import socket
 import subprocess
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from functools import cache
 from pathlib import Path
 
@@ -227,13 +228,10 @@ class JailSandbox(RuntimeSandbox):
         fds: list[int] = []
         try:
             argv = self._argv(agent_sock.fileno(), info_w, fds)
-            kwargs: dict[str, object] = {}
-            if self.uid is not None:
-                kwargs = {"user": self.uid.uid, "group": self.uid.uid, "extra_groups": []}
             self.proc = subprocess.Popen(  # noqa: S603 - argv is built here, not from input
                 argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=stderr_fd,
                 pass_fds=(agent_sock.fileno(), info_w, *fds), start_new_session=True,
-                **kwargs)  # type: ignore[call-overload]
+                preexec_fn=_enter(self.cgroup, self.uid.uid if self.uid is not None else None))
         finally:
             agent_sock.close()
             os.close(info_w)
@@ -254,13 +252,6 @@ class JailSandbox(RuntimeSandbox):
         self.namespaces = {k.removesuffix("-namespace"): v for k, v in details.items() if k.endswith("-namespace")}
         self.agent_host_pid = child
         self.agent_pidfd = os.pidfd_open(child)
-        # Before the agent runs anything: the cgroup that every later process inherits.
-        if self.cgroup is not None:
-            try:
-                self.cgroup.attach(child)
-            except ProcessLookupError:  # bwrap failed during set-up
-                await self._wait_bwrap(2.0)
-                raise self._start_failure(stderr_fd) from None
         with contextlib.suppress(ProcessLookupError):  # bwrap failed: the hello below reports it
             os.sched_setaffinity(child, self.cpus)
         reader, writer = await asyncio.open_unix_connection(sock=host_sock)
@@ -460,6 +451,30 @@ async def _read_all(fd: int) -> bytes:
     finally:
         loop.remove_reader(fd)
     return b"".join(chunks)
+
+
+def _enter(cgroup: cgroups.Cgroup | None, uid: int | None) -> Callable[[], None] | None:
+    """What bwrap's process does before exec: join the sandbox's cgroups (so the cgroup namespace bwrap
+    unshares is rooted at the sandbox's own cgroup, and every process of the sandbox starts in it), then
+    drop to the sandbox's uid (after: the cgroup files are root's). Runs between fork and exec in a
+    threaded process, so it only makes system calls on values prepared here."""
+    procs = [str(d / "cgroup.procs") for d in cgroup.dirs] if cgroup is not None else []
+    if not procs and uid is None:
+        return None
+
+    def enter() -> None:
+        me = str(os.getpid()).encode()
+        for path in procs:
+            fd = os.open(path, os.O_WRONLY)
+            try:
+                os.write(fd, me)
+            finally:
+                os.close(fd)
+        if uid is not None:
+            os.setgroups([])
+            os.setresgid(uid, uid, uid)
+            os.setresuid(uid, uid, uid)
+    return enter
 
 
 async def _wait_exit(proc: subprocess.Popen[bytes]) -> None:
