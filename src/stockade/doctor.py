@@ -102,9 +102,9 @@ def check_proc_view() -> Check:
         "/var/lib/lxcfs/proc") else ""
     return Check("/proc masking", True, f"{len(files)} host /proc files read empty, {len(dirs)} directories "
                  "empty and read-only; meminfo, cpuinfo, stat, loadavg and boot_id show the sandbox (MemTotal = "
-                 "limits.memory, CPUs = limits.cpus rounded up, also as the affinity mask)" + lxcfs + ". Not "
-                 "hidden: /proc/uptime and btime, mountinfo's host paths and devices, /proc/self/cgroup's path "
-                 "(the cgroup namespace is rooted above the sandbox's cgroup), sysinfo()'s memory totals")
+                 "limits.memory, CPUs = limits.cpus rounded up, also as the affinity mask); the cgroup namespace "
+                 "is rooted at the sandbox's cgroup" + lxcfs + ". Not hidden: /proc/uptime and btime, "
+                 "mountinfo's host paths and devices, sysinfo()'s memory totals")
 
 
 def check_privilege(config: HostConfig) -> Check:
