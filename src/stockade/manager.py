@@ -142,6 +142,7 @@ class Manager:
                      metadata: Mapping[str, str] | None = None, *, tenant: str | None = None,
                      user_id: str | None = None) -> ManagedSandbox:
         envs = check_envs(envs)
+        caller_env_names = sorted(envs)  # recorded: the caller's variables, not the defaults added below
         meta = {str(k): str(v) for k, v in (metadata or {}).items()}
         ttl = policy.lifetime.timeout if timeout is None else float(timeout)
         if ttl <= 0:
@@ -202,7 +203,7 @@ class Manager:
                             redact=redact, last_active=now)
         self.sandboxes[sandbox_id] = sb
         self._record(sb, "sandbox.create", {"policy": policy.to_display(), "timeout": ttl, "metadata": meta,
-                                            "env_names": sorted(envs), "runtime": rt.describe(),
+                                            "env_names": caller_env_names, "runtime": rt.describe(),
                                             "warm": warm})
         rt.channel.on_close = lambda reason: self._on_channel_closed(sb, reason)
         rt.channel.start({"op": "artifacts"}, StreamPending(lambda h, b: self._artifact_frame(sb, h, b), ("artifact",)))
