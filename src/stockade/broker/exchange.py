@@ -156,7 +156,9 @@ async def relay_http(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
                                             "host; open another connection for another host)"))
                 await writer.drain()
                 return
-            headers = _request_headers(request, host, port, bound, egress.secrets, event, used)
+            this: set[str] = set()
+            headers = _request_headers(request, host, port, bound, egress.secrets, event, this)
+            used |= this
             if client.their_state is h11.MUST_CLOSE or request.http_version == b"1.0":
                 headers.append((b"Connection", b"close"))
             await send_up(h11.Request(method=request.method, target=_origin_form(request.target), headers=headers))
