@@ -134,3 +134,30 @@ time.sleep(1000)
     assert r.timed_out
     assert sb.commands.run("echo next").stdout == "next\n"
     assert wait_until(lambda: int(sb.commands.run("ps -e | wc -l").stdout or 99) < 6, 5)
+
+
+LEAVE_THE_TREE = """
+import ctypes, os, time
+libc = ctypes.CDLL(None, use_errno=True)
+print("prctl", libc.prctl(36, 0, 0, 0, 0), ctypes.get_errno(), flush=True)  # PR_SET_CHILD_SUBREAPER, 0
+if os.fork() == 0:              # an orphan: with the flag cleared it would go to the agent
+    if os.fork() == 0:
+        os.execvp("sleep", ["sleep", "3001"])
+    os._exit(0)
+child = libc.syscall(56, 0x8000 | 17, 0, 0, 0, 0)  # clone(CLONE_PARENT | SIGCHLD): a sibling, not a child
+if child == 0:
+    os.execvp("sleep", ["sleep", "3002"])
+print("clone", child, ctypes.get_errno(), flush=True)
+time.sleep(1000)
+"""
+
+
+def test_a_command_cannot_move_its_processes_out_of_its_tree(make_sandbox):
+    """The command's top process may not clear its subreaper flag nor clone siblings of itself (EPERM),
+    so its timeout still ends everything it started."""
+    sb = make_sandbox()
+    sb.files.write("leave.py", LEAVE_THE_TREE)
+    r = sb.commands.run("exec python3 leave.py", timeout=3)
+    assert r.timed_out
+    assert "prctl -1 1\n" in r.stdout and "clone -1 1\n" in r.stdout, r.stdout + r.stderr
+    assert wait_until(lambda: not markers(sb), 5), markers(sb)

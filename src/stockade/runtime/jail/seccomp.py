@@ -59,6 +59,11 @@ NAMESPACE_FLAGS = {
     "CLONE_NEWIPC": 0x08000000, "CLONE_NEWUSER": 0x10000000, "CLONE_NEWPID": 0x20000000,
     "CLONE_NEWNET": 0x40000000,
 }
+# A command's processes must stay below its top process, a child subreaper the agent makes at spawn, so a
+# timeout or kill finds all of them: a child of CLONE_PARENT would be the top's sibling (the agent's child),
+# and clearing the subreaper flag would send orphans to the agent.
+CLONE_PARENT = 0x00008000
+PR_SET_CHILD_SUBREAPER = 36
 ALLOWED_SOCKET_FAMILIES = (1, 2, 10)  # AF_UNIX, AF_INET, AF_INET6
 TIOCSTI, TIOCLINUX = 0x5412, 0x541C   # push input into the terminal: a known escape from a session
 TIOCSETD = 0x5423                     # change a terminal's line discipline (n_gsm, n_hdlc: kernel CVEs)
@@ -88,8 +93,9 @@ def filter_bpf() -> bytes:
     for nr in range(NEWEST_REVIEWED + 1, NATIVE_TABLE_END):
         f.add_rule(enosys, nr)
     f.add_rule(enosys, "clone3")
-    for flag in NAMESPACE_FLAGS.values():
+    for flag in (*NAMESPACE_FLAGS.values(), CLONE_PARENT):
         f.add_rule(eperm, "clone", sc.Arg(0, sc.MASKED_EQ, flag, flag))
+    f.add_rule(eperm, "prctl", sc.Arg(0, sc.EQ, PR_SET_CHILD_SUBREAPER), sc.Arg(1, sc.EQ, 0))
     for family in range(0, max(ALLOWED_SOCKET_FAMILIES)):
         if family not in ALLOWED_SOCKET_FAMILIES:
             f.add_rule(eperm, "socket", sc.Arg(0, sc.EQ, family))
