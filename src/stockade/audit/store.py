@@ -206,14 +206,18 @@ class SQLAudit(Audit):
             return conn.execute(events.delete().where(events.c.time < before)).rowcount or 0
 
     def size(self) -> int:
-        """Bytes the audit log takes in the database (SQLite: the whole file's used pages)."""
+        """Bytes the audit log takes in the database (SQLite: the whole file's used pages; PostgreSQL: the
+        live rows)."""
         with self.engine.connect() as conn:
             if self.engine.dialect.name == "sqlite":
                 pages = conn.execute(sa.text("PRAGMA page_count")).scalar() or 0
                 free = conn.execute(sa.text("PRAGMA freelist_count")).scalar() or 0
                 page = conn.execute(sa.text("PRAGMA page_size")).scalar() or 4096
                 return int((pages - free) * page)
-            return int(conn.execute(sa.text("SELECT pg_total_relation_size('audit_events')")).scalar() or 0)
+            # the live rows' bytes: the table's files keep dead rows' space after a DELETE until a VACUUM
+            # (and never give it back without VACUUM FULL), so their size cannot tell a cap was reached
+            return int(conn.execute(sa.text("SELECT coalesce(sum(pg_column_size(e.*)), 0) FROM audit_events e"))
+                       .scalar() or 0)
 
     def prune_to_size(self, max_bytes: int) -> int:
         """Delete the oldest events until the log takes at most ``max_bytes``; returns how many. (Freed space
