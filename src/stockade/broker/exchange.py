@@ -35,11 +35,12 @@ class Refused(Exception):
     """A request the broker will not forward; the message is the reason (one short line)."""
 
 
-def forbidden(reason: str, body_text: str) -> bytes:
-    """A complete 403 whose status line carries the reason (curl -v, pip and http.client print it)."""
+def refusal(status: int, reason: str, body_text: str = "") -> bytes:
+    """A complete answer that ends the connection, its status line carrying the reason (curl -v, pip and
+    http.client print it): the broker's 403s, 502s and 400s all take this shape."""
     phrase = _phrase(f"stockade: {reason}")
-    body = body_text.rstrip("\n").encode() + b"\n"
-    return (f"HTTP/1.1 403 {phrase}\r\nX-Stockade-Reason: {phrase}\r\nContent-Type: text/plain\r\n"
+    body = body_text.rstrip("\n").encode() + b"\n" if body_text else b""
+    return (f"HTTP/1.1 {status} {phrase}\r\nX-Stockade-Reason: {phrase}\r\nContent-Type: text/plain\r\n"
             f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode() + body
 
 
@@ -152,8 +153,8 @@ async def relay_http(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
             why = check_request(request, host, port, also)
             if why is not None:
                 event.update(decision="deny", rule="host-mismatch", reason=why)
-                writer.write(forbidden(why, f"stockade: request refused: {why}\n(a connection is allowed for one "
-                                            "host; open another connection for another host)"))
+                writer.write(refusal(403, why, f"stockade: request refused: {why}\n(a connection is allowed for "
+                                                "one host; open another connection for another host)"))
                 await writer.drain()
                 return
             this: set[str] = set()
@@ -178,7 +179,7 @@ async def relay_http(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
     except (h11.RemoteProtocolError, h11.LocalProtocolError, zlib.error) as exc:
         event.setdefault("reason", f"HTTP: {exc}"[:300])
         if client.our_state in (h11.IDLE, h11.SEND_RESPONSE):
-            writer.write(b"HTTP/1.1 400 stockade: malformed HTTP\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+            writer.write(refusal(400, "malformed HTTP"))
     finally:
         if used:
             event["secrets"] = sorted(used)

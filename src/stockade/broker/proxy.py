@@ -25,7 +25,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from .exchange import forbidden, relay_http
+from .exchange import refusal, relay_http
 from .hello import MAX_HELLO, Hello, Unclassifiable, classify
 from .rules import Decision, IPAddress, RuleError, Rules, normalize_host, parse_ip, split_target
 from .secrets import BoundSecret, SandboxCA
@@ -295,13 +295,12 @@ async def _refuse(writer: asyncio.StreamWriter, event: dict[str, Any], decision:
                          b"\x05\x01\x00\x01\x00\x00\x00\x00\x00\x00")
         elif protocol in ("http", "connect", "?") and not event.get("established"):
             if decision is not None:
-                writer.write(forbidden(decision.reason, f"stockade: egress to {target} denied: {decision.reason}\n"
-                                       f"(rule: {decision.rule}; a policy allows hosts with "
-                                       'network.allow = ["HOST[:PORT]"])'))
+                writer.write(refusal(403, decision.reason, f"stockade: egress to {target} denied: "
+                                     f"{decision.reason}\n(rule: {decision.rule}; a policy allows hosts with "
+                                     'network.allow = ["HOST[:PORT]"])'))
             else:
-                body = f"stockade: could not reach {target}: {event.get('reason', 'bad request')}\n".encode()
-                writer.write(f"HTTP/1.1 502 Bad Gateway\r\nContent-Type: text/plain\r\nContent-Length: {len(body)}"
-                             "\r\nConnection: close\r\n\r\n".encode() + body)
+                why = f"could not reach {target}: {event.get('reason', 'bad request')}"
+                writer.write(refusal(502, why, f"stockade: {why}"))
         await writer.drain()
 
 
