@@ -761,6 +761,22 @@ class Agent:
     def op_net_bridge(self, rid: int, h: dict, body: bytes) -> None:
         """Listen on loopback ports inside the sandbox; an accept thread per port passes each connection
         to the host's broker, so the agent's loop never waits on the network."""
+        self.serve_proxy_ports(h, _bridge_accept, h["broker"])
+        self.send({"id": rid, "ev": "ok"})
+
+    def op_net_off(self, rid: int, h: dict, body: bytes) -> None:
+        """network.mode = none: the proxy ports still listen, and every request gets at once an answer
+        that says the network is off and which field opens it (curl, pip, git, node and Python clients
+        read the proxy variables; without this they retry name lookups and time out, saying nothing).
+        One thread per port polls all its connections (_refuse_network)."""
+        if not self.network_off:  # a warm sandbox is told again at claim
+            self.serve_proxy_ports(h, _refuse_network)
+            self.network_off = True
+        self.send({"id": rid, "ev": "ok"})
+
+    def serve_proxy_ports(self, h: dict, serve: Callable[..., None], *args: object) -> None:
+        """A loopback listener on the HTTP proxy and the SOCKS5 port, each served by ``serve(listener,
+        kind, *args)`` on a thread of its own (kind: b"H" or b"S")."""
         import _socket
         import _thread
 
@@ -769,30 +785,8 @@ class Agent:
             listener.setsockopt(_socket.SOL_SOCKET, _socket.SO_REUSEADDR, 1)
             listener.bind(("127.0.0.1", port))
             listener.listen(128)
-            _thread.start_new_thread(_bridge_accept, (listener, kind, h["broker"]))
+            _thread.start_new_thread(serve, (listener, kind, *args))
             self.threads += 1
-        self.send({"id": rid, "ev": "ok"})
-
-    def op_net_off(self, rid: int, h: dict, body: bytes) -> None:
-        """network.mode = none: the proxy ports still listen, and every request gets at once an answer
-        that says the network is off and which field opens it (curl, pip, git, node and Python clients
-        read the proxy variables; without this they retry name lookups and time out, saying nothing).
-        One thread per port polls all its connections (_refuse_network)."""
-        import _socket
-        import _thread
-
-        if self.network_off:  # a warm sandbox is told again at claim
-            self.send({"id": rid, "ev": "ok"})
-            return
-        for port, kind in ((int(h["http_port"]), b"H"), (int(h["socks_port"]), b"S")):
-            listener = _socket.socket(_socket.AF_INET, _socket.SOCK_STREAM)
-            listener.setsockopt(_socket.SOL_SOCKET, _socket.SO_REUSEADDR, 1)
-            listener.bind(("127.0.0.1", port))
-            listener.listen(64)
-            _thread.start_new_thread(_refuse_network, (listener, kind))
-            self.threads += 1
-        self.network_off = True
-        self.send({"id": rid, "ev": "ok"})
 
     # ---- files ---------------------------------------------------------------------------------
     @staticmethod
