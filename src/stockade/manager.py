@@ -406,7 +406,7 @@ class Manager:
                     "error": f"timed out: the command ran past its timeout ({format_duration(value)}) and was "
                              "killed; pass a longer timeout= or raise limits.command_timeout"}
         oom_after = sb.runtime.oom_kills()
-        if sig == 9 and record.oom_before is not None and oom_after is not None and oom_after > record.oom_before:
+        if sig == 9 and _oom_killed_since(record.oom_before, oom_after):
             return {"limit": "limits.memory",
                     "error": f"out of memory: the sandbox's memory limit ({format_size(lim.memory)}) was reached and "
                              "the kernel killed the command; raise limits.memory"}
@@ -435,8 +435,7 @@ class Manager:
             return {"type": "error", "name": "TimeoutError", "traceback": "", "limit": "limits.command_timeout",
                     "value": f"the cell ran past its timeout ({format_duration(timeout or lim.command_timeout)}) "
                              f"and {what}; pass a longer timeout= or raise limits.command_timeout"}
-        oom_after = sb.runtime.oom_kills()
-        if done.get("restarted") and oom_before is not None and oom_after is not None and oom_after > oom_before:
+        if done.get("restarted") and _oom_killed_since(oom_before, sb.runtime.oom_kills()):
             return {"type": "error", "name": "MemoryError", "traceback": "", "limit": "limits.memory",
                     "value": f"out of memory: the sandbox's memory limit ({format_size(lim.memory)}) was reached and "
                              "the kernel killed the interpreter, which restarts empty on the next call; raise "
@@ -759,6 +758,11 @@ async def _rechunk(chunks: Any) -> Any:
         while view:
             yield bytes(view[:protocol.CHUNK])
             view = view[protocol.CHUNK:]
+
+
+def _oom_killed_since(before: int | None, after: int | None) -> bool:
+    """Whether the memory cgroup's OOM-kill counter rose between two readings (None: no counter)."""
+    return before is not None and after is not None and after > before
 
 
 def _with_timeout(policy: Policy, seconds: float) -> Policy:
