@@ -83,9 +83,7 @@ def run(
                    err=True)
     if result.error:  # which limit was hit, and the policy field that raises it
         typer.echo(f"stockade: {result.error}", err=True)
-    if result.timed_out:
-        if result.limit != "limits.command_timeout":
-            typer.echo(f"stockade: timed out after {pol.to_display()['limits']['command_timeout']}", err=True)
+    if result.timed_out:  # result.error said so, with the timeout and its field
         raise typer.Exit(EXIT_TIMEOUT)
     raise typer.Exit(result.exit_code if result.exit_code >= 0 else 128 - result.exit_code)
 
