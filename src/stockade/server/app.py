@@ -710,27 +710,24 @@ class _Guard:
         path, method = scope["path"], scope["method"]
         if srv is not None and srv.audit.state != "ok" and path not in _UNGATED and not _releases(method, path):
             srv.metrics.audit_refused.inc()
-            await _send_json(send, 503, {
+            await self._refuse(send, scope, started, 503, {
                 "code": "audit_unavailable",
                 "message": f"the audit log cannot be written ({srv.audit.error}); new work is refused until it "
                            f"can, so nothing runs unrecorded: free space in the server's data directory or fix "
                            f"its database (GET /health shows the audit store's state)"},
                 [(b"retry-after", b"5")])
-            self._record(scope, 503, started)
             return
         is_upload = scope["method"] == "PUT" and scope["path"].endswith("/files")
         names = [name.lower() for name, _ in scope.get("headers") or []]
         length = dict(scope.get("headers") or []).get(b"content-length")
         if b"transfer-encoding" in names and b"content-length" in names:
             # a front proxy and this server could disagree on where the body ends (request smuggling)
-            await _send_json(send, 400, {"code": "invalid_request", "message": "a request may not have both "
-                                         "Content-Length and Transfer-Encoding"}, [(b"connection", b"close")])
-            self._record(scope, 400, started)
+            await self._refuse(send, scope, started, 400, {"code": "invalid_request", "message": "a request may "
+                               "not have both Content-Length and Transfer-Encoding"}, [(b"connection", b"close")])
             return
+        too_large = {"code": "too_large", "message": f"request body over {self.max_body} bytes"}
         if not is_upload and length is not None and (not length.isdigit() or int(length) > self.max_body):
-            await _send_json(send, 413, {"code": "too_large", "message": f"request body over {self.max_body} bytes"},
-                             [(b"connection", b"close")])
-            self._record(scope, 413, started)
+            await self._refuse(send, scope, started, 413, too_large, [(b"connection", b"close")])
             return
         if not is_upload:
             # Read the (small, JSON) body here: a body over the cap, also a chunked one without a length,
@@ -744,10 +741,7 @@ class _Guard:
                     break
                 seen += len(message.get("body", b""))
                 if seen > self.max_body:
-                    await _send_json(send, 413, {"code": "too_large",
-                                                 "message": f"request body over {self.max_body} bytes"},
-                                     [(b"connection", b"close")])
-                    self._record(scope, 413, started)
+                    await self._refuse(send, scope, started, 413, too_large, [(b"connection", b"close")])
                     return
                 if not message.get("more_body", False):
                     break
@@ -775,6 +769,12 @@ class _Guard:
         finally:
             if not recorded:
                 self._record(scope, status, started)
+
+    async def _refuse(self, send: Send, scope: Scope, started: float, status: int, body: dict[str, Any],
+                      headers: list[tuple[bytes, bytes]]) -> None:
+        """Answer without running the request (it is recorded all the same)."""
+        await _send_json(send, status, body, headers)
+        self._record(scope, status, started)
 
     def _record(self, scope: Scope, status: int, started: float) -> None:
         app = scope.get("app")
