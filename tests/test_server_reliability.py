@@ -114,24 +114,26 @@ class Misbehaving:
             c.close()
 
 
-def _read_request(conn: socket.socket) -> None:
+def _read_head(conn: socket.socket) -> bytes:
+    """Bytes up to the end of an HTTP head (or until the peer closes)."""
     data = b""
     while b"\r\n\r\n" not in data:
         chunk = conn.recv(65536)
         if not chunk:
-            return
+            break
         data += chunk
+    return data
 
 
 def _reset(conn: socket.socket) -> None:
-    _read_request(conn)
+    _read_head(conn)
     conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     conn.close()
 
 
 def _answer(status: str, ctype: str, body: bytes) -> Callable[[socket.socket], None]:
     def behave(conn: socket.socket) -> None:
-        _read_request(conn)
+        _read_head(conn)
         conn.sendall(f"HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {len(body)}\r\n"
                      "Connection: close\r\n\r\n".encode() + body)
         conn.close()
@@ -139,7 +141,7 @@ def _answer(status: str, ctype: str, body: bytes) -> Callable[[socket.socket], N
 
 
 def _silent(conn: socket.socket) -> None:
-    _read_request(conn)  # and never answer
+    _read_head(conn)  # and never answer
 
 
 def _not_tls(conn: socket.socket) -> None:
@@ -215,13 +217,7 @@ def _raw(srv: RunningServer, request: bytes) -> bytes:
     host, port = srv.url.removeprefix("http://").split(":")
     with socket.create_connection((host, int(port)), timeout=30) as s:
         s.sendall(request)
-        data = b""
-        while b"\r\n\r\n" not in data:
-            chunk = s.recv(65536)
-            if not chunk:
-                break
-            data += chunk
-        return data
+        return _read_head(s)
 
 
 def _head(srv: RunningServer, method: str, path: str, headers: dict[str, str]) -> bytes:
