@@ -18,9 +18,9 @@ import json
 import os
 import sys
 import traceback
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:  # the agent's cold start: no typing import at run time
+TYPE_CHECKING = False  # importing typing costs a context's start; mypy reads this name as true
+if TYPE_CHECKING:
     from typing import Any
 
 EVENTS_FD = 3
