@@ -80,29 +80,20 @@ def sandbox(make_sandbox: Callable[..., Sandbox]) -> Sandbox:
     return make_sandbox()
 
 
+def host_runtime(name: str = "jail") -> Any:
+    """This test process's runtime of that name (the one the SDK's local mode uses)."""
+    from stockade.sdk.portal import portal
+    from stockade.sdk.sandbox import _transport
+
+    async def get() -> Any:
+        return (await _transport(None).manager()).runtime_named(name)
+
+    return portal().call(get())
+
+
 def sandbox_traces(runtime: dict[str, Any], sandbox_id: str) -> list[str]:
-    """What of a sandbox still exists on the host: processes, mount namespace, cgroups, lock file."""
-    left = []
-    uid = runtime["host_uid"] if runtime["uid_isolation"] else None
-    mnt = runtime["namespaces"]["mnt"]
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
-            continue
-        try:
-            if uid is not None and entry.stat().st_uid == uid:
-                left.append(f"process {entry.name} runs as the sandbox uid {uid}")
-            if os.stat(f"/proc/{entry.name}/ns/mnt").st_ino == mnt:
-                left.append(f"process {entry.name} is in the sandbox's mount namespace")
-        except OSError:
-            continue
-    for controller in ("memory", "pids", "cpu"):
-        for base in (Path("/sys/fs/cgroup") / controller / "stockade", Path("/sys/fs/cgroup/stockade")):
-            if (base / sandbox_id).exists():
-                left.append(f"cgroup {base / sandbox_id}")
-    lock = HostConfig.from_env().state_dir / "sandboxes" / f"{sandbox_id}.lock"
-    if lock.exists():
-        left.append(f"lock file {lock}")
-    return left
+    """What of a sandbox still exists on the host, as its runtime finds it from its info().runtime facts."""
+    return host_runtime(str(runtime["runtime"])).leftovers(sandbox_id, runtime)  # type: ignore[no-any-return]
 
 
 @pytest.fixture
@@ -130,16 +121,8 @@ def api_server() -> Iterator[Any]:
     manager = server.server.manager
     server.stop()
     assert manager is not None and not manager.sandboxes
-    leftovers = [t for sid in manager.tombstones for t in _cgroup_and_lock_traces(sid)]
+    leftovers = [t for sid in manager.tombstones for rt in manager.runtimes.values() for t in rt.leftovers(sid)]
     assert not leftovers, f"the server left sandboxes behind: {leftovers}"
-
-
-def _cgroup_and_lock_traces(sandbox_id: str) -> list[str]:
-    bases = [Path("/sys/fs/cgroup") / c / "stockade" for c in ("memory", "pids", "cpu")]
-    found = [str(base / sandbox_id) for base in bases if (base / sandbox_id).exists()]
-    if (HostConfig.from_env().state_dir / "sandboxes" / f"{sandbox_id}.lock").exists():
-        found.append(f"lock of {sandbox_id}")
-    return found
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -150,13 +133,13 @@ def nothing_left_behind() -> Iterator[None]:
     from stockade.sdk.portal import portal
     from stockade.sdk.sandbox import _transport
 
-    async def created_here() -> list[str]:
+    async def created_here() -> tuple[list[str], list[str]]:
         manager = await _transport(None).manager()
         await manager.shutdown()
-        return list(manager.tombstones)
+        ids = list(manager.tombstones)
+        return ids, [t for sid in ids for rt in manager.runtimes.values() for t in rt.leftovers(sid)]
 
-    ids = portal().call(created_here())
-    leftovers = [t for sid in ids for t in _cgroup_and_lock_traces(sid)]
+    ids, leftovers = portal().call(created_here())
     assert not leftovers, f"the tests left sandboxes behind: {leftovers}"
     # artifacts outlive sandboxes by design; the test sandboxes' ones go with the session
     from stockade.artifacts import DirectoryStore

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import secrets
 import subprocess
 import sys
 from pathlib import Path
@@ -47,11 +48,12 @@ def test_run_command_after_double_dash_leaves_nothing(weak_policy):
 
     locks = HostConfig.from_env().state_dir / "sandboxes"
     before = set(locks.iterdir()) if locks.is_dir() else set()
-    r = stockade("run", *weak_policy, "--", "sh", "-c", "setsid sleep 1000 & echo $0 $1", "a", "b")
+    marker = f"sleep 1000.{secrets.randbelow(10**9)}"  # this test's own: other stockade tests may run beside it
+    r = stockade("run", *weak_policy, "--", "sh", "-c", f"setsid {marker} & echo $0 $1", "a", "b")
     assert (r.returncode, r.stdout) == (0, "a b\n")
     assert set(locks.iterdir()) - before == set()  # its sandbox's lock (and so its cgroup) is gone
     ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
-    assert "sleep 1000" not in ps
+    assert marker not in ps
 
 
 def test_run_timeout_exits_124(weak_policy):

@@ -5,21 +5,22 @@ import os
 import pytest
 
 from stockade import StockadeError
-from stockade.config import DEFAULT_UID_RANGE, HostConfig
+from stockade.config import HostConfig
+from stockade.runtime.jail.config import DEFAULT_UID_RANGE, JailConfig
 
 
 def test_uid_range_from_env(monkeypatch):
     monkeypatch.setenv("STOCKADE_UID_RANGE", "300000-300009")
-    assert HostConfig.from_env().uid_range == (300000, 300009)
+    assert JailConfig.from_env().uid_range == (300000, 300009)
     monkeypatch.delenv("STOCKADE_UID_RANGE")
-    assert HostConfig.from_env().uid_range == DEFAULT_UID_RANGE
+    assert JailConfig.from_env().uid_range == DEFAULT_UID_RANGE
 
 
 @pytest.mark.parametrize("bad", ["abc", "10-5", "0-100", "5", "1000-4294967295"])
 def test_bad_uid_ranges_are_refused(monkeypatch, bad):
     monkeypatch.setenv("STOCKADE_UID_RANGE", bad)
     with pytest.raises(StockadeError, match="STOCKADE_UID_RANGE"):
-        HostConfig.from_env()
+        JailConfig.from_env()
 
 
 def test_state_dir_from_env(monkeypatch, tmp_path):

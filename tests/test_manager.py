@@ -51,11 +51,13 @@ def test_an_agent_that_dies_ends_the_sandbox(make_sandbox):
 
 def test_broker_directories_of_dead_owners_are_swept():
     async def sweep(name):  # type: ignore[no-untyped-def]
-        manager = await _transport(None).manager()
-        stale = manager.broker_root / name
+        runtime = (await _transport(None).manager()).runtime
+        stale = runtime.net_dir / name
         stale.mkdir(parents=True)
         (stale / "broker.sock").touch()
-        return manager.sweep_broker_dirs(), stale.exists()
+        found = runtime.leftovers(name)
+        return found, await runtime.sweep_stale(), stale.exists(), runtime.leftovers(name)
 
-    removed, still_there = portal().call(sweep("sbx-deadbeefdeadbeef"))
-    assert "sbx-deadbeefdeadbeef" in removed and not still_there
+    found, removed, still_there, after = portal().call(sweep("sbx-deadbeefdeadbeef"))
+    assert any("broker socket directory" in t for t in found)
+    assert "sbx-deadbeefdeadbeef" in removed and not still_there and after == []

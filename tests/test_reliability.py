@@ -10,19 +10,20 @@ from pathlib import Path
 
 from stockade.broker.server import BrokerEndpoint
 from stockade.policy import NetworkPolicy
+from stockade.runtime.jail.egress import FdPassingListener
 from stockade.runtime.jail.runtime import _wait_exit
 
 
-def test_a_stopped_broker_endpoint_leaves_no_stale_descriptor_watched_by_the_loop() -> None:
-    """Issue 18.1: many allowlist sandboxes end at once; each broker endpoint stops, then the sandbox's
+def test_a_stopped_egress_listener_leaves_no_stale_descriptor_watched_by_the_loop() -> None:
+    """Issue 18.1: many allowlist sandboxes end at once; each egress listener stops, then the sandbox's
     process is awaited through a pidfd, which often gets the number the listener just freed. Before the
     fix the loop still held the closed listener in its selector, the pidfd was never watched, and the kill
     timed out (TimeoutError after 10 s in _wait_exit)."""
 
     async def one(root: Path, i: int) -> None:
-        endpoint = BrokerEndpoint(f"sb{i}", NetworkPolicy(mode="allowlist", allow=["a.test"]), root / f"b{i}",
-                                  on_event=lambda _e: None)
-        await endpoint.start()
+        broker = BrokerEndpoint(f"sb{i}", NetworkPolicy(mode="allowlist", allow=["a.test"]), on_event=lambda _e: None)
+        endpoint = FdPassingListener(root / f"b{i}", broker.handle)
+        endpoint.start()
         await asyncio.sleep(0)  # the accept loop is now waiting on the listener
         await endpoint.stop()
         proc = subprocess.Popen(["sleep", "0.01"])

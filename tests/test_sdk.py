@@ -211,11 +211,12 @@ def test_info_policy_shows_the_effective_lifetime_timeout():
 def test_missing_controls_error_gives_the_sdk_argument_that_accepts_them():
     # the check itself, on a runtime that sees no usable cgroup (as an ordinary user's does)
     from stockade import Policy, UnenforceableError
+    from stockade.runtime.base import SandboxSpec
     from stockade.runtime.jail import cgroups
     from stockade.runtime.jail.runtime import JailRuntime
 
     rt = JailRuntime()
     rt.cgroups = cgroups.CgroupHost(None, problems={c: "not delegated" for c in cgroups.CONTROLLERS})
     with pytest.raises(UnenforceableError) as err:
-        asyncio.run(rt.start("sb-test-missing", Policy(), {}))
+        asyncio.run(rt.start(SandboxSpec("sb-test-missing", Policy())))
     assert 'Sandbox.create(policy={"allow_missing_controls": ["memory", "pids", "cpu"]})' in err.value.advice

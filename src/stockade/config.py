@@ -1,5 +1,6 @@
 """Host-side settings, from the environment. The policy says what a sandbox may do; this says where
-stockade keeps its state on this host and which resources it may hand out."""
+stockade keeps its state on this host and which runtime runs sandboxes. Each runtime reads its own part
+(the jail's: ``runtime/jail/config.py``)."""
 
 from __future__ import annotations
 
@@ -9,21 +10,16 @@ from pathlib import Path
 
 from .errors import StockadeError
 
-DEFAULT_UID_RANGE = (1_200_000_000, 1_200_065_535)
-
 
 @dataclass(frozen=True)
 class HostConfig:
-    state_dir: Path
-    uid_range: tuple[int, int]
-    bwrap: str | None
-    python: str | None
-    cgroup_parent: str
+    state_dir: Path         # what lives as long as the sandboxes: locks, sockets, the compiled agent
     data_dir: Path          # what outlives sandboxes and reboots: the sandbox environment, artifacts
     sandbox_env: Path       # the Python environment mounted read-only into every sandbox (if built)
     host_groups: dict[str, list[str]]   # named egress rule lists a policy refers to as "@name"
     database_url: str | None = None     # the audit log's store; None: SQLite in data_dir
     audit_retention: float = 30 * 86400 # seconds audit events are kept
+    runtime: str = "jail"               # the runtime sandboxes get unless they ask for another
 
     @classmethod
     def from_env(cls) -> HostConfig:
@@ -45,13 +41,12 @@ class HostConfig:
         else:
             data = Path(env.get("XDG_DATA_HOME") or Path.home() / ".local/share") / "stockade"
         sandbox_env = Path(env["STOCKADE_SANDBOX_ENV"]) if env.get("STOCKADE_SANDBOX_ENV") else data / "envs/default"
-        return cls(state_dir=state, uid_range=_uid_range(env.get("STOCKADE_UID_RANGE")),
-                   bwrap=env.get("STOCKADE_BWRAP") or None, python=env.get("STOCKADE_PYTHON") or None,
-                   cgroup_parent=env.get("STOCKADE_CGROUP_PARENT", "stockade"), data_dir=data,
-                   sandbox_env=sandbox_env, host_groups=_host_groups(env.get("STOCKADE_HOST_GROUPS")),
+        return cls(state_dir=state, data_dir=data, sandbox_env=sandbox_env,
+                   host_groups=_host_groups(env.get("STOCKADE_HOST_GROUPS")),
                    database_url=env.get("STOCKADE_DATABASE_URL") or None,
                    audit_retention=_duration("STOCKADE_AUDIT_RETENTION", env.get("STOCKADE_AUDIT_RETENTION"),
-                                             30 * 86400))
+                                             30 * 86400),
+                   runtime=env.get("STOCKADE_RUNTIME") or "jail")
 
 
 def _duration(name: str, text: str | None, default: float) -> float:
@@ -80,16 +75,3 @@ def _host_groups(path: str | None) -> dict[str, list[str]]:
             isinstance(v, list) and all(isinstance(r, str) for r in v) for v in groups.values()):
         raise StockadeError(f"{path}: [groups] must map names to lists of host rules")
     return {str(k): list(v) for k, v in groups.items()}
-
-
-def _uid_range(text: str | None) -> tuple[int, int]:
-    if not text:
-        return DEFAULT_UID_RANGE
-    try:
-        low, high = (int(part) for part in text.split("-", 1))
-    except ValueError:
-        raise StockadeError(f"STOCKADE_UID_RANGE={text!r}: use FIRST-LAST, e.g. 1200000000-1200065535") \
-            from None
-    if not 1000 <= low <= high < 2**32 - 1:
-        raise StockadeError(f"STOCKADE_UID_RANGE={text!r}: need 1000 <= FIRST <= LAST < 4294967295")
-    return low, high

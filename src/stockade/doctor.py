@@ -13,6 +13,7 @@ from pathlib import Path
 
 from .config import HostConfig
 from .errors import SandboxUnavailableError, StockadeError
+from .runtime.jail.config import JailConfig
 
 
 @dataclass(frozen=True)
@@ -47,11 +48,11 @@ def check_userns() -> Check:
     return Check("user namespaces", True, "allowed")
 
 
-def check_bwrap(config: HostConfig) -> tuple[Check, str | None]:
+def check_bwrap(jail: JailConfig) -> tuple[Check, str | None]:
     from .runtime.jail import bwrap
 
     try:
-        found = bwrap.locate(config.bwrap)
+        found = bwrap.locate(jail.bwrap)
     except SandboxUnavailableError as exc:
         return Check("bubblewrap", False, str(exc).split("\n")[0], exc.advice), None
     probe = subprocess.run([found.path, "--unshare-all", "--ro-bind", "/usr", "/usr", "--symlink", "usr/lib64",
@@ -76,10 +77,10 @@ def check_seccomp() -> Check:
     return Check("seccomp", True, f"filter compiled by libseccomp ({size // 8} BPF instructions)")
 
 
-def check_cgroups(config: HostConfig) -> list[Check]:
+def check_cgroups(jail: JailConfig) -> list[Check]:
     from .runtime.jail import cgroups
 
-    host = cgroups.detect(config.cgroup_parent)
+    host = cgroups.detect(jail.cgroup_parent)
     version = f"cgroup v{host.version}" if host.version else "no cgroup filesystem"
     checks = []
     for c in cgroups.CONTROLLERS:
@@ -107,24 +108,25 @@ def check_proc_view() -> Check:
                  "mountinfo's host paths and devices, sysinfo()'s memory totals")
 
 
-def check_privilege(config: HostConfig) -> Check:
+def check_privilege(jail: JailConfig) -> Check:
     if os.geteuid() == 0:
-        low, high = config.uid_range
+        low, high = jail.uid_range
         return Check("privilege", True, f"root: each sandbox runs as its own host uid from {low}-{high}")
     return Check("privilege", False, f"not root (uid {os.geteuid()}): every sandbox shares your host uid, "
                  "so sandboxes are separated by namespaces only", "run stockade as root for per-sandbox uids",
                  required=False)
 
 
-def run_checks(config: HostConfig | None = None) -> list[Check]:
+def run_checks(config: HostConfig | None = None, jail: JailConfig | None = None) -> list[Check]:
     config = config or HostConfig.from_env()
+    jail = jail or JailConfig.from_env()
     checks = [check_userns()]
-    bwrap_check, _ = check_bwrap(config)
+    bwrap_check, _ = check_bwrap(jail)
     checks.append(bwrap_check)
     checks.append(check_seccomp())
-    checks += check_cgroups(config)
+    checks += check_cgroups(jail)
     checks.append(check_proc_view())
-    checks.append(check_privilege(config))
+    checks.append(check_privilege(jail))
     from .environment import is_built
     from .runtime.jail import rootfs
 
@@ -140,7 +142,7 @@ def run_checks(config: HostConfig | None = None) -> list[Check]:
                         "raise limits.memory above filesystem.workspace_size + filesystem.tmp_size where a "
                         "sandbox must use its whole workspace", required=False))
     try:
-        img = rootfs.system_image(config.python)
+        img = rootfs.system_image(jail.python)
         checks.append(Check("agent python", True, f"{img.python_host} (mounted read-only)"))
     except StockadeError as exc:
         checks.append(Check("agent python", False, str(exc).split("\n")[0], getattr(exc, "advice", "")))

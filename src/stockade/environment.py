@@ -51,9 +51,10 @@ def build(config: HostConfig | None = None, packages: tuple[str, ...] = DEFAULT_
           log: object = None) -> Path:
     """Create (or update) the environment with the sandbox's interpreter and install ``packages``."""
     from .runtime.jail import rootfs
+    from .runtime.jail.config import JailConfig
 
     config = config or HostConfig.from_env()
-    python = rootfs.system_image(config.python).python_host
+    python = rootfs.system_image(JailConfig.from_env().python).python_host
     target = config.sandbox_env
     target.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
     building = target.with_name(target.name + ".building")

@@ -13,12 +13,10 @@ import contextlib
 import datetime
 import hashlib
 import secrets
-import shutil
 import time
 from collections import OrderedDict
 from collections.abc import AsyncGenerator, Callable, Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from .agent import protocol
@@ -31,7 +29,7 @@ from .broker.server import BrokerEndpoint
 from .errors import FilesystemError, PolicyError, ProtocolError, SandboxNotFoundError, SandboxUnavailableError
 from .policy import NetworkPolicy, Policy, format_duration, format_size
 from .pool import WarmPool
-from .runtime.base import BROKER_DIR, Runtime, RuntimeSandbox
+from .runtime.base import Runtime, RuntimeSandbox, SandboxLayout, SandboxSpec
 from .runtime.channel import CellPending, CommandPending, ReadPending, StreamPending
 
 TOMBSTONES = 1024
@@ -67,20 +65,27 @@ class CommandRecord:
 
 LANGUAGES = ("python", "bash", "javascript")
 OUTPUT_RECORDED = 64 << 10   # per stream and command: what the audit log keeps of its output
-HTTP_PROXY_PORT, SOCKS_PORT = 3128, 1080
-TRUST_BUNDLE = "/etc/ssl/certs/ca-certificates.crt"   # the host's bundle plus the sandbox's own CA
-SANDBOX_CA = "/opt/stockade/ca.pem"
-TRUST_ENV = {"SSL_CERT_FILE": TRUST_BUNDLE, "REQUESTS_CA_BUNDLE": TRUST_BUNDLE, "CURL_CA_BUNDLE": TRUST_BUNDLE,
-             "PIP_CERT": TRUST_BUNDLE, "GIT_SSL_CAINFO": TRUST_BUNDLE, "NODE_EXTRA_CA_CERTS": SANDBOX_CA}
-_HTTP_PROXY, _SOCKS = f"http://127.0.0.1:{HTTP_PROXY_PORT}", f"socks5h://127.0.0.1:{SOCKS_PORT}"
-# What every common client reads (curl, pip, npm, git, requests, httpx, node) to find the proxy.
-PROXY_ENV = {name: value for names, value in (
-    (("HTTP_PROXY", "http_proxy", "HTTPS_PROXY", "https_proxy"), _HTTP_PROXY),
-    (("ALL_PROXY", "all_proxy"), _SOCKS),
-    (("NO_PROXY", "no_proxy"), "localhost,127.0.0.1,::1"),
-    # node's fetch reads none of the above before node 24: a preload points it at the proxy
-    (("NODE_OPTIONS",), "--require /opt/stockade/agent/node_proxy.js"),
-) for name in names}
+
+
+def proxy_env(layout: SandboxLayout) -> dict[str, str]:
+    """What every common client reads (curl, pip, npm, git, requests, httpx, node) to find the proxy."""
+    http, socks = f"http://127.0.0.1:{layout.http_proxy_port}", f"socks5h://127.0.0.1:{layout.socks_port}"
+    return {name: value for names, value in (
+        (("HTTP_PROXY", "http_proxy", "HTTPS_PROXY", "https_proxy"), http),
+        (("ALL_PROXY", "all_proxy"), socks),
+        (("NO_PROXY", "no_proxy"), "localhost,127.0.0.1,::1"),
+        # node's fetch reads none of the above before node 24: a preload points it at the proxy
+        (("NODE_OPTIONS",), "--require /opt/stockade/agent/node_proxy.js"),
+    ) for name in names}
+
+
+def trust_env(layout: SandboxLayout) -> dict[str, str]:
+    """Where clients find the trust bundle that includes the sandbox's CA (for intercepted hosts)."""
+    bundle = layout.trust_bundle
+    return {"SSL_CERT_FILE": bundle, "REQUESTS_CA_BUNDLE": bundle, "CURL_CA_BUNDLE": bundle, "PIP_CERT": bundle,
+            "GIT_SSL_CAINFO": bundle, "NODE_EXTRA_CA_CERTS": layout.sandbox_ca}
+
+
 CONTEXT_START_TIMEOUT = 60.0
 
 
@@ -115,6 +120,7 @@ class ManagedSandbox:
     redact: Redactor = field(default_factory=Redactor)
     last_active: float = 0.0                # loop time of the last request or foreground work
     busy: int = 0                           # foreground commands and cells running now
+    layout: SandboxLayout = field(default_factory=SandboxLayout)   # its runtime's paths and ports inside
 
     @property
     def channel(self) -> Any:
@@ -122,11 +128,11 @@ class ManagedSandbox:
 
 
 class Manager:
-    def __init__(self, runtime: Runtime, artifacts: ArtifactStore, broker_root: Path,
-                 audit: Audit | None = None, output_recorded: int = OUTPUT_RECORDED) -> None:
-        self.runtime = runtime
+    def __init__(self, runtime: Runtime, artifacts: ArtifactStore, audit: Audit | None = None,
+                 output_recorded: int = OUTPUT_RECORDED) -> None:
+        self.runtime = runtime              # the default one
+        self.runtimes: dict[str, Runtime] = {runtime.name: runtime}   # those sandboxes may ask for by name
         self.artifacts = artifacts
-        self.broker_root = broker_root      # per-sandbox broker sockets (host state)
         self.audit: Audit = audit or NullAudit()
         self.output_recorded = output_recorded
         self.resolver: Resolver = system_resolver
@@ -138,9 +144,20 @@ class Manager:
         self.loop = asyncio.get_running_loop()
 
     # ---- lifecycle -----------------------------------------------------------------------------
+    def runtime_named(self, name: str | None) -> Runtime:
+        if name is None:
+            return self.runtime
+        found = self.runtimes.get(name)
+        if found is None:
+            raise PolicyError("runtime", f"runtime {name!r} is not available here; available: "
+                              f"{', '.join(sorted(self.runtimes))}")
+        return found
+
     async def create(self, policy: Policy, timeout: float | None = None, envs: Mapping[str, str] | None = None,
                      metadata: Mapping[str, str] | None = None, *, tenant: str | None = None,
-                     user_id: str | None = None) -> ManagedSandbox:
+                     user_id: str | None = None, runtime: str | None = None) -> ManagedSandbox:
+        runtime_ = self.runtime_named(runtime)
+        layout = runtime_.layout
         envs = check_envs(envs)
         caller_env_names = sorted(envs)  # recorded: the caller's variables, not the defaults added below
         meta = {str(k): str(v) for k, v in (metadata or {}).items()}
@@ -163,33 +180,33 @@ class Manager:
                 self.audit.record(AuditEvent("network.connection", redact(event), sandbox_id, tenant, user_id))
             if secrets_:
                 ca = SandboxCA(sandbox_id, datetime.timedelta(seconds=policy.lifetime.max_lifetime + 3600))
-                files = {TRUST_BUNDLE: sandbox_trust_bundle(ca.pem), SANDBOX_CA: ca.pem}
+                files = {layout.trust_bundle: sandbox_trust_bundle(ca.pem), layout.sandbox_ca: ca.pem}
             try:
-                broker = BrokerEndpoint(sandbox_id, policy.network, self.broker_root / sandbox_id, on_network,
-                                        self._resolve, secrets_, ca, self.host_groups)
+                broker = BrokerEndpoint(sandbox_id, policy.network, on_network, self._resolve, secrets_, ca,
+                                        self.host_groups)
             except RuleError as exc:
                 raise PolicyError("network.allow", str(exc)) from None
-            await broker.start()
             # placeholders win over same-named envs: a secret's real value never enters the sandbox
-            envs = {**PROXY_ENV, **(TRUST_ENV if secrets_ else {}), **envs,
+            envs = {**proxy_env(layout), **(trust_env(layout) if secrets_ else {}), **envs,
                     **{sec.name: sec.placeholder.decode() for sec in secrets_}}
         else:  # the proxy ports refuse with the reason (op net_off); pip retries once, which prints the reason
-            envs = {**PROXY_ENV, "PIP_RETRIES": "1", **envs}
+            envs = {**proxy_env(layout), "PIP_RETRIES": "1", **envs}
         rt: RuntimeSandbox | None = None
+        ports = {"http_port": layout.http_proxy_port, "socks_port": layout.socks_port}
         try:
-            if broker is None and self.pool is not None and self.pool.matches(policy):
+            if broker is None and runtime_ is self.runtime and self.pool is not None and self.pool.matches(policy):
                 rt = await self.pool.take()
             if rt is not None:  # warm: it gets its id's records, and the caller's variables, now
                 sandbox_id, warm = rt.id, True
                 if envs:
                     await rt.channel.call({"op": "setenv", "env": envs})
             else:
-                rt = await self.runtime.start(sandbox_id, policy, envs, broker.socket_dir if broker else None, files)
+                rt = await runtime_.start(SandboxSpec(sandbox_id, policy, envs, files,
+                                                      broker.handle if broker else None))
             if broker is not None:
-                await rt.channel.call({"op": "net_bridge", "broker": f"{BROKER_DIR}/broker.sock",
-                                       "http_port": HTTP_PROXY_PORT, "socks_port": SOCKS_PORT})
+                await rt.channel.call({"op": "net_bridge", "broker": layout.broker, **ports})
             else:  # the same proxy ports answer "network is off" at once, instead of tools timing out
-                await rt.channel.call({"op": "net_off", "http_port": HTTP_PROXY_PORT, "socks_port": SOCKS_PORT})
+                await rt.channel.call({"op": "net_off", **ports})
         except BaseException:
             if rt is not None:  # started, but its network bridge did not: nothing of it may remain
                 await rt.stop()
@@ -200,7 +217,7 @@ class Manager:
         policy = _with_timeout(policy, ttl)  # info().policy shows the lifetime in force, not the default
         sb = ManagedSandbox(sandbox_id, policy, rt, meta, time.time(), now + ttl,
                             now + policy.lifetime.max_lifetime, broker=broker, tenant=tenant, user_id=user_id,
-                            redact=redact, last_active=now)
+                            redact=redact, last_active=now, layout=layout)
         self.sandboxes[sandbox_id] = sb
         self._record(sb, "sandbox.create", {"policy": policy.to_display(), "timeout": ttl, "metadata": meta,
                                             "env_names": caller_env_names, "runtime": rt.describe(),
@@ -497,15 +514,6 @@ class Manager:
             raise SandboxUnavailableError("the sandbox's agent answered ps with garbage")
         return [p for p in procs if isinstance(p, dict) and isinstance(p.get("pid"), int)][:10000]
 
-    def sweep_broker_dirs(self) -> builtins.list[str]:
-        """Remove broker socket directories left by a process that died without tearing down."""
-        removed = []
-        for d in self.broker_root.iterdir() if self.broker_root.is_dir() else []:
-            if d.name not in self.sandboxes and self.runtime.is_stale(d.name):
-                shutil.rmtree(d, ignore_errors=True)
-                removed.append(d.name)
-        return removed
-
     # ---- network -------------------------------------------------------------------------------
     async def _resolve(self, host: str, port: int) -> builtins.list[Any]:
         return await self.resolver(host, port)  # an attribute, so a test can map made-up names
@@ -582,7 +590,7 @@ class Manager:
         sb = self.get(sandbox_id)
         if language not in LANGUAGES:
             raise PolicyError("language", f"unsupported language {language!r}; supported: {', '.join(LANGUAGES)}")
-        ctx = CodeContext(context_id or "ctx-" + secrets.token_hex(6), language, cwd or "/home/user")
+        ctx = CodeContext(context_id or "ctx-" + secrets.token_hex(6), language, cwd or sb.layout.home)
         sb.contexts[ctx.id] = ctx
         async with ctx.lock:
             await self._start_context(sb, ctx)

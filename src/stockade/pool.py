@@ -17,7 +17,7 @@ from collections import deque
 from collections.abc import Callable
 
 from .policy import Policy
-from .runtime.base import Runtime, RuntimeSandbox
+from .runtime.base import Runtime, RuntimeSandbox, SandboxSpec
 
 log = logging.getLogger("stockade.pool")
 QUIET = 0.25
@@ -65,7 +65,7 @@ class WarmPool:
                     await asyncio.sleep(QUIET)
                     continue
                 try:
-                    sandbox = await self.runtime.start(self._new_id(), self.policy, {})
+                    sandbox = await self.runtime.start(SandboxSpec(self._new_id(), self.policy))
                 except Exception as exc:  # noqa: BLE001 - the pool is an optimisation: log and back off
                     failures += 1
                     log.error("warm pool: cannot start a sandbox (%s); retrying", exc)

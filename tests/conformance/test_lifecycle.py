@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -87,15 +88,13 @@ def test_list_and_connect(make_sandbox, transport):
 
 
 CREATOR = """
-import sys, time
+import json, sys, time
 sys.path[:0] = {path!r}
 from stockade import Sandbox, Policy
 from tests.conftest import base_policy
 sb = Sandbox.create(policy=base_policy(), timeout=600)
 sb.commands.run("setsid sleep 1000 &")
-info = sb.info().runtime
-print(sb.sandbox_id, info["agent_host_pid"], info["host_uid"], info["uid_isolation"], info["namespaces"]["mnt"],
-      flush=True)
+print(sb.sandbox_id, json.dumps(sb.info().runtime), flush=True)
 time.sleep(600)
 """
 
@@ -111,8 +110,9 @@ def test_sandbox_dies_with_the_process_that_created_it():
     proc = subprocess.Popen([sys.executable, "-c", CREATOR.format(path=[root, root + "/src"])],
                             stdout=subprocess.PIPE, text=True)
     try:
-        sandbox_id, agent_pid, uid, isolated, mnt = proc.stdout.readline().split()
-        runtime = {"host_uid": int(uid), "uid_isolation": isolated == "True", "namespaces": {"mnt": int(mnt)}}
+        sandbox_id, facts = proc.stdout.readline().split(" ", 1)
+        runtime = json.loads(facts)
+        agent_pid = runtime["agent_host_pid"]
         assert os.path.exists(f"/proc/{agent_pid}")
     finally:
         proc.send_signal(signal.SIGKILL)

@@ -1,15 +1,50 @@
-"""The interface every runtime implements (jail now; a microVM and pods later)."""
+"""The interface every runtime implements: the jail now; gVisor, a microVM and pods next.
+
+A runtime starts a sandbox from a spec and hands back a channel to the agent inside. Whatever crosses the
+boundary besides the channel is the runtime's to carry and to place: the egress (connections from inside,
+handed to the broker), read-only files such as the trust bundle, and the paths and ports they appear at
+inside (``SandboxLayout``). The core asks the runtime for these and hard-codes none of them.
+"""
 
 from __future__ import annotations
 
+import socket
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
-from pathlib import Path
+from collections.abc import Callable, Coroutine, Mapping
+from dataclasses import dataclass, field
+from typing import Any
 
+from ..config import HostConfig
 from ..policy import Policy
 from .channel import AgentChannel
 
-BROKER_DIR = "/run/stockade"  # where the egress broker's socket appears inside every sandbox
+# One connection from inside the sandbox to the broker: a connected stream socket on the host and the
+# one-byte selector the sandbox sent first (b"H": HTTP proxy, b"S": SOCKS5). The runtime carries it (a
+# descriptor passed over a bind-mounted socket for the jail, a vsock stream for a VM); the broker serves it.
+EgressHandler = Callable[[socket.socket, bytes], Coroutine[Any, Any, None]]
+
+
+@dataclass(frozen=True)
+class SandboxLayout:
+    """Where things are inside a sandbox of this runtime."""
+
+    home: str = "/home/user"
+    broker: str = "/run/stockade/broker.sock"   # what the agent's proxy bridge connects to
+    trust_bundle: str = "/etc/ssl/certs/ca-certificates.crt"   # the host's bundle plus the sandbox's CA
+    sandbox_ca: str = "/opt/stockade/ca.pem"
+    http_proxy_port: int = 3128                  # where clients inside find the broker (127.0.0.1)
+    socks_port: int = 1080
+
+
+@dataclass(frozen=True)
+class SandboxSpec:
+    """What a runtime needs to start one sandbox."""
+
+    id: str
+    policy: Policy
+    envs: Mapping[str, str] = field(default_factory=dict)
+    files: Mapping[str, bytes] = field(default_factory=dict)   # read-only files to place (path -> content)
+    egress: EgressHandler | None = None   # None: no way out at all (network.mode = "none")
 
 
 class RuntimeSandbox(ABC):
@@ -28,7 +63,7 @@ class RuntimeSandbox(ABC):
         """Whether the sandbox's processes are still running."""
 
     def memory_peak(self) -> int | None:
-        """The most memory the sandbox has used, where the runtime can tell (for "ran out of memory")."""
+        """The most memory the sandbox has used, where the runtime can tell."""
         return None
 
     def oom_kills(self) -> int | None:
@@ -38,23 +73,31 @@ class RuntimeSandbox(ABC):
 
     @abstractmethod
     def describe(self) -> dict[str, object]:
-        """Runtime facts for ``info()``: isolation in force, host uid, cgroup, pids."""
+        """Runtime facts for ``info()``: the runtime's name under "runtime", isolation in force, host ids."""
 
 
 class Runtime(ABC):
+    """Made once per process by ``registry.make_runtime(name, config)``; its own settings it reads itself."""
+
     name: str
+    layout: SandboxLayout = SandboxLayout()
+    config: HostConfig
 
     @abstractmethod
-    def is_stale(self, sandbox_id: str) -> bool:
-        """True when no live process owns this sandbox any more (its owner died without teardown)."""
+    def __init__(self, config: HostConfig | None = None) -> None:
+        """Check that this host can run the runtime (SandboxUnavailableError, with the fix, if not)."""
+
+    @abstractmethod
+    async def start(self, spec: SandboxSpec) -> RuntimeSandbox:
+        """Start a sandbox whose agent is ready to serve requests; raise SandboxUnavailableError if the
+        host cannot, UnenforceableError if the policy asks for a control this runtime cannot give."""
 
     @abstractmethod
     async def sweep_stale(self) -> list[str]:
-        """Remove what sandboxes of owners that died left on the host; returns their ids."""
+        """Remove what sandboxes of owners that died (a SIGKILLed server) left on the host; their ids."""
 
     @abstractmethod
-    async def start(self, sandbox_id: str, policy: Policy, envs: Mapping[str, str],
-                    broker_dir: Path | None = None, files: Mapping[str, bytes] | None = None) -> RuntimeSandbox:
-        """Start a sandbox whose agent is ready to serve requests; raise SandboxUnavailableError if the
-        host cannot. ``broker_dir`` holds the egress broker's socket, to appear at BROKER_DIR inside;
-        ``files`` are read-only files to place (sandbox path -> content), e.g. the trust bundle."""
+    def leftovers(self, sandbox_id: str, described: Mapping[str, object] | None = None) -> list[str]:
+        """What of a sandbox still exists on the host (processes, cgroups, mounts, sockets, state files), in
+        words; empty when it is all gone. ``described`` is its ``describe()`` from when it ran, for a sandbox
+        another process started (a server that was killed). The leak tests ask this, for every runtime."""

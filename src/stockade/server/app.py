@@ -29,10 +29,11 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .. import __version__
-from ..artifacts import ArtifactError, DirectoryStore
+from ..artifacts import ArtifactError
 from ..audit import AuditEvent, SQLAudit
 from ..audit.events import EventFilter
 from ..config import HostConfig
+from ..core.build import build_manager
 from ..db import engine_for
 from ..errors import (
     AuthenticationError,
@@ -77,20 +78,14 @@ class Server:
         self._pending: set[asyncio.Task[None]] = set()   # database writes in flight
 
     async def start(self) -> None:
-        from ..runtime.jail import JailRuntime
-
-        runtime = self._runtime or JailRuntime(self.config)
-        await runtime.sweep_stale()  # what an earlier run that was killed left on the host
+        # the runtimes first remove what an earlier run that was killed left on the host
+        manager = await build_manager(self.config, runtime=self._runtime, audit=self.audit,
+                                      output_recorded=self.settings.audit_output)
         await asyncio.to_thread(self.registry.recover, self.audit)
-        store = DirectoryStore(self.config.data_dir / "artifacts")
-        store.prune()
-        manager = Manager(runtime, store, self.config.state_dir / "net", self.audit, self.settings.audit_output)
-        manager.host_groups = self.config.host_groups
-        manager.sweep_broker_dirs()
         manager.on_end = self._ended
         if self.settings.warm_pool:
-            manager.pool = WarmPool(runtime, Policy.from_dict(self.settings.warm_pool_policy), self.settings.warm_pool,
-                                    new_sandbox_id)
+            manager.pool = WarmPool(manager.runtime, Policy.from_dict(self.settings.warm_pool_policy),
+                                    self.settings.warm_pool, new_sandbox_id)
             manager.pool.start()
         self.manager = manager
         self._pruner = asyncio.get_running_loop().create_task(self._prune_forever())

@@ -17,6 +17,7 @@ import itertools
 import json
 import math
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -29,11 +30,12 @@ from ... import environment
 from ...agent import protocol
 from ...config import HostConfig
 from ...errors import PolicyError, SandboxUnavailableError, UnenforceableError
-from ...policy import Policy
-from ..base import BROKER_DIR, Runtime, RuntimeSandbox
+from ..base import Runtime, RuntimeSandbox, SandboxSpec
 from ..channel import AgentChannel
 from . import bwrap as bwrap_mod
 from . import cgroups, rootfs, seccomp
+from .config import JailConfig
+from .egress import FdPassingListener
 from .uids import UidAllocator, UidLease
 
 AGENT_SOURCES = ("server.py", "protocol.py", "interpreter.py")
@@ -126,20 +128,22 @@ def _lock_is_stale(path: Path) -> bool:
 class JailRuntime(Runtime):
     name = "jail"
 
-    def __init__(self, config: HostConfig | None = None) -> None:
+    def __init__(self, config: HostConfig | None = None, jail: JailConfig | None = None) -> None:
         self.config = config or HostConfig.from_env()
+        self.jail = jail or JailConfig.from_env()
         self.privileged = os.geteuid() == 0
         self.config.state_dir.mkdir(parents=True, exist_ok=True, mode=0o755 if self.privileged else 0o700)
         _check_owned(self.config.state_dir, private=not self.privileged)
         (self.config.state_dir / "sandboxes").mkdir(exist_ok=True, mode=0o700)
-        self.bwrap = bwrap_mod.locate(self.config.bwrap)
+        self.net_dir = self.config.state_dir / "net"  # per-sandbox broker sockets
+        self.bwrap = bwrap_mod.locate(self.jail.bwrap)
         if self.privileged:
             self.bwrap = bwrap_mod.copy_for_other_uids(self.bwrap, self.config.state_dir)
-        self.image = rootfs.system_image(self.config.python)
+        self.image = rootfs.system_image(self.jail.python)
         self.seccomp_bpf = seccomp.filter_bpf()
         self.agent_files = compiled_agent(self.image.python_host, self.config.state_dir)
-        self.cgroups = cgroups.detect(self.config.cgroup_parent)
-        self.uids = UidAllocator(self.config.state_dir, self.config.uid_range) if self.privileged else None
+        self.cgroups = cgroups.detect(self.jail.cgroup_parent)
+        self.uids = UidAllocator(self.config.state_dir, self.jail.uid_range) if self.privileged else None
         self.host_cpus = sorted(os.sched_getaffinity(0))
         self._cpu_turn = itertools.count()  # spreads the sandboxes' affinity masks over the host's CPUs
         self.sandbox_env = self.config.sandbox_env if environment.is_built(self.config.sandbox_env) else None
@@ -147,28 +151,60 @@ class JailRuntime(Runtime):
             raise SandboxUnavailableError(f"the sandbox environment {self.sandbox_env} is not reachable by "
                                           "unprivileged uids", "fix: chmod o+x the directories above it")
 
-    def is_stale(self, sandbox_id: str) -> bool:
-        return _lock_is_stale(self.config.state_dir / "sandboxes" / f"{sandbox_id}.lock")
+    def _lock_path(self, sandbox_id: str) -> Path:
+        return self.config.state_dir / "sandboxes" / f"{sandbox_id}.lock"
 
     async def sweep_stale(self) -> list[str]:
-        """Remove the cgroups of sandboxes whose stockade process died without tearing them down
-        (their processes died with it: bwrap --die-with-parent)."""
-        swept = []
-        locks = self.config.state_dir / "sandboxes"
+        """Remove the cgroups, locks and broker sockets of sandboxes whose stockade process died without
+        tearing them down (their processes died with it: bwrap --die-with-parent)."""
+        swept = set()
         names = set(cgroups.stale_names(self.cgroups))
-        names.update(p.name.removesuffix(".lock") for p in locks.glob("*.lock"))
+        names.update(p.name.removesuffix(".lock") for p in (self.config.state_dir / "sandboxes").glob("*.lock"))
+        net = {d.name: d for d in self.net_dir.iterdir()} if self.net_dir.is_dir() else {}
+        names.update(net)
         for name in sorted(names):
-            lock = locks / f"{name}.lock"
-            if _lock_is_stale(lock):
-                with contextlib.suppress(OSError):
-                    await cgroups.Cgroup(self.cgroups, name).destroy()
-                    swept.append(name)
-                with contextlib.suppress(FileNotFoundError):
-                    lock.unlink()
-        return swept
+            lock = self._lock_path(name)
+            if not _lock_is_stale(lock):
+                continue
+            with contextlib.suppress(OSError):
+                await cgroups.Cgroup(self.cgroups, name).destroy()
+                swept.add(name)
+            with contextlib.suppress(FileNotFoundError):
+                lock.unlink()
+            if name in net:
+                shutil.rmtree(net[name], ignore_errors=True)
+                swept.add(name)
+        return sorted(swept)
 
-    async def start(self, sandbox_id: str, policy: Policy, envs: Mapping[str, str],
-                    broker_dir: Path | None = None, files: Mapping[str, bytes] | None = None) -> JailSandbox:
+    def leftovers(self, sandbox_id: str, described: Mapping[str, object] | None = None) -> list[str]:
+        # Processes are found by the sandbox's host uid and mount namespace, which only ``described`` knows;
+        # the kernel reuses both once the sandbox is gone, so that check means something only soon after.
+        left: list[str] = []
+        uid = mnt = None
+        if described is not None:
+            namespaces = described.get("namespaces")
+            host_uid = described.get("host_uid")
+            uid = host_uid if described.get("uid_isolation") and isinstance(host_uid, int) else None
+            mnt = namespaces.get("mnt") if isinstance(namespaces, dict) else None
+        for entry in os.scandir("/proc"):
+            if not entry.name.isdigit():
+                continue
+            try:
+                if uid is not None and entry.stat().st_uid == uid:
+                    left.append(f"process {entry.name} runs as the sandbox uid {uid}")
+                if mnt is not None and os.stat(f"/proc/{entry.name}/ns/mnt").st_ino == mnt:
+                    left.append(f"process {entry.name} is in the sandbox's mount namespace")
+            except OSError:
+                continue
+        left += [f"cgroup {d}" for d in cgroups.Cgroup(self.cgroups, sandbox_id).dirs if d.exists()]
+        for path, what in ((self._lock_path(sandbox_id), "lock file"), (self.net_dir / sandbox_id, "broker socket "
+                                                                          "directory")):
+            if path.exists():
+                left.append(f"{what} {path}")
+        return left
+
+    async def start(self, spec: SandboxSpec) -> JailSandbox:
+        policy = spec.policy
         missing = [c for c in cgroups.CONTROLLERS
                    if c not in self.cgroups.parents and c not in policy.allow_missing_controls]
         if missing:
@@ -179,9 +215,9 @@ class JailRuntime(Runtime):
                 f"the weaker sandbox with allow_missing_controls = {json.dumps(missing)} in the policy file "
                 f"(SDK: Sandbox.create(policy={{\"allow_missing_controls\": {json.dumps(missing)}}})). "
                 "Run `stockade doctor` for details.")
-        sandbox = JailSandbox(self, sandbox_id, policy, broker_dir, dict(files or {}))
+        sandbox = JailSandbox(self, spec)
         try:
-            await sandbox._start(envs)
+            await sandbox._start(spec.envs)
         except BaseException:
             await sandbox.stop()
             raise
@@ -189,13 +225,12 @@ class JailRuntime(Runtime):
 
 
 class JailSandbox(RuntimeSandbox):
-    def __init__(self, runtime: JailRuntime, sandbox_id: str, policy: Policy, broker_dir: Path | None,
-                 files: dict[str, bytes]) -> None:
+    def __init__(self, runtime: JailRuntime, spec: SandboxSpec) -> None:
         self.runtime = runtime
-        self.broker_dir = broker_dir
-        self.files = files
-        self.id = sandbox_id
-        self.policy = policy
+        self.files = dict(spec.files)
+        self.id = spec.id
+        self.policy = policy = spec.policy
+        self.egress = FdPassingListener(runtime.net_dir / spec.id, spec.egress) if spec.egress else None
         self.python = f"{environment.MOUNT}/bin/python3" if runtime.sandbox_env else runtime.image.python
         self.lock: _Lock | None = None
         self.uid: UidLease | None = None
@@ -222,6 +257,8 @@ class JailSandbox(RuntimeSandbox):
         if rt.cgroups.parents:
             self.cgroup = cgroups.Cgroup(rt.cgroups, self.id)
             self.cgroup.create(lim.memory, lim.pids + AGENT_PIDS_HEADROOM, lim.cpus)
+        if self.egress is not None:
+            self.egress.start()
         host_sock, agent_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         info_r, info_w = os.pipe2(os.O_CLOEXEC)
         stderr_fd = os.memfd_create("stockade-bwrap-stderr", os.MFD_CLOEXEC)
@@ -292,8 +329,8 @@ class JailSandbox(RuntimeSandbox):
             argv += ["--ro-bind-fd", str(fd), rootfs.PYTHON_MOUNT]
         if rt.sandbox_env:
             argv += ["--ro-bind", str(rt.sandbox_env), environment.MOUNT]
-        if self.broker_dir is not None:  # the only way out of the network namespace
-            argv += ["--ro-bind", str(self.broker_dir), BROKER_DIR]
+        if self.egress is not None:  # the only way out of the network namespace
+            argv += ["--ro-bind", str(self.egress.socket_dir), os.path.dirname(rt.layout.broker)]
         argv += ["--proc", "/proc", "--dev", "/dev",
                  "--size", str(fs.tmp_size), "--perms", "1777", "--tmpfs", "/dev/shm",
                  "--size", str(fs.tmp_size), "--perms", "1777", "--tmpfs", "/tmp",
@@ -390,6 +427,8 @@ class JailSandbox(RuntimeSandbox):
                         with contextlib.suppress(ProcessLookupError):
                             self.proc.kill()
                     await _wait_exit(self.proc)
+                if self.egress is not None:
+                    await self.egress.stop()
                 if self.cgroup is not None:
                     await self.cgroup.destroy()
             finally:

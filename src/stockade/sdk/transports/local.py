@@ -5,16 +5,14 @@ from __future__ import annotations
 import asyncio
 import builtins
 import contextlib
-import time
 from collections.abc import AsyncGenerator, AsyncIterator, Mapping
 from datetime import datetime
 from typing import Any
 
-from ...artifacts import ArtifactInfo, DirectoryStore
-from ...audit import Audit, SQLAudit
+from ...artifacts import ArtifactInfo
+from ...audit import Audit
 from ...audit.events import EventFilter
 from ...config import HostConfig
-from ...db import engine_for
 from ...errors import SandboxUnavailableError
 from ...manager import Argv, CodeContext, CommandRecord, ManagedSandbox, Manager
 from ...policy import Policy
@@ -29,13 +27,6 @@ def sandbox_info(m: Manager, sb: ManagedSandbox) -> SandboxInfo:
                        datetime.fromtimestamp(datetime.now().timestamp() + left), dict(sb.metadata),
                        sb.policy.to_display(), sb.runtime.describe(),
                        "running" if sb.runtime.is_alive() else "ended", sb.user_id)
-
-
-def open_audit(config: HostConfig) -> SQLAudit:
-    """The host's audit store, with events past their retention pruned."""
-    audit = SQLAudit(engine_for(config.database_url, config.data_dir))
-    audit.prune(time.time() - config.audit_retention)
-    return audit
 
 
 class LocalTransport(Transport):
@@ -54,18 +45,9 @@ class LocalTransport(Transport):
         return self._manager
 
     async def _make_manager(self) -> Manager:
-        from ...runtime.jail import JailRuntime
+        from ...core.build import build_manager
 
-        runtime = JailRuntime()
-        await runtime.sweep_stale()
-        config = runtime.config
-        store = DirectoryStore(config.data_dir / "artifacts")
-        store.prune()
-        audit = await asyncio.to_thread(open_audit, config)
-        manager = Manager(runtime, store, config.state_dir / "net", audit)
-        manager.host_groups = runtime.config.host_groups
-        manager.sweep_broker_dirs()
-        return manager
+        return await build_manager(HostConfig.from_env())
 
     async def create(self, policy: Policy, timeout: float | None, envs: Mapping[str, str] | None,
                      metadata: Mapping[str, str] | None, *, user_id: str | None = None) -> SandboxInfo:

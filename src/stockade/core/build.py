@@ -1,0 +1,41 @@
+"""Assembling the core: the one place a manager is made, for the SDK's local mode and the server alike."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Sequence
+
+from ..artifacts import DirectoryStore
+from ..audit import Audit, SQLAudit
+from ..config import HostConfig
+from ..db import engine_for
+from ..manager import OUTPUT_RECORDED, Manager
+from ..runtime.base import Runtime
+from ..runtime.registry import make_runtime
+
+
+def open_audit(config: HostConfig) -> SQLAudit:
+    """The host's audit store, with events past their retention pruned."""
+    audit = SQLAudit(engine_for(config.database_url, config.data_dir))
+    audit.prune(time.time() - config.audit_retention)
+    return audit
+
+
+async def build_manager(config: HostConfig, *, runtime: Runtime | None = None, audit: Audit | None = None,
+                        runtimes: Sequence[str] = (), output_recorded: int = OUTPUT_RECORDED) -> Manager:
+    """A manager over ``config.runtime`` (or the ``runtime`` given, e.g. a test's), plus the other named
+    ``runtimes`` sandboxes may ask for. What a process that died without tearing down left on the host is
+    removed first, by each runtime; artifacts and audit events past their retention are pruned."""
+    default: Runtime = runtime if runtime is not None else await asyncio.to_thread(make_runtime, config.runtime, config)
+    others = [await asyncio.to_thread(make_runtime, name, config) for name in runtimes if name != default.name]
+    for rt in (default, *others):
+        await rt.sweep_stale()
+    store = DirectoryStore(config.data_dir / "artifacts")
+    store.prune()
+    if audit is None:
+        audit = await asyncio.to_thread(open_audit, config)
+    manager = Manager(default, store, audit, output_recorded)
+    manager.runtimes.update({rt.name: rt for rt in others})
+    manager.host_groups = config.host_groups
+    return manager
