@@ -54,14 +54,15 @@ def base_policy(**sections: dict[str, Any]) -> Policy:
     return Policy.from_dict(data)
 
 
-def sandbox_factory(transport: Transport | None = None) -> Iterator[Callable[..., Sandbox]]:
+def sandbox_factory(transport: Transport | None = None,
+                    runtime: str | None = None) -> Iterator[Callable[..., Sandbox]]:
     """Yields make(timeout, envs, metadata, **policy_sections); kills what it made afterwards."""
     made: list[Sandbox] = []
 
     def make(timeout: float | None = None, envs: dict[str, str] | None = None,
              metadata: dict[str, str] | None = None, **sections: dict[str, Any]) -> Sandbox:
         sb = Sandbox.create(policy=base_policy(**sections), timeout=timeout, envs=envs, metadata=metadata,
-                            transport=transport)
+                            runtime=runtime, transport=transport)
         made.append(sb)
         return sb
 
@@ -86,7 +87,7 @@ def host_runtime(name: str = "jail") -> Any:
     from stockade.sdk.sandbox import _transport
 
     async def get() -> Any:
-        return (await _transport(None).manager()).runtime_named(name)
+        return await (await _transport(None).manager()).runtime_named(name)
 
     return portal().call(get())
 
@@ -109,11 +110,14 @@ def shared_dir() -> Iterator[Path]:
 def api_server() -> Iterator[Any]:
     """One `stockade serve` for the session (the conformance suite's remote backend). When it stops, every
     sandbox it ran must be gone from the host."""
+    from .conformance.conftest import RUNTIMES_UNDER_TEST
     from .server_support import RunningServer
 
-    # the conformance tenant may use the host resources tests give it (mounts, secrets, CA files)
-    # and a warm pool for the suite's usual policy: most of the suite then runs in warm sandboxes
-    server = RunningServer(tenants={"conformance": {"allow_mounts": ["/"], "allow_secrets": ["*"],
+    # it serves every runtime under test; the conformance tenant may use the host resources tests give it
+    # (mounts, secrets, CA files) and a warm pool for the suite's usual policy: most of the suite then runs
+    # in warm sandboxes
+    server = RunningServer(runtimes=RUNTIMES_UNDER_TEST,
+                           tenants={"conformance": {"allow_mounts": ["/"], "allow_secrets": ["*"],
                                                     "allow_ca_files": ["/"],
                                                     "allow_private": ["0.0.0.0/0", "::/0"]}},
                            warm_pool=2, warm_pool_policy=base_policy().model_dump(mode="json"))

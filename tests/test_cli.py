@@ -56,6 +56,13 @@ def test_run_command_after_double_dash_leaves_nothing(weak_policy):
     assert marker not in ps
 
 
+def test_run_takes_a_runtime_and_names_an_unknown_one(weak_policy):
+    r = stockade("run", *weak_policy, "--runtime", "vmware", "--", "true")
+    assert r.returncode == 2 and r.stderr.startswith("stockade: runtime: ") and "'vmware'" in r.stderr
+    r = stockade("run", *weak_policy, "--runtime", "jail", "--", "echo", "ok")
+    assert (r.returncode, r.stdout) == (0, "ok\n")
+
+
 def test_run_timeout_exits_124(weak_policy):
     r = stockade("run", *weak_policy, "--timeout", "1", "--", "sleep", "30")
     assert r.returncode == 124

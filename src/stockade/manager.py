@@ -132,6 +132,9 @@ class Manager:
                  output_recorded: int = OUTPUT_RECORDED) -> None:
         self.runtime = runtime              # the default one
         self.runtimes: dict[str, Runtime] = {runtime.name: runtime}   # those sandboxes may ask for by name
+        # makes a registered runtime on first use (the SDK's local mode); None: only those in self.runtimes
+        self.make_runtime: Callable[[str], Runtime] | None = None
+        self._making = asyncio.Lock()
         self.artifacts = artifacts
         self.audit: Audit = audit or NullAudit()
         self.output_recorded = output_recorded
@@ -144,10 +147,17 @@ class Manager:
         self.loop = asyncio.get_running_loop()
 
     # ---- lifecycle -----------------------------------------------------------------------------
-    def runtime_named(self, name: str | None) -> Runtime:
+    async def runtime_named(self, name: str | None) -> Runtime:
         if name is None:
             return self.runtime
         found = self.runtimes.get(name)
+        if found is None and self.make_runtime is not None:
+            async with self._making:  # made once; a host that cannot run it says why (SandboxUnavailableError)
+                found = self.runtimes.get(name)
+                if found is None:
+                    found = await asyncio.to_thread(self.make_runtime, name)
+                    await found.sweep_stale()
+                    self.runtimes[name] = found
         if found is None:
             raise PolicyError("runtime", f"runtime {name!r} is not available here; available: "
                               f"{', '.join(sorted(self.runtimes))}")
@@ -156,7 +166,7 @@ class Manager:
     async def create(self, policy: Policy, timeout: float | None = None, envs: Mapping[str, str] | None = None,
                      metadata: Mapping[str, str] | None = None, *, tenant: str | None = None,
                      user_id: str | None = None, runtime: str | None = None) -> ManagedSandbox:
-        runtime_ = self.runtime_named(runtime)
+        runtime_ = await self.runtime_named(runtime)
         layout = runtime_.layout
         envs = check_envs(envs)
         caller_env_names = sorted(envs)  # recorded: the caller's variables, not the defaults added below

@@ -28,9 +28,9 @@ def test_unknown_ids_are_not_found(make_sandbox, transport):
     ({"lifetime": {"timeout": "2h", "max_lifetime": "1h"}}, "lifetime.timeout"),
     ({"limits": {"memroy": "1G"}}, "limits.memroy"),
 ])
-def test_invalid_policies_name_the_field(policy, field, transport):
+def test_invalid_policies_name_the_field(policy, field, transport, runtime_name):
     with pytest.raises(PolicyError) as err:
-        Sandbox.create(policy=policy, transport=transport)
+        Sandbox.create(policy=policy, transport=transport, runtime=runtime_name)
     assert err.value.field == field
     assert str(err.value).startswith(field + ":")
 

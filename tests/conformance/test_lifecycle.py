@@ -64,10 +64,10 @@ def test_max_lifetime_caps_timeouts(make_sandbox):
         make_sandbox(timeout=10, lifetime={"timeout": "1s", "max_lifetime": "2s"})
 
 
-def test_context_manager_kills(transport):
+def test_context_manager_kills(transport, runtime_name):
     from ..conftest import base_policy
 
-    with Sandbox.create(policy=base_policy(), transport=transport) as sb:
+    with Sandbox.create(policy=base_policy(), transport=transport, runtime=runtime_name) as sb:
         runtime = sb.info().runtime
     assert wait_until(lambda: not sandbox_traces(runtime, sb.sandbox_id))
 

@@ -23,12 +23,14 @@ def open_audit(config: HostConfig) -> SQLAudit:
 
 
 async def build_manager(config: HostConfig, *, runtime: Runtime | None = None, audit: Audit | None = None,
-                        runtimes: Sequence[str] = (), output_recorded: int = OUTPUT_RECORDED) -> Manager:
+                        runtimes: Sequence[str] | None = None, output_recorded: int = OUTPUT_RECORDED) -> Manager:
     """A manager over ``config.runtime`` (or the ``runtime`` given, e.g. a test's), plus the other named
-    ``runtimes`` sandboxes may ask for. What a process that died without tearing down left on the host is
-    removed first, by each runtime; artifacts and audit events past their retention are pruned."""
+    ``runtimes`` sandboxes may ask for (None: any registered one, made on first use, as the SDK's local mode
+    does). What a process that died without tearing down left on the host is removed first, by each runtime;
+    artifacts and audit events past their retention are pruned."""
     default: Runtime = runtime if runtime is not None else await asyncio.to_thread(make_runtime, config.runtime, config)
-    others = [await asyncio.to_thread(make_runtime, name, config) for name in runtimes if name != default.name]
+    others = [await asyncio.to_thread(make_runtime, name, config) for name in runtimes or ()
+              if name != default.name]
     for rt in (default, *others):
         await rt.sweep_stale()
     store = DirectoryStore(config.data_dir / "artifacts")
@@ -38,4 +40,6 @@ async def build_manager(config: HostConfig, *, runtime: Runtime | None = None, a
     manager = Manager(default, store, audit, output_recorded)
     manager.runtimes.update({rt.name: rt for rt in others})
     manager.host_groups = config.host_groups
+    if runtimes is None:
+        manager.make_runtime = lambda name: make_runtime(name, config)
     return manager

@@ -79,8 +79,11 @@ class Server:
 
     async def start(self) -> None:
         # the runtimes first remove what an earlier run that was killed left on the host
-        manager = await build_manager(self.config, runtime=self._runtime, audit=self.audit,
-                                      output_recorded=self.settings.audit_output)
+        config = self.config
+        if self.settings.runtime:
+            config = dataclasses.replace(config, runtime=self.settings.runtime)
+        manager = await build_manager(config, runtime=self._runtime, audit=self.audit,
+                                      runtimes=self.settings.runtimes, output_recorded=self.settings.audit_output)
         await asyncio.to_thread(self.registry.recover, self.audit)
         manager.on_end = self._ended
         if self.settings.warm_pool:
@@ -138,6 +141,8 @@ class CreateSandbox(_Body):
     envs: Envs | None = None
     metadata: dict[Name, Annotated[str, Field(max_length=4096)]] | None = None
     user_id: Name | None = None
+    runtime: Annotated[str, Field(min_length=1, max_length=64)] | None = Field(
+        None, description="the runtime to run on (server settings runtime and runtimes); default: the server's")
 
 
 class SandboxOut(BaseModel):
@@ -301,6 +306,7 @@ def create_app(settings: ServerSettings, config: HostConfig | None = None, runti
         policy = Policy.from_dict(body.policy or {})
         limits = srv.settings.tenant(who.tenant)
         limits.check(policy)
+        limits.check_runtime(body.runtime or srv.m.runtime.name)
         async with srv.registry.lock(who.tenant):
             existing = srv.registry.existing_for_user(who.tenant, body.user_id)
             if existing is not None and limits.one_sandbox_per_user != "off":
@@ -317,7 +323,7 @@ def create_app(settings: ServerSettings, config: HostConfig | None = None, runti
             owned = srv.registry.reserve(who.tenant, body.user_id, policy)
         try:
             sb = await srv.m.create(policy, body.timeout, body.envs, body.metadata, tenant=who.tenant,
-                                    user_id=body.user_id)
+                                    user_id=body.user_id, runtime=body.runtime)
         except BaseException as exc:
             srv.registry.release(owned.id)
             srv.metrics.create_failures.labels(type(exc).__name__[:40]).inc()

@@ -25,7 +25,7 @@ import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
 from ..errors import PolicyError
 from ..policy import Duration, Policy, PositiveDuration, PositiveSize, Size, _policy_error
@@ -44,6 +44,10 @@ def _under(path: str, directories: list[str]) -> bool:
     """Whether ``path``, symlinks resolved, is one of ``directories`` or below one."""
     real = os.path.realpath(path)
     return any(real == d or real.startswith(d.rstrip("/") + "/") for d in map(os.path.realpath, directories))
+
+
+def _comma_list(value: Any) -> Any:
+    return [part.strip() for part in value.split(",") if part.strip()] if isinstance(value, str) else value
 
 
 class _Model(BaseModel):
@@ -68,6 +72,12 @@ class TenantSettings(_Model):
     # CIDRs a policy's network.allow_private may open (each entry must lie inside one): private ranges are
     # the server's own network, its loopback services and the cloud metadata address
     allow_private: list[str] = []
+    runtimes: list[str] | None = None   # the runtimes this tenant's sandboxes may run on; None: every one served
+
+    def check_runtime(self, name: str) -> None:
+        if self.runtimes is not None and name not in self.runtimes:
+            raise PolicyError("runtime", f"this tenant may not use runtime {name!r} (server setting runtimes; "
+                              f"allowed: {', '.join(self.runtimes) or 'none'})")
 
     def check(self, policy: Policy) -> None:
         """Refuse what the policy would take from the server host beyond what this tenant is allowed."""
@@ -113,6 +123,11 @@ class ServerSettings(_Model):
     # each is handed out once. 0: none.
     warm_pool: Annotated[int, Field(ge=0, le=1000)] = 0
     warm_pool_policy: dict[str, Any] = {}
+    # The runtime sandboxes get unless a create names another (None: the host's, STOCKADE_RUNTIME or "jail"),
+    # and the others a create may name ("jail,gvisor" from the environment). Each is started, and what a
+    # killed run left of its sandboxes swept, when the server starts.
+    runtime: str | None = None
+    runtimes: Annotated[list[str], BeforeValidator(_comma_list)] = []
     tenant_defaults: TenantSettings = TenantSettings()
     tenants: dict[str, TenantSettings] = {}
 

@@ -387,7 +387,7 @@ class JailSandbox(RuntimeSandbox):
     def describe(self) -> dict[str, object]:
         rt = self.runtime
         return {
-            "runtime": "jail",
+            "runtime": rt.name,
             "bwrap": rt.bwrap.describe(),
             "host_uid": self.uid.uid if self.uid else os.geteuid(),
             "uid_isolation": self.uid is not None,

@@ -20,7 +20,8 @@ EventSink = Callable[[dict[str, Any]], None]
 class Transport(ABC):
     @abstractmethod
     async def create(self, policy: Policy, timeout: float | None, envs: Mapping[str, str] | None,
-                     metadata: Mapping[str, str] | None, *, user_id: str | None = None) -> SandboxInfo: ...
+                     metadata: Mapping[str, str] | None, *, user_id: str | None = None,
+                     runtime: str | None = None) -> SandboxInfo: ...
 
     @abstractmethod
     async def info(self, sandbox_id: str) -> SandboxInfo: ...

@@ -50,9 +50,10 @@ class LocalTransport(Transport):
         return await build_manager(HostConfig.from_env())
 
     async def create(self, policy: Policy, timeout: float | None, envs: Mapping[str, str] | None,
-                     metadata: Mapping[str, str] | None, *, user_id: str | None = None) -> SandboxInfo:
+                     metadata: Mapping[str, str] | None, *, user_id: str | None = None,
+                     runtime: str | None = None) -> SandboxInfo:
         m = await self.manager()
-        return self._info(m, await m.create(policy, timeout, envs, metadata, user_id=user_id))
+        return self._info(m, await m.create(policy, timeout, envs, metadata, user_id=user_id, runtime=runtime))
 
     @staticmethod
     def _info(m: Manager, sb: ManagedSandbox) -> SandboxInfo:

@@ -105,9 +105,10 @@ class RemoteTransport(Transport):
 
     # ---- sandboxes ------------------------------------------------------------------------------
     async def create(self, policy: Policy, timeout: float | None, envs: Mapping[str, str] | None,
-                     metadata: Mapping[str, str] | None, *, user_id: str | None = None) -> SandboxInfo:
+                     metadata: Mapping[str, str] | None, *, user_id: str | None = None,
+                     runtime: str | None = None) -> SandboxInfo:
         body = {"policy": policy.model_dump(mode="json"), "timeout": timeout, "envs": dict(envs or {}),
-                "metadata": dict(metadata or {}), "user_id": user_id}
+                "metadata": dict(metadata or {}), "user_id": user_id, "runtime": runtime}
         return self._info(await self._call("POST", "/sandboxes", json=body))
 
     async def info(self, sandbox_id: str) -> SandboxInfo:
