@@ -95,5 +95,5 @@ def read_until(handle: _Handle, condition: Callable[[], object], timeout: float,
         for _ in handle:
             if condition():
                 return
-    raise AssertionError(f"the command ended before {what} (stdout {handle.stdout[-500:]!r}, "
+    raise AssertionError(f"the command ended while waiting for {what} (stdout {handle.stdout[-500:]!r}, "
                          f"stderr {handle.stderr[-500:]!r})")
