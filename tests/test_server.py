@@ -244,7 +244,12 @@ def test_idle_sandboxes_end_but_busy_ones_do_not(clients: Any) -> None:
     idle = alice.create(policy=policy)["sandbox_id"]
     r = alice.run(busy, "sleep 2.5; echo done")  # a foreground command is activity
     assert r.status_code == 200 and r.json()["stdout"] == "done\n"
-    r = alice.http.get(f"/sandboxes/{idle}")
+    # (by now the idle one is past its idle timeout; its reaper may still be a moment behind on a busy host)
+    def ended() -> httpx.Response | None:
+        answer = alice.http.get(f"/sandboxes/{idle}")
+        return answer if answer.status_code != 200 else None
+
+    r = wait_until(ended, 10, "the idle sandbox to end")
     assert r.status_code == 404 and "idle" in r.json()["message"]
 
 
