@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -34,16 +33,6 @@ def pytest_unconfigure(config: pytest.Config) -> None:
 
 AUDIT_DIR = pytest.StashKey[str]()
 UNPRIVILEGED_GAPS = ["memory", "pids", "cpu"]
-
-
-def wait_until(predicate: Callable[[], object], timeout: float = 10.0) -> bool:
-    """Poll ``predicate`` until it is true or ``timeout`` seconds pass; returns its last answer."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return bool(predicate())
 
 
 def base_policy(**sections: dict[str, Any]) -> Policy:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import shutil
 import tempfile
 import threading
-import time
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +15,8 @@ from stockade.config import HostConfig
 from stockade.server.app import Server, create_app
 from stockade.server.protocol import protocol_for
 from stockade.server.settings import ServerSettings
+
+from .waiting import wait_until
 
 
 class RunningServer:
@@ -30,11 +31,9 @@ class RunningServer:
                                                      limit_concurrency=self.settings.max_connections))
         self.thread = threading.Thread(target=self.uvicorn.run, name="stockade-test-server", daemon=True)
         self.thread.start()
-        deadline = time.monotonic() + 30
-        while not self.uvicorn.started:
-            if not self.thread.is_alive() or time.monotonic() > deadline:
-                raise RuntimeError("the test server did not start")
-            time.sleep(0.01)
+        wait_until(lambda: self.uvicorn.started or not self.thread.is_alive(), 30, "the test server to start")
+        if not self.uvicorn.started:
+            raise RuntimeError("the test server's thread ended before it started")
         port = self.uvicorn.servers[0].sockets[0].getsockname()[1]
         self.url = f"http://127.0.0.1:{port}"
 

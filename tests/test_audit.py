@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import secrets
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,24 +13,7 @@ from stockade.audit import AuditEvent, Redactor, SQLAudit
 from stockade.audit.events import REDACTED, EventFilter
 from stockade.db import MIGRATIONS, engine_for, migrate
 
-PG_URL = os.environ.get("STOCKADE_TEST_POSTGRES_URL")
-
-
-def pg_schema_url() -> Iterator[str]:
-    """A schema of its own on the test server, dropped afterwards."""
-    if not PG_URL:
-        pytest.skip("STOCKADE_TEST_POSTGRES_URL is not set (.ci/run starts a PostgreSQL server and sets it)")
-    schema = "t_" + secrets.token_hex(6)
-    admin = engine_for(PG_URL, Path("/nonexistent"))
-    with admin.begin() as conn:
-        conn.execute(sa.text(f"CREATE SCHEMA {schema}"))
-    sep = "&" if "?" in PG_URL else "?"
-    try:
-        yield f"{PG_URL}{sep}options=-csearch_path%3D{schema}"
-    finally:
-        with admin.begin() as conn:
-            conn.execute(sa.text(f"DROP SCHEMA {schema} CASCADE"))
-        admin.dispose()
+from .db_support import pg_schema_url
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

@@ -24,7 +24,9 @@ from stockade.broker import proxy
 from stockade.broker.proxy import Egress, serve
 from stockade.broker.rules import Rules, parse_rule
 from stockade.broker.secrets import BoundSecret, SandboxCA
-from tests.conformance.test_network import _self_signed
+
+from .tls_support import self_signed
+from .waiting import wait_until
 
 SECRET = b"sk-live-Zq9/8xY+vW7-uT6sR5qP4oN3"
 
@@ -144,7 +146,7 @@ def echo_chunked(sizes: Callable[[], Iterator[int]], encode: Callable[[bytes], b
 @pytest.fixture
 def tls_setup(tmp_path: Path) -> Iterator[dict[str, object]]:
     cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
-    _self_signed(cert, key, "api.example.test")
+    self_signed(cert, key, "api.example.test")
     server = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     server.load_cert_chain(cert, key)
     trust = ssl.create_default_context(cafile=str(cert))
@@ -405,11 +407,8 @@ def test_the_matching_clienthello_passes_however_fragmented(plain_broker, kind):
     record = two_records(hello, 10)
     s.sendall(record[:3])
     s.sendall(record[3:])
-    for _ in range(100):
-        if b"".join(up.received) == record:
-            break
-        __import__("time").sleep(0.05)
-    assert b"".join(up.received) == record  # forwarded exactly, once classified
+    wait_until(lambda: b"".join(up.received) == record, 5, "the ClientHello to be forwarded exactly, once classified",
+               show=lambda: up.received)
     s.close()
 
 
@@ -436,10 +435,7 @@ def test_other_protocols_need_an_explicit_tcp_rule(plain_broker, first):
     assert _closed_without_forwarding(s, up)
     s = _tunnel(broker, up.port, "connect", host="git.example.test")  # tcp://git.example.test:PORT
     s.sendall(b"SSH-2.0-OpenSSH_9.6\r\n")
-    for _ in range(100):
-        if up.received:
-            break
-        __import__("time").sleep(0.05)
+    wait_until(lambda: up.received, 5, "the SSH banner to reach the upstream")
     assert up.received == [b"SSH-2.0-OpenSSH_9.6\r\n"]
     s.close()
 
@@ -451,11 +447,7 @@ def test_an_ip_literal_tunnel_takes_no_sni_or_an_allowed_name(plain_broker):
         s = _tunnel(broker, up.port, "connect", host="127.0.0.1")
         s.sendall(client_hello(name))
         if passes:
-            for _ in range(100):
-                if up.received:
-                    break
-                __import__("time").sleep(0.05)
-            assert up.received, name
+            wait_until(lambda: up.received, 5, f"the ClientHello with SNI {name!r} to reach the upstream")
             s.close()
         else:
             assert _closed_without_forwarding(s, up)

@@ -1,10 +1,13 @@
 """The cgroup v2 driver on a fake cgroupfs tree (this CI host is v1; the conformance suite covers v1 for
-real), and v1/v2 detection."""
+real), and v1/v2 detection: this host's, checked against its mountinfo, and a unified, a hybrid and a bare
+host's from a fake mountinfo."""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
+
+import pytest
 
 from stockade.runtime.jail import cgroups
 from stockade.runtime.jail.runtime import _enter
@@ -53,8 +56,81 @@ def test_v2_missing_controller_is_reported_not_faked(tmp_path):
     assert "memory" in host.problems["memory"] and "not enabled" in host.problems["memory"]
 
 
-def test_this_host_is_detected():
+def _mountinfo_cgroups(text: str) -> dict[str, list[tuple[str, set[str]]]]:
+    """fstype -> (mountpoint, super options) of each cgroup mount, read the way proc(5) lays a line out
+    (written apart from the driver's own reading, so the two check each other)."""
+    found: dict[str, list[tuple[str, set[str]]]] = {}
+    for line in text.splitlines():
+        fields = line.split()
+        sep = fields.index("-")  # optional fields end at a lone hyphen
+        fstype, options = fields[sep + 1], fields[sep + 3]
+        if fstype in ("cgroup", "cgroup2"):
+            found.setdefault(fstype, []).append((fields[4], set(options.split(","))))
+    return found
+
+
+def _version_from(mounts: dict[str, list[tuple[str, set[str]]]]) -> int | None:
+    if any(mountpoint == "/sys/fs/cgroup" for mountpoint, _ in mounts.get("cgroup2", [])):
+        return 2  # unified: cgroup2 mounted on /sys/fs/cgroup itself
+    return 1 if mounts.get("cgroup") else None  # v1 hierarchies (a hybrid host's empty v2 mount aside)
+
+
+def test_this_host_is_detected_as_the_version_it_mounts():
+    mounts = _mountinfo_cgroups(Path("/proc/self/mountinfo").read_text())
+    expected = _version_from(mounts)
     host = cgroups.detect()
-    assert host.version in (1, 2, None)
+    assert host.version == expected, (host, mounts)
     for c in cgroups.CONTROLLERS:
         assert (c in host.parents) != (c in host.problems)
+    if expected == 1:  # each usable controller's sandboxes go under that controller's own hierarchy
+        v1 = {c: Path(mp) for mp, opts in mounts["cgroup"] for c in cgroups.CONTROLLERS if c in opts}
+        assert {c: p.parent for c, p in host.parents.items()} == {c: v1[c] for c in host.parents}
+
+
+def _fake_mountinfo(tmp_path: Path, monkeypatch, lines: list[str]) -> None:  # noqa: ANN001
+    """The driver reads ``lines`` as /proc/self/mountinfo (and every other file as itself)."""
+    fake = tmp_path / "mountinfo"
+    fake.write_text("".join(line + "\n" for line in lines))
+    real_open = open
+    monkeypatch.setattr(cgroups, "open", lambda path, *a, **kw: real_open(
+        fake if str(path) == "/proc/self/mountinfo" else path, *a, **kw), raising=False)
+
+
+BASE_MOUNTS = ["22 1 0:21 / /proc rw,nosuid - proc proc rw",
+               "23 1 0:22 / /sys rw,nosuid - sysfs sysfs rw"]
+
+
+def test_a_unified_host_is_detected_as_v2_from_its_mountinfo(tmp_path, monkeypatch):
+    _fake_mountinfo(tmp_path, monkeypatch, [*BASE_MOUNTS,
+                                            "31 23 0:28 / /sys/fs/cgroup rw,nosuid - cgroup2 cgroup2 rw,nsdelegate"])
+    root = fake_v2(tmp_path / "cg")
+    probed: list[Path] = []
+    real_detect_v2 = cgroups._detect_v2
+
+    def detect_v2(where: Path, parent_name: str) -> cgroups.CgroupHost:  # the fake tree, not the host's
+        probed.append(where)
+        return real_detect_v2(root, parent_name)
+
+    monkeypatch.setattr(cgroups, "_detect_v2", detect_v2)
+    host = cgroups.detect.__wrapped__("stockade")  # uncached: the host's own answer stays as it is
+    assert probed == [Path("/sys/fs/cgroup")]
+    assert host.version == 2 and host.parents == {c: root / "stockade" for c in cgroups.CONTROLLERS}
+
+
+def test_a_hybrid_host_is_driven_as_v1_and_a_bare_one_has_none(tmp_path, monkeypatch):
+    hierarchies = {c: tmp_path / c for c in ("cpu", "memory", "pids", "devices")}
+    for d in hierarchies.values():
+        d.mkdir()
+    lines = [*BASE_MOUNTS, "31 23 0:28 / /sys/fs/cgroup rw - tmpfs tmpfs rw,mode=755"]
+    lines += [f"{40 + i} 31 0:{40 + i} / {d} rw,relatime - cgroup cgroup rw,{c}"
+              for i, (c, d) in enumerate(hierarchies.items())]
+    lines.append("50 31 0:50 / /sys/fs/cgroup/unified rw,relatime - cgroup2 cgroup2 rw")
+    _fake_mountinfo(tmp_path, monkeypatch, lines)
+    monkeypatch.setattr(cgroups, "_detect_v2", lambda *a: pytest.fail("a hybrid host was driven as v2"))
+    host = cgroups.detect.__wrapped__("stockade")
+    assert host.version == 1
+    assert host.parents == {c: hierarchies[c] / "stockade" for c in cgroups.CONTROLLERS}
+    assert all((hierarchies[c] / "stockade").is_dir() for c in cgroups.CONTROLLERS)
+    _fake_mountinfo(tmp_path, monkeypatch, BASE_MOUNTS)
+    bare = cgroups.detect.__wrapped__("stockade")
+    assert bare.version is None and set(bare.problems) == set(cgroups.CONTROLLERS) and not bare.parents

@@ -12,6 +12,8 @@ from stockade.agent import protocol
 from stockade.errors import FilesystemError, ProtocolError, SandboxUnavailableError
 from stockade.runtime.channel import AgentChannel, CommandPending, ReadPending
 
+from .waiting import async_wait_until
+
 
 def prefix(size: int, head_len: int) -> bytes:
     return size.to_bytes(4, "big") + head_len.to_bytes(4, "big")
@@ -110,9 +112,12 @@ def test_file_data_beyond_the_credit_window_is_a_violation():
         await loop.sock_sendall(agent, frame({"id": rid, "ev": "meta", "size": 1}))
         for _ in range(protocol.READ_WINDOW + 1):
             await loop.sock_sendall(agent, frame({"id": rid, "ev": "data"}, b"x" * 1024))
-        await asyncio.sleep(0.2)
-        assert pending.chunks.qsize() <= protocol.READ_WINDOW + 1
-        assert closed and isinstance(closed[0], ProtocolError)
+        await async_wait_until(lambda: closed, 5, "the channel to close on the chunk beyond the window")
+        assert isinstance(closed[0], ProtocolError) and "beyond its credit" in str(closed[0]), repr(closed[0])
+        # exactly the window was taken in; the chunk beyond it was not, and the read ends in the error
+        queued = [pending.chunks.get_nowait() for _ in range(pending.chunks.qsize())]
+        assert queued[:-1] == [b"x" * 1024] * protocol.READ_WINDOW, len(queued)
+        assert isinstance(queued[-1], ProtocolError)
 
     asyncio.run(main())
 
@@ -130,7 +135,7 @@ def test_unsolicited_frames_are_ignored_and_errors_are_typed():
         assert err.value.errno_name == "EACCES"
         assert not closed
         agent.close()  # the agent vanishes: pending and future calls fail, the host carries on
-        await asyncio.sleep(0.05)
+        await async_wait_until(lambda: channel.closed, 5, "the channel to see the agent gone")
         with pytest.raises(SandboxUnavailableError):
             await channel.call({"op": "stat"})
 

@@ -3,8 +3,6 @@ everything, and keeps serving the others."""
 
 from __future__ import annotations
 
-import time
-
 import pytest
 
 from stockade import Sandbox, SandboxNotFoundError
@@ -12,6 +10,7 @@ from stockade.sdk.portal import portal
 from stockade.sdk.sandbox import _transport
 
 from .conftest import sandbox_traces
+from .waiting import wait_until
 
 
 async def _feed_as_agent(sandbox_id: str, data: bytes) -> None:
@@ -20,9 +19,9 @@ async def _feed_as_agent(sandbox_id: str, data: bytes) -> None:
 
 
 def wait_gone(sb: Sandbox, runtime: dict) -> None:
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline and (sb.is_running() or sandbox_traces(runtime, sb.sandbox_id)):
-        time.sleep(0.05)
+    wait_until(lambda: not sb.is_running() and not sandbox_traces(runtime, sb.sandbox_id), 10,
+               f"sandbox {sb.sandbox_id} to end and leave no trace",
+               show=lambda: (sb.is_running(), sandbox_traces(runtime, sb.sandbox_id)))
 
 
 def test_a_protocol_violation_ends_the_sandbox_and_nothing_else(make_sandbox):

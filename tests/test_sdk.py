@@ -11,6 +11,7 @@ import pytest
 from stockade import AsyncSandbox, CommandError, PathNotFoundError, Sandbox
 
 from .conftest import ROOT, base_policy
+from .waiting import read_until
 
 
 def test_commands_run_basics(sandbox: Sandbox):
@@ -64,9 +65,7 @@ def test_background_handle(sandbox: Sandbox):
     assert h.pid > 1
     assert any(p.pid == h.pid for p in sandbox.commands.list())
     h.send_stdin("hello\n")
-    for stdout, _stderr in h:
-        if stdout and "got:hello" in h.stdout:
-            break
+    read_until(h, lambda: "got:hello" in h.stdout, 10, "the command to echo its stdin")
     assert h.kill() is True
     r = h.wait()
     assert r.exit_code == -signal.SIGKILL and "got:hello" in r.stdout
@@ -82,12 +81,11 @@ def test_background_stdin_close_and_wait(sandbox: Sandbox):
 
 
 def test_send_signal(sandbox: Sandbox):
-    h = sandbox.commands.run("trap 'echo term; exit 0' TERM; while true; do sleep 0.05; done", background=True)
-    import time
-
-    time.sleep(0.2)
+    h = sandbox.commands.run("trap 'echo term; exit 0' TERM; echo ready; while true; do sleep 0.05; done",
+                             background=True)
+    read_until(h, lambda: "ready" in h.stdout, 10, "the trap to be set")  # a signal before it would kill sh
     assert sandbox.commands.send_signal(h.pid, signal.SIGTERM)
-    assert h.wait().stdout == "term\n"
+    assert h.wait().stdout == "ready\nterm\n"
 
 
 def test_files_roundtrip(sandbox: Sandbox):
@@ -174,30 +172,30 @@ def test_argv_commands_are_looked_up_in_the_commands_path(sandbox: Sandbox):
 
 def test_concurrent_first_calls_share_one_manager() -> None:
     """Many sandboxes created at once on a fresh transport all live in the one manager that serves them."""
-    import asyncio
-
-    from stockade import AsyncSandbox
+    from stockade.sdk.portal import portal
     from stockade.sdk.transports.local import LocalTransport
-
-    from .conftest import base_policy
 
     transport = LocalTransport()
 
-    async def one() -> str:
-        sb = await AsyncSandbox.create(base_policy(), transport=transport)
+    async def many() -> None:
+        # (a timeout, so that sandboxes a broken transport strands in a manager it dropped still end soon)
+        made = await asyncio.gather(*(AsyncSandbox.create(base_policy(), timeout=60, transport=transport)
+                                      for _ in range(4)), return_exceptions=True)
+        sandboxes = [sb for sb in made if isinstance(sb, AsyncSandbox)]
         try:
-            return (await sb.commands.run("echo ok")).stdout
+            assert len(sandboxes) == 4, made
+            managers = [await transport.manager() for _ in range(3)]
+            assert all(m is managers[0] for m in managers)  # one manager, kept
+            assert sorted(managers[0].sandboxes) == sorted(sb.id for sb in sandboxes)  # holding every one
+            outs = await asyncio.gather(*(sb.commands.run("echo ok") for sb in sandboxes))
+            assert [r.stdout for r in outs] == ["ok\n"] * 4
         finally:
-            await sb.kill()
-
-    async def many() -> list[str]:
-        return await asyncio.gather(*(one() for _ in range(4)))
+            for sb in sandboxes:
+                await sb.kill()
 
     try:
-        assert asyncio.run(many()) == ["ok\n"] * 4
+        asyncio.run(many())
     finally:
-        from stockade.sdk.portal import portal
-
         portal().call(transport.close())
 
 

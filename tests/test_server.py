@@ -17,8 +17,9 @@ import pytest
 from stockade import Sandbox
 from stockade.errors import AuthenticationError, QuotaError
 
-from .conftest import base_policy, wait_until
+from .conftest import base_policy
 from .server_support import RunningServer
+from .waiting import read_until, wait_until
 
 TENANTS = {
     "solo": {"one_sandbox_per_user": "reuse"},
@@ -229,7 +230,7 @@ def test_a_policy_the_host_cannot_enforce_is_422_and_the_sdk_raises_the_local_er
 def test_expired_sandboxes_answer_404_with_why(clients: Any) -> None:
     alice = clients("alice")
     sid = alice.create(timeout=1)["sandbox_id"]
-    wait_until(lambda: alice.http.get(f"/sandboxes/{sid}").status_code != 200, 30)
+    wait_until(lambda: alice.http.get(f"/sandboxes/{sid}").status_code != 200, 30, "the sandbox to expire")
     r = alice.run(sid, "true")
     assert r.status_code == 404 and "timeout expired" in r.json()["message"]
     ended = alice.http.get("/sandboxes", params={"state": "ended"}).json()
@@ -243,7 +244,12 @@ def test_idle_sandboxes_end_but_busy_ones_do_not(clients: Any) -> None:
     idle = alice.create(policy=policy)["sandbox_id"]
     r = alice.run(busy, "sleep 2.5; echo done")  # a foreground command is activity
     assert r.status_code == 200 and r.json()["stdout"] == "done\n"
-    r = alice.http.get(f"/sandboxes/{idle}")
+    # (by now the idle one is past its idle timeout; its reaper may still be a moment behind on a busy host)
+    def ended() -> httpx.Response | None:
+        answer = alice.http.get(f"/sandboxes/{idle}")
+        return answer if answer.status_code != 200 else None
+
+    r = wait_until(ended, 10, "the idle sandbox to end")
     assert r.status_code == 404 and "idle" in r.json()["message"]
 
 
@@ -269,7 +275,7 @@ def test_streams_commands_with_stdin_and_signals(clients: Any) -> None:
     sb = Sandbox.connect(sid, api_url=alice.http.base_url.__str__().rstrip("/"), api_key=alice.key)
     handle = sb.commands.run("read line; echo got $line; sleep 60", background=True)
     handle.send_stdin("hello\n")
-    wait_until(lambda: "got hello" in handle.stdout)
+    read_until(handle, lambda: "got hello" in handle.stdout, 10, "the command to echo its stdin")
     assert handle.pid in [p.pid for p in sb.commands.list()]
     assert handle.kill()
     assert handle.wait().exit_code == -9
@@ -344,7 +350,7 @@ def test_warm_pool_hands_out_fresh_sandboxes_once(shared_dir: Path) -> None:
     assert pool is not None
     c = Client(server, "alice")
     try:
-        wait_until(lambda: len(pool.ready) == 2, 30)
+        wait_until(lambda: len(pool.ready) == 2, 30, "the warm pool to fill")
         warm_ids = [sb.id for sb, _ in pool.ready]
         a = c.create(envs={"GREETING": "hello-a"})
         b = c.create()
@@ -360,10 +366,10 @@ def test_warm_pool_hands_out_fresh_sandboxes_once(shared_dir: Path) -> None:
         creates = {e["sandbox_id"]: e["data"]["warm"] for e in events}
         assert creates == {a["sandbox_id"]: True, b["sandbox_id"]: True, other["sandbox_id"]: False}
         # the pool refills; a warm sandbox that died while waiting is never handed out
-        wait_until(lambda: len(pool.ready) == 2, 30)
+        wait_until(lambda: len(pool.ready) == 2, 30, "the warm pool to refill")
         dead, _ = pool.ready[0]
         signal.pidfd_send_signal(dead.agent_pidfd, signal.SIGKILL)  # type: ignore[attr-defined]
-        wait_until(lambda: dead.channel.closed, 30)
+        wait_until(lambda: dead.channel.closed, 30, "the killed warm sandbox's channel to close")
         got = c.create()
         assert got["sandbox_id"] != dead.id and c.run(got["sandbox_id"], "echo ok").json()["stdout"] == "ok\n"
         waiting = [(sb.id, sb.describe()) for sb, _ in pool.ready]
@@ -371,7 +377,8 @@ def test_warm_pool_hands_out_fresh_sandboxes_once(shared_dir: Path) -> None:
         c.close()
         server.stop()
     for sid, runtime in waiting:  # warm sandboxes go with the server (their last processes exit just after)
-        assert wait_until(lambda: not sandbox_traces(runtime, sid), 15), sid  # noqa: B023 - called at once
+        wait_until(lambda: not sandbox_traces(runtime, sid), 15, f"warm sandbox {sid} to leave no trace",  # noqa: B023
+                   show=lambda: sandbox_traces(runtime, sid))  # noqa: B023 - called at once
 
 
 def test_uploads_and_downloads_over_the_size_cap_are_413_and_leave_nothing() -> None:

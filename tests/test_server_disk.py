@@ -16,8 +16,9 @@ from typing import Any
 import httpx
 import pytest
 
-from .conftest import ROOT, base_policy, wait_until
+from .conftest import ROOT, base_policy
 from .server_support import RunningServer
+from .waiting import wait_until
 
 pytestmark = [pytest.mark.privileged, pytest.mark.skipif(not ROOT, reason="mounting a tmpfs needs root")]
 
@@ -103,7 +104,8 @@ def test_a_full_disk_refuses_new_work_with_503_and_loses_no_record(mounted: Path
             assert http.delete(f"/sandboxes/{spare}").status_code == 204
             filler.unlink()
             (mounted / "filler2").unlink(missing_ok=True)
-            assert wait_until(lambda: http.get("/health").json()["audit"]["state"] == "ok", 30)
+            wait_until(lambda: http.get("/health").json()["audit"]["state"] == "ok", 30,
+                       "the audit store to recover once the disk has room")
             assert http.post(f"/sandboxes/{sid}/commands", json={"cmd": "true"}).status_code == 200
             ended = {e["data"]["pid"] for e in _all_events(http, sandbox_id=sid, type="command.end")}
             missing = [pid for pid in answered if pid not in ended]

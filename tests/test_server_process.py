@@ -19,8 +19,9 @@ import pytest
 
 from stockade.config import HostConfig
 
-from .conftest import base_policy, sandbox_traces, wait_until
-from .test_audit import pg_schema_url
+from .conftest import base_policy, sandbox_traces
+from .db_support import pg_schema_url
+from .waiting import stopped_after, wait_until
 
 STOCKADE = [sys.executable, "-m", "stockade.cli"]
 SETTLE = 20.0  # seconds for a server's start, a sandbox's last processes, the next run's sweep
@@ -54,9 +55,13 @@ class ServerProcess:
             except httpx.HTTPError:
                 return False
 
-        if not wait_until(up, 30):
+        try:
+            wait_until(lambda: up() or self.proc is None or self.proc.poll() is not None, 30, "the server to start")
+            if not up():
+                raise AssertionError("the server exited before it answered /health")
+        except AssertionError as exc:
             self.proc.kill()
-            raise RuntimeError(f"the server did not start: {self.proc.communicate()[1].decode()[-2000:]}")
+            raise AssertionError(f"{exc}: {self.proc.communicate()[1].decode()[-2000:]}") from None
 
     def stop(self, sig: int) -> None:
         assert self.proc is not None
@@ -104,14 +109,17 @@ def test_a_killed_server_leaves_nothing_and_its_successor_closes_the_records(ser
         for line in lines:
             if "stdout" in line:
                 break
-        assert wait_until(lambda: h.get("/events", params={"sandbox_id": sid, "type": "command.start"}).json(), SETTLE)
+        wait_until(lambda: h.get("/events", params={"sandbox_id": sid, "type": "command.start"}).json(), SETTLE,
+                   "the command's start to be recorded")
         assert _host_traces(info)
         server.stop(signal.SIGKILL)
     # the sandbox died with the server: no process of it survives
-    assert wait_until(lambda: not [t for t in _host_traces(info) if "process" in t], SETTLE), _host_traces(info)
+    wait_until(lambda: not [t for t in _host_traces(info) if "process" in t], SETTLE,
+               "the sandbox's processes to die with the server", show=lambda: _host_traces(info))
     server.start()  # the successor sweeps cgroups, locks and broker directories, and closes the records
     h = httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {key}"}, timeout=30)
-    assert wait_until(lambda: not _host_traces(info), SETTLE), _host_traces(info)
+    wait_until(lambda: not _host_traces(info), SETTLE, "the successor to sweep the sandbox's traces",
+               show=lambda: _host_traces(info))
     r = h.get(f"/sandboxes/{sid}")
     assert r.status_code == 404 and "server restarted" in r.json()["message"]
     events = h.get("/events", params={"sandbox_id": sid}).json()
@@ -132,12 +140,17 @@ def test_logs_follow_prints_events_as_they_come(server: ServerProcess) -> None:
     follow = subprocess.Popen([*STOCKADE, "logs", sid, "--follow", "--data-dir", str(server.data_dir)],
                               env=server.env, stdout=subprocess.PIPE, text=True)
     try:
-        assert "sandbox.create" in (follow.stdout.readline() if follow.stdout else "")
+        assert follow.stdout is not None
+        with stopped_after(SETTLE, follow.kill, "`logs --follow` to print the sandbox's creation"):
+            assert "sandbox.create" in follow.stdout.readline()
         h.post(f"/sandboxes/{sid}/commands", json={"cmd": "echo followed"})
         seen = ""
-        while "followed" not in seen and follow.stdout is not None:
-            seen += follow.stdout.readline()
-        assert "$ echo followed" in seen
+        with stopped_after(SETTLE, follow.kill, "`logs --follow` to print the command"):
+            for line in follow.stdout:  # ends at EOF too: a follower that exits does not spin here
+                seen += line
+                if "followed" in seen:
+                    break
+        assert "$ echo followed" in seen, seen
     finally:
         follow.kill()
         follow.wait()
@@ -153,7 +166,8 @@ def test_graceful_shutdown_kills_sandboxes_and_flushes_the_log(server: ServerPro
     server.stop(signal.SIGTERM)
     # uvicorn shuts down gracefully, then re-raises SIGTERM so the exit status tells how it ended
     assert server.proc is not None and server.proc.returncode in (0, -signal.SIGTERM)
-    assert wait_until(lambda: not _host_traces(info), SETTLE), _host_traces(info)
+    wait_until(lambda: not _host_traces(info), SETTLE, "the sandbox to leave no trace after a graceful stop",
+               show=lambda: _host_traces(info))
     logs = server.cli("logs", info["sandbox_id"], "--type", "command.end")
     assert "last words" in logs.stdout
     assert "its owner shut down" in server.cli("logs", info["sandbox_id"], "--type", "sandbox.end").stdout
@@ -212,7 +226,8 @@ def test_every_answer_a_client_saw_is_in_the_audit_log_after_a_kill_under_load(s
     threads = [threading.Thread(target=client, args=(sids[n % 2], n)) for n in range(6)]
     for t in threads:
         t.start()
-    assert wait_until(lambda: sum(map(len, answered_pids.values())) >= 60, SETTLE)
+    wait_until(lambda: sum(map(len, answered_pids.values())) >= 60, SETTLE, "60 answered commands",
+               show=lambda: sum(map(len, answered_pids.values())))
     server.stop(sig)
     stop.set()
     for t in threads:

@@ -130,12 +130,14 @@ print("sent", len(sigs))
 
 def test_signals_from_user_code_do_not_touch_the_agent(make_sandbox):
     sb = make_sandbox()
-    bg = sb.commands.run("sleep 3; exit 7", background=True)
+    bg = sb.commands.run("read x; exit 7", background=True)  # runs until told: through the whole attack
     r = sb.commands.run(["python3", "-c", SIGNALS])
     assert r.stdout.startswith("sent"), r.stderr
     r = sb.commands.run("kill -INT 1; kill -TERM 1; kill -HUP 1; kill -USR1 1; kill -STOP 1; kill -QUIT 1; echo sent")
     assert r.stdout == "sent\n"
     # the agent observed and reports what really happened
+    assert bg.pid in {p.pid for p in sb.commands.list()}
+    bg.close_stdin()
     assert bg.wait().exit_code == 7
     assert sb.commands.run("echo alive").stdout == "alive\n"
     assert sb.run_code("40 + 2").text == "42"
@@ -169,9 +171,10 @@ print("sent", sent)
 
 def test_bytes_on_the_agents_socket_cannot_forge_results(make_sandbox):
     sb = make_sandbox()
-    bg = sb.commands.run("sleep 3; echo real; exit 5", background=True)
+    bg = sb.commands.run("read x; echo real; exit 5", background=True)  # still running when the forgeries come
     r = sb.commands.run(["python3", "-c", FORGE])
     assert r.stdout.startswith("sent"), r.stderr
+    bg.close_stdin()
     result = bg.wait()
     assert (result.exit_code, result.stdout) == (5, "real\n")
     assert sb.commands.run("echo alive").stdout == "alive\n"

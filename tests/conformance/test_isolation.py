@@ -14,6 +14,7 @@ import pytest
 from stockade.runtime.jail import seccomp
 
 from ..conftest import ROOT
+from ..waiting import read_until
 
 # Python run inside the sandbox that calls a syscall through libc and prints its errno (0 = succeeded).
 SYSCALL = """
@@ -294,8 +295,9 @@ except OSError:
 def test_sandboxes_cannot_see_or_reach_each_other(make_sandbox):
     a, b = make_sandbox(), make_sandbox()
     a.files.write("/tmp/mine", "A-ONLY")
-    a.commands.run("python3 -c \"import socket,time; s=socket.socket(); s.bind(('127.0.0.1', 45678)); "
-                   "s.listen(); time.sleep(30)\"", background=True)
+    listener = a.commands.run("python3 -c \"import socket,time; s=socket.socket(); s.bind(('127.0.0.1', 45678)); "
+                              "s.listen(); print('listening', flush=True); time.sleep(30)\"", background=True)
+    read_until(listener, lambda: "listening" in listener.stdout, 10, "a's listener to be up")
     assert not b.files.exists("/tmp/mine")
     code = """
 import socket
@@ -305,8 +307,12 @@ try:
 except OSError:
     print("refused")
 """
+    # the same probe reaches the listener from its own sandbox, so b's refusal is the boundary's doing
+    assert a.commands.run(["python3", "-c", code]).stdout.strip() == "connected"
     assert b.commands.run(["python3", "-c", code]).stdout.strip() == "refused"
-    assert "time.sleep" not in b.commands.run("cat /proc/*/cmdline 2>/dev/null | tr '\\0' ' '").stdout
+    cmdlines = "cat /proc/*/cmdline 2>/dev/null | tr '\\0' ' '"
+    assert "time.sleep" in a.commands.run(cmdlines).stdout  # a sees its listener's process...
+    assert "time.sleep" not in b.commands.run(cmdlines).stdout  # ...b does not
 
 
 @pytest.mark.skipif(not ROOT, reason="per-sandbox host uids exist only when stockade runs as root")

@@ -14,7 +14,8 @@ import pytest
 
 from stockade import PolicyError, Sandbox, SandboxNotFoundError
 
-from ..conftest import ROOT, sandbox_traces, wait_until
+from ..conftest import ROOT, sandbox_traces
+from ..waiting import wait_until
 
 
 def busy_sandbox(sb: Sandbox) -> None:
@@ -29,7 +30,8 @@ def test_kill_leaves_nothing_behind(make_sandbox):
     runtime = sb.info().runtime
     assert sandbox_traces(runtime, sb.sandbox_id), "the sandbox should be visible before kill"
     assert sb.kill() is True
-    assert wait_until(lambda: not sandbox_traces(runtime, sb.sandbox_id)), sandbox_traces(runtime, sb.sandbox_id)
+    wait_until(lambda: not sandbox_traces(runtime, sb.sandbox_id), 10, "the killed sandbox's traces to go",
+               show=lambda: sandbox_traces(runtime, sb.sandbox_id))
     assert not sb.is_running()
     assert sb.kill() is False  # idempotent
     with pytest.raises(SandboxNotFoundError, match="killed"):
@@ -37,31 +39,38 @@ def test_kill_leaves_nothing_behind(make_sandbox):
 
 
 def test_expiry_kills_and_leaves_nothing_behind(make_sandbox):
-    sb = make_sandbox(timeout=1)
+    sb = make_sandbox(timeout=3)  # time enough to make it busy first, on a loaded host too
     busy_sandbox(sb)
     runtime = sb.info().runtime
-    assert wait_until(lambda: not sb.is_running(), 5)
-    assert wait_until(lambda: not sandbox_traces(runtime, sb.sandbox_id))
+    wait_until(lambda: not sb.is_running(), 5, "the sandbox to expire")
+    wait_until(lambda: not sandbox_traces(runtime, sb.sandbox_id), 10, "the expired sandbox's traces to go",
+               show=lambda: sandbox_traces(runtime, sb.sandbox_id))
     with pytest.raises(SandboxNotFoundError, match="timeout expired"):
         sb.files.read("/tmp/t")
 
 
 def test_set_timeout_extends_and_shortens(make_sandbox):
-    sb = make_sandbox(timeout=1)
+    sb = make_sandbox(timeout=3)  # time enough to extend it, on a loaded host too
+    first_end = sb.info().end_at.timestamp()
     sb.set_timeout(30)
-    time.sleep(1.5)
+    # past the deadline it was created with, as the sandbox itself reported it
+    wait_until(lambda: time.time() > first_end + 0.5, 10, "the first deadline to pass")
     assert sb.is_running()
     sb.set_timeout(0.5)
-    assert wait_until(lambda: not sb.is_running(), 5)
+    wait_until(lambda: not sb.is_running(), 5, "the shortened timeout to end the sandbox")
 
 
 def test_max_lifetime_caps_timeouts(make_sandbox):
-    sb = make_sandbox(lifetime={"timeout": "1s", "max_lifetime": "2s"})
+    # a cap of a minute: however slow the host, a timeout of 61 s outlives it, one of 40 s does not (for the
+    # first 20 s of the sandbox's life; the old 2 s cap left a 1.9 s timeout a tenth of a second to be asked)
+    lifetime = {"timeout": "10s", "max_lifetime": "60s"}
+    sb = make_sandbox(lifetime=lifetime)
     with pytest.raises(PolicyError, match="max_lifetime"):
-        sb.set_timeout(60)
-    sb.set_timeout(1.9)
+        sb.set_timeout(61)
+    sb.set_timeout(40)
+    assert sb.info().policy["lifetime"]["timeout"] == "40s"
     with pytest.raises(PolicyError, match="max_lifetime"):
-        make_sandbox(timeout=10, lifetime={"timeout": "1s", "max_lifetime": "2s"})
+        make_sandbox(timeout=61, lifetime=lifetime)
 
 
 def test_context_manager_kills(transport, runtime_name):
@@ -69,7 +78,8 @@ def test_context_manager_kills(transport, runtime_name):
 
     with Sandbox.create(policy=base_policy(), transport=transport, runtime=runtime_name) as sb:
         runtime = sb.info().runtime
-    assert wait_until(lambda: not sandbox_traces(runtime, sb.sandbox_id))
+    wait_until(lambda: not sandbox_traces(runtime, sb.sandbox_id), 10, "the sandbox's traces to go",
+               show=lambda: sandbox_traces(runtime, sb.sandbox_id))
 
 
 def test_list_and_connect(make_sandbox, transport):
@@ -117,9 +127,9 @@ def test_sandbox_dies_with_the_process_that_created_it():
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait()
-    assert wait_until(lambda: not os.path.exists(f"/proc/{agent_pid}"))
+    wait_until(lambda: not os.path.exists(f"/proc/{agent_pid}"), 10, f"the orphaned agent {agent_pid} to die")
     process_traces = lambda: [t for t in sandbox_traces(runtime, sandbox_id) if "process" in t]  # noqa: E731
-    assert wait_until(lambda: not process_traces()), process_traces()
+    wait_until(lambda: not process_traces(), 10, "the orphaned sandbox's processes to end", show=process_traces)
     # what is left (an empty cgroup, a lock file nobody holds) goes when stockade next starts
     swept = portal().call(_sweep(_transport(None)))
     assert not sandbox_traces(runtime, sandbox_id)

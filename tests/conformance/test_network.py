@@ -3,7 +3,6 @@ servers on 127.0.0.1; made-up names (*.example.test) reach them through a counti
 
 from __future__ import annotations
 
-import datetime
 import http.server
 import ipaddress
 import json
@@ -16,7 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from ..conftest import wait_until
+from ..tls_support import self_signed
+from ..waiting import read_until, wait_until
 
 
 class Upstream:
@@ -48,7 +48,7 @@ class Upstream:
         self.tls = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.cert = tmp / "cert.pem"
         key = tmp / "key.pem"
-        _self_signed(self.cert, key, "api.example.test")
+        self_signed(self.cert, key, "api.example.test")
         ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         ctx.load_cert_chain(self.cert, key)
         # the handshake happens in the handler thread: a client that stalls it cannot block accept()
@@ -62,26 +62,6 @@ class Upstream:
         for server in (self.http, self.tls):
             server.shutdown()
             server.server_close()
-
-
-def _self_signed(cert: Path, key: Path, name: str) -> None:
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    k = ec.generate_private_key(ec.SECP256R1())
-    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
-    now = datetime.datetime.now(datetime.UTC)
-    c = (x509.CertificateBuilder().subject_name(subject).issuer_name(subject).public_key(k.public_key())
-         .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
-         .not_valid_after(now + datetime.timedelta(hours=1))
-         .add_extension(x509.SubjectAlternativeName([x509.DNSName(name)]), critical=False)
-         .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-         .sign(k, hashes.SHA256()))
-    cert.write_bytes(c.public_bytes(serialization.Encoding.PEM))
-    key.write_bytes(k.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                    serialization.NoEncryption()))
 
 
 @pytest.fixture
@@ -166,12 +146,13 @@ held[0].send(b"GET http://x/ HTTP/1.1\\r\\n")           # half a head
 big = socket.socket(); big.connect(("127.0.0.1", 3128)); big.settimeout(5)
 try: big.sendall(b"POST http://x/ HTTP/1.1\\r\\nContent-Length: 9999999\\r\\n\\r\\n" + b"x" * 200000)
 except OSError: pass
-print("opened", len(held))
+print("opened", len(held), flush=True)
 time.sleep(60)
 """
     sb.files.write("hostile.py", hostile)
-    sb.commands.run("python3 hostile.py", background=True)
-    assert wait_until(lambda: "hostile.py" in sb.commands.run("ps -eo args").stdout)
+    handle = sb.commands.run("python3 hostile.py", background=True)
+    # the hostile clients are all in place (not merely started) before the next request is made
+    read_until(handle, lambda: "opened 200" in handle.stdout, 30, "hostile.py to open its 200 connections")
     r = sb.commands.run("curl -sS --max-time 25 -x http://127.0.0.1:3128 http://pkg.example.test/", timeout=40)
     assert NETWORK_OFF in r.stdout, r.stderr
     assert sb.commands.run("true").exit_code == 0
@@ -510,7 +491,7 @@ def test_pip_installs_from_an_allowed_index_and_git_clones_over_https(make_sandb
     import subprocess
 
     cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
-    _self_signed(cert, key, "pkgs.example.test")
+    self_signed(cert, key, "pkgs.example.test")
     root = tmp_path / "www"
     (root / "simple" / "stockade-demo").mkdir(parents=True)
     whl = _wheel(root / "simple" / "stockade-demo", "stockade_demo", "1.0")
@@ -564,14 +545,15 @@ def test_a_slow_client_cannot_starve_another_sandbox(make_sandbox, upstream, loo
     polite = make_sandbox(**allow(f"api.example.test:{upstream.port}"))
     # four connections that never finish their request line, held open in the background
     code = "import socket, time\nheld = [socket.create_connection(('127.0.0.1', 3128)) for _ in range(4)]\n" \
-           "[s.sendall(b'GET http://api.example.test/ HT') for s in held]\ntime.sleep(30)"
+           "[s.sendall(b'GET http://api.example.test/ HT') for s in held]\nprint('held', flush=True)\n" \
+           "time.sleep(30)"
     handle = greedy.commands.run(["python3", "-c", code], background=True)
     try:
-        import time
-
-        time.sleep(0.5)
-        r = greedy.commands.run(f"curl -sS http://api.example.test:{upstream.port}/")
-        assert "network.max_connections" in r.stdout  # its own cap is full
+        read_until(handle, lambda: "held" in handle.stdout, 30, "the four slow connections to be open")
+        # the broker counts a connection once its first byte arrives, just after the client's send returns
+        wait_until(lambda: "network.max_connections" in greedy.commands.run(
+            f"curl -sS http://api.example.test:{upstream.port}/").stdout, 10,
+            "greedy's own network.max_connections cap to be full")
         assert polite.commands.run(f"curl -sS http://api.example.test:{upstream.port}/p").stdout == \
             "upstream saw /p\n"
     finally:

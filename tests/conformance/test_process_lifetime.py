@@ -8,7 +8,8 @@ import os
 
 import pytest
 
-from ..conftest import ROOT, wait_until
+from ..conftest import ROOT
+from ..waiting import wait_until
 
 # Ways a process leaves its command's session, group or parent. Each leaves a `sleep 3001` (or 3002).
 ESCAPES = {
@@ -32,17 +33,17 @@ def test_timeout_ends_every_process_the_command_started(make_sandbox, escape):
     sb = make_sandbox()
     r = sb.commands.run(f"{ESCAPES[escape]}; sleep 1000", timeout=2)
     assert r.timed_out
-    assert wait_until(lambda: not markers(sb), 5), markers(sb)
+    wait_until(lambda: not markers(sb), 5, "every process the command started to end", show=lambda: markers(sb))
 
 
 @pytest.mark.parametrize("escape", sorted(ESCAPES))
 def test_kill_ends_every_process_a_background_command_started(make_sandbox, escape):
     sb = make_sandbox()
     handle = sb.commands.run(f"{ESCAPES[escape]}; sleep 1000", background=True)
-    assert wait_until(lambda: markers(sb), 10)
+    wait_until(lambda: markers(sb), 10, "the escaped process to start")
     assert handle.kill()
     assert handle.wait().exit_code == -9
-    assert wait_until(lambda: not markers(sb), 5), markers(sb)
+    wait_until(lambda: not markers(sb), 5, "every process the command started to end", show=lambda: markers(sb))
 
 
 def test_what_a_finished_command_left_running_keeps_running(make_sandbox):
@@ -54,7 +55,8 @@ def test_what_a_finished_command_left_running_keeps_running(make_sandbox):
     assert sb.commands.run("(setsid sleep 3009 &); sleep 1000", timeout=1).timed_out
     doomed = sb.commands.run("sleep 1000", background=True)
     assert doomed.kill()
-    assert wait_until(lambda: sorted(markers(sb)) == ["sleep 3001", "sleep 3002"], 5), markers(sb)
+    wait_until(lambda: sorted(markers(sb)) == ["sleep 3001", "sleep 3002"], 5,
+               "only the left-running sleeps to remain", show=lambda: markers(sb))
     assert background.pid in {p.pid for p in sb.commands.list()}
 
 
@@ -63,7 +65,7 @@ def test_kill_all_ends_everything_but_the_agent(make_sandbox):
     assert sb.run_code("x = 1\nx").text == "1"
     handle = sb.commands.run("(setsid sleep 3001 &); sleep 1000", background=True)
     sb.commands.run("sleep 3002 >/dev/null 2>&1 &")
-    assert wait_until(lambda: len(markers(sb)) == 2, 10)
+    wait_until(lambda: len(markers(sb)) == 2, 10, "both sleeps to run", show=lambda: markers(sb))
     killed = sb.commands.kill_all()
     assert killed >= 4  # the background sh, its sleeps, the left-running sleep, the code interpreter
     assert handle.wait().exit_code == -9
@@ -101,7 +103,7 @@ _RLIMIT_PER_NAMESPACE = tuple(int(x) for x in os.uname().release.split("-")[0].s
 def test_the_agent_serves_while_user_code_holds_every_pid(make_sandbox):
     sb = make_sandbox(limits={"pids": 40})
     filler = sb.commands.run(["python3", "-c", FILL], background=True)
-    assert wait_until(lambda: sb.files.exists("/tmp/full"), 30)
+    wait_until(lambda: sb.files.exists("/tmp/full"), 30, "the filler to hold every pid (/tmp/full)")
     assert "Resource temporarily unavailable" in sb.files.read("/tmp/full")
     # the agent still answers and starts commands
     assert filler.pid in {p.pid for p in sb.commands.list()}
@@ -133,7 +135,8 @@ time.sleep(1000)
     r = sb.commands.run(["python3", "-c", bomb], timeout=3)
     assert r.timed_out
     assert sb.commands.run("echo next").stdout == "next\n"
-    assert wait_until(lambda: int(sb.commands.run("ps -e | wc -l").stdout or 99) < 6, 5)
+    wait_until(lambda: int(sb.commands.run("ps -e | wc -l").stdout or 99) < 6, 5, "the fork bomb's processes to end",
+               show=lambda: sb.commands.run("ps -eo pid,args").stdout)
 
 
 LEAVE_THE_TREE = """
@@ -160,4 +163,4 @@ def test_a_command_cannot_move_its_processes_out_of_its_tree(make_sandbox):
     r = sb.commands.run("exec python3 leave.py", timeout=3)
     assert r.timed_out
     assert "prctl -1 1\n" in r.stdout and "clone -1 1\n" in r.stdout, r.stdout + r.stderr
-    assert wait_until(lambda: not markers(sb), 5), markers(sb)
+    wait_until(lambda: not markers(sb), 5, "every process the command started to end", show=lambda: markers(sb))
