@@ -12,8 +12,9 @@ from stockade.runtime import registry
 from stockade.runtime.jail.runtime import JailRuntime
 from stockade.server.settings import ServerSettings
 
-from .conftest import base_policy, sandbox_traces, wait_until
+from .conftest import base_policy, sandbox_traces
 from .server_support import RunningServer
+from .waiting import wait_until
 
 
 class RenamedJail(JailRuntime):
@@ -44,7 +45,8 @@ def test_a_registered_runtime_is_used_by_name_with_nothing_else_changed(renamed_
         info = sb.info().runtime
         assert info["runtime"] == renamed_runtime
         assert sb.commands.run("echo hi").stdout == "hi\n"
-    assert wait_until(lambda: not sandbox_traces(info, sb.sandbox_id)), sandbox_traces(info, sb.sandbox_id)
+    wait_until(lambda: not sandbox_traces(info, sb.sandbox_id), 10, "the sandbox's traces to go",
+               show=lambda: sandbox_traces(info, sb.sandbox_id))
 
 
 def test_the_server_serves_only_the_runtimes_it_is_configured_for(renamed_runtime: str):
@@ -89,3 +91,20 @@ def test_a_server_configured_with_an_unknown_runtime_does_not_start(settings: di
         asyncio.run(server.start())
     assert err.value.field == "runtime" and "'vmware'" in str(err.value)
     asyncio.run(server.stop())
+
+
+def test_only_known_file_operations_with_their_own_arguments_reach_the_agent(sandbox: Sandbox):
+    from stockade.sdk.portal import portal
+    from stockade.sdk.sandbox import _transport
+
+    async def ask(op: str, **args: object) -> dict[str, object]:
+        manager = await _transport(None).manager()  # type: ignore[attr-defined]
+        return await manager.file_op(sandbox.sandbox_id, op, **args)  # type: ignore[no-any-return]
+
+    with pytest.raises(PolicyError) as err:
+        portal().call(ask("exec", path="/bin/sh"))  # an agent op, but not a file operation
+    assert err.value.field == "op"
+    with pytest.raises(PolicyError) as err:
+        portal().call(ask("stat", path="/tmp", argv=["sh"]))
+    assert err.value.field == "argv"
+    assert portal().call(ask("stat", path="/tmp"))["entry"]["type"] == "dir"  # type: ignore[index]

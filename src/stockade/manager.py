@@ -29,6 +29,7 @@ from .broker.server import BrokerEndpoint
 from .errors import FilesystemError, PolicyError, ProtocolError, SandboxNotFoundError, SandboxUnavailableError
 from .policy import NetworkPolicy, Policy, format_duration, format_size
 from .pool import WarmPool
+from .runtime.agent_client import FILE_OPS
 from .runtime.base import Runtime, RuntimeSandbox, SandboxLayout, SandboxSpec
 from .runtime.channel import CellPending, CommandPending, ReadPending, StreamPending
 
@@ -202,21 +203,20 @@ class Manager:
         else:  # the proxy ports refuse with the reason (op net_off); pip retries once, which prints the reason
             envs = {**proxy_env(layout), "PIP_RETRIES": "1", **envs}
         rt: RuntimeSandbox | None = None
-        ports = {"http_port": layout.http_proxy_port, "socks_port": layout.socks_port}
         try:
             if broker is None and runtime_ is self.runtime and self.pool is not None and self.pool.matches(policy):
                 rt = await self.pool.take()
             if rt is not None:  # warm: it gets its id's records, and the caller's variables, now
                 sandbox_id, warm = rt.id, True
                 if envs:
-                    await rt.channel.call({"op": "setenv", "env": envs})
+                    await rt.agent.setenv(envs)
             else:
                 rt = await runtime_.start(SandboxSpec(sandbox_id, policy, envs, files,
                                                       broker.handle if broker else None))
             if broker is not None:
-                await rt.channel.call({"op": "net_bridge", "broker": layout.broker, **ports})
+                await rt.agent.net_bridge(layout.broker, layout.http_proxy_port, layout.socks_port)
             else:  # the same proxy ports answer "network is off" at once, instead of tools timing out
-                await rt.channel.call({"op": "net_off", **ports})
+                await rt.agent.net_off(layout.http_proxy_port, layout.socks_port)
         except BaseException:
             if rt is not None:  # started, but its network bridge did not: nothing of it may remain
                 await rt.stop()
@@ -233,7 +233,7 @@ class Manager:
                                             "env_names": caller_env_names, "runtime": rt.describe(),
                                             "warm": warm})
         rt.channel.on_close = lambda reason: self._on_channel_closed(sb, reason)
-        rt.channel.start({"op": "artifacts"}, StreamPending(lambda h, b: self._artifact_frame(sb, h, b), ("artifact",)))
+        rt.agent.artifacts(StreamPending(lambda h, b: self._artifact_frame(sb, h, b), ("artifact",)))
         if rt.channel.closed:  # died between its ready and here
             await self._on_channel_closed(sb, None)
         self._arm(sb)
@@ -374,26 +374,21 @@ class Manager:
                             cwd: str | None, stdin: bytes | None, stdin_open: bool, timeout: float | None,
                             background: bool, on_output: Callable[[str, bytes], None] | None) -> CommandRecord:
         sb = self.get(sandbox_id)
-        header: dict[str, Any] = {"op": "exec", "env": check_envs(envs), "cwd": cwd,
-                                  "timeout": self._command_timeout(sb, timeout, background),
-                                  "limit": sb.policy.limits.output, "stdin_open": stdin_open}
-        if isinstance(cmd, str):
-            header["cmd"] = cmd
-        else:
-            if not cmd or not all(isinstance(a, str) for a in cmd):
-                raise PolicyError("cmd", "argv must be a non-empty list of strings")
-            header["argv"] = list(cmd)
+        env = check_envs(envs)
+        limit = self._command_timeout(sb, timeout, background)
+        if not isinstance(cmd, str) and (not cmd or not all(isinstance(a, str) for a in cmd)):
+            raise PolicyError("cmd", "argv must be a non-empty list of strings")
         pending = CommandPending(sb.policy.limits.output, on_output)
         oom_before = sb.runtime.oom_kills()
         data = stdin or b""
         inline = len(data) <= protocol.CHUNK  # larger stdin follows in chunks
-        header["stdin_open"] = stdin_open or not inline
-        rid = sb.channel.start(header, pending, data if inline else b"")
+        rid = sb.runtime.agent.exec(pending, cmd, env=env, cwd=cwd, timeout=limit, limit=sb.policy.limits.output,
+                                    stdin_open=stdin_open or not inline, stdin=data if inline else b"")
         pid = await pending.started
         record = CommandRecord(pid, rid, cmd if isinstance(cmd, str) else " ".join(cmd), pending, background,
-                               header["timeout"], oom_before)
+                               limit, oom_before)
         self._record(sb, "command.start", {"pid": pid, ("cmd" if isinstance(cmd, str) else "argv"): cmd,
-                                           "cwd": cwd, "env_names": sorted(header["env"]), "background": background,
+                                           "cwd": cwd, "env_names": sorted(env), "background": background,
                                            "stdin_bytes": len(data)})
         started = time.monotonic()
         if not background:
@@ -490,14 +485,14 @@ class Manager:
         while True:
             chunk, view = bytes(view[:protocol.CHUNK]), view[protocol.CHUNK:]
             last = not view
-            await sb.channel.call({"op": "stdin", "pid": pid, "eof": eof and last}, chunk)
+            await sb.runtime.agent.stdin(pid, chunk, eof and last)
             if last:
                 return
 
     async def signal(self, sandbox_id: str, pid: int, sig: int) -> bool:
         sb = self.get(sandbox_id)
         try:
-            await sb.channel.call({"op": "signal", "pid": int(pid), "sig": int(sig)})
+            await sb.runtime.agent.signal(pid, sig)
             return True
         except FilesystemError as exc:
             if exc.errno_name == "ESRCH":
@@ -508,7 +503,7 @@ class Manager:
         """SIGKILL every process in the sandbox but its agent (commands, what they left running, code
         contexts); the sandbox stays usable. Returns how many processes were killed."""
         sb = self.get(sandbox_id)
-        result = await sb.channel.call({"op": "kill_all"})
+        result = await sb.runtime.agent.kill_all()
         for ctx in sb.contexts.values():  # their interpreters are gone: the next cell starts a fresh one
             ctx.alive = False
         killed = result.get("killed")
@@ -518,7 +513,7 @@ class Manager:
 
     async def list_commands(self, sandbox_id: str) -> builtins.list[dict[str, Any]]:
         sb = self.get(sandbox_id)
-        result = await sb.channel.call({"op": "ps"})
+        result = await sb.runtime.agent.ps()
         procs = result.get("procs")
         if not isinstance(procs, list):
             raise SandboxUnavailableError("the sandbox's agent answered ps with garbage")
@@ -575,18 +570,18 @@ class Manager:
         if header["more"]:
             return
         del sb.uploads[aid]
-        answer: dict[str, Any] = {"op": "artifact_ack", "aid": aid, "ok": False}
         try:
             if isinstance(upload, ArtifactError):
                 raise upload
             info = upload.commit()
-            answer.update(ok=True, size=info.size, sha256=info.sha256)
-            self._record(sb, "artifact.save", {"name": info.name, "size": info.size, "sha256": info.sha256,
-                                               "cmd": info.command})
         except ArtifactError as exc:
-            answer["message"] = str(exc)
+            if not sb.channel.closed:
+                sb.runtime.agent.artifact_ack(aid, ok=False, message=str(exc))
+            return
+        self._record(sb, "artifact.save", {"name": info.name, "size": info.size, "sha256": info.sha256,
+                                           "cmd": info.command})
         if not sb.channel.closed:
-            sb.channel.send(answer)
+            sb.runtime.agent.artifact_ack(aid, ok=True, size=info.size, sha256=info.sha256)
 
     # ---- code contexts -------------------------------------------------------------------------
     def _context(self, sb: ManagedSandbox, context_id: str) -> CodeContext:
@@ -608,9 +603,8 @@ class Manager:
 
     async def _start_context(self, sb: ManagedSandbox, ctx: CodeContext) -> None:
         pending = CellPending(sb.policy.limits.output)
-        sb.channel.start({"op": "ctx_start", "ctx": ctx.id, "language": ctx.language, "cwd": ctx.cwd,
-                          "python": sb.runtime.python, "limit": sb.policy.limits.output,
-                          "timeout": CONTEXT_START_TIMEOUT, "env": {}}, pending)
+        sb.runtime.agent.ctx_start(pending, ctx.id, language=ctx.language, cwd=ctx.cwd, python=sb.runtime.python,
+                                   limit=sb.policy.limits.output, timeout=CONTEXT_START_TIMEOUT)
         try:
             ready = await asyncio.wait_for(asyncio.shield(pending.done), CONTEXT_START_TIMEOUT + 5)
         except FilesystemError as exc:
@@ -646,8 +640,7 @@ class Manager:
             started = time.monotonic()
             sb.busy += 1
             try:
-                sb.channel.start({"op": "ctx_run", "ctx": ctx.id, "code": code, "env": env,
-                                  "timeout": limit, "limit": sb.policy.limits.output}, pending)
+                sb.runtime.agent.ctx_run(pending, ctx.id, code, env=env, timeout=limit, limit=sb.policy.limits.output)
                 done = await asyncio.wait_for(asyncio.shield(pending.done), (limit or 0) + 10 if limit else None)
             finally:
                 sb.busy -= 1
@@ -682,12 +675,12 @@ class Manager:
         del sb.contexts[context_id]
 
     async def _stop_context(self, sb: ManagedSandbox, ctx: CodeContext) -> None:
-        await sb.channel.call({"op": "ctx_stop", "ctx": ctx.id})
+        await sb.runtime.agent.ctx_stop(ctx.id)
         async with ctx.lock:  # a running cell ends (killed) before the context is reused
             ctx.alive = False
         # the agent forgets the context when it reaps the process; wait for that before a restart
         for _ in range(200):
-            procs = await sb.channel.call({"op": "ctx_list"})
+            procs = await sb.runtime.agent.ctx_list()
             if ctx.id not in procs.get("contexts", []):
                 return
             await asyncio.sleep(0.01)
@@ -696,11 +689,17 @@ class Manager:
         return builtins.list(self.get(sandbox_id).contexts.values())
 
     # ---- files ---------------------------------------------------------------------------------
-    async def file_call(self, sandbox_id: str, header: dict[str, Any]) -> dict[str, Any]:
+    async def file_op(self, sandbox_id: str, op: str, **args: Any) -> dict[str, Any]:
+        """stat, list, mkdir, remove or rename (``agent_client.FILE_OPS``): the agent's answer header."""
         sb = self.get(sandbox_id)
-        if header.get("op") not in ("stat", "list"):  # changes are recorded; looking is not
-            self._record(sb, "file.op", {k: v for k, v in header.items() if isinstance(v, str | int | bool)})
-        return await sb.channel.call(header)  # type: ignore[no-any-return]
+        if op not in FILE_OPS:
+            raise PolicyError("op", f"unknown file operation {op!r}; one of {', '.join(FILE_OPS)}")
+        extra = sorted(set(args) - set(FILE_OPS[op]))
+        if extra:
+            raise PolicyError(extra[0], f"{op} takes only {' and '.join(FILE_OPS[op])}")
+        if op not in ("stat", "list"):  # changes are recorded; looking is not
+            self._record(sb, "file.op", {"op": op, **{k: v for k, v in args.items() if isinstance(v, str | int)}})
+        return await sb.runtime.agent.file_op(op, args)
 
     async def open_read(self, sandbox_id: str, path: str) -> AsyncGenerator[bytes, None]:
         """Open a file for a streamed read: a refusal (ENOENT, EISDIR...) raises here, the chunks follow as
@@ -708,7 +707,7 @@ class Manager:
         recorded (size, and sha256 when complete)."""
         sb = self.get(sandbox_id)
         pending = ReadPending()
-        rid = sb.channel.start({"op": "read", "path": path}, pending)
+        rid = sb.runtime.agent.read(pending, path)
         await pending.done
         return self._read_chunks(sb, pending, rid, path)
 
@@ -724,7 +723,7 @@ class Manager:
                 size += len(item)
                 pending.outstanding += 1
                 if not sb.channel.closed:
-                    sb.channel.send({"op": "credit", "id": rid, "n": 1})
+                    sb.runtime.agent.credit(rid)
                 yield item
             ended = True
             self._record(sb, "file.read", {"path": path, "size": size, "complete": True,
@@ -733,8 +732,7 @@ class Manager:
             if not ended:
                 self._record(sb, "file.read", {"path": path, "size": size, "complete": False})
                 if not sb.channel.closed:
-                    sb.channel.forget(rid)
-                    sb.channel.send({"op": "cancel", "id": rid})
+                    sb.runtime.agent.cancel(rid)
 
     async def write_chunks(self, sandbox_id: str, path: str, chunks: Any, append: bool = False) -> int:
         """Stream ``chunks`` (an async iterator of bytes) to ``path``; returns the bytes written."""
@@ -749,17 +747,10 @@ class Manager:
             sent += len(chunk)
             if pending.done.done():  # the agent already refused (ENOSPC, EACCES...)
                 break
-            header = {"op": "write", "path": path, "append": append, "more": True}
-            if rid == 0:
-                rid = sb.channel.start(header, pending, chunk)
-            else:
-                sb.channel.send({**header, "id": rid}, chunk)
+            rid = sb.runtime.agent.write(pending, path, chunk, append=append, more=True, rid=rid)
             await sb.channel.drain()
-        final = {"op": "write", "path": path, "append": append, "more": False}
-        if rid == 0:
-            rid = sb.channel.start(final, pending)
-        else:  # also after a refusal: it lets the agent forget the request
-            sb.channel.send({**final, "id": rid})
+        # the last frame, also after a refusal: it lets the agent forget the request
+        sb.runtime.agent.write(pending, path, b"", append=append, more=False, rid=rid)
         try:
             result = await asyncio.wait_for(pending.done, 60)
         except Exception as exc:

@@ -16,6 +16,7 @@ from typing import Any
 
 from ..config import HostConfig
 from ..policy import Policy
+from .agent_client import AgentClient
 from .channel import AgentChannel
 
 # One connection from inside the sandbox to the broker: a connected stream socket on the host and the
@@ -53,6 +54,11 @@ class RuntimeSandbox(ABC):
     id: str
     channel: AgentChannel
     python: str  # the interpreter code contexts run on, as a path inside the sandbox
+
+    @property
+    def agent(self) -> AgentClient:
+        """The agent's operations over this sandbox's channel."""
+        return AgentClient(self.channel)
 
     @abstractmethod
     async def stop(self) -> None:

@@ -452,7 +452,7 @@ def create_app(settings: ServerSettings, config: HostConfig | None = None, runti
     async def download(sandbox_id: str, path: Annotated[str, Query(min_length=1, max_length=4096)],
                        srv: Srv, who: Auth) -> StreamingResponse:
         live(srv, who, sandbox_id)
-        info = await srv.m.file_call(sandbox_id, {"op": "stat", "path": path})
+        info = await srv.m.file_op(sandbox_id, "stat", path=path)
         size = info.get("entry", {}).get("size", 0) if isinstance(info.get("entry"), dict) else 0
         if isinstance(size, int) and size > srv.settings.max_upload:
             raise _TooLarge(f"{path} is {size} bytes, over the server's max_upload ({srv.settings.max_upload})")
@@ -480,7 +480,7 @@ def create_app(settings: ServerSettings, config: HostConfig | None = None, runti
         size = await srv.m.write_chunks(sandbox_id, path, body())
         if over:
             with contextlib.suppress(FilesystemError):
-                await srv.m.file_call(sandbox_id, {"op": "remove", "path": path})
+                await srv.m.file_op(sandbox_id, "remove", path=path)
             raise _TooLarge(f"the upload is over the server's max_upload ({cap} bytes); nothing was kept")
         return {"path": path, "size": size}
 
@@ -492,7 +492,7 @@ def create_app(settings: ServerSettings, config: HostConfig | None = None, runti
         needed = ("src", "dst") if op == "rename" else ("path",)
         if not all(k in args for k in needed):
             raise RequestError(f"{op} needs {' and '.join(needed)}")
-        return await srv.m.file_call(sandbox_id, {"op": op, **args})
+        return await srv.m.file_op(sandbox_id, op, **args)
 
     # ---- code interpreter -------------------------------------------------------------------------
     @app.post("/sandboxes/{sandbox_id}/code", tags=["code"], responses={200: {"content": {"text/event-stream": {}}}})

@@ -301,8 +301,7 @@ class JailSandbox(RuntimeSandbox):
             # RLIMIT_NPROC counts per uid per user namespace only from Linux 5.14: before, it would
             # count the host uid's processes everywhere.
             nproc = lim.pids if _kernel_at_least(5, 14) else 0
-            await self.channel.call({"op": "hello", "env": env, "rlimits": rlimits, "nproc": nproc},
-                                    timeout=START_TIMEOUT)
+            await self.agent.hello(env, rlimits, nproc, START_TIMEOUT)
         except SandboxUnavailableError:
             await self._wait_bwrap(2.0)
             raise self._start_failure(stderr_fd) from None

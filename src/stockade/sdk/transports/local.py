@@ -127,7 +127,7 @@ class LocalTransport(Transport):
         return await (await self.manager()).write_chunks(sandbox_id, path, chunks)
 
     async def file_op(self, sandbox_id: str, op: str, **args: Any) -> dict[str, Any]:
-        return await (await self.manager()).file_call(sandbox_id, {"op": op, **args})
+        return await (await self.manager()).file_op(sandbox_id, op, **args)
 
     @staticmethod
     def _context(ctx: CodeContext) -> Context:
