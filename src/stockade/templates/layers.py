@@ -359,15 +359,15 @@ def extract_layer(blob: IO[bytes], dest: str | os.PathLike[str], *, label: str, 
             raise LayerError(label, "", f"not a valid zstd stream: {exc}") from None
         raise
     actual = "sha256:" + reader.hash.hexdigest()
-    if diff_id is not None and actual != diff_id:
-        raise LayerError(label, "", f"the uncompressed content has digest {actual}, not the image config's "
-                                    f"diff_id {diff_id}")
     if digest is not None:
         got = "sha256:" + raw.hash.hexdigest()
         if got != digest:
             raise LayerError(label, "", f"the blob has digest {got}, not the manifest's {digest}")
         if blob_size is not None and raw.size != blob_size:
             raise LayerError(label, "", f"the blob has {raw.size} bytes, not the manifest's {blob_size}")
+    if diff_id is not None and actual != diff_id:
+        raise LayerError(label, "", f"the uncompressed content has digest {actual}, not the image config's "
+                                    f"diff_id {diff_id}")
     info.diff_id = actual
     info.size = reader.total
     return info
@@ -461,6 +461,7 @@ def _entry(tf: tarfile.TarFile, member: tarfile.TarInfo, tree: _Tree, info: Laye
                         progress(len(chunk))
                 reader.in_data = False
                 info.file_bytes += written
+            out.flush()
             os.fchmod(out.fileno(), mode & 0o777)
             os.utime(out.fileno(), (member.mtime, member.mtime))
     elif kind == tarfile.SYMTYPE:
