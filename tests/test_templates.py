@@ -16,8 +16,16 @@ from pathlib import Path
 
 import pytest
 
-from stockade.templates import (LayerError, Limits, TemplateError, TemplateInUseError, TemplateNotFoundError,
-                                TemplateStore, import_image, materialize)
+from stockade.templates import (
+    LayerError,
+    Limits,
+    TemplateError,
+    TemplateInUseError,
+    TemplateNotFoundError,
+    TemplateStore,
+    import_image,
+    materialize,
+)
 
 from .template_images import entry, layer, oci_layout, sha
 
