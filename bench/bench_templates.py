@@ -80,7 +80,6 @@ def main() -> None:
                 (dest / str(i)).mkdir(parents=True)
                 subprocess.run(["tar", "-xzf", str(blob), "-C", str(dest / str(i))], check=True)
             tar.append(time.perf_counter() - t0)
-            os.sync()
             tar_sync.append(tar[-1] + _timed(os.sync))
             shutil.rmtree(dest)
             store = TemplateStore(work / f"store{run}")

@@ -91,6 +91,16 @@ def test_a_missing_or_broken_source_is_refused(tmp_path: Path) -> None:
     store = TemplateStore(tmp_path / "store")
     with pytest.raises(TemplateError, match="not an OCI layout"):
         import_image(store, "x", f"oci:{tmp_path}/nothing")
+    oci_layout(tmp_path / "img", LAYERS, **CONFIG)
+    blob = next(p for p in (tmp_path / "img" / "blobs" / "sha256").iterdir() if p.read_bytes()[:2] == b"\x1f\x8b")
+    blob.unlink()
+    os.mkfifo(blob)  # a hostile layout: a blob that would block a reader
+    with pytest.raises(TemplateError, match="not a regular file"):
+        import_image(store, "x", f"oci:{tmp_path}/img")
+    blob.unlink()
+    blob.symlink_to("/dev/zero")
+    with pytest.raises(TemplateError, match="a blob must be a regular file"):
+        import_image(store, "x", f"oci:{tmp_path}/img")
     (tmp_path / "junk.tar").write_bytes(b"junk")
     with pytest.raises(TemplateError, match="cannot read the archive"):
         import_image(store, "x", f"docker-archive:{tmp_path}/junk.tar")

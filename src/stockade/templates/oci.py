@@ -26,6 +26,7 @@ import json
 import os
 import platform
 import shutil
+import stat
 import subprocess
 import tarfile
 import time
@@ -149,9 +150,18 @@ class _DirBlobs(_Blobs):
         hexd = digest.split(":", 1)[1]
         path = self.root / "blobs" / "sha256" / hexd if self.layout == "oci" else self.root / hexd
         try:
-            return open(path, "rb")
+            # a layout may come from anywhere: a blob that is a symlink, FIFO or device is refused unread
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
         except FileNotFoundError:
             raise TemplateError(f"{self.source}: blob {digest} is missing ({path})") from None
+        except OSError as exc:
+            raise TemplateError(f"{self.source}: blob {digest} cannot be opened ({path}: {exc.strerror}; "
+                                "a blob must be a regular file)") from None
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise TemplateError(f"{self.source}: blob {digest} is not a regular file ({path})")
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
 
 
 class _TarBlobs(_Blobs):
