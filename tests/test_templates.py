@@ -399,3 +399,17 @@ def test_nothing_is_left_when_the_store_is_removed(area: Path) -> None:
     store, _ = _import_layers(area, WHITEOUT_LAYERS)
     shutil.rmtree(area / "store")
     assert not (area / "store").exists()
+
+
+def test_a_stored_layer_is_checked_again_on_a_new_stack(area: Path) -> None:
+    # The upper layer is harmless on the first base and is stored; on a base where its parent is a symlink
+    # to outside it is refused, although it is already in the store (the check is per stack, not per layer).
+    upper = layer(entry("file", "evil/pwned", b"x"))
+    store, first = _import_layers(area, [layer(entry("dir", "evil")), upper], name="first")
+    before = _snapshot(area)
+    with pytest.raises(LayerError, match="'evil' is a symlink in a lower layer"):
+        _import_layers(area, [layer(entry("symlink", "evil", target=str(area / "outside"))), upper], name="second")
+    assert [t.name for t in store.list()] == ["first"]
+    assert store.has_layer(first.layers[1])                 # still used by "first"
+    assert {k for k in _snapshot(area) if k not in before and not k.startswith("img-")} == set()
+    assert sorted(p.name for p in (area / "outside").iterdir()) == ["canary"]
