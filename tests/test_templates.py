@@ -413,3 +413,30 @@ def test_a_stored_layer_is_checked_again_on_a_new_stack(area: Path) -> None:
     assert store.has_layer(first.layers[1])                 # still used by "first"
     assert {k for k in _snapshot(area) if k not in before and not k.startswith("img-")} == set()
     assert sorted(p.name for p in (area / "outside").iterdir()) == ["canary"]
+
+
+def _gnu_sparse(name: str, real_size: int) -> bytes:
+    """An old-GNU sparse entry: 512 stored bytes at the end of a file of real_size bytes (the rest holes)."""
+    info = tarfile.TarInfo(name)
+    info.type = tarfile.GNUTYPE_SPARSE
+    info.size = 512
+    header = bytearray(info.tobuf(tarfile.GNU_FORMAT))
+    def octal(n: int) -> bytes:
+        return b"%011o\0" % n
+    header[386:398], header[398:410] = octal(real_size - 512), octal(512)
+    header[483:495] = octal(real_size)
+    header[148:156] = b" " * 8
+    header[148:156] = b"%06o\0 " % sum(header)
+    return bytes(header) + b"s" * 512 + bytes(1024)
+
+
+def test_sparse_entries_cannot_fill_the_disk(area: Path) -> None:
+    bomb = _gnu_sparse("sparse", 1 << 30)
+    assert len(bomb) < 4096
+    err = _refused(area, [bomb], "the layer's files add up to more than", limits=Limits(max_layer_bytes=16 << 20))
+    assert err.entry == "sparse"
+
+
+def test_deep_paths_are_refused(area: Path) -> None:
+    deep = "/".join(["d"] * 300) + "/f"
+    _refused(area, [layer(entry("file", deep, b"x"))], "deeper than 256 directories")

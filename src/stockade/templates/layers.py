@@ -35,7 +35,8 @@ What is checked, per entry (a failure refuses the whole layer, naming the entry 
   shared layer to a host user or to a sandbox's uid; the image's own uid:gid are kept in the layer's
   record (``owners``) for a runtime that can map them (idmapped mounts, a VM);
 - bounds (``Limits``, from STOCKADE_TEMPLATE_* variables): bytes of the uncompressed stream per layer
-  (a gzip or zstd bomb stops there), bytes per entry, entries per layer, bytes of tar headers per entry.
+  (a gzip or zstd bomb stops there) and bytes its files add up to (sparse entries are small in the
+  stream), bytes per entry, entries per layer, bytes of tar headers per entry, directory depth.
 """
 
 from __future__ import annotations
@@ -70,6 +71,7 @@ class Limits:
     max_image_bytes: int = 32 * GiB     # all layers of one image, uncompressed
     max_layers: int = 127
     max_path_bytes: int = 4096
+    max_depth: int = 256                # path components (the store's tree walks are recursive)
     max_header_bytes: int = 8 << 20     # tar headers (PAX, GNU long names) before one entry
 
     @classmethod
@@ -215,6 +217,8 @@ def _path(name: str, limits: Limits, entry: str, what: str = "path") -> list[str
     parts = [p for p in name.split("/") if p not in ("", ".")]
     if ".." in parts:
         raise _Refused(entry, f"'..' in the {what}: it would leave the layer's root")
+    if len(parts) > limits.max_depth:
+        raise _Refused(entry, f"{what} deeper than {limits.max_depth} directories")
     return parts
 
 
@@ -457,6 +461,9 @@ def _entry(tf: tarfile.TarFile, member: tarfile.TarInfo, tree: _Tree, info: Laye
                 while chunk := src.read(_CHUNK):
                     out.write(chunk)
                     written += len(chunk)
+                    if info.file_bytes + written > limits.max_layer_bytes:  # sparse entries are small in the stream
+                        raise _Refused(name, f"the layer's files add up to more than {limits.max_layer_bytes} "
+                                             "bytes (STOCKADE_TEMPLATE_MAX_LAYER_SIZE)")
                     if progress:
                         progress(len(chunk))
                 reader.in_data = False

@@ -460,7 +460,7 @@ def _store_image(store: TemplateStore, name: str, source: str, image: _Image, li
             if progress:
                 progress(Progress(i + 1, count, diff_id, "start"))
             started = time.monotonic()
-            left = limits.max_image_bytes - total
+            left = max(limits.max_image_bytes - total, 0)
             layer_limits = Limits(**{**limits.__dict__, "max_layer_bytes": min(limits.max_layer_bytes, left)})
 
             def extract(tree: Path, digest: str | None = digest, size: Any = size, diff_id: str = diff_id,
@@ -478,7 +478,7 @@ def _store_image(store: TemplateStore, name: str, source: str, image: _Image, li
             if progress:
                 progress(Progress(i + 1, count, diff_id, "done", info.size, info.entries,
                                   time.monotonic() - started))
-        total += info.size
+        total += max(info.size, info.file_bytes)
         if total > limits.max_image_bytes:
             raise TemplateError(f"{source}: the image is larger than {limits.max_image_bytes} bytes uncompressed "
                                 "(STOCKADE_TEMPLATE_MAX_IMAGE_SIZE)")
