@@ -260,3 +260,154 @@ def test_cli_import_list_show_rm(tmp_path: Path) -> None:
     assert out.exit_code == 0 and "2 layers freed" in out.output
     out = runner.invoke(app, ["template", "show", "app", *store])
     assert out.exit_code == 2 and "template 'app' not found" in out.output
+
+
+# --- token auth: the registry trusts a token server started here (RS256 JWTs, a self-signed cert) -------
+
+class _TokenServer:
+    """The token endpoint of the registry's bearer-token flow: checks basic auth, grants what was asked."""
+
+    def __init__(self, root: Path) -> None:
+        import datetime
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        from cryptography import x509
+        from cryptography.hazmat.primitives import hashes, serialization
+        from cryptography.hazmat.primitives.asymmetric import rsa
+        from cryptography.x509.oid import NameOID
+
+        self.key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "stockade-test-token")])
+        now = datetime.datetime.now(datetime.UTC)
+        self.cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+                     .public_key(self.key.public_key()).serial_number(x509.random_serial_number())
+                     .not_valid_before(now - datetime.timedelta(minutes=5))
+                     .not_valid_after(now + datetime.timedelta(hours=1))
+                     .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+                     .sign(self.key, hashes.SHA256()))
+        self.bundle = root / "token.pem"
+        self.bundle.write_bytes(self.cert.public_bytes(serialization.Encoding.PEM))
+        self.issued: list[str] = []
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args: object) -> None:
+                pass
+
+            def do_GET(self) -> None:  # noqa: N802 - http.server's name
+                import base64
+                from urllib.parse import parse_qs, urlparse
+
+                query = parse_qs(urlparse(self.path).query)
+                auth = self.headers.get("Authorization", "")
+                ok = auth.startswith("Basic ") and base64.b64decode(auth[6:]) == b"bob:t0ken-pass"
+                if not ok:
+                    self.send_response(401)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
+                access = []
+                for scope in query.get("scope", []):
+                    kind, repo, actions = scope.split(":")
+                    access.append({"type": kind, "name": repo, "actions": actions.split(",")})
+                token = outer.token(query.get("service", [""])[0], access)
+                outer.issued.append(token)
+                body = json.dumps({"token": token, "access_token": token, "expires_in": 300}).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+        import json
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/token"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def token(self, service: str, access: list[dict[str, object]]) -> str:
+        import base64
+        import json
+        import secrets
+        import time
+
+        from cryptography.hazmat.primitives import hashes, serialization
+        from cryptography.hazmat.primitives.asymmetric import padding
+
+        def b64(data: bytes) -> str:
+            return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+        der = self.cert.public_bytes(serialization.Encoding.DER)
+        header = {"typ": "JWT", "alg": "RS256", "x5c": [base64.b64encode(der).decode()]}
+        now = int(time.time())
+        claims = {"iss": "stockade-test-issuer", "sub": "bob", "aud": service, "exp": now + 300,
+                  "nbf": now - 10, "iat": now, "jti": secrets.token_hex(8), "access": access}
+        signing = f"{b64(json.dumps(header).encode())}.{b64(json.dumps(claims).encode())}"
+        signature = self.key.sign(signing.encode(), padding.PKCS1v15(), hashes.SHA256())
+        return f"{signing}.{b64(signature)}"
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join(5)
+
+
+@needs_registry
+def test_registry_with_token_auth(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1")
+    for var in ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy"):
+        monkeypatch.delenv(var, raising=False)
+    root = tmp_path / "registry"
+    root.mkdir()
+    tokens = _TokenServer(root)
+    port = _free_port()
+    (root / "config.yml").write_text(f"""version: 0.1
+log:
+  level: error
+storage:
+  filesystem:
+    rootdirectory: {root}/data
+http:
+  addr: 127.0.0.1:{port}
+auth:
+  token:
+    realm: {tokens.url}
+    service: stockade-test-registry
+    issuer: stockade-test-issuer
+    rootcertbundle: {tokens.bundle}
+""")
+    with open(root / "log", "wb") as log:
+        proc = subprocess.Popen([str(REGISTRY), "serve", str(root / "config.yml")], stdout=subprocess.DEVNULL,
+                                stderr=log)
+    try:
+        for _ in range(200):
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+                break
+            except OSError:
+                assert proc.poll() is None, (root / "log").read_text()
+                time.sleep(0.05)
+        registry = f"127.0.0.1:{port}"
+        oci_layout(tmp_path / "img", LAYERS, tag="v1", **CONFIG)
+        out = subprocess.run([str(SKOPEO), "--insecure-policy", "copy", "--quiet", "--dest-tls-verify=false",
+                              "--dest-creds", "bob:t0ken-pass", f"oci:{tmp_path}/img:v1",
+                              f"docker://{registry}/team/app:v1"], capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, out.stderr + (root / "log").read_text()
+        store = TemplateStore(tmp_path / "store")
+        pushed = len(tokens.issued)
+        with pytest.raises(TemplateError, match="unauthorized|authentication required|401"):
+            import_image(store, "x", f"docker://{registry}/team/app:v1", credentials=Credentials(tls_verify=False))
+        import_image(store, "app", f"docker://{registry}/team/app:v1",
+                     credentials=Credentials(username="bob", password="t0ken-pass", tls_verify=False))
+        _check(store, "app")
+        assert len(tokens.issued) > pushed        # the pull went through the token server
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        tokens.close()
