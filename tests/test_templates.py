@@ -440,3 +440,25 @@ def test_sparse_entries_cannot_fill_the_disk(area: Path) -> None:
 def test_deep_paths_are_refused(area: Path) -> None:
     deep = "/".join(["d"] * 300) + "/f"
     _refused(area, [layer(entry("file", deep, b"x"))], "deeper than 256 directories")
+
+
+def test_bwraps_overlay_reads_the_layers_the_same_way(area: Path) -> None:
+    # What the runtime will do: one --overlay-src per layer, bottom first (bwrap stacks the last on top),
+    # in a user namespace, so it also runs unprivileged.
+    from stockade.runtime.jail.bwrap import locate
+
+    store, t = _import_layers(area, WHITEOUT_LAYERS)
+    r = store.resolve(t.name)
+    mnt = area / "mnt"
+    mnt.mkdir()
+    argv = [locate().path, "--unshare-user", "--ro-bind", "/", "/"]
+    for d in r.layer_dirs:
+        argv += ["--overlay-src", str(d)]
+    argv += ["--ro-overlay", str(mnt), sys.executable, "-I", "-c",
+             "import os,sys; [print(os.path.relpath(os.path.join(d,n),sys.argv[1])) "
+             "for d,ds,fs in os.walk(sys.argv[1]) for n in ds+fs]", str(mnt)]
+    out = subprocess.run(argv, capture_output=True, text=True, timeout=30)
+    if out.returncode != 0 and "overlay" in out.stderr and not ROOT:
+        pytest.skip(f"this kernel refuses an overlay in a user namespace: {out.stderr.strip()}")
+    assert out.returncode == 0, out.stderr
+    assert sorted(out.stdout.split()) == sorted(EXPECTED)
