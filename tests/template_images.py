@@ -111,3 +111,35 @@ def docker_archive(dest: Path, layers: list[bytes], repo_tag: str = "example/app
         cfg_name = sha(cfg).split(":")[1] + ".json"
         add(cfg_name, cfg)
         add("manifest.json", json.dumps([{"Config": cfg_name, "RepoTags": [repo_tag], "Layers": names}]).encode())
+
+
+def oci_multiarch_layout(root: Path, per_arch: dict[str, list[bytes]], tag: str = "latest",
+                         **config: Any) -> tuple[str, dict[str, str]]:
+    """An OCI layout whose tag names an image index with one image per architecture. Returns the index's
+    digest and each architecture's manifest digest."""
+    (root / "blobs" / "sha256").mkdir(parents=True, exist_ok=True)
+    entries, digests = [], {}
+    for arch, layers in per_arch.items():
+        blobs, manifest = oci_blobs(layers, "gzip", **config)
+        cfg_digest = json.loads(manifest)["config"]["digest"]
+        cfg = json.loads(blobs.pop(cfg_digest))
+        cfg["architecture"] = arch
+        cbytes = json.dumps(cfg).encode()
+        m = json.loads(manifest)
+        m["config"].update(digest=sha(cbytes), size=len(cbytes))
+        mbytes = json.dumps(m).encode()
+        blobs.pop(sha(manifest))
+        blobs[sha(cbytes)], blobs[sha(mbytes)] = cbytes, mbytes
+        for digest, data in blobs.items():
+            (root / "blobs" / "sha256" / digest.split(":")[1]).write_bytes(data)
+        entries.append({"mediaType": "application/vnd.oci.image.manifest.v1+json", "digest": sha(mbytes),
+                        "size": len(mbytes), "platform": {"os": "linux", "architecture": arch}})
+        digests[arch] = sha(mbytes)
+    index = json.dumps({"schemaVersion": 2, "mediaType": "application/vnd.oci.image.index.v1+json",
+                        "manifests": entries}).encode()
+    (root / "blobs" / "sha256" / sha(index).split(":")[1]).write_bytes(index)
+    (root / "oci-layout").write_text(json.dumps({"imageLayoutVersion": "1.0.0"}))
+    (root / "index.json").write_text(json.dumps({"schemaVersion": 2, "manifests": [
+        {"mediaType": "application/vnd.oci.image.index.v1+json", "digest": sha(index), "size": len(index),
+         "annotations": {"org.opencontainers.image.ref.name": tag}}]}))
+    return sha(index), digests

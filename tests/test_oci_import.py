@@ -16,7 +16,7 @@ import pytest
 
 from stockade.templates import Credentials, TemplateError, TemplateStore, import_image, parse_source
 
-from .template_images import docker_archive, entry, layer, oci_layout, tar_dir
+from .template_images import ARCH, docker_archive, entry, layer, oci_layout, oci_multiarch_layout, tar_dir
 
 LAYERS = [layer(entry("dir", "etc"), entry("file", "etc/os-release", b"ID=test\n"),
                 entry("dir", "usr/bin"), entry("file", "usr/bin/tool", b"#!/bin/sh\n", mode=0o755)),
@@ -61,6 +61,21 @@ def test_oci_layout_tags(tmp_path: Path) -> None:
     with pytest.raises(TemplateError, match="no image tagged 'v3'"):
         import_image(store, "x", f"oci:{tmp_path}/img:v3")
     assert len(import_image(store, "x", f"oci:{tmp_path}/img:v2").layers) == 1
+
+
+OTHER_ARCH = "arm64" if ARCH != "arm64" else "amd64"
+
+
+def test_an_image_index_picks_this_machines_image(tmp_path: Path) -> None:
+    _, digests = oci_multiarch_layout(tmp_path / "img", {OTHER_ARCH: [layer(entry("file", "wrong", b"x"))],
+                                                         ARCH: LAYERS}, **CONFIG)
+    store = TemplateStore(tmp_path / "store")
+    t = import_image(store, "app", f"oci:{tmp_path}/img")
+    assert t.digest == digests[ARCH]
+    _check(store, "app")
+    oci_multiarch_layout(tmp_path / "other", {OTHER_ARCH: LAYERS}, **CONFIG)
+    with pytest.raises(TemplateError, match=f"no linux/{ARCH} image in the index"):
+        import_image(store, "x", f"oci:{tmp_path}/other")
 
 
 def test_oci_archive(tmp_path: Path) -> None:
@@ -193,6 +208,23 @@ def test_registry_by_tag_and_by_digest_with_basic_auth(tmp_path: Path, registry:
     assert t2.layers == t.layers and t2.digest == digest
     # the password never reached skopeo's command line, and no auth file is left behind
     assert list((tmp_path / "store" / "tmp").iterdir()) == []
+
+
+@needs_registry
+def test_registry_image_index_by_tag_and_by_digest(tmp_path: Path, registry: str) -> None:
+    index, digests = oci_multiarch_layout(tmp_path / "img", {OTHER_ARCH: [layer(entry("file", "wrong", b"x"))],
+                                                             ARCH: LAYERS}, tag="multi", **CONFIG)
+    out = subprocess.run([str(SKOPEO), "--insecure-policy", "copy", "--all", "--quiet", "--dest-tls-verify=false",
+                          "--dest-creds", "alice:s3cret", f"oci:{tmp_path}/img:multi",
+                          f"docker://{registry}/team/multi:1"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    store = TemplateStore(tmp_path / "store")
+    creds = Credentials(username="alice", password="s3cret", tls_verify=False)
+    t = import_image(store, "bytag", f"docker://{registry}/team/multi:1", credentials=creds)
+    assert t.digest == digests[ARCH]
+    _check(store, "bytag")
+    t2 = import_image(store, "byindex", f"docker://{registry}/team/multi@{index}", credentials=creds)
+    assert t2.digest == digests[ARCH] and t2.layers == t.layers
 
 
 @needs_registry

@@ -462,3 +462,10 @@ def test_bwraps_overlay_reads_the_layers_the_same_way(area: Path) -> None:
         pytest.skip(f"this kernel refuses an overlay in a user namespace: {out.stderr.strip()}")
     assert out.returncode == 0, out.stderr
     assert sorted(out.stdout.split()) == sorted(EXPECTED)
+
+
+def test_the_whole_image_is_bounded(area: Path) -> None:
+    layers = [layer(entry("file", f"f{i}", b"x" * 30000)) for i in range(3)]
+    with pytest.raises(TemplateError, match=r"layer 2/3 .*the image is larger than 60000 bytes uncompressed"):
+        _import_layers(area, layers, limits=Limits(max_image_bytes=60000))
+    assert list((area / "store" / "layers" / "sha256").iterdir()) == []

@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
-from .errors import TemplateError
+from .errors import LayerError, TemplateError
 from .layers import Limits, check_stack, extract_layer, remove_tree
 from .store import DIGEST_RE, Template, TemplateConfig, TemplateStore, check_name
 
@@ -474,7 +474,14 @@ def _store_image(store: TemplateStore, name: str, source: str, image: _Image, li
                     return extract_layer(blob, tree, label=label, limits=layer_limits, diff_id=diff_id,
                                          digest=digest, blob_size=size if isinstance(size, int) else None)
 
-            info = store.add_layer(diff_id, extract)
+            try:
+                info = store.add_layer(diff_id, extract)
+            except LayerError as exc:
+                if left < limits.max_layer_bytes and exc.reason.startswith(
+                        ("the uncompressed layer is larger than", "the layer's files add up to")):
+                    raise TemplateError(f"{label}: the image is larger than {limits.max_image_bytes} bytes "
+                                        "uncompressed (STOCKADE_TEMPLATE_MAX_IMAGE_SIZE)") from None
+                raise
             if progress:
                 progress(Progress(i + 1, count, diff_id, "done", info.size, info.entries,
                                   time.monotonic() - started))
