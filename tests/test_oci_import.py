@@ -443,3 +443,51 @@ auth:
             proc.kill()
             proc.wait()
         tokens.close()
+
+
+def test_a_docker_archive_cannot_name_files_outside_itself(tmp_path: Path) -> None:
+    import io
+    import json
+    import tarfile
+
+    docker_archive(tmp_path / "save.tar", LAYERS, **CONFIG)
+    with tarfile.open(tmp_path / "save.tar") as tf:
+        manifest = json.load(tf.extractfile("manifest.json"))  # type: ignore[arg-type]
+    store = TemplateStore(tmp_path / "store")
+    for key, value in (("Layers", ["../../../../etc/passwd", manifest[0]["Layers"][1]]), ("Config", "/etc/passwd")):
+        hostile = [{**manifest[0], key: value}]
+        with tarfile.open(tmp_path / "hostile.tar", "w") as out, tarfile.open(tmp_path / "save.tar") as tf:
+            for m in tf.getmembers():
+                data = (json.dumps(hostile).encode() if m.name == "manifest.json"
+                        else tf.extractfile(m).read())  # type: ignore[union-attr]
+                m.size = len(data)
+                out.addfile(m, io.BytesIO(data))
+        with pytest.raises(TemplateError, match="etc/passwd is missing from the archive"):
+            import_image(store, "x", f"docker-archive:{tmp_path}/hostile.tar")
+    assert list((tmp_path / "store" / "layers" / "sha256").iterdir()) == []
+
+
+def test_concurrent_imports_of_the_same_layers_store_them_once(tmp_path: Path) -> None:
+    import threading
+
+    oci_layout(tmp_path / "img", LAYERS, **CONFIG)
+    store = TemplateStore(tmp_path / "store")
+    errors: list[BaseException] = []
+
+    def run(name: str) -> None:
+        try:
+            import_image(TemplateStore(tmp_path / "store"), name, f"oci:{tmp_path}/img")
+        except BaseException as exc:  # noqa: BLE001 - collected for the assertion below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(f"t{i}",)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert errors == []
+    assert sorted(t.name for t in store.list()) == ["t0", "t1", "t2", "t3"]
+    assert len(list((tmp_path / "store" / "layers" / "sha256").iterdir())) == 2
+    assert list((tmp_path / "store" / "tmp").iterdir()) == []
+    for name in ("t0", "t1", "t2", "t3"):
+        _check(store, name)
