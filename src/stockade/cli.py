@@ -1,4 +1,4 @@
-"""The `stockade` command line: run, repl, doctor, policy, env, serve, keys, logs."""
+"""The `stockade` command line: run, repl, doctor, policy, env, template, serve, keys, logs."""
 
 from __future__ import annotations
 
@@ -22,6 +22,9 @@ app.add_typer(env_app, name="env")
 keys_app = typer.Typer(help="API keys of a stockade server (stored as hashes in its database).",
                        no_args_is_help=True)
 app.add_typer(keys_app, name="keys")
+from .templates.cli import template_app  # noqa: E402 - the template commands live beside the store
+
+app.add_typer(template_app, name="template")
 
 DATA_DIR = typer.Option(None, "--data-dir", help="The server's data directory (state and audit log).")
 CONFIG = typer.Option(None, "--config", help="Server config file (TOML); also STOCKADE_CONFIG.")
