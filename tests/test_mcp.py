@@ -336,6 +336,9 @@ def test_out_of_memory_is_reported_as_such(policy_dir: Path) -> None:
             oom = await client.call_tool("run_command", {
                 "command": "exec python3 -c \"b = bytearray(256 << 20); print(len(b))\""})
             assert oom.is_error and "limits.memory" in texts(oom) and "64MiB" in texts(oom), texts(oom)
+            cell = await client.call_tool("run_code", {"code": "b = bytearray(256 << 20)"})
+            assert cell.is_error and "MemoryError" in texts(cell) and "limits.memory" in texts(cell), texts(cell)
+            assert "\n2\n" in texts(await client.call_tool("run_code", {"code": "1 + 1"}))  # a fresh interpreter
 
     run(body())
 
@@ -463,11 +466,55 @@ def test_http_sessions_are_isolated_and_end_with_their_sandboxes(policy_dir: Pat
     assert server.proc.poll() is None
 
 
+INIT = {"jsonrpc": "2.0", "id": 1, "method": "initialize",
+        "params": {"protocolVersion": "2025-11-25", "capabilities": {}, "clientInfo": {"name": "t", "version": "1"}}}
+INITIALIZED = {"jsonrpc": "2.0", "method": "notifications/initialized"}
+RUN_CODE = {"jsonrpc": "2.0", "id": 2, "method": "tools/call", "params": {"name": "run_code",
+                                                                          "arguments": {"code": "1 + 1"}}}
+
+
+def test_sigterm_ends_a_stdio_servers_sandboxes(policy_dir: Path) -> None:
+    policy = write_policy(policy_dir)
+    proc = subprocess.Popen([sys.executable, "-m", "stockade.cli", "mcp", "--policy", str(policy)], env=server_env(),
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        assert proc.stdin and proc.stdout
+        for message in (INIT, INITIALIZED, RUN_CODE):
+            proc.stdin.write(json.dumps(message) + "\n")
+            proc.stdin.flush()
+        replies = [json.loads(proc.stdout.readline()) for _ in range(2)]
+        text = replies[1]["result"]["content"][1]["text"]
+        assert "\n2\n" in text
+        sid = sandbox_id_of(replies[1]["result"]["content"][0]["text"])
+        assert host_traces(sid)
+        proc.send_signal(signal.SIGTERM)  # stdin still open: the signal alone ends it
+        assert proc.wait(30) is not None
+        assert wait_until(lambda: not host_traces(sid), 20), host_traces(sid)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_http_shutdown_ends_open_sessions_sandboxes(policy_dir: Path, http_server: Callable[..., HttpServer]) -> None:
+    server = http_server()
+    headers = {"Accept": "application/json, text/event-stream", "Authorization": f"Bearer {TOKEN}"}
+    opened = httpx.post(server.url, json=INIT, headers=headers, timeout=30)
+    headers["mcp-session-id"] = opened.headers["mcp-session-id"]
+    headers["mcp-protocol-version"] = "2025-11-25"
+    httpx.post(server.url, json=INITIALIZED, headers=headers, timeout=30)
+    answer = httpx.post(server.url, json=RUN_CODE, headers=headers, timeout=60)
+    data = next(json.loads(line[5:]) for line in answer.text.splitlines() if line.startswith("data:"))
+    sid = sandbox_id_of(data["result"]["content"][0]["text"])
+    assert host_traces(sid)
+    server.stop()  # SIGTERM with the session still open
+    assert server.proc.returncode is not None
+    assert wait_until(lambda: not host_traces(sid), 20), host_traces(sid)
+
+
 def test_http_requires_the_bearer_token(policy_dir: Path, http_server: Callable[..., HttpServer]) -> None:
     server = http_server()
-    init = {"jsonrpc": "2.0", "id": 1, "method": "initialize",
-            "params": {"protocolVersion": "2025-11-25", "capabilities": {},
-                       "clientInfo": {"name": "t", "version": "1"}}}
+    init = INIT
     headers = {"Accept": "application/json, text/event-stream", "Content-Type": "application/json"}
     for auth in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": TOKEN}, {"Authorization": f"Basic {TOKEN}"}):
         r = httpx.post(server.url, json=init, headers={**headers, **auth}, timeout=30)

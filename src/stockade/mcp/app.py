@@ -16,6 +16,7 @@ import hmac
 import ipaddress
 import json
 import logging
+import os
 import signal
 import sys
 from typing import Any
@@ -48,16 +49,32 @@ async def serve_stdio(options: Options) -> None:
 
     hub = Hub(options)
     server = build_server(hub, lambda ctx: STDIO_SESSION)
-    task = asyncio.current_task()
     loop = asyncio.get_running_loop()
+
+    async def stop(signum: int) -> None:
+        # Cancelling the serve loop cannot work: the SDK reads stdin in a worker thread that a cancel waits
+        # for, and the client still holds the pipe open. So: end the sandboxes, flush what the SDK's exit
+        # handler flushes (the local manager's audit records), and leave.
+        from ..sdk.portal import portal
+
+        try:
+            await hub.close_all()
+        finally:
+            await asyncio.to_thread(portal().close)
+            os._exit(128 + signum)
+
+    stopping: list[asyncio.Task[None]] = []
+
+    def on_signal(signum: int) -> None:
+        if not stopping:
+            stopping.append(loop.create_task(stop(signum)))
+
     for sig in (signal.SIGTERM, signal.SIGINT):
         with contextlib.suppress(NotImplementedError, RuntimeError):
-            loop.add_signal_handler(sig, task.cancel if task else lambda: None)
+            loop.add_signal_handler(sig, on_signal, int(sig))
     try:
         async with stdio_server() as (read, write):
             await server.run(read, write, server.create_initialization_options())
-    except asyncio.CancelledError:
-        pass
     finally:
         await asyncio.shield(hub.close_all())
 
