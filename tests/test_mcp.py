@@ -376,7 +376,9 @@ def test_hostile_inputs_get_clear_errors(policy_dir: Path) -> None:
             assert not ok.is_error
             read = await client.call_tool("read_file", {"path": "b.bin"})
             assert "binary file, 256 bytes, not shown" in texts(read)
-            for r in (huge, dotdot, binary, noisy, unknown, weird, read):
+            mounts = await client.call_tool("run_command", {"command": "cat /proc/self/mountinfo"})
+            assert "/opt/stockade/env" in texts(mounts) and "<host path>" in texts(mounts)
+            for r in (huge, dotdot, binary, noisy, unknown, weird, read, mounts):
                 no_host_details(texts(r))
 
     run(body())

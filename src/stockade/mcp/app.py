@@ -103,8 +103,8 @@ class Front:
         if scope["type"] == "lifespan":
             await self._lifespan(scope, receive, send)
             return
-        if scope["type"] != "http":
-            await self.inner(scope, receive, send)
+        if scope["type"] == "websocket":  # not an MCP transport; never passed on unauthenticated
+            await send({"type": "websocket.close", "code": 1008})
             return
         headers = {k.decode("latin-1").lower(): v for k, v in scope.get("headers", [])}
         if not hmac.compare_digest(headers.get("authorization", b""), self.expected):

@@ -81,14 +81,22 @@ def block(label: str, data: bytes | str, tag: str, note: str | None = None) -> s
 
 
 class Scrubber:
-    """Replaces what a result must never show: the host's paths (state and data directories, this
-    program's installation, its working and home directories) and secret strings (the server's API key,
-    the MCP bearer token). Applied to every message that leaves the MCP server."""
+    """Replaces what a result must never show: the host's paths (state and data directories, the sandbox
+    environment's host directory, this program's installation, its working and home directories) and
+    secret strings (the server's API key, the MCP bearer token). Applied to every text a tool returns,
+    program output included (a sandbox's /proc/self/mountinfo names the host directories bound into it)."""
 
     def __init__(self, secret_values: Iterable[str | None] = (), paths: Iterable[str | Path] = ()) -> None:
-        self.secrets = sorted({s for s in secret_values if s and len(s) >= 6}, key=len, reverse=True)
+        secrets_ = sorted({s for s in secret_values if s and len(s) >= 6}, key=len, reverse=True)
         found = {str(p).rstrip("/") for p in paths if str(p).startswith("/") and len(str(p).rstrip("/")) > 1}
         self.paths = sorted(found, key=len, reverse=True)
+        self.secrets = secrets_
+        parts = []
+        if secrets_:
+            parts.append("(?P<secret>" + "|".join(re.escape(v) for v in secrets_) + ")")
+        if self.paths:
+            parts.append("(?P<path>(?:" + "|".join(re.escape(p) for p in self.paths) + r")(?=/|\b|$))")
+        self._pattern = re.compile("|".join(parts)) if parts else None
 
     @classmethod
     def for_host(cls, secret_values: Iterable[str | None] = ()) -> Scrubber:
@@ -106,8 +114,6 @@ class Scrubber:
         return cls(secret_values, [p for p in candidates if str(p).rstrip("/") not in inside])
 
     def __call__(self, text: str) -> str:
-        for value in self.secrets:
-            text = text.replace(value, "[redacted]")
-        for path in self.paths:
-            text = re.sub(re.escape(path) + r"(?=/|\b|$)", "<host path>", text)
-        return text
+        if self._pattern is None:
+            return text
+        return self._pattern.sub(lambda m: "[redacted]" if m.lastgroup == "secret" else "<host path>", text)

@@ -584,7 +584,11 @@ def build_server(hub: Hub, session_key: Callable[[ServerRequestContext[Any, Any]
             s = session_of(ctx)
             s.last_used = time.monotonic()
             try:
-                return await spec.fn(tools, s, args)
+                result = await spec.fn(tools, s, args)
+                for item in result.content:
+                    if isinstance(item, types.TextContent):
+                        item.text = hub.scrub(item.text)
+                return result
             except SandboxNotFoundError:
                 # the sandbox ended under the session (its lifetime, idle timeout, or killed from outside)
                 target = getattr(args, "sandbox_id", None) or s.default_id
