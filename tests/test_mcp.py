@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
@@ -192,7 +193,18 @@ def test_tools_have_precise_schemas_over_stdio(policy_dir: Path) -> None:
                 assert len(tool.description or "") > 60, tool.name
                 for name, prop in schema["properties"].items():
                     assert prop.get("description"), f"{tool.name}.{name} has no description"
+            import jsonschema
+
+            for tool in tools.values():
+                jsonschema.Draft202012Validator.check_schema(tool.input_schema)
+                if "sandbox_id" in tool.input_schema["properties"] and tool.name != "kill_sandbox":
+                    assert tool.input_schema["properties"]["sandbox_id"]["type"] == "string"  # optional: no anyOf
             code = tools["run_code"].input_schema
+            check = jsonschema.Draft202012Validator(code)
+            assert check.is_valid({"code": "1", "language": "bash", "timeout": 2.5})
+            assert not check.is_valid({"code": "1", "language": "ruby"})
+            assert not check.is_valid({"code": "1", "timeout": 0})
+            assert not check.is_valid({"language": "python"})
             assert code["required"] == ["code"]
             assert code["properties"]["language"]["enum"] == ["python", "javascript", "bash"]
             assert code["properties"]["code"]["maxLength"] == 1 << 20
@@ -555,6 +567,26 @@ def test_cli_refuses_what_it_cannot_do_safely(policy_dir: Path) -> None:
     policy = subprocess.run([*cli, "--policy", str(bad)], env=server_env(), capture_output=True, text=True,
                             timeout=60)
     assert policy.returncode == 2 and "limits.memory" in policy.stderr
+
+
+def test_idle_http_sessions_are_closed_with_their_sandboxes() -> None:
+    """The reaper behind the HTTP transport's idle timeout (the SDK forgets the session then too)."""
+    from stockade import Policy
+    from stockade.mcp.server import STDIO_SESSION, Hub, Options
+
+    async def body() -> None:
+        hub = Hub(Options(policy=Policy.coerce(base_policy())))
+        idle, busy, stdio = hub.session("idle"), hub.session("busy"), hub.session(STDIO_SESSION)
+        sandboxes = [(await hub.resolve(s, None))[0] for s in (idle, busy, stdio)]
+        idle.last_used = stdio.last_used = time.monotonic() - 120
+        await hub.reap_idle(60)
+        assert set(hub.sessions) == {"busy", STDIO_SESSION}  # stdio's one client is never idle-reaped
+        assert not await sandboxes[0].is_running()
+        assert await sandboxes[1].is_running() and await sandboxes[2].is_running()
+        await hub.close_all()
+        assert not hub.sessions and not any([await sb.is_running() for sb in sandboxes])
+
+    run(body())
 
 
 # ---- against a live `stockade serve` ----------------------------------------------------------------------

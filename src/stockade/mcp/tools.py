@@ -110,6 +110,12 @@ def schema(model: type[BaseModel]) -> dict[str, Any]:
     """The model's JSON schema without pydantic's generated titles (noise in a model's context)."""
     def strip(node: Any) -> Any:
         if isinstance(node, dict):
+            # an optional argument is simply not required: {"type": "string"}, not anyOf [string, null]
+            # (which some clients' schema handling rejects); null is still accepted as "not given"
+            options = node.get("anyOf")
+            if isinstance(options, list) and len(options) == 2 and {"type": "null"} in options:
+                node = {**next(o for o in options if o != {"type": "null"}),
+                        **{k: v for k, v in node.items() if k != "anyOf" and not (k == "default" and v is None)}}
             return {k: strip(v) for k, v in node.items() if k != "title" or not isinstance(v, str)}
         if isinstance(node, list):
             return [strip(v) for v in node]
