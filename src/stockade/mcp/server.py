@@ -40,6 +40,8 @@ log = logging.getLogger("stockade.mcp")
 MAX_SANDBOXES = 4               # live sandboxes one session may hold
 FILE_CAP = 128 * 1024           # bytes of a file read_file shows
 IMAGE_CAP = 4 << 20             # bytes of an image returned as image content
+MAX_IMAGES = 8                  # images in one result
+RESULT_TEXT_CAP = 128 * 1024    # bytes of displayed values' text in one result
 ARTIFACT_CAP = 16 << 20         # bytes of an artifact read as a resource
 STDIO_SESSION = "stdio"
 _ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|\x1b\][^\x07\x1b]*(\x07|\x1b\\)")
@@ -226,6 +228,42 @@ def _network_hint(policy: Policy, *texts: str) -> str | None:
     return None
 
 
+def _results(results: list[Any], tag: str) -> list[Any]:
+    """A cell's displayed values as content, within one result's budget: at most RESULT_TEXT_CAP bytes
+    of text and MAX_IMAGES images (a loop that displays a thousand tables must not flood the model)."""
+    out: list[Any] = []
+    text_left, images_left, dropped = RESULT_TEXT_CAP, MAX_IMAGES, 0
+    for i, r in enumerate(results):
+        name = "result" if r.is_main_result else f"display {i + 1}"
+        image = next(((mime, data) for mime, data in (("image/png", r.png), ("image/jpeg", r.jpeg)) if data), None)
+        item: Any
+        if image is not None:
+            if images_left == 0:
+                dropped += 1
+                continue
+            images_left -= 1
+            img = _image(image[1], image[0])
+            item = img if not isinstance(img, str) else _text(img)
+        else:
+            shown = next(((label, value) for label, value in (
+                (f"{name} (text/html)", r.html), (f"{name} (text/markdown)", r.markdown),
+                (f"{name} (application/json)", None if r.json is None else json.dumps(r.json)),
+                (f"{name} (image/svg+xml)", r.svg), (name, r.text)) if value is not None), None)
+            if shown is None:
+                continue
+            text = block(shown[0], _bytes_of(shown[1]), tag)
+            if len(text) > text_left:
+                dropped += 1
+                continue
+            text_left -= len(text)
+            item = _text(text)
+        out.append(item)
+    if dropped:
+        out.append(_text(f"[{dropped} more displayed values not shown: a result carries at most {MAX_IMAGES} images "
+                         f"and {RESULT_TEXT_CAP // 1024} KiB of displayed text]"))
+    return out
+
+
 # ---- the tools -----------------------------------------------------------------------------------------
 
 ToolFn = Callable[["Tools", Session, Any], Awaitable[types.CallToolResult]]
@@ -264,27 +302,7 @@ class Tools:
         for label, text in (("stdout", stdout), ("stderr", stderr)):
             if text:
                 content.append(_text(block(label, _bytes_of(text), tag)))
-        for i, r in enumerate(ex.results):
-            name = "result" if r.is_main_result else f"display {i + 1}"
-            shown = False
-            for mime, data in (("image/png", r.png), ("image/jpeg", r.jpeg)):
-                if data:
-                    img = _image(data, mime)
-                    content.append(img if not isinstance(img, str) else _text(img))
-                    shown = True
-                    break
-            if shown:
-                continue
-            if r.html is not None:
-                content.append(_text(block(f"{name} (text/html)", _bytes_of(r.html), tag)))
-            elif r.markdown is not None:
-                content.append(_text(block(f"{name} (text/markdown)", _bytes_of(r.markdown), tag)))
-            elif r.json is not None:
-                content.append(_text(block(f"{name} (application/json)", _bytes_of(json.dumps(r.json)), tag)))
-            elif r.svg is not None:
-                content.append(_text(block(f"{name} (image/svg+xml)", _bytes_of(r.svg), tag)))
-            elif r.text is not None:
-                content.append(_text(block(name, _bytes_of(r.text), tag)))
+        content += _results(ex.results, tag)
         error = ex.error
         if error is not None:
             tb = _clean(error.traceback) or f"{error.name}: {error.value}"
