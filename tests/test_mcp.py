@@ -479,6 +479,8 @@ def test_http_sessions_are_isolated_and_end_with_their_sandboxes(policy_dir: Pat
             b_list = json.loads(texts(await b.call_tool("list_sandboxes", {})))
             assert [row["sandbox_id"] for row in b_list] == [b_id]
             assert "A's" in texts(await a.call_tool("read_file", {"path": "secret.txt"}))  # A's file is intact
+            huge = await b.call_tool("run_code", {"code": "1" * ((1 << 20) + 1)})  # over HTTP too: the tool says
+            assert huge.is_error and "code: String should have at most 1048576 characters" in texts(huge)
             assert len(bwrap_children(pid)) == 2
             ids.extend([a_id, b_id])
 

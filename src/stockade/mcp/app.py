@@ -31,6 +31,7 @@ from .server import STDIO_SESSION, Hub, Options, build_server
 log = logging.getLogger("stockade.mcp")
 
 SESSION_IDLE = 30 * 60.0
+MAX_BODY = 32 << 20
 UNSUPPORTED_PROTOCOL_VERSION = -32022
 
 
@@ -185,7 +186,9 @@ async def _json(send: Send, status: int, body: dict[str, Any], extra: list[tuple
 def http_app(options: Options, token: str, host: str = "127.0.0.1", idle: float = SESSION_IDLE) -> Front:
     hub = Hub(options, Scrubber.for_host([options.api_key, token]))
     server = build_server(hub, http_session_key)
-    inner = server.streamable_http_app(host=host, session_idle_timeout=idle)
+    # room for the largest arguments the tools accept (tools.MAX_WRITE characters, JSON-escaped), so a call
+    # that is too big is refused by the tool's own validation, naming the field, not by the transport
+    inner = server.streamable_http_app(host=host, session_idle_timeout=idle, max_request_body_size=MAX_BODY)
     return Front(inner, hub, token, idle)
 
 
