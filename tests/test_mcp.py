@@ -220,9 +220,12 @@ def test_tools_have_precise_schemas_over_stdio(policy_dir: Path) -> None:
 
 # ---- state, images, errors (stdio) ----------------------------------------------------------------------
 
-def test_state_persists_across_calls_in_one_session(policy_dir: Path) -> None:
+@pytest.mark.parametrize("mode", ["auto", "legacy"])  # 2026-07-28 per-request envelopes; the initialize handshake
+def test_state_persists_across_calls_in_one_session(policy_dir: Path, mode: str) -> None:
     async def body() -> None:
-        async with Client(stdio_params(write_policy(policy_dir))) as client:
+        async with Client(stdio_params(write_policy(policy_dir)), mode=mode) as client:
+            expected = "2026-07-28" if mode == "auto" else HANDSHAKE_PROTOCOL_VERSIONS[-1]
+            assert client.protocol_version == expected
             first = await client.call_tool("run_code", {"code": "x = 41"})
             assert not first.is_error, texts(first)
             second = await client.call_tool("run_code", {"code": "x + 1"})
