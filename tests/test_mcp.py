@@ -307,14 +307,23 @@ def test_errors_are_tool_results_with_clear_messages(policy_dir: Path) -> None:
 def test_denied_host_names_the_policy_field(policy_dir: Path) -> None:
     """With network.mode = allowlist, a host not on the list gets the broker's refusal, which names
     network.allow; with the network off, the result says so."""
-    allow = write_policy(policy_dir, network={"mode": "allowlist", "allow": ["allowed.stockade-test.invalid"]})
+    allow = write_policy(policy_dir, network={"mode": "allowlist", "allow": ["allowed.stockade-test.invalid"]},
+                         secrets={"API_TOKEN": {"value_from": "env:STOCKADE_TEST_MCP_SECRET",
+                                                "hosts": ["allowed.stockade-test.invalid"]}})
     off = write_policy(policy_dir)
+    secret = "s3cret-" + uuid.uuid4().hex
 
     async def body() -> None:
-        async with Client(stdio_params(allow)) as client:
-            info = json.loads(texts(await client.call_tool("sandbox_info", {})))
+        async with Client(stdio_params(allow, STOCKADE_TEST_MCP_SECRET=secret)) as client:
+            raw = texts(await client.call_tool("sandbox_info", {}))
+            info = json.loads(raw)
             assert info["network"]["mode"] == "allowlist"
             assert info["network"]["allowed_hosts"] == ["allowed.stockade-test.invalid"]
+            assert info["secrets"][0]["env"] == "API_TOKEN" and "STOCKADE_TEST_MCP_SECRET" not in raw
+            placeholder = await client.call_tool("run_command", {"command": "echo $API_TOKEN"})
+            assert secret not in texts(placeholder) and "----- stdout (" in texts(placeholder)  # a placeholder
+            echoed = await client.call_tool("run_command", {"command": f"echo {secret}"})  # even if code knew it
+            assert secret not in texts(echoed) and "[redacted]" in texts(echoed)
             denied = await client.call_tool("run_command", {
                 "command": "curl -sS -m 10 http://denied.stockade-test.invalid/ ; echo; echo curl-exit $?"})
             out = texts(denied)

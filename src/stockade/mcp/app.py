@@ -184,7 +184,7 @@ async def _json(send: Send, status: int, body: dict[str, Any], extra: list[tuple
 
 
 def http_app(options: Options, token: str, host: str = "127.0.0.1", idle: float = SESSION_IDLE) -> Front:
-    hub = Hub(options, Scrubber.for_host([options.api_key, token]))
+    hub = Hub(options, Scrubber.for_host([options.api_key, token], options.policy, local=not options.api_url))
     server = build_server(hub, http_session_key)
     # room for the largest arguments the tools accept (tools.MAX_WRITE characters, JSON-escaped), so a call
     # that is too big is refused by the tool's own validation, naming the field, not by the transport

@@ -16,6 +16,10 @@ import secrets
 import sys
 from collections.abc import Iterable
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from ..policy import Policy
 
 # What one stream may put into a result. A model's context is the scarce resource: 32 KiB of a stream is
 # plenty to read a traceback or a table; the whole output stays in the sandbox (or the audit log).
@@ -99,13 +103,33 @@ class Scrubber:
         self._pattern = re.compile("|".join(parts)) if parts else None
 
     @classmethod
-    def for_host(cls, secret_values: Iterable[str | None] = ()) -> Scrubber:
+    def for_host(cls, secret_values: Iterable[str | None] = (), policy: Policy | None = None,
+                 local: bool = True) -> Scrubber:
+        """For this host, plus what the policy names of it: mount sources, CA files, and (sandboxes run
+        here) the secrets' values, read from where the broker reads them."""
         from ..config import HostConfig
 
+        secret_values = list(secret_values)
+        extra_paths: list[str] = []
+        if policy is not None:
+            extra_paths += [m.source for m in policy.filesystem.mounts]
+            extra_paths += [policy.network.extra_ca_certs] if policy.network.extra_ca_certs else []
+            for sec in policy.secrets.values():
+                kind, _, where = sec.value_from.partition(":")
+                if kind == "file":
+                    extra_paths.append(where)
+                if local and kind == "env":
+                    secret_values.append(os.environ.get(where))
+                elif local and kind == "file":
+                    try:
+                        with open(where, "rb") as f:
+                            secret_values.append(f.read(1 << 16).decode("utf-8", "replace").strip())
+                    except OSError:
+                        pass
         cfg = HostConfig.from_env()
         here = Path(__file__).resolve().parents[1]  # the stockade package
         candidates: list[str | Path] = [cfg.state_dir, cfg.data_dir, cfg.sandbox_env, here, here.parent,
-                                        sys.prefix, sys.base_prefix, os.getcwd()]
+                                        sys.prefix, sys.base_prefix, os.getcwd(), *extra_paths]
         home = os.path.expanduser("~")
         if home not in ("/", "/home/user"):
             candidates.append(home)

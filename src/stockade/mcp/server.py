@@ -84,7 +84,7 @@ class Hub:
 
     def __init__(self, options: Options, scrub: Scrubber | None = None) -> None:
         self.options = options
-        self.scrub = scrub or Scrubber.for_host([options.api_key])
+        self.scrub = scrub or Scrubber.for_host([options.api_key], options.policy, local=not options.api_url)
         self.sessions: dict[str, Session] = {}
 
     def session(self, key: str) -> Session:
