@@ -602,7 +602,8 @@ def test_idle_http_sessions_are_closed_with_their_sandboxes() -> None:
         hub = Hub(Options(policy=Policy.coerce(base_policy())))
         idle, busy, stdio = hub.session("idle"), hub.session("busy"), hub.session(STDIO_SESSION)
         sandboxes = [(await hub.resolve(s, None))[0] for s in (idle, busy, stdio)]
-        idle.last_used = stdio.last_used = time.monotonic() - 120
+        idle.last_used = stdio.last_used = busy.last_used = time.monotonic() - 120
+        busy.in_flight = 1  # a call still running keeps its session
         await hub.reap_idle(60)
         assert set(hub.sessions) == {"busy", STDIO_SESSION}  # stdio's one client is never idle-reaped
         assert not await sandboxes[0].is_running()

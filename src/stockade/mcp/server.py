@@ -77,6 +77,7 @@ class Session:
     background: int = 0
     closed: bool = False
     renew_at: dict[str, float] = field(default_factory=dict)   # sandbox id -> when to renew its time to live
+    in_flight: int = 0                                          # tool calls running now
 
 
 class Hub:
@@ -165,7 +166,7 @@ class Hub:
     async def reap_idle(self, idle: float) -> None:
         now = time.monotonic()
         for key, s in list(self.sessions.items()):
-            if key != STDIO_SESSION and now - s.last_used > idle:
+            if key != STDIO_SESSION and not s.in_flight and now - s.last_used > idle:
                 await self.close(key)
 
 
@@ -601,6 +602,7 @@ def build_server(hub: Hub, session_key: Callable[[ServerRequestContext[Any, Any]
             args = spec.args.model_validate(params.arguments or {})
             s = session_of(ctx)
             s.last_used = time.monotonic()
+            s.in_flight += 1
             try:
                 result = await spec.fn(tools, s, args)
                 for item in result.content:
@@ -617,6 +619,7 @@ def build_server(hub: Hub, session_key: Callable[[ServerRequestContext[Any, Any]
                 raise ToolError("the sandbox has ended (its lifetime or idle timeout passed, or it was killed); "
                                 + again) from None
             finally:
+                s.in_flight -= 1
                 s.last_used = time.monotonic()
         except ValidationError as exc:
             return _result([_text(T.error_message(exc))], error=True)
