@@ -1,4 +1,4 @@
-"""The `stockade` command line: run, repl, doctor, policy, env, template, serve, keys, logs."""
+"""The `stockade` command line: run, repl, doctor, policy, env, template, mcp, serve, keys, logs."""
 
 from __future__ import annotations
 
@@ -254,6 +254,53 @@ def to_toml(d: dict[str, Any]) -> str:
             lines += table(section, fields, f"\n[{section}]")
     return "\n".join(lines).lstrip("\n") + "\n"
 
+
+
+@app.command()
+def mcp(
+    http: bool = typer.Option(False, "--http", help="Serve the MCP streamable HTTP transport instead of stdio."),
+    host: str = typer.Option("127.0.0.1", "--host", help="With --http: address to listen on."),
+    port: int = typer.Option(8422, "--port", help="With --http: port."),
+    policy: Path | None = typer.Option(None, "--policy", "-p", help="Policy file for every sandbox (TOML or JSON)."),
+    template: str | None = typer.Option(None, "--template", help="Template the sandboxes start from."),
+    api_url: str | None = typer.Option(None, "--api-url", envvar="STOCKADE_API_URL",
+                                       help="Run the sandboxes on this `stockade serve` (key: STOCKADE_API_KEY)."),
+    token: str | None = typer.Option(None, "--token", envvar="STOCKADE_MCP_TOKEN",
+                                     help="With --http: the bearer token clients must send."),
+) -> None:
+    """Serve sandboxes to MCP clients (Claude Desktop, Cursor, agent frameworks): one sandbox per MCP
+    session, killed when the session ends. stdio by default; --http for remote clients (bearer token)."""
+    import asyncio
+    import os
+    import secrets
+
+    try:
+        from .mcp import Options, serve_http, serve_stdio, supports_template
+        from .mcp.app import is_loopback
+    except ImportError as exc:  # the SDK is a dependency; a broken install says so instead of a traceback
+        raise _fail(StockadeError(f"the MCP server needs the `mcp` package: {exc}")) from None
+    if template is not None and not supports_template():
+        raise _fail(StockadeError("--template: templates are not available yet in this version of stockade; "
+                                  "run without --template (sandboxes use the default image)"))
+    try:
+        options = Options(policy=_load_policy(policy), api_url=api_url or None,
+                          api_key=os.environ.get("STOCKADE_API_KEY") or None, template=template)
+    except StockadeError as exc:
+        raise _fail(exc) from None
+    if not http:
+        asyncio.run(serve_stdio(options))
+        return
+    if not token:
+        if not is_loopback(host):
+            raise _fail(StockadeError(f"--host {host} is not a loopback address: give clients a bearer token with "
+                                      "--token or STOCKADE_MCP_TOKEN (anyone who can reach the port could run "
+                                      "code otherwise)"))
+        token = secrets.token_urlsafe(24)
+        typer.echo(f"stockade mcp: no --token given; clients must send Authorization: Bearer {token}", err=True)
+    try:
+        asyncio.run(serve_http(options, token, host, port))
+    except KeyboardInterrupt:
+        pass
 
 
 # ---- server -----------------------------------------------------------------------------------------
