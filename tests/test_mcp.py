@@ -32,7 +32,8 @@ from mcp_types.version import HANDSHAKE_PROTOCOL_VERSIONS  # noqa: E402
 
 from stockade.config import HostConfig  # noqa: E402
 
-from .conftest import ROOT, base_policy, wait_until  # noqa: E402
+from .conftest import ROOT, base_policy, host_runtime  # noqa: E402
+from .waiting import wait_until  # noqa: E402
 
 TOKEN = "test-token-" + uuid.uuid4().hex
 EXPECTED_TOOLS = {"run_code", "run_command", "read_file", "write_file", "list_files", "list_artifacts",
@@ -106,16 +107,8 @@ def bwrap_children(pid: int) -> list[int]:
 
 
 def host_traces(sandbox_id: str) -> list[str]:
-    """What of a sandbox (run by another process) is still on the host: its lock file, its cgroups."""
-    left = []
-    lock = HostConfig.from_env().state_dir / "sandboxes" / f"{sandbox_id}.lock"
-    if lock.exists():
-        left.append(str(lock))
-    for controller in ("memory", "pids", "cpu"):
-        for base in (Path("/sys/fs/cgroup") / controller / "stockade", Path("/sys/fs/cgroup/stockade")):
-            if (base / sandbox_id).exists():
-                left.append(str(base / sandbox_id))
-    return left
+    """What of a sandbox (run by another process) is still on the host, as its runtime finds it."""
+    return host_runtime().leftovers(sandbox_id)  # type: ignore[no-any-return]
 
 
 def sandbox_id_of(text: str) -> str:
@@ -461,8 +454,9 @@ def test_stdio_disconnect_kills_the_sessions_sandboxes(policy_dir: Path) -> None
             assert all(host_traces(i) for i in ids)  # while they run, their locks exist
 
     run(body())
-    assert wait_until(lambda: not server_pids(policy.name), 20), "the MCP server did not exit at EOF"
-    assert wait_until(lambda: not any(host_traces(i) for i in ids), 20), [host_traces(i) for i in ids]
+    wait_until(lambda: not server_pids(policy.name), 20, "the MCP server to exit at EOF")
+    wait_until(lambda: not any(host_traces(i) for i in ids), 20, "the sessions' sandboxes to leave nothing",
+               show=lambda: [host_traces(i) for i in ids])
 
 
 def test_http_sessions_are_isolated_and_end_with_their_sandboxes(policy_dir: Path,
@@ -499,8 +493,9 @@ def test_http_sessions_are_isolated_and_end_with_their_sandboxes(policy_dir: Pat
     ids: list[str] = []
     run(body())
     # both clients ended their sessions (DELETE): their sandboxes are gone, the server keeps running
-    assert wait_until(lambda: not bwrap_children(pid), 20)
-    assert wait_until(lambda: not any(host_traces(i) for i in ids), 20)
+    wait_until(lambda: not bwrap_children(pid), 20, "the MCP server's bwrap children to end")
+    wait_until(lambda: not any(host_traces(i) for i in ids), 20, "the sandboxes to leave nothing",
+               show=lambda: [host_traces(i) for i in ids])
     assert server.proc.poll() is None
 
 
@@ -527,7 +522,7 @@ def test_sigterm_ends_a_stdio_servers_sandboxes(policy_dir: Path) -> None:
         assert host_traces(sid)
         proc.send_signal(signal.SIGTERM)  # stdin still open: the signal alone ends it
         assert proc.wait(30) is not None
-        assert wait_until(lambda: not host_traces(sid), 20), host_traces(sid)
+        wait_until(lambda: not host_traces(sid), 20, "the sandbox to leave nothing", show=lambda: host_traces(sid))
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -547,7 +542,7 @@ def test_http_shutdown_ends_open_sessions_sandboxes(policy_dir: Path, http_serve
     assert host_traces(sid)
     server.stop()  # SIGTERM with the session still open
     assert server.proc.returncode is not None
-    assert wait_until(lambda: not host_traces(sid), 20), host_traces(sid)
+    wait_until(lambda: not host_traces(sid), 20, "the sandbox to leave nothing", show=lambda: host_traces(sid))
 
 
 def test_http_requires_the_bearer_token(policy_dir: Path, http_server: Callable[..., HttpServer]) -> None:
@@ -639,7 +634,7 @@ def test_against_a_stockade_server(policy_dir: Path, api_server: Any) -> None:
                 assert key not in texts(r) and key.split("_")[-1] not in texts(r)
 
     run(body())
-    assert wait_until(lambda: seen[0] not in manager.sandboxes, 20), "the session's sandbox outlived it"
+    wait_until(lambda: seen[0] not in manager.sandboxes, 20, "the session's sandbox to end with it")
 
 
 def test_a_wrong_server_key_is_a_clear_tool_error(policy_dir: Path, api_server: Any) -> None:
@@ -678,4 +673,4 @@ def test_the_mcp_inspector_lists_the_tools(policy_dir: Path) -> None:
     tools = {t["name"]: t for t in listed["tools"]}
     assert set(tools) == EXPECTED_TOOLS
     assert tools["run_code"]["inputSchema"]["properties"]["language"]["enum"] == ["python", "javascript", "bash"]
-    assert wait_until(lambda: not server_pids(policy.name), 20)
+    wait_until(lambda: not server_pids(policy.name), 20, "the MCP server to exit")
