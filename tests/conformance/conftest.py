@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from stockade import Sandbox
-from stockade.manager import Manager
+from stockade.core.manager import Manager
 from stockade.runtime.registry import RUNTIMES
 from stockade.sdk.portal import portal
 from stockade.sdk.sandbox import _transport

@@ -10,9 +10,10 @@ from ..artifacts import DirectoryStore
 from ..audit import Audit, SQLAudit
 from ..config import HostConfig
 from ..db import engine_for
-from ..manager import OUTPUT_RECORDED, Manager
 from ..runtime.base import Runtime
 from ..runtime.registry import make_runtime
+from .manager import Manager
+from .sandboxes import OUTPUT_RECORDED
 
 
 def open_audit(config: HostConfig) -> SQLAudit:

@@ -34,6 +34,8 @@ from ..audit import AuditEvent, SQLAudit
 from ..audit.events import EventFilter
 from ..config import HostConfig
 from ..core.build import build_manager
+from ..core.manager import Manager
+from ..core.sandboxes import ManagedSandbox, new_sandbox_id
 from ..db import engine_for
 from ..errors import (
     AuthenticationError,
@@ -46,11 +48,9 @@ from ..errors import (
     StockadeError,
     to_wire,
 )
-from ..manager import ManagedSandbox, Manager, new_sandbox_id
 from ..policy import Policy
 from ..pool import WarmPool
 from ..runtime.base import Runtime
-from ..sdk.transports.local import sandbox_info
 from .auth import KeyStore, Principal, RateLimiter
 from .metrics import MeteredAudit, Metrics
 from .registry import Registry
@@ -596,7 +596,7 @@ def create_app(settings: ServerSettings, config: HostConfig | None = None, runti
 
 # ---- helpers ----------------------------------------------------------------------------------------
 def _out(srv: Server, sb: ManagedSandbox) -> SandboxOut:
-    info = sandbox_info(srv.m, sb)
+    info = srv.m.info_of(sb)
     return SandboxOut(sandbox_id=sb.id, state=info.state, started_at=sb.started_at, end_at=info.end_at.timestamp(),
                       metadata=info.metadata, user_id=sb.user_id, policy=info.policy, runtime=info.runtime)
 

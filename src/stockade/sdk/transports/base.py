@@ -8,7 +8,7 @@ from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping
 from typing import Any
 
 from ...artifacts import ArtifactInfo
-from ...manager import Argv
+from ...core.sandboxes import Argv
 from ...policy import Policy
 from ..code import Context
 from ..models import CommandResult, ProcessInfo, SandboxInfo

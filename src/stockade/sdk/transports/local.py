@@ -6,27 +6,19 @@ import asyncio
 import builtins
 import contextlib
 from collections.abc import AsyncGenerator, AsyncIterator, Mapping
-from datetime import datetime
 from typing import Any
 
 from ...artifacts import ArtifactInfo
 from ...audit import Audit
 from ...audit.events import EventFilter
 from ...config import HostConfig
+from ...core.manager import Manager
+from ...core.sandboxes import Argv, CodeContext, CommandRecord, ManagedSandbox
 from ...errors import SandboxUnavailableError
-from ...manager import Argv, CodeContext, CommandRecord, ManagedSandbox, Manager
 from ...policy import Policy
 from ..code import Context
 from ..models import CommandResult, ProcessInfo, SandboxInfo
 from .base import EventSink, OutputSink, Transport
-
-
-def sandbox_info(m: Manager, sb: ManagedSandbox) -> SandboxInfo:
-    left = min(sb.deadline, sb.hard_deadline) - m.loop.time()
-    return SandboxInfo(sb.id, datetime.fromtimestamp(sb.started_at),
-                       datetime.fromtimestamp(datetime.now().timestamp() + left), dict(sb.metadata),
-                       sb.policy.to_display(), sb.runtime.describe(),
-                       "running" if sb.runtime.is_alive() else "ended", sb.user_id)
 
 
 class LocalTransport(Transport):
@@ -57,7 +49,7 @@ class LocalTransport(Transport):
 
     @staticmethod
     def _info(m: Manager, sb: ManagedSandbox) -> SandboxInfo:
-        return sandbox_info(m, sb)
+        return m.info_of(sb)
 
     async def info(self, sandbox_id: str) -> SandboxInfo:
         m = await self.manager()

@@ -23,6 +23,7 @@ from urllib.parse import quote
 import httpx
 
 from ...artifacts import ArtifactInfo
+from ...core.sandboxes import Argv
 from ...errors import (
     QuotaError,
     SandboxNotFoundError,
@@ -33,7 +34,6 @@ from ...errors import (
     from_wire,
 )
 from ...errors import TimeoutError as StockadeTimeoutError
-from ...manager import Argv
 from ...policy import Policy
 from ..code import Context
 from ..models import CommandResult, ProcessInfo, SandboxInfo

@@ -1,0 +1,198 @@
+"""Commands in a sandbox, and which limit ended or cut one."""
+
+from __future__ import annotations
+
+import asyncio
+import builtins
+import contextlib
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from ..agent import protocol
+from ..errors import FilesystemError, PolicyError, SandboxUnavailableError
+from ..policy import format_duration, format_size
+from ..runtime.channel import CommandPending
+from .base import CoreBase
+from .sandboxes import Argv, CommandRecord, ManagedSandbox, check_envs
+
+
+class Commands(CoreBase):
+    """Commands: start, wait, stdin, signals, the limits they hit."""
+
+    def _command_timeout(self, sb: ManagedSandbox, timeout: float | None, background: bool) -> float | None:
+        """limits.command_timeout is the default; a call's own timeout may be longer, up to
+        limits.max_command_timeout where the policy sets one, and never past the sandbox's end."""
+        lim = sb.policy.limits
+        if timeout is None:
+            return None if background else lim.command_timeout
+        if timeout <= 0:
+            if not background:
+                raise PolicyError("timeout", "a foreground command needs a positive timeout")
+            return None
+        if background:
+            return float(timeout)
+        cap = lim.max_command_timeout
+        if cap is not None and timeout > cap:
+            raise PolicyError("timeout", f"{format_duration(timeout)} exceeds limits.max_command_timeout "
+                              f"({format_duration(cap)}); raise limits.max_command_timeout")
+        left = sb.deadline - self.loop.time()
+        if timeout > left:
+            raise PolicyError("timeout", f"{format_duration(timeout)} outlives the sandbox, which ends in "
+                              f"{format_duration(max(round(left), 1))}; extend it first (set_timeout, up to "
+                              "lifetime.max_lifetime)")
+        return float(timeout)
+
+    async def start_command(self, sandbox_id: str, cmd: str | Argv, *, envs: Mapping[str, str] | None,
+                            cwd: str | None, stdin: bytes | None, stdin_open: bool, timeout: float | None,
+                            background: bool, on_output: Callable[[str, bytes], None] | None) -> CommandRecord:
+        sb = self.get(sandbox_id)
+        env = check_envs(envs)
+        limit = self._command_timeout(sb, timeout, background)
+        if not isinstance(cmd, str) and (not cmd or not all(isinstance(a, str) for a in cmd)):
+            raise PolicyError("cmd", "argv must be a non-empty list of strings")
+        pending = CommandPending(sb.policy.limits.output, on_output)
+        oom_before = sb.runtime.oom_kills()
+        data = stdin or b""
+        inline = len(data) <= protocol.CHUNK  # larger stdin follows in chunks
+        rid = sb.runtime.agent.exec(pending, cmd, env=env, cwd=cwd, timeout=limit, limit=sb.policy.limits.output,
+                                    stdin_open=stdin_open or not inline, stdin=data if inline else b"")
+        pid = await pending.started
+        record = CommandRecord(pid, rid, cmd if isinstance(cmd, str) else " ".join(cmd), pending, background,
+                               limit, oom_before)
+        self._record(sb, "command.start", {"pid": pid, ("cmd" if isinstance(cmd, str) else "argv"): cmd,
+                                           "cwd": cwd, "env_names": sorted(env), "background": background,
+                                           "stdin_bytes": len(data)})
+        started = time.monotonic()
+        if not background:
+            sb.busy += 1
+
+        def ended(fut: asyncio.Future[dict[str, Any]]) -> None:
+            if not background:
+                sb.busy -= 1
+                sb.last_active = self.loop.time()
+            exit_ = fut.result() if not fut.cancelled() and fut.exception() is None else {}
+            if exit_:
+                exit_.update(self._limit_hit(sb, record, exit_))
+            self._record(sb, "command.end", {"pid": pid, "exit_code": exit_.get("code"), "signal": exit_.get("signal"),
+                                             "limit": exit_.get("limit"), "error": exit_.get("error"),
+                                             "timed_out": bool(exit_.get("timed_out")),
+                                             "duration": round(time.monotonic() - started, 6),
+                                             "ended": "exit" if exit_ else "sandbox ended",
+                                             **self._recorded_output(sb, pending)})
+
+        pending.done.add_done_callback(ended)
+        if not inline:
+            try:
+                await self.send_stdin(sandbox_id, pid, data, eof=not stdin_open)
+            except FilesystemError as exc:
+                if exc.errno_name != "ESRCH":  # it exited without reading all of it: not an error
+                    raise
+        return record
+
+    def _limit_hit(self, sb: ManagedSandbox, record: CommandRecord, exit_: dict[str, Any]) -> dict[str, str]:
+        """Which limit ended or cut the command, from what was observed: the agent's timeout flag, the
+        memory cgroup's own OOM-kill counter, the signal, the output cap, the agent's spawn error."""
+        lim = sb.policy.limits
+        sig, stderr = exit_.get("signal"), bytes(record.pending.output["stderr"][-300:])
+        if exit_.get("timed_out"):
+            value = record.timeout if record.timeout is not None else lim.command_timeout
+            return {"limit": "limits.command_timeout",
+                    "error": f"timed out: the command ran past its timeout ({format_duration(value)}) and was "
+                             "killed; pass a longer timeout= or raise limits.command_timeout"}
+        oom_after = sb.runtime.oom_kills()
+        if sig == 9 and _oom_killed_since(record.oom_before, oom_after):
+            return {"limit": "limits.memory",
+                    "error": f"out of memory: the sandbox's memory limit ({format_size(lim.memory)}) was reached and "
+                             "the kernel killed the command; raise limits.memory"}
+        if sig == 25:  # SIGXFSZ
+            return {"limit": "limits.file_size",
+                    "error": f"a file grew past limits.file_size ({format_size(lim.file_size)}); raise it"}
+        if exit_.get("code") == 127 and b"stockade: cannot run" in stderr and b"Resource temporarily" in stderr:
+            return {"limit": "limits.pids",
+                    "error": f"no process could be started: the sandbox's processes hold all {lim.pids} of "
+                             "limits.pids; kill some (commands.kill_all()) or raise limits.pids"}
+        if any(record.pending.truncated.values()):
+            return {"limit": "limits.output",
+                    "error": f"output passed limits.output ({format_size(lim.output)} per stream) and was cut; "
+                             "write large output to a file, or raise limits.output"}
+        if sig == 9 and oom_after is None and sb.runtime.memory_peak() is None:
+            return {"error": "killed by SIGKILL; this host has no memory cgroup, so an out-of-memory kill "
+                             "(limits.memory) cannot be confirmed or ruled out"}
+        return {}
+
+    def _cell_limit_hit(self, sb: ManagedSandbox, done: dict[str, Any], timeout: float | None,
+                        oom_before: int | None) -> dict[str, Any] | None:
+        lim = sb.policy.limits
+        if done.get("timed_out"):
+            what = ("ignored the interrupt, so its context was killed and restarts empty on the next call"
+                    if done.get("restarted") else "was interrupted (the context keeps its state)")
+            return {"type": "error", "name": "TimeoutError", "traceback": "", "limit": "limits.command_timeout",
+                    "value": f"the cell ran past its timeout ({format_duration(timeout or lim.command_timeout)}) "
+                             f"and {what}; pass a longer timeout= or raise limits.command_timeout"}
+        if done.get("restarted") and _oom_killed_since(oom_before, sb.runtime.oom_kills()):
+            return {"type": "error", "name": "MemoryError", "traceback": "", "limit": "limits.memory",
+                    "value": f"out of memory: the sandbox's memory limit ({format_size(lim.memory)}) was reached and "
+                             "the kernel killed the interpreter, which restarts empty on the next call; raise "
+                             "limits.memory"}
+        return None
+
+    async def wait_command(self, sandbox_id: str, record: CommandRecord) -> dict[str, Any]:
+        sb = self.sandboxes.get(sandbox_id)
+        grace = 5.0
+        limit = None
+        if sb is not None and not record.background:
+            limit = (record.timeout or sb.policy.limits.command_timeout) + grace
+        try:
+            result: dict[str, Any] = await asyncio.wait_for(asyncio.shield(record.pending.done), limit)
+            return result
+        except TimeoutError:
+            # The agent missed its own deadline: it is not trusted to, so the host ends the command.
+            with contextlib.suppress(Exception):
+                await self.signal(sandbox_id, record.pid, 9)
+            return {"code": None, "signal": 9, "timed_out": True, "truncated": {}}
+
+    async def send_stdin(self, sandbox_id: str, pid: int, data: bytes, eof: bool = False) -> None:
+        sb = self.get(sandbox_id)
+        view = memoryview(data)
+        while True:
+            chunk, view = bytes(view[:protocol.CHUNK]), view[protocol.CHUNK:]
+            last = not view
+            await sb.runtime.agent.stdin(pid, chunk, eof and last)
+            if last:
+                return
+
+    async def signal(self, sandbox_id: str, pid: int, sig: int) -> bool:
+        sb = self.get(sandbox_id)
+        try:
+            await sb.runtime.agent.signal(pid, sig)
+            return True
+        except FilesystemError as exc:
+            if exc.errno_name == "ESRCH":
+                return False
+            raise
+
+    async def kill_all(self, sandbox_id: str) -> int:
+        """SIGKILL every process in the sandbox but its agent (commands, what they left running, code
+        contexts); the sandbox stays usable. Returns how many processes were killed."""
+        sb = self.get(sandbox_id)
+        result = await sb.runtime.agent.kill_all()
+        for ctx in sb.contexts.values():  # their interpreters are gone: the next cell starts a fresh one
+            ctx.alive = False
+        killed = result.get("killed")
+        count = killed if isinstance(killed, int) and not isinstance(killed, bool) and killed >= 0 else 0
+        self._record(sb, "command.kill_all", {"killed": count})
+        return count
+
+    async def list_commands(self, sandbox_id: str) -> builtins.list[dict[str, Any]]:
+        sb = self.get(sandbox_id)
+        result = await sb.runtime.agent.ps()
+        procs = result.get("procs")
+        if not isinstance(procs, list):
+            raise SandboxUnavailableError("the sandbox's agent answered ps with garbage")
+        return [p for p in procs if isinstance(p, dict) and isinstance(p.get("pid"), int)][:10000]
+
+
+def _oom_killed_since(before: int | None, after: int | None) -> bool:
+    """Whether the memory cgroup's OOM-kill counter rose between two readings (None: no counter)."""
+    return before is not None and after is not None and after > before

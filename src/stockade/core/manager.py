@@ -1,0 +1,16 @@
+"""The service core: one Manager over the runtimes, made of one part per concern.
+
+Runs on one asyncio loop. Front ends (the SDK's local mode, the server) call its methods; each part is a
+module: ``lifecycle`` (create, time to live, end), ``commands``, ``contexts`` (code interpreter),
+``files``, ``egress`` (the broker's rules) and ``artifact_intake``; ``base`` holds the shared state.
+"""
+
+from __future__ import annotations
+
+from .contexts import Contexts
+from .files import Files
+from .lifecycle import Lifecycle
+
+
+class Manager(Lifecycle, Contexts, Files):
+    """The registry of live sandboxes and every request they serve."""
