@@ -113,6 +113,9 @@ class ServerSettings(_Model):
     # each is handed out once. 0: none.
     warm_pool: Annotated[int, Field(ge=0, le=1000)] = 0
     warm_pool_policy: dict[str, Any] = {}
+    # The policy a sandbox created through the E2B front end starts from (E2B's create has no policy; its
+    # network options are applied over this one). {}: stockade's defaults.
+    e2b_policy: dict[str, Any] = {}
     tenant_defaults: TenantSettings = TenantSettings()
     tenants: dict[str, TenantSettings] = {}
 
