@@ -475,3 +475,26 @@ def test_run_code_timeout_raises(sbx: CodeSandbox) -> None:
     with pytest.raises(TimeoutException):
         sbx.run_code("import time; time.sleep(30)", context=own, timeout=2)
     sbx.remove_code_context(own)
+
+
+def test_signed_urls_name_one_path_and_operation(sbx: CodeSandbox) -> None:
+    sbx.files.write("/home/user/signed.txt", "signed content")
+    url = sbx.download_url("/home/user/signed.txt")
+    assert "signature=v1_" in url
+    assert httpx.get(url).text == "signed content"  # no headers: the URL alone
+    expiring = sbx.download_url("/home/user/signed.txt", use_signature_expiration=60)
+    assert httpx.get(expiring).text == "signed content"
+    up = sbx.upload_url("/home/user/uploaded.txt")
+    assert httpx.post(up, files=[("file", ("uploaded.txt", b"via url"))]).status_code == 200
+    assert sbx.files.read("/home/user/uploaded.txt") == "via url"
+    refused = [
+        url.replace("signed.txt", "other.txt"),                   # another path
+        url[:-3] + ("AAA" if not url.endswith("AAA") else "BBB"),  # a forged signature
+        up,                                                        # a write signature used to read
+        sbx.download_url("/home/user/signed.txt", use_signature_expiration=-10),  # expired
+    ]
+    for bad in refused:
+        r = httpx.get(bad)
+        assert r.status_code == 502 and "was not found" in r.json()["message"], bad
+    assert httpx.post(url, files=[("file", ("x", b"overwrite"))]).status_code == 502  # read signature, write
+    assert sbx.files.read("/home/user/signed.txt") == "signed content"

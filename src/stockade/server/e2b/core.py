@@ -12,6 +12,8 @@ middleware reads them)."""
 from __future__ import annotations
 
 import asyncio
+import base64
+import hashlib
 import hmac
 import secrets
 import time
@@ -121,6 +123,29 @@ class Core:
             given, header = request.headers.get("e2b-traffic-access-token", ""), "traffic_token"
         if known is None or not hmac.compare_digest(given.encode(), getattr(known, header).encode()):
             raise SandboxGone(sandbox_id)
+        return self._admit(request, known)
+
+    def signed(self, request: Request, sandbox_id: str, path: str, operation: str) -> E2BSandbox:
+        """A ``download_url()``/``upload_url()`` request: E2B's v1 signature, ``v1_`` + unpadded base64 of
+        sha256("path:operation:user:envdAccessToken[:expiration]"), made by the SDK with the sandbox's token,
+        so it names one path, one operation and, when it has one, a deadline. Without a sandbox id (the
+        header form's URL carries none) the signature itself finds its sandbox."""
+        query = request.query_params
+        signature, expiration = query.get("signature", ""), query.get("signature_expiration")
+        user = query.get("username") or ""
+        if expiration is not None and (not expiration.isdigit() or int(expiration) < time.time()):
+            raise SandboxGone(sandbox_id or "(signed URL)")
+        candidates = [self.sandboxes[sandbox_id]] if sandbox_id in self.sandboxes else \
+            list(self.sandboxes.values()) if not sandbox_id else []
+        for known in candidates:
+            raw = f"{path}:{operation}:{user}:{known.envd_token}" + (f":{expiration}" if expiration else "")
+            expected = "v1_" + base64.b64encode(hashlib.sha256(raw.encode()).digest()).rstrip(b"=").decode()
+            if hmac.compare_digest(signature.encode(), expected.encode()):
+                return self._admit(request, known)
+        raise SandboxGone(sandbox_id or "(signed URL)")
+
+    def _admit(self, request: Request, known: E2BSandbox) -> E2BSandbox:
+        sandbox_id = known.id
         try:
             self.live(known.who, sandbox_id)
         except SandboxNotFoundError:

@@ -81,8 +81,16 @@ def _port(request: Request) -> int:
     return int(raw)
 
 
-def _envd(request: Request) -> tuple[Core, E2BSandbox]:
+def _envd(request: Request, signed: str | None = None) -> tuple[Core, E2BSandbox]:
+    """The request's sandbox, by its envd token, or for ``/files`` (``signed`` = the operation) by the
+    signature of a download_url()/upload_url() when it carries one."""
     core = core_of(request)
+    if signed is not None and "signature" in request.query_params and "x-access-token" not in request.headers:
+        try:
+            return core, core.signed(request, request.headers.get("e2b-sandbox-id", ""),
+                                     request.query_params.get("path", ""), signed)
+        except SandboxGone as exc:
+            raise ConnectError("unavailable", str(exc)) from None
     port = _port(request)
     if port != ENVD_PORT:
         raise ConnectError("unimplemented", f"port {port} does not serve envd (it is on {ENVD_PORT})")
@@ -442,7 +450,7 @@ class TooLarge(Exception):
 @router.get("/files")
 async def download(request: Request, path: str = "", username: str | None = None) -> Response:
     try:
-        core, e2b = _envd(request)
+        core, e2b = _envd(request, signed="read")
         _user(username, "username")
         if not path:
             raise PolicyError("path", "is required")
@@ -464,7 +472,7 @@ async def upload(request: Request, path: str | None = None, username: str | None
     """``application/octet-stream`` (one file, at ``path``) or ``multipart/form-data`` (each ``file`` part
     at ``path`` when it is the only one, else at its filename): the SDKs' write() and write_files()."""
     try:
-        core, e2b = _envd(request)
+        core, e2b = _envd(request, signed="write")
         _user(username, "username")
         if request.headers.get("content-encoding", "identity") not in ("identity", ""):
             raise PolicyError("Content-Encoding", "compressed uploads (gzip=True) are not supported")

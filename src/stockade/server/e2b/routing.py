@@ -3,7 +3,8 @@
 The SDKs name the sandbox and port in the ``E2b-Sandbox-Id`` and ``E2b-Sandbox-Port`` headers when
 ``E2B_SANDBOX_URL`` is set. Behind a wildcard name (E2B's own form, for which the SDKs need no URL
 variables) the Host is ``{port}-{sandboxID}.{domain}``: ``HostRouting`` turns such a request into the
-header form under ``/e2b/sandbox`` before anything else sees it, so both are one code path.
+header form under ``/e2b/sandbox`` before anything else sees it, so both are one code path. It also
+takes the signed ``/files`` URLs the SDKs build at the server's root.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from fastapi.routing import APIRoute
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from ...errors import StockadeError, to_wire
-from . import PREFIX, SANDBOX_PREFIX
+from . import E2B_UPLOAD, PREFIX, SANDBOX_PREFIX
 
 # "49983-sbx-0123456789abcdef.sandbox.example.com[:443]": a port, a sandbox id, then the domain
 _HOST = re.compile(r"^([0-9]{1,5})-([A-Za-z0-9][A-Za-z0-9-]{0,62})\.[^:]+(?::[0-9]+)?$")
@@ -44,6 +45,10 @@ class HostRouting:
                 scope = {**scope, "path": path, "raw_path": path.encode(),
                          "headers": [*kept, (b"e2b-sandbox-id", sandbox_id.encode()),
                                      (b"e2b-sandbox-port", port.encode())]}
+            elif scope["path"] == "/files" and b"signature=" in scope.get("query_string", b""):
+                # download_url()/upload_url(): the SDKs join "/files" to E2B_SANDBOX_URL as an absolute
+                # path, which drops its /e2b/sandbox prefix; the signature then names the sandbox
+                scope = {**scope, "path": E2B_UPLOAD, "raw_path": E2B_UPLOAD.encode()}
         await self.app(scope, receive, send)
 
 
