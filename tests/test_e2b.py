@@ -4,6 +4,7 @@ live ``stockade serve``, configured only by E2B_API_URL, E2B_SANDBOX_URL and E2B
 from __future__ import annotations
 
 import base64
+import datetime
 import io
 import json
 import os
@@ -118,6 +119,13 @@ def test_list_pages_with_next_token(server: RunningServer) -> None:
         second = pages.next_items()
         assert len(second) == 1 and not pages.has_next
         assert {s.sandbox_id for s in first + second} == {s.sandbox_id for s in made}
+        query = {"metadata": {"batch": "paging"}}
+        future = datetime.datetime.now(datetime.UTC) + datetime.timedelta(hours=1)
+        assert E2BSandbox.list(query=SandboxQuery(**query, started_after=future)).next_items() == []
+        past = datetime.datetime.now(datetime.UTC) - datetime.timedelta(hours=1)
+        assert len(E2BSandbox.list(query=SandboxQuery(**query, started_after=past)).next_items()) == 3
+        assert E2BSandbox.list(query=SandboxQuery(**query, template="code-interpreter-v1")).next_items() == []
+        assert len(E2BSandbox.list(query=SandboxQuery(**query, template="base")).next_items()) == 3
     finally:
         for sb in made:
             sb.kill()
@@ -498,3 +506,24 @@ def test_signed_urls_name_one_path_and_operation(sbx: CodeSandbox) -> None:
         assert r.status_code == 502 and "was not found" in r.json()["message"], bad
     assert httpx.post(url, files=[("file", ("x", b"overwrite"))]).status_code == 502  # read signature, write
     assert sbx.files.read("/home/user/signed.txt") == "signed content"
+
+
+def test_one_sandbox_per_user_by_the_user_id_metadata_key(monkeypatch: pytest.MonkeyPatch) -> None:
+    srv = RunningServer(e2b_policy=base_policy().model_dump(mode="json"),
+                        tenants={"reuse": {"one_sandbox_per_user": "reuse"},
+                                 "reject": {"one_sandbox_per_user": "reject"}})
+    try:
+        monkeypatch.setenv("E2B_API_URL", srv.url + "/e2b")
+        monkeypatch.setenv("E2B_SANDBOX_URL", srv.url + "/e2b/sandbox")
+        monkeypatch.setenv("E2B_API_KEY", srv.key("reuse"))
+        first = E2BSandbox.create(metadata={"user_id": "u-42"})
+        again = E2BSandbox.create(metadata={"user_id": "u-42"})
+        other = E2BSandbox.create(metadata={"user_id": "u-43"})
+        assert again.sandbox_id == first.sandbox_id != other.sandbox_id
+        assert again.commands.run("echo same").stdout == "same\n"
+        monkeypatch.setenv("E2B_API_KEY", srv.key("reject"))
+        E2BSandbox.create(metadata={"user_id": "u-42"})
+        with pytest.raises(SandboxException, match="409.*one sandbox per user"):
+            E2BSandbox.create(metadata={"user_id": "u-42"})
+    finally:
+        srv.stop()

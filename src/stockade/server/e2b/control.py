@@ -147,7 +147,8 @@ def _filters(metadata: str | None) -> dict[str, str]:
 async def list_v2(request: Request, response: Response, metadata: str | None = None, state: str | None = None,
                   limit: Annotated[int, Query(ge=1, le=1000)] = 100,
                   nextToken: Annotated[str | None, Query(max_length=32)] = None,
-                  order: str | None = None) -> list[dict[str, Any]]:
+                  order: str | None = None, startedAfter: str | None = None,
+                  template: str | None = None) -> list[dict[str, Any]]:
     """Running sandboxes only (stockade has no paused ones), oldest first unless ``order=desc``; a page
     ends with ``X-Next-Token`` when more follow."""
     core = core_of(request)
@@ -156,7 +157,13 @@ async def list_v2(request: Request, response: Response, metadata: str | None = N
     if "running" not in states:
         return []
     want = _filters(metadata)
-    found = sorted((sb for sb in core.running(who) if all(sb.metadata.get(k) == v for k, v in want.items())),
+    try:
+        after = datetime.datetime.fromisoformat(startedAfter).timestamp() if startedAfter else None
+    except ValueError:
+        raise PolicyError("startedAfter", "must be an RFC 3339 time") from None
+    found = sorted((sb for sb in core.running(who) if all(sb.metadata.get(k) == v for k, v in want.items())
+                    and (after is None or sb.started_at >= after)
+                    and (template is None or core.template_of(sb.id) == template.split(":")[0])),
                    key=lambda sb: (sb.started_at, sb.id), reverse=order == "desc")
     start = int(nextToken) if nextToken and nextToken.isdigit() else 0
     page = found[start:start + limit]

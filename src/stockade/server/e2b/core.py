@@ -29,6 +29,7 @@ from ...policy import Policy
 from ..auth import Principal
 
 ENVD_PORT, INTERPRETER_PORT = 49983, 49999
+USER_KEY = "user_id"   # the metadata key that names the end user
 
 
 class SandboxGone(Exception):
@@ -61,9 +62,12 @@ class Core:
 
     async def create(self, who: Principal, template: str, policy: Policy, timeout: float | None,
                      envs: dict[str, str] | None, metadata: dict[str, str] | None) -> E2BSandbox:
+        """E2B's create has no user id: the metadata key ``user_id`` is stockade's (audit records, and the
+        tenant's one_sandbox_per_user: "reuse" answers with the user's live sandbox)."""
         from ..app import create_sandbox
 
-        sb, _ = await create_sandbox(self.srv, who, policy, timeout, envs, metadata, None)
+        user_id = (metadata or {}).get(USER_KEY) or None
+        sb, _ = await create_sandbox(self.srv, who, policy, timeout, envs, metadata, user_id)
         return self.register(sb, who, template)
 
     def register(self, sb: ManagedSandbox, who: Principal, template: str | None = None) -> E2BSandbox:
