@@ -101,6 +101,28 @@ def test_create_info_list_timeout_kill(server: RunningServer) -> None:
         E2BSandbox.get_info(sb.sandbox_id)
 
 
+def test_a_command_deadline_past_the_sandboxs_end_is_cut_to_it(server: RunningServer) -> None:
+    sb = E2BSandbox.create(timeout=20)  # the SDK's commands.run sends its default 60 s deadline
+    try:
+        assert sb.commands.run("echo fits").stdout == "fits\n"
+    finally:
+        sb.kill()
+
+
+def test_a_natively_created_sandbox_can_be_connected(server: RunningServer) -> None:
+    from stockade import Sandbox
+
+    native = Sandbox.create(base_policy(), api_url=server.url, api_key=os.environ["E2B_API_KEY"])
+    try:
+        e2b = CodeSandbox.connect(native.sandbox_id)
+        assert e2b.commands.run("echo both").stdout == "both\n"
+        assert e2b.run_code("2 ** 10").text == "1024"
+        e2b.files.write("/home/user/shared.txt", "written by e2b")
+        assert native.files.read("/home/user/shared.txt") == "written by e2b"
+    finally:
+        native.kill()
+
+
 def test_default_timeout_is_300_seconds(server: RunningServer) -> None:
     sb = E2BSandbox.create()
     try:
@@ -527,3 +549,29 @@ def test_one_sandbox_per_user_by_the_user_id_metadata_key(monkeypatch: pytest.Mo
             E2BSandbox.create(metadata={"user_id": "u-42"})
     finally:
         srv.stop()
+
+
+def test_stream_input_feeds_stdin_in_order(sbx: CodeSandbox) -> None:
+    handle = sbx.commands.run("cat", background=True, stdin=True)
+    sbx.commands.stream_input(handle.pid, iter(["a\n", b"b\n", "c\n"]))
+    sbx.commands.close_stdin(handle.pid)
+    assert handle.wait().stdout == "a\nb\nc\n"
+
+
+def test_async_sdk(server: RunningServer) -> None:
+    import asyncio
+
+    from e2b_code_interpreter import AsyncSandbox
+
+    async def flow() -> tuple[str, str, str | None, bool]:
+        sb = await AsyncSandbox.create()
+        try:
+            out = await sb.commands.run("echo async")
+            await sb.files.write("/home/user/a.txt", "async file")
+            text = await sb.files.read("/home/user/a.txt")
+            code = await sb.run_code("3 * 3")
+        finally:
+            await sb.kill()
+        return out.stdout, text, code.text, await sb.is_running()
+
+    assert asyncio.run(flow()) == ("async\n", "async file", "9", False)

@@ -177,8 +177,13 @@ class Core:
     async def start_command(self, sandbox_id: str, argv: list[str], *, envs: Mapping[str, str] | None,
                             cwd: str | None, stdin_open: bool, timeout: float | None,
                             on_output: Callable[[str, bytes], None]) -> CommandRecord:
-        # With a deadline it is a foreground command (limits.max_command_timeout and the sandbox's end apply,
-        # as to a native one); E2B's "no timeout" (0) is a background command, as natively.
+        # With a deadline it is a foreground command (limits.max_command_timeout applies, as to a native one);
+        # E2B's "no timeout" (0) is a background command, as natively. A deadline past the sandbox's end is
+        # cut to it, as E2B does (its SDK sends 60 s by default, also to a sandbox with less time left).
+        if timeout is not None:
+            sb = self.srv.m.get(sandbox_id)
+            left = min(sb.deadline, sb.hard_deadline) - asyncio.get_running_loop().time()
+            timeout = max(min(timeout, left - 0.1), 0.001)  # the margin: the manager looks again later
         return await self.srv.m.start_command(  # type: ignore[no-any-return]
             sandbox_id, argv, envs=envs, cwd=cwd, stdin=None, stdin_open=stdin_open, timeout=timeout,
             background=timeout is None, on_output=on_output)
