@@ -575,3 +575,19 @@ def test_async_sdk(server: RunningServer) -> None:
         return out.stdout, text, code.text, await sb.is_running()
 
     assert asyncio.run(flow()) == ("async\n", "async file", "9", False)
+
+
+def test_a_revoked_key_closes_its_sandboxes_data_plane(server: RunningServer,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    key = server.key("revokers")
+    monkeypatch.setenv("E2B_API_KEY", key)
+    sb = E2BSandbox.create()
+    assert sb.commands.run("echo before").stdout == "before\n"
+    server.server.keys.revoke(key.split("_")[1])
+    assert wait_until(lambda: not sb.is_running(), timeout=10)  # the key cache holds a verified key 2 s
+    with pytest.raises(TimeoutException):
+        sb.commands.run("echo after")
+    monkeypatch.setenv("E2B_API_KEY", server.key("revokers"))  # another key of the tenant takes it over
+    again = E2BSandbox.connect(sb.sandbox_id)
+    assert again.commands.run("echo again").stdout == "again\n"
+    again.kill()

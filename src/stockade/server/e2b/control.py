@@ -115,7 +115,7 @@ async def create(body: NewSandbox, request: Request) -> dict[str, Any]:
     who = await core.authenticate(request)
     policy = policy_for(core, body)
     timeout = body.timeout if body.timeout else DEFAULT_TIMEOUT
-    e2b = await core.create(who, body.templateID.split(":")[0], policy, timeout, body.envVars, body.metadata)
+    e2b = await core.create(request, who, body.templateID.split(":")[0], policy, timeout, body.envVars, body.metadata)
     return created(e2b)
 
 
@@ -132,7 +132,7 @@ async def connect(sandbox_id: str, request: Request, response: Response) -> dict
     if body.timeout and core.ends_in(sb) < datetime.datetime.now(datetime.UTC).timestamp() + body.timeout:
         core.set_timeout(who, sandbox_id, body.timeout)
     response.status_code = 200
-    return created(core.register(sb, who))
+    return created(core.register(request, sb, who))
 
 
 def _filters(metadata: str | None) -> dict[str, str]:
@@ -185,7 +185,7 @@ async def get(sandbox_id: str, request: Request) -> dict[str, Any]:
     core = core_of(request)
     who = await core.authenticate(request)
     sb = core.live(who, sandbox_id)
-    e2b = core.register(sb, who)
+    e2b = core.register(request, sb, who)
     return {**listed(core, sb), "envdAccessToken": e2b.envd_token, "domain": None}
 
 

@@ -18,7 +18,7 @@ import hmac
 import secrets
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from fastapi import Request
@@ -46,6 +46,7 @@ class E2BSandbox:
     envd_token: str
     traffic_token: str
     who: Principal
+    key: str = field(repr=False, default="")   # the API key behind ``who``: checked again (revocation)
 
 
 class Core:
@@ -58,9 +59,11 @@ class Core:
     async def authenticate(self, request: Request) -> Principal:
         from ..app import principal
 
-        return await principal(request)
+        who = await principal(request)
+        request.state.e2b_key = _api_key(request)
+        return who
 
-    async def create(self, who: Principal, template: str, policy: Policy, timeout: float | None,
+    async def create(self, request: Request, who: Principal, template: str, policy: Policy, timeout: float | None,
                      envs: dict[str, str] | None, metadata: dict[str, str] | None) -> E2BSandbox:
         """E2B's create has no user id: the metadata key ``user_id`` is stockade's (audit records, and the
         tenant's one_sandbox_per_user: "reuse" answers with the user's live sandbox)."""
@@ -68,18 +71,20 @@ class Core:
 
         user_id = (metadata or {}).get(USER_KEY) or None
         sb, _ = await create_sandbox(self.srv, who, policy, timeout, envs, metadata, user_id)
-        return self.register(sb, who, template)
+        return self.register(request, sb, who, template)
 
-    def register(self, sb: ManagedSandbox, who: Principal, template: str | None = None) -> E2BSandbox:
+    def register(self, request: Request, sb: ManagedSandbox, who: Principal,
+                 template: str | None = None) -> E2BSandbox:
         """The sandbox's E2B tokens (minted on first use: a sandbox created natively gets them at connect)."""
         self._forget_ended()
         known = self.sandboxes.get(sb.id)
+        key = str(getattr(request.state, "e2b_key", ""))
         if known is None:
             known = E2BSandbox(sb.id, template or "base", secrets.token_urlsafe(24), secrets.token_urlsafe(24),
-                               who)
+                               who, key)
             self.sandboxes[sb.id] = known
-        else:
-            known.who = who  # data-plane calls now count against the key that connected
+        else:  # data-plane calls now count against the key that connected
+            known.who, known.key = who, key
         return known
 
     def template_of(self, sandbox_id: str) -> str:
@@ -117,7 +122,7 @@ class Core:
             self.processes.pop(sid, None)
 
     # ---- data plane ------------------------------------------------------------------------------
-    def data_plane(self, request: Request, sandbox_id: str, port: int) -> E2BSandbox:
+    async def data_plane(self, request: Request, sandbox_id: str, port: int) -> E2BSandbox:
         """Authenticate a data-plane request by its sandbox's token for ``port``; rate-limit it as the key
         that created or connected the sandbox; mark it for the audit record. Raises ``SandboxGone``."""
         known = self.sandboxes.get(sandbox_id)
@@ -127,9 +132,9 @@ class Core:
             given, header = request.headers.get("e2b-traffic-access-token", ""), "traffic_token"
         if known is None or not hmac.compare_digest(given.encode(), getattr(known, header).encode()):
             raise SandboxGone(sandbox_id)
-        return self._admit(request, known)
+        return await self._admit(request, known)
 
-    def signed(self, request: Request, sandbox_id: str, path: str, operation: str) -> E2BSandbox:
+    async def signed(self, request: Request, sandbox_id: str, path: str, operation: str) -> E2BSandbox:
         """A ``download_url()``/``upload_url()`` request: E2B's v1 signature, ``v1_`` + unpadded base64 of
         sha256("path:operation:user:envdAccessToken[:expiration]"), made by the SDK with the sandbox's token,
         so it names one path, one operation and, when it has one, a deadline. Without a sandbox id (the
@@ -145,11 +150,14 @@ class Core:
             raw = f"{path}:{operation}:{user}:{known.envd_token}" + (f":{expiration}" if expiration else "")
             expected = "v1_" + base64.b64encode(hashlib.sha256(raw.encode()).digest()).rstrip(b"=").decode()
             if hmac.compare_digest(signature.encode(), expected.encode()):
-                return self._admit(request, known)
+                return await self._admit(request, known)
         raise SandboxGone(sandbox_id or "(signed URL)")
 
-    def _admit(self, request: Request, known: E2BSandbox) -> E2BSandbox:
+    async def _admit(self, request: Request, known: E2BSandbox) -> E2BSandbox:
         sandbox_id = known.id
+        keys = self.srv.keys  # a revoked key's sandboxes stop answering too (within the 2 s key cache)
+        if keys.cached(known.key) is None and await asyncio.to_thread(keys.authenticate, known.key) is None:
+            raise SandboxGone(sandbox_id)
         try:
             self.live(known.who, sandbox_id)
         except SandboxNotFoundError:
@@ -229,6 +237,11 @@ class Core:
 
     async def remove_context(self, sandbox_id: str, context_id: str) -> None:
         await self.srv.m.remove_context(sandbox_id, context_id)
+
+
+def _api_key(request: Request) -> str:
+    header = request.headers.get("authorization", "")
+    return header[7:].strip() if header[:7].lower() == "bearer " else request.headers.get("x-api-key", "")
 
 
 def core_of(request: Request) -> Core:

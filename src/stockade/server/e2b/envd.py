@@ -81,13 +81,13 @@ def _port(request: Request) -> int:
     return int(raw)
 
 
-def _envd(request: Request, signed: str | None = None) -> tuple[Core, E2BSandbox]:
+async def _envd(request: Request, signed: str | None = None) -> tuple[Core, E2BSandbox]:
     """The request's sandbox, by its envd token, or for ``/files`` (``signed`` = the operation) by the
     signature of a download_url()/upload_url() when it carries one."""
     core = core_of(request)
     if signed is not None and "signature" in request.query_params and "x-access-token" not in request.headers:
         try:
-            return core, core.signed(request, request.headers.get("e2b-sandbox-id", ""),
+            return core, await core.signed(request, request.headers.get("e2b-sandbox-id", ""),
                                      request.query_params.get("path", ""), signed)
         except SandboxGone as exc:
             raise ConnectError("unavailable", str(exc)) from None
@@ -95,7 +95,7 @@ def _envd(request: Request, signed: str | None = None) -> tuple[Core, E2BSandbox
     if port != ENVD_PORT:
         raise ConnectError("unimplemented", f"port {port} does not serve envd (it is on {ENVD_PORT})")
     try:
-        return core, core.data_plane(request, request.headers.get("e2b-sandbox-id", ""), port)
+        return core, await core.data_plane(request, request.headers.get("e2b-sandbox-id", ""), port)
     except SandboxGone as exc:
         raise ConnectError("unavailable", str(exc)) from None
 
@@ -134,7 +134,7 @@ STREAMS = {("process.Process", "Start"), ("process.Process", "Connect"), ("files
 async def _rpc(service: str, method: str, request: Request) -> Response:
     streaming = (service, method) in STREAMS
     try:
-        core, e2b = _envd(request)
+        core, e2b = await _envd(request)
         _basic_user(request)
         if (service, method) in UNSUPPORTED:
             raise ConnectError("unimplemented", f"{UNSUPPORTED[service, method]} is not supported by stockade")
@@ -450,7 +450,7 @@ class TooLarge(Exception):
 @router.get("/files")
 async def download(request: Request, path: str = "", username: str | None = None) -> Response:
     try:
-        core, e2b = _envd(request, signed="read")
+        core, e2b = await _envd(request, signed="read")
         _user(username, "username")
         if not path:
             raise PolicyError("path", "is required")
@@ -472,7 +472,7 @@ async def upload(request: Request, path: str | None = None, username: str | None
     """``application/octet-stream`` (one file, at ``path``) or ``multipart/form-data`` (each ``file`` part
     at ``path`` when it is the only one, else at its filename): the SDKs' write() and write_files()."""
     try:
-        core, e2b = _envd(request, signed="write")
+        core, e2b = await _envd(request, signed="write")
         _user(username, "username")
         if request.headers.get("content-encoding", "identity") not in ("identity", ""):
             raise PolicyError("Content-Encoding", "compressed uploads (gzip=True) are not supported")
@@ -553,7 +553,7 @@ async def health(request: Request) -> Response:
         port = _port(request)
         if port not in (ENVD_PORT, INTERPRETER_PORT):
             raise SandboxGone(request.headers.get("e2b-sandbox-id", ""))
-        core.data_plane(request, request.headers.get("e2b-sandbox-id", ""), port)
+        await core.data_plane(request, request.headers.get("e2b-sandbox-id", ""), port)
     except (SandboxGone, ConnectError) as exc:
         return envd_error(502, str(exc))
     except StockadeError as exc:

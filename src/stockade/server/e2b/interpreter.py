@@ -61,7 +61,7 @@ async def _auth(request: Request) -> tuple[Core, E2BSandbox]:
     port = request.headers.get("e2b-sandbox-port", "")
     if port != str(INTERPRETER_PORT):
         raise PolicyError("E2b-Sandbox-Port", f"the code interpreter is on port {INTERPRETER_PORT}")
-    return core, core.data_plane(request, request.headers.get("e2b-sandbox-id", ""), INTERPRETER_PORT)
+    return core, await core.data_plane(request, request.headers.get("e2b-sandbox-id", ""), INTERPRETER_PORT)
 
 
 def _language(name: str | None) -> str:

@@ -111,7 +111,7 @@ async def anything_else(rest: str, request: Request) -> Response:
         if not port.isdigit():
             return e2b_error(400, "the E2b-Sandbox-Port header is missing")
         try:
-            core_of(request).data_plane(request, sid, int(port))
+            await core_of(request).data_plane(request, sid, int(port))
         except Exception as exc:
             return e2b_error(502, str(exc))
         if int(port) not in (ENVD_PORT, INTERPRETER_PORT):
