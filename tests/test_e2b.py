@@ -591,3 +591,23 @@ def test_a_revoked_key_closes_its_sandboxes_data_plane(server: RunningServer,
     again = E2BSandbox.connect(sb.sandbox_id)
     assert again.commands.run("echo again").stdout == "again\n"
     again.kill()
+
+
+def test_update_network_changes_the_brokers_lists(server: RunningServer) -> None:
+    manager = server.server.m
+    opened = E2BSandbox.create(network={"allow_out": ["example.com"]})
+    closed = E2BSandbox.create()
+    try:
+        opened.update_network({"allow_out": ["example.org"], "deny_out": ["203.0.113.0/24"]})
+        net = manager.get(opened.sandbox_id).policy.network
+        assert net.allow == ["example.org"] and net.deny == ["203.0.113.0/24"]
+        with pytest.raises(SandboxException, match="network.allow"):
+            opened.update_network({"allow_out": ["exa mple.org"]})
+        assert manager.get(opened.sandbox_id).policy.network.allow == ["example.org"]  # unchanged
+        opened.update_network({"allow_internet_access": False})
+        assert manager.get(opened.sandbox_id).policy.network.mode == "none"
+        with pytest.raises(SandboxException, match="without a network"):
+            closed.update_network({"allow_out": ["example.com"]})
+    finally:
+        opened.kill()
+        closed.kill()

@@ -207,6 +207,35 @@ async def kill(sandbox_id: str, request: Request) -> Response:
     return Response(status_code=204)
 
 
+class NetworkUpdate(_In):
+    allowOut: list[Annotated[str, Field(max_length=512)]] | None = Field(None, max_length=1000)
+    denyOut: list[Annotated[str, Field(max_length=512)]] | None = Field(None, max_length=1000)
+    allow_internet_access: bool | None = None
+    dnsServers: list[str] | None = None
+    egressProxy: Any = None
+    rules: Any = None
+
+
+@router.put("/sandboxes/{sandbox_id}/network", status_code=204)
+async def update_network(sandbox_id: str, body: NetworkUpdate, request: Request) -> Response:
+    """``update_network()``: the broker's allow and deny lists of a sandbox created with ``allowOut``
+    (one created without a network cannot gain one, as natively)."""
+    core = core_of(request)
+    who = await core.authenticate(request)
+    for name in ("dnsServers", "egressProxy", "rules"):
+        if getattr(body, name):
+            raise PolicyError(f"network.{name}", "is not supported by stockade's egress broker")
+    changes: dict[str, Any] = {}
+    if body.allow_internet_access is False:
+        changes.update(mode="none", allow=[])
+    elif body.allowOut is not None:
+        changes.update(mode="allowlist", allow=list(body.allowOut))
+    if body.denyOut is not None:
+        changes["deny"] = list(body.denyOut)
+    core.update_network(who, sandbox_id, changes)
+    return Response(status_code=204)
+
+
 @router.post("/sandboxes/{sandbox_id}/pause")
 async def pause(sandbox_id: str, request: Request) -> Response:
     core = core_of(request)

@@ -111,6 +111,12 @@ class Core:
         self.live(who, sandbox_id)
         self.srv.m.set_timeout(sandbox_id, seconds)
 
+    def update_network(self, who: Principal, sandbox_id: str, changes: dict[str, Any]) -> None:
+        """Through the same tenant gate as the native ``PATCH /sandboxes/{id}/network``."""
+        sb = self.live(who, sandbox_id)
+        self.srv.settings.tenant(who.tenant).check(sb.policy.with_overrides(network=changes))
+        self.srv.m.update_network(sandbox_id, changes)
+
     def ends_in(self, sb: ManagedSandbox) -> float:
         """Wall-clock time at which the sandbox ends (its timeout or its max lifetime)."""
         loop = asyncio.get_running_loop()
