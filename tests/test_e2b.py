@@ -235,8 +235,6 @@ def test_templates_and_unsupported_features_answer_in_e2b_shape(server: RunningS
         sbx.get_metrics()
     with pytest.raises(SandboxException, match="PTY"):
         sbx.pty.create(size=__import__("e2b").PtySize(rows=24, cols=80))
-    with pytest.raises(SandboxException, match="watching a directory"):
-        sbx.files.watch_dir("/home/user")
     with pytest.raises(InvalidArgumentException, match="one user"):
         sbx.commands.run("id", user="root")
     r = _raw(server, "GET", "/e2b/sandbox/", {"E2b-Sandbox-Id": sbx.sandbox_id, "E2b-Sandbox-Port": "8080",
@@ -611,3 +609,49 @@ def test_update_network_changes_the_brokers_lists(server: RunningServer) -> None
     finally:
         opened.kill()
         closed.kill()
+
+
+def test_watch_dir_reports_changes_between_looks(sbx: CodeSandbox) -> None:
+    from e2b import FilesystemEventType
+
+    sbx.files.make_dir("/home/user/watched/inner")
+    sbx.files.write("/home/user/watched/old.txt", "old")
+    handle = sbx.files.watch_dir("/home/user/watched", recursive=True)
+    assert handle.get_new_events() == []
+    sbx.files.write("/home/user/watched/new.txt", "new")
+    sbx.files.write("/home/user/watched/inner/deep.txt", "deep")
+    sbx.files.remove("/home/user/watched/old.txt")
+    events = {(e.name, e.type) for e in handle.get_new_events()}
+    assert events == {("new.txt", FilesystemEventType.CREATE), ("inner/deep.txt", FilesystemEventType.CREATE),
+                      ("old.txt", FilesystemEventType.REMOVE)}
+    sbx.commands.run("echo more >> /home/user/watched/new.txt")
+    assert {(e.name, e.type) for e in handle.get_new_events()} == {("new.txt", FilesystemEventType.WRITE)}
+    handle.stop()
+    with pytest.raises(SandboxException):
+        handle.get_new_events()
+    with pytest.raises(SandboxException):
+        sbx.files.watch_dir("/home/user/watched/new.txt")  # not a directory
+
+
+def test_watch_dir_stream_with_the_async_sdk(server: RunningServer, sbx: CodeSandbox) -> None:
+    import asyncio
+
+    from e2b_code_interpreter import AsyncSandbox
+
+    async def flow() -> list[tuple[str, str]]:
+        sb = await AsyncSandbox.connect(sbx.sandbox_id)
+        await sb.files.make_dir("/home/user/astream")
+        seen: list[tuple[str, str]] = []
+        got = asyncio.Event()
+
+        def on_event(e: Any) -> None:
+            seen.append((e.name, e.type.value))
+            got.set()
+
+        handle = await sb.files.watch_dir("/home/user/astream", on_event=on_event, timeout=30)
+        await sb.files.write("/home/user/astream/f.txt", "x")
+        await asyncio.wait_for(got.wait(), 20)
+        await handle.stop()
+        return seen
+
+    assert ("f.txt", "create") in asyncio.run(flow())

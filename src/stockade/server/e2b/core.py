@@ -54,6 +54,7 @@ class Core:
         self.srv = server
         self.sandboxes: dict[str, E2BSandbox] = {}
         self.processes: dict[str, dict[int, Any]] = {}   # envd.py's processes per sandbox
+        self.watchers: dict[str, dict[str, Any]] = {}    # envd.py's directory watchers per sandbox
 
     # ---- control plane ---------------------------------------------------------------------------
     async def authenticate(self, request: Request) -> Principal:
@@ -126,6 +127,7 @@ class Core:
         for sid in [s for s in self.sandboxes if s not in self.srv.m.sandboxes]:
             del self.sandboxes[sid]
             self.processes.pop(sid, None)
+            self.watchers.pop(sid, None)
 
     # ---- data plane ------------------------------------------------------------------------------
     async def data_plane(self, request: Request, sandbox_id: str, port: int) -> E2BSandbox:

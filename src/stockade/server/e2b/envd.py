@@ -6,7 +6,8 @@ and streams ``start{pid}``, ``data{stdout|stderr}`` (base64), ``keepalive`` and 
 (``Connect-Timeout-Ms``, the SDK's ``timeout``) is the command's timeout and ends the stream with
 ``deadline_exceeded``. A process outlives its stream (E2B's background commands): ``Connect`` re-attaches
 to its output from then on, ``SendInput``/``StreamInput``/``CloseStdin``/``SendSignal`` reach it by pid
-or tag. PTYs (``pty`` in ``Start``, ``Update``) and directory watchers are refused as unimplemented.
+or tag. PTYs (``pty`` in ``Start``, ``Update``) are refused as unimplemented; directory watchers compare
+listings (see "directory watchers" below).
 
 Everything runs as the sandbox's one user (``user``, home /home/user): ``root`` is refused by name."""
 
@@ -18,6 +19,7 @@ import binascii
 import contextlib
 import datetime
 import posixpath
+import secrets
 import signal as signals
 import stat
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -52,11 +54,9 @@ FILE_TYPES = {"file": "FILE_TYPE_FILE", "dir": "FILE_TYPE_DIRECTORY", "symlink":
 TYPE_BITS = {"file": stat.S_IFREG, "dir": stat.S_IFDIR, "symlink": stat.S_IFLNK}
 UNSUPPORTED = {
     ("process.Process", "Update"): "resizing a PTY (PTY processes are not supported)",
-    ("filesystem.Filesystem", "WatchDir"): "watching a directory",
-    ("filesystem.Filesystem", "CreateWatcher"): "watching a directory",
-    ("filesystem.Filesystem", "GetWatcherEvents"): "watching a directory",
-    ("filesystem.Filesystem", "RemoveWatcher"): "watching a directory",
 }
+WATCH_INTERVAL = 0.5      # a WatchDir stream lists the directory this often
+MAX_WATCHERS = 16         # per sandbox
 
 router = APIRouter(prefix=SANDBOX_PREFIX, include_in_schema=False)
 
@@ -140,6 +140,10 @@ async def _rpc(service: str, method: str, request: Request) -> Response:
             raise ConnectError("unimplemented", f"{UNSUPPORTED[service, method]} is not supported by stockade")
         if streaming:
             msg = await first_request(request)
+            if method == "WatchDir":
+                watcher = await _watcher(core, e2b, msg)
+                return StreamingResponse(_watch_stream(core, e2b, request, watcher),
+                                         media_type="application/connect+json", headers=STREAM_HEADERS)
             opened = await (_start(core, e2b, request, msg) if method == "Start" else _connect(core, e2b, msg))
             return StreamingResponse(_stream(core, request, *opened), media_type="application/connect+json",
                                      headers=STREAM_HEADERS)
@@ -399,6 +403,112 @@ async def _remove(core: Core, e2b: E2BSandbox, msg: dict[str, Any]) -> dict[str,
     return {}
 
 
+# ---- directory watchers: by comparing listings -----------------------------------------------------------
+# The agent has no inotify (it would hand the host events named by the sandbox, and inotify watches are a
+# host-wide resource): a watcher lists the directory and reports what changed since the last listing.
+# So a file created and removed between two looks is not seen, and a rename is a remove and a create.
+@dataclass
+class Watcher:
+    id: str
+    path: str
+    recursive: bool
+    seen: dict[str, tuple[Any, ...]] = field(default_factory=dict)
+
+
+async def _snapshot(core: Core, e2b: E2BSandbox, w: Watcher) -> dict[str, tuple[Any, ...]]:
+    result = await core.file_call(e2b.id, {"op": "list", "path": w.path, "depth": 32 if w.recursive else 1})
+    root = str((await core.file_call(e2b.id, {"op": "stat", "path": w.path})).get("entry", {}).get("path", ""))
+    out = {}
+    for e in result.get("entries") or []:
+        if isinstance(e, dict) and isinstance(e.get("path"), str):
+            out[posixpath.relpath(e["path"], root)] = (e.get("type"), e.get("size"), e.get("mtime"), e.get("mode"))
+    return out
+
+
+def _changes(before: dict[str, tuple[Any, ...]], after: dict[str, tuple[Any, ...]]) -> list[dict[str, Any]]:
+    events = []
+    for name, now in after.items():
+        was = before.get(name)
+        if was is None:
+            events.append({"name": name, "type": "EVENT_TYPE_CREATE"})
+        elif was[:3] != now[:3] and now[0] != "dir":
+            events.append({"name": name, "type": "EVENT_TYPE_WRITE"})
+        elif was[3] != now[3]:
+            events.append({"name": name, "type": "EVENT_TYPE_CHMOD"})
+    events += [{"name": name, "type": "EVENT_TYPE_REMOVE"} for name in before if name not in after]
+    return events
+
+
+async def _watcher(core: Core, e2b: E2BSandbox, msg: dict[str, Any]) -> Watcher:
+    if msg.get("includeEntry"):
+        raise ConnectError("unimplemented", "watch events with entries (include_entry) are not supported")
+    path = _path(msg)
+    info = await core.file_call(e2b.id, {"op": "stat", "path": path})
+    if (info.get("entry") or {}).get("type") != "dir":
+        raise ConnectError("invalid_argument", f"path {path} is not a directory")
+    watchers = core.watchers.setdefault(e2b.id, {})
+    if len(watchers) >= MAX_WATCHERS:
+        raise ConnectError("resource_exhausted", f"a sandbox may have {MAX_WATCHERS} directory watchers")
+    w = Watcher("w-" + secrets.token_hex(8), path, bool(msg.get("recursive")))
+    w.seen = await _snapshot(core, e2b, w)
+    return w
+
+
+async def _create_watcher(core: Core, e2b: E2BSandbox, msg: dict[str, Any]) -> dict[str, Any]:
+    w = await _watcher(core, e2b, msg)
+    core.watchers.setdefault(e2b.id, {})[w.id] = w
+    return {"watcherId": w.id}
+
+
+def _watcher_of(core: Core, e2b: E2BSandbox, msg: dict[str, Any]) -> Watcher:
+    w: Watcher | None = core.watchers.get(e2b.id, {}).get(str(msg.get("watcherId", "")))
+    if w is None:
+        raise ConnectError("not_found", f"watcher {str(msg.get('watcherId'))[:40]!r} not found")
+    return w
+
+
+async def _watcher_events(core: Core, e2b: E2BSandbox, msg: dict[str, Any]) -> dict[str, Any]:
+    w = _watcher_of(core, e2b, msg)
+    now = await _snapshot(core, e2b, w)
+    events, w.seen = _changes(w.seen, now), now
+    return {"events": events}
+
+
+async def _remove_watcher(core: Core, e2b: E2BSandbox, msg: dict[str, Any]) -> dict[str, Any]:
+    w = _watcher_of(core, e2b, msg)
+    core.watchers.get(e2b.id, {}).pop(w.id, None)
+    return {}
+
+
+async def _watch_stream(core: Core, e2b: E2BSandbox, request: Request, w: Watcher) -> AsyncIterator[bytes]:
+    deadline = timeout_of(request)
+    loop = asyncio.get_running_loop()
+    end = loop.time() + deadline if deadline is not None else None
+    watchers = core.watchers.setdefault(e2b.id, {})
+    watchers[w.id] = w  # counted against MAX_WATCHERS while it streams
+    try:
+        yield envelope({"start": {}})
+        last = loop.time()
+        while end is None or loop.time() < end:
+            await asyncio.sleep(WATCH_INTERVAL)
+            try:
+                now = await _snapshot(core, e2b, w)
+            except (StockadeError, OSError) as exc:
+                yield end_stream(from_stockade(exc))
+                return
+            events, w.seen = _changes(w.seen, now), now
+            for event in events:
+                yield envelope({"filesystem": event})
+            if events:
+                last = loop.time()
+            elif loop.time() - last > 30:
+                yield envelope({"keepalive": {}})
+                last = loop.time()
+        yield end_stream(ConnectError("deadline_exceeded", "the watch reached its timeout"))
+    finally:
+        watchers.pop(w.id, None)
+
+
 Handler = Callable[[Core, E2BSandbox, dict[str, Any]], Awaitable[dict[str, Any]]]
 UNARY: dict[tuple[str, str], Handler] = {
     ("process.Process", "List"): _list,
@@ -410,6 +520,9 @@ UNARY: dict[tuple[str, str], Handler] = {
     ("filesystem.Filesystem", "MakeDir"): _make_dir,
     ("filesystem.Filesystem", "Move"): _move,
     ("filesystem.Filesystem", "Remove"): _remove,
+    ("filesystem.Filesystem", "CreateWatcher"): _create_watcher,
+    ("filesystem.Filesystem", "GetWatcherEvents"): _watcher_events,
+    ("filesystem.Filesystem", "RemoveWatcher"): _remove_watcher,
 }
 
 
