@@ -655,3 +655,46 @@ def test_watch_dir_stream_with_the_async_sdk(server: RunningServer, sbx: CodeSan
         return seen
 
     assert ("f.txt", "create") in asyncio.run(flow())
+
+
+def test_bad_input_gets_a_clear_error_naming_the_field(server: RunningServer, sbx: CodeSandbox) -> None:
+    key = {"X-API-KEY": os.environ["E2B_API_KEY"], "Content-Type": "application/json"}
+    for body, field in (({"templateID": "base", "envVars": {"1BAD": "x"}}, "envs"),
+                        ({"templateID": "base", "timeout": -5}, "timeout"),
+                        ({"templateID": "base", "metadata": {"k": 5}}, "metadata"),
+                        ({"templateID": "base", "autoPause": True}, "autoPause"),
+                        ({"templateID": "base", "network": {"allowOut": ["not a host!"]}}, "network.allow")):
+        r = _raw(server, "POST", "/e2b/v2/sandboxes", key, json=body)
+        assert r.status_code == 400 and r.json()["code"] == 400 and field in r.json()["message"], (body, r.text)
+    r = _raw(server, "POST", "/e2b/v2/sandboxes", key, content=b"{not json")
+    assert r.status_code == 400 and r.json()["code"] == 400
+    envd = {**_envd_headers(sbx), "Content-Type": "application/connect+json"}
+    huge = struct.pack(">BI", 0, 1 << 30) + b"{}"
+    r = _raw(server, "POST", "/e2b/sandbox/process.Process/Start", envd, content=huge)
+    assert _frames(r.content)[0][1]["error"]["code"] == "resource_exhausted"
+    r = _raw(server, "POST", "/e2b/sandbox/process.Process/Start", envd, content=_envelope({"process": {"cmd": 5}}))
+    assert _frames(r.content)[0][1]["error"] == {"code": "invalid_argument",
+                                                 "message": "process.cmd must be a non-empty string"}
+    unary = {**_envd_headers(sbx), "Content-Type": "application/json"}
+    r = _raw(server, "POST", "/e2b/sandbox/process.Process/SendSignal", unary,
+             json={"process": {"pid": 1}, "signal": "SIGNAL_NOPE"})
+    assert r.status_code == 400 and "signal" in r.json()["message"]
+    r = _raw(server, "POST", "/e2b/sandbox/filesystem.Filesystem/Nope", unary, json={})
+    assert r.status_code == 501 and r.json()["code"] == "unimplemented"
+    r = _raw(server, "POST", "/e2b/sandbox/filesystem.Filesystem/ListDir", unary, json={"path": "/", "depth": 99})
+    assert r.status_code == 400 and "depth" in r.json()["message"]
+    for host in ("49983-../../etc.example.test", "99999999-sbx.example.test", "abc-sbx-1.example.test"):
+        r = _raw(server, "GET", "/health", {"Host": host})
+        assert r.status_code != 204
+
+
+def test_the_cookbook_example_runs_unchanged(server: RunningServer, tmp_path: Any) -> None:
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    example = Path(__file__).parents[1] / "examples" / "e2b_cookbook.py"
+    run = subprocess.run([sys.executable, str(example)], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "saved chart-0.png" in run.stdout and "45" in run.stdout.split()
+    assert (tmp_path / "chart-0.png").read_bytes().startswith(b"\x89PNG")
