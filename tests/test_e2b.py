@@ -680,6 +680,9 @@ def test_bad_input_gets_a_clear_error_naming_the_field(server: RunningServer, sb
     r = _raw(server, "POST", "/e2b/sandbox/process.Process/SendSignal", unary,
              json={"process": {"pid": 1}, "signal": "SIGNAL_NOPE"})
     assert r.status_code == 400 and "signal" in r.json()["message"]
+    r = _raw(server, "POST", "/e2b/sandbox/process.Process/StreamInput", envd,
+             content=_envelope({"event": {"start": "not an object"}}))
+    assert _frames(r.content)[0][1]["error"]["code"] == "invalid_argument"
     r = _raw(server, "POST", "/e2b/sandbox/filesystem.Filesystem/Nope", unary, json={})
     assert r.status_code == 501 and r.json()["code"] == "unimplemented"
     r = _raw(server, "POST", "/e2b/sandbox/filesystem.Filesystem/ListDir", unary, json={"path": "/", "depth": 99})

@@ -155,11 +155,17 @@ async def _rpc(service: str, method: str, request: Request) -> Response:
             raise ConnectError("unimplemented", f"{service}/{method} does not exist")
         return JSONResponse(await handler(core, e2b, await unary_request(request)))
     except (ConnectError, StockadeError, OSError) as exc:
-        err = from_stockade(exc)
-        if streaming or request.headers.get("content-type", "").startswith("application/connect+"):
-            return Response(end_stream(err), media_type="application/connect+json")
-        retry = getattr(exc, "retry_after", None)
-        return unary_error(err, {"Retry-After": str(max(1, round(retry)))} if retry else None)
+        return _rpc_error(request, streaming, exc)
+    except (KeyError, TypeError, AttributeError, ValueError) as exc:  # a message of the wrong shape
+        return _rpc_error(request, streaming, ConnectError("invalid_argument", f"malformed request message: {exc}"))
+
+
+def _rpc_error(request: Request, streaming: bool, exc: Exception) -> Response:
+    err = from_stockade(exc)
+    if streaming or request.headers.get("content-type", "").startswith("application/connect+"):
+        return Response(end_stream(err), media_type="application/connect+json")
+    retry = getattr(exc, "retry_after", None)
+    return unary_error(err, {"Retry-After": str(max(1, round(retry)))} if retry else None)
 
 
 # ---- processes ------------------------------------------------------------------------------------------
@@ -222,8 +228,8 @@ async def _start(core: Core, e2b: E2BSandbox, request: Request, msg: dict[str, A
     async def wait() -> None:
         try:
             exit_ = await core.wait_command(e2b.id, record)
-        except StockadeError as exc:  # the sandbox ended under it
-            exit_ = {"code": None, "signal": 9, "error": str(exc)}
+        except Exception as exc:  # noqa: BLE001 - the sandbox ended under it: the stream still ends
+            exit_ = {"code": None, "signal": 9, "error": str(exc)[:500]}
         proc.timed_out = bool(exit_.get("timed_out"))
         proc.end = _end_event(exit_)
         table.pop(proc.pid, None)
