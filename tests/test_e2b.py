@@ -93,6 +93,10 @@ def test_create_info_list_timeout_kill(server: RunningServer) -> None:
         assert 590 < (sb.get_info().end_at - info.started_at).total_seconds() <= 601
         again = E2BSandbox.connect(sb.sandbox_id)
         assert again.commands.run("echo connected").stdout == "connected\n"
+        E2BSandbox.connect(sb.sandbox_id, timeout=60)  # an earlier end: the timeout is not shortened
+        assert 590 < (sb.get_info().end_at - info.started_at).total_seconds() <= 601
+        E2BSandbox.connect(sb.sandbox_id, timeout=900)
+        assert 890 < (sb.get_info().end_at - info.started_at).total_seconds() <= 905
     finally:
         assert sb.kill() is True
     assert not sb.is_running()
@@ -406,6 +410,8 @@ def test_run_code_state_streaming_and_results(sbx: CodeSandbox) -> None:
     assert first.text == "42" and first.logs.stdout == ["thinking\n"] and "".join(chunks) == "thinking\n"
     assert first.error is None and first.execution_count is not None
     assert sbx.run_code("x * 2").text == "80"  # state across calls
+    assert sbx.run_code("import os; os.environ['ONLY_HERE']", envs={"ONLY_HERE": "yes"}).text == "'yes'"
+    assert sbx.run_code("[1, 2].length", language="js").text == "2"
 
 
 def test_run_code_chart_png_and_dataframe_html(sbx: CodeSandbox) -> None:
