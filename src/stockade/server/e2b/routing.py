@@ -23,8 +23,9 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from ...errors import StockadeError, to_wire
 from . import E2B_UPLOAD, PREFIX, SANDBOX_PREFIX
 
-# "49983-sbx-0123456789abcdef.sandbox.example.com[:443]": a port, a sandbox id, then the domain
-_HOST = re.compile(r"^([0-9]{1,5})-([A-Za-z0-9][A-Za-z0-9-]{0,62})\.[^:]+(?::[0-9]+)?$")
+# "49983-sbx-0123456789abcdef.sandbox.example.com[:443]": a port, a sandbox id (stockade's form only, so
+# a server reached by a name such as 10-0-0-5.internal still serves its native API), then the domain
+_HOST = re.compile(r"^([0-9]{1,5})-(sbx-[0-9a-f]{16})\.[^:]+(?::[0-9]+)?$")
 
 
 class HostRouting:
