@@ -80,11 +80,10 @@ def policy_for(core: Core, body: NewSandbox) -> Policy:
         raise PolicyError("network.allowPublicTraffic", "stockade has no inbound path into sandboxes to restrict")
     data: dict[str, Any] = dict(core.srv.settings.e2b_policy)
     net = body.network
+    # denyOut alone changes nothing: with nothing allowed out the network stays off
     if body.allow_internet_access is not False and net is not None and net.allowOut:
         data["network"] = {**data.get("network", {}), "mode": "allowlist", "allow": list(net.allowOut),
                            "deny": list(net.denyOut or [])}
-    elif net is not None and net.denyOut and not net.allowOut:
-        pass  # nothing is allowed out, so nothing needs denying: the network stays off
     return Policy.from_dict(data)
 
 
