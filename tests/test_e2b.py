@@ -709,3 +709,23 @@ def test_the_cookbook_example_runs_unchanged(server: RunningServer, tmp_path: An
     assert run.returncode == 0, run.stderr[-3000:]
     assert "saved chart-0.png" in run.stdout and "45" in run.stdout.split()
     assert (tmp_path / "chart-0.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_a_create_retried_with_its_idempotency_key_gets_the_same_sandbox(server: RunningServer,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    first = E2BSandbox.create(idempotency_key="retry-1")
+    try:
+        assert E2BSandbox.create(idempotency_key="retry-1").sandbox_id == first.sandbox_id
+        other = E2BSandbox.create(idempotency_key="retry-2")
+        assert other.sandbox_id != first.sandbox_id
+        other.kill()
+        monkeypatch.setenv("E2B_API_KEY", server.key("someone-else"))  # keys are per tenant
+        stranger = E2BSandbox.create(idempotency_key="retry-1")
+        assert stranger.sandbox_id != first.sandbox_id
+        stranger.kill()
+    finally:
+        first.kill()
+    monkeypatch.undo()
+    again = E2BSandbox.create(idempotency_key="retry-1")  # a new one once the first has ended
+    assert again.sandbox_id != first.sandbox_id
+    again.kill()

@@ -23,13 +23,14 @@ from typing import Any
 
 from fastapi import Request
 
-from ...errors import QuotaError, SandboxNotFoundError
+from ...errors import PolicyError, QuotaError, SandboxNotFoundError
 from ...manager import CodeContext, CommandRecord, ManagedSandbox
 from ...policy import Policy
 from ..auth import Principal
 
 ENVD_PORT, INTERPRETER_PORT = 49983, 49999
 USER_KEY = "user_id"   # the metadata key that names the end user
+IDEMPOTENCY_SECONDS = 600.0
 
 
 class SandboxGone(Exception):
@@ -55,6 +56,8 @@ class Core:
         self.sandboxes: dict[str, E2BSandbox] = {}
         self.processes: dict[str, dict[int, Any]] = {}   # envd.py's processes per sandbox
         self.watchers: dict[str, dict[str, Any]] = {}    # envd.py's directory watchers per sandbox
+        self.idempotent: dict[tuple[str, str], tuple[float, str]] = {}  # (tenant, key) -> (expiry, sandbox)
+        self._idem_locks: dict[tuple[str, str], asyncio.Lock] = {}
 
     # ---- control plane ---------------------------------------------------------------------------
     async def authenticate(self, request: Request) -> Principal:
@@ -70,9 +73,28 @@ class Core:
         tenant's one_sandbox_per_user: "reuse" answers with the user's live sandbox)."""
         from ..app import create_sandbox
 
-        user_id = (metadata or {}).get(USER_KEY) or None
-        sb, _ = await create_sandbox(self.srv, who, policy, timeout, envs, metadata, user_id)
-        return self.register(request, sb, who, template)
+        key = request.headers.get("idempotency-key")
+        if key is None:
+            user_id = (metadata or {}).get(USER_KEY) or None
+            sb, _ = await create_sandbox(self.srv, who, policy, timeout, envs, metadata, user_id)
+            return self.register(request, sb, who, template)
+        # E2B's Idempotency-Key: a create retried with the same key (its answer was lost) gets the same
+        # sandbox while it runs, for IDEMPOTENCY_SECONDS
+        if not 1 <= len(key) <= 255:
+            raise PolicyError("Idempotency-Key", "must be 1 to 255 characters")
+        now = time.monotonic()
+        for k in [k for k, (expiry, _) in self.idempotent.items() if expiry < now]:
+            del self.idempotent[k]
+            self._idem_locks.pop(k, None)
+        slot = (who.tenant, key)
+        async with self._idem_locks.setdefault(slot, asyncio.Lock()):
+            earlier = self.idempotent.get(slot)
+            if earlier is not None and earlier[1] in self.srv.m.sandboxes:
+                return self.register(request, self.live(who, earlier[1]), who)
+            user_id = (metadata or {}).get(USER_KEY) or None
+            sb, _ = await create_sandbox(self.srv, who, policy, timeout, envs, metadata, user_id)
+            self.idempotent[slot] = (now + IDEMPOTENCY_SECONDS, sb.id)
+            return self.register(request, sb, who, template)
 
     def register(self, request: Request, sb: ManagedSandbox, who: Principal,
                  template: str | None = None) -> E2BSandbox:
