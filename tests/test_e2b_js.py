@@ -54,3 +54,5 @@ def test_js_sdk_basic_flow() -> None:
     assert out["code"] == {"text": "42", "stdout": ["hi\n"]} and out["error"] == "ZeroDivisionError"
     assert out["bash"] == ["5\n"] and out["listed"] == [out["id"]]
     assert out["unknown"] == "SandboxNotFoundError"
+    assert out["timeout"] == "TimeoutError" and out["watched"] == [["w.txt", "create"]]
+    assert out["multi"] == ["m1", "m2"] and out["signed"] == "m1"

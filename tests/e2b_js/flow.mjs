@@ -28,6 +28,22 @@ try {
   const ctx = await sbx.createCodeContext({ language: 'bash' })
   out.bash = (await sbx.runCode('echo $((2+3))', { context: ctx })).logs.stdout
   out.listed = (await Sandbox.list({ query: { metadata: { from: 'js' } } }).nextItems()).map((s) => s.sandboxId)
+  try {
+    await sbx.commands.run('sleep 10', { timeoutMs: 1000 })
+  } catch (e) {
+    out.timeout = e.constructor.name
+  }
+  await sbx.files.makeDir('/home/user/jswatch')
+  const seen = []
+  const watcher = await sbx.files.watchDir('/home/user/jswatch', (ev) => seen.push([ev.name, ev.type]))
+  await sbx.files.write('/home/user/jswatch/w.txt', 'w')
+  for (let i = 0; i < 100 && seen.length === 0; i++) await new Promise((r) => setTimeout(r, 100))
+  await watcher.stop()
+  out.watched = seen
+  await sbx.files.write([{ path: '/home/user/m1.txt', data: 'm1' }, { path: '/home/user/m2.txt', data: 'm2' }])
+  out.multi = [await sbx.files.read('/home/user/m1.txt'), await sbx.files.read('/home/user/m2.txt')]
+  const url = await sbx.downloadUrl('/home/user/m1.txt')
+  out.signed = await (await fetch(url)).text()
   out.id = sbx.sandboxId
 } finally {
   await sbx.kill()
