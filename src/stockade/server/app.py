@@ -52,6 +52,8 @@ from ..policy import Policy
 from ..pool import WarmPool
 from ..runtime.base import Runtime
 from .auth import KeyStore, Principal, RateLimiter
+from .e2b import E2B_UPLOAD
+from .e2b import mount as mount_e2b
 from .metrics import MeteredAudit, Metrics
 from .registry import Registry
 from .settings import ServerSettings
@@ -223,6 +225,54 @@ ERRORS: dict[int | str, dict[str, Any]] = {s: {"model": ErrorOut}
                                            for s in (400, 401, 404, 409, 413, 422, 429, 502, 503, 504)}
 
 
+# ---- shared by the native routes and the E2B front end (server/e2b/) ---------------------------------
+def live_sandbox(srv: Server, who: Principal, sandbox_id: str) -> ManagedSandbox:
+    """The caller's live sandbox; another tenant's is answered exactly like one that never existed."""
+    owned = srv.registry.live.get(sandbox_id)
+    if owned is None or owned.tenant != who.tenant or not owned.ready:
+        row = srv.registry.owner_of(who.tenant, sandbox_id)  # raises not-found for strangers
+        raise SandboxNotFoundError(f"sandbox {sandbox_id!r} has ended: {row.get('end_reason') or 'ended'}")
+    return srv.m.get(sandbox_id)
+
+
+async def create_sandbox(srv: Server, who: Principal, policy: Policy, timeout: float | None,
+                         envs: dict[str, str] | None, metadata: dict[str, str] | None,
+                         user_id: str | None, runtime: str | None = None) -> tuple[ManagedSandbox, bool]:
+    """Create a sandbox for the caller through the tenant's gate, quota and one-per-user rule. Returns the
+    sandbox and whether it is the user's existing one (one_sandbox_per_user = "reuse")."""
+    limits = srv.settings.tenant(who.tenant)
+    limits.check(policy)
+    limits.check_runtime(runtime or srv.m.runtime.name)
+    async with srv.registry.lock(who.tenant):
+        existing = srv.registry.existing_for_user(who.tenant, user_id)
+        if existing is not None and limits.one_sandbox_per_user != "off":
+            if limits.one_sandbox_per_user == "reject" or not existing.ready:
+                raise ConflictError(f"user {user_id!r} already has sandbox {existing.id} and this "
+                                    "tenant allows one sandbox per user")
+            return srv.m.get(existing.id), True
+        try:
+            srv.registry.check_quota(who.tenant, limits, policy)
+        except QuotaError:
+            srv.metrics.create_failures.labels("quota").inc()
+            raise
+        owned = srv.registry.reserve(who.tenant, user_id, policy)
+    try:
+        sb = await srv.m.create(policy, timeout, envs, metadata, tenant=who.tenant, user_id=user_id,
+                                runtime=runtime)
+    except BaseException as exc:
+        srv.registry.release(owned.id)
+        srv.metrics.create_failures.labels(type(exc).__name__[:40]).inc()
+        raise
+    srv.registry.assign(owned, sb.id)
+    if sb.id not in srv.m.sandboxes:  # it died while being created: its quota is free, the caller told why
+        srv.registry.release(sb.id)
+        srv.m.get(sb.id)
+    await asyncio.to_thread(srv.registry.started, owned, dict(sb.metadata))
+    srv.metrics.creates.inc()
+    srv.metrics.alive.set(len(srv.registry.live))
+    return sb, False
+
+
 # ---- the app ----------------------------------------------------------------------------------------
 # Dependencies are coroutines: FastAPI runs plain functions in a thread pool, a cost on every request.
 async def server_of(request: Request) -> Server:
@@ -252,7 +302,7 @@ def _releases(method: str, path: str) -> bool:
     """Requests that free resources (ending a sandbox or context, signalling a process) are never refused by
     the rate limiter or a failing audit store: refusing them would keep the sandbox running, and holding
     quota, until its timeout."""
-    return method == "DELETE" or (method == "POST" and path.endswith("/signal"))
+    return method == "DELETE" or (method == "POST" and path.endswith(("/signal", "/process.Process/SendSignal")))
 
 
 Auth = Annotated[Principal, Depends(principal)]
@@ -280,12 +330,7 @@ def create_app(settings: ServerSettings, config: HostConfig | None = None, runti
     _add_error_handlers(app)
     app.add_middleware(_Guard, max_body=settings.max_body)
 
-    def live(srv: Server, who: Principal, sandbox_id: str) -> ManagedSandbox:
-        owned = srv.registry.live.get(sandbox_id)
-        if owned is None or owned.tenant != who.tenant or not owned.ready:
-            row = srv.registry.owner_of(who.tenant, sandbox_id)  # raises not-found for strangers
-            raise SandboxNotFoundError(f"sandbox {sandbox_id!r} has ended: {row.get('end_reason') or 'ended'}")
-        return srv.m.get(sandbox_id)
+    live = live_sandbox
 
     # ---- sandboxes --------------------------------------------------------------------------------
     @app.get("/health", tags=["server"])
@@ -303,38 +348,10 @@ def create_app(settings: ServerSettings, config: HostConfig | None = None, runti
 
     @app.post("/sandboxes", status_code=201, tags=["sandboxes"])
     async def create(body: CreateSandbox, srv: Srv, who: Auth, response: Response) -> SandboxOut:
-        policy = Policy.from_dict(body.policy or {})
-        limits = srv.settings.tenant(who.tenant)
-        limits.check(policy)
-        limits.check_runtime(body.runtime or srv.m.runtime.name)
-        async with srv.registry.lock(who.tenant):
-            existing = srv.registry.existing_for_user(who.tenant, body.user_id)
-            if existing is not None and limits.one_sandbox_per_user != "off":
-                if limits.one_sandbox_per_user == "reject" or not existing.ready:
-                    raise ConflictError(f"user {body.user_id!r} already has sandbox {existing.id} and this "
-                                        "tenant allows one sandbox per user")
-                response.status_code = 200
-                return _out(srv, srv.m.get(existing.id))
-            try:
-                srv.registry.check_quota(who.tenant, limits, policy)
-            except QuotaError:
-                srv.metrics.create_failures.labels("quota").inc()
-                raise
-            owned = srv.registry.reserve(who.tenant, body.user_id, policy)
-        try:
-            sb = await srv.m.create(policy, body.timeout, body.envs, body.metadata, tenant=who.tenant,
-                                    user_id=body.user_id, runtime=body.runtime)
-        except BaseException as exc:
-            srv.registry.release(owned.id)
-            srv.metrics.create_failures.labels(type(exc).__name__[:40]).inc()
-            raise
-        srv.registry.assign(owned, sb.id)
-        if sb.id not in srv.m.sandboxes:  # it died while being created: its quota is free, the caller told why
-            srv.registry.release(sb.id)
-            srv.m.get(sb.id)
-        await asyncio.to_thread(srv.registry.started, owned, dict(sb.metadata))
-        srv.metrics.creates.inc()
-        srv.metrics.alive.set(len(srv.registry.live))
+        sb, reused = await create_sandbox(srv, who, Policy.from_dict(body.policy or {}), body.timeout, body.envs,
+                                          body.metadata, body.user_id, body.runtime)
+        if reused:
+            response.status_code = 200
         return _out(srv, sb)
 
     @app.get("/sandboxes", tags=["sandboxes"])
@@ -591,6 +608,7 @@ def create_app(settings: ServerSettings, config: HostConfig | None = None, runti
                           exclude_type=None if (type or "").startswith("audit") else "audit.query")
         return [e.to_dict() for e in await asyncio.to_thread(srv.audit.query, flt)]
 
+    mount_e2b(app)  # E2B's wire protocol over the same checks (server/e2b/); its routing is outermost
     return app
 
 
@@ -718,7 +736,7 @@ class _Guard:
                            f"its database (GET /health shows the audit store's state)"},
                 [(b"retry-after", b"5")])
             return
-        is_upload = scope["method"] == "PUT" and scope["path"].endswith("/files")
+        is_upload = (method == "PUT" and path.endswith("/files")) or (method == "POST" and path == E2B_UPLOAD)
         names = [name.lower() for name, _ in scope.get("headers") or []]
         length = dict(scope.get("headers") or []).get(b"content-length")
         if b"transfer-encoding" in names and b"content-length" in names:

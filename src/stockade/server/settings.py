@@ -128,6 +128,9 @@ class ServerSettings(_Model):
     # killed run left of its sandboxes swept, when the server starts.
     runtime: str | None = None
     runtimes: Annotated[list[str], BeforeValidator(_comma_list)] = []
+    # The policy a sandbox created through the E2B front end starts from (E2B's create has no policy; its
+    # network options are applied over this one). {}: stockade's defaults.
+    e2b_policy: dict[str, Any] = {}
     tenant_defaults: TenantSettings = TenantSettings()
     tenants: dict[str, TenantSettings] = {}
 

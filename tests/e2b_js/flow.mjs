@@ -1,0 +1,57 @@
+// The E2B cookbook's basic code-interpreter flow with the official JS SDKs, unchanged: configured only by
+// E2B_API_URL, E2B_SANDBOX_URL and E2B_API_KEY. Prints one JSON object for tests/test_e2b_js.py to check.
+import { Sandbox, CommandExitError, NotFoundError } from '@e2b/code-interpreter'
+
+const out = {}
+const sbx = await Sandbox.create({ metadata: { from: 'js' } })
+try {
+  out.running = await sbx.isRunning()
+  const streamed = []
+  const r = await sbx.commands.run('echo one; echo two >&2', { onStdout: (d) => streamed.push(d) })
+  out.command = { stdout: r.stdout, stderr: r.stderr, exitCode: r.exitCode, streamed: streamed.join('') }
+  try {
+    await sbx.commands.run('exit 3')
+  } catch (e) {
+    out.failed = { isCommandExit: e instanceof CommandExitError, exitCode: e.exitCode }
+  }
+  const bg = await sbx.commands.run('sleep 60', { background: true })
+  out.killed = await bg.kill()
+  await sbx.files.write('/home/user/js.txt', 'from js')
+  out.read = await sbx.files.read('/home/user/js.txt')
+  out.list = (await sbx.files.list('/home/user')).map((e) => e.name)
+  out.exists = [await sbx.files.exists('/home/user/js.txt'), await sbx.files.exists('/home/user/nope')]
+  await sbx.runCode('x = 20')
+  const ex = await sbx.runCode('print("hi")\nx + 22')
+  out.code = { text: ex.text, stdout: ex.logs.stdout }
+  const err = await sbx.runCode('1/0')
+  out.error = err.error && err.error.name
+  const ctx = await sbx.createCodeContext({ language: 'bash' })
+  out.bash = (await sbx.runCode('echo $((2+3))', { context: ctx })).logs.stdout
+  out.listed = (await Sandbox.list({ query: { metadata: { from: 'js' } } }).nextItems()).map((s) => s.sandboxId)
+  try {
+    await sbx.commands.run('sleep 10', { timeoutMs: 1000 })
+  } catch (e) {
+    out.timeout = e.constructor.name
+  }
+  await sbx.files.makeDir('/home/user/jswatch')
+  const seen = []
+  const watcher = await sbx.files.watchDir('/home/user/jswatch', (ev) => seen.push([ev.name, ev.type]))
+  await sbx.files.write('/home/user/jswatch/w.txt', 'w')
+  for (let i = 0; i < 100 && seen.length === 0; i++) await new Promise((r) => setTimeout(r, 100))
+  await watcher.stop()
+  out.watched = seen
+  await sbx.files.write([{ path: '/home/user/m1.txt', data: 'm1' }, { path: '/home/user/m2.txt', data: 'm2' }])
+  out.multi = [await sbx.files.read('/home/user/m1.txt'), await sbx.files.read('/home/user/m2.txt')]
+  const url = await sbx.downloadUrl('/home/user/m1.txt')
+  out.signed = await (await fetch(url)).text()
+  out.id = sbx.sandboxId
+} finally {
+  await sbx.kill()
+}
+out.runningAfterKill = await sbx.isRunning()
+try {
+  await Sandbox.connect('sbx-0123456789abcdef')
+} catch (e) {
+  out.unknown = e.constructor.name
+}
+console.log(JSON.stringify(out))

@@ -1,0 +1,731 @@
+"""The official, unmodified E2B SDKs (``e2b``, ``e2b-code-interpreter``, pinned in the test extra) against a
+live ``stockade serve``, configured only by E2B_API_URL, E2B_SANDBOX_URL and E2B_API_KEY."""
+
+from __future__ import annotations
+
+import base64
+import datetime
+import io
+import json
+import os
+import struct
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pytest
+from e2b import (
+    AuthenticationException,
+    CommandExitException,
+    FileNotFoundException,
+    InvalidArgumentException,
+    NotFoundException,
+    RateLimitException,
+    SandboxException,
+    SandboxNotFoundException,
+    TimeoutException,
+)
+from e2b import Sandbox as E2BSandbox
+from e2b.sandbox.sandbox_api import SandboxQuery
+from e2b_code_interpreter import Sandbox as CodeSandbox
+
+from .conftest import base_policy, wait_until
+from .server_support import RunningServer
+
+UNKNOWN = "sbx-0123456789abcdef"
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[RunningServer]:
+    srv = RunningServer(e2b_policy=base_policy().model_dump(mode="json"),
+                        tenants={"small": {"max_sandboxes": 1}})
+    saved = {k: os.environ.get(k) for k in ("E2B_API_URL", "E2B_SANDBOX_URL", "E2B_API_KEY", "E2B_DOMAIN")}
+    os.environ.update(E2B_API_URL=srv.url + "/e2b", E2B_SANDBOX_URL=srv.url + "/e2b/sandbox",
+                      E2B_API_KEY=srv.key("e2b"))
+    try:
+        yield srv
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        manager = srv.server.manager
+        srv.stop()
+        assert manager is not None and not manager.sandboxes
+
+
+@pytest.fixture(scope="module")
+def sbx(server: RunningServer) -> Iterator[CodeSandbox]:
+    sb = CodeSandbox.create()
+    yield sb
+    sb.kill()
+
+
+@pytest.fixture
+def other_tenant(server: RunningServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("E2B_API_KEY", server.key("someone-else"))
+
+
+def _raw(server: RunningServer, method: str, path: str, headers: dict[str, str], **kw: Any) -> httpx.Response:
+    return httpx.request(method, server.url + path, headers=headers, timeout=30, **kw)
+
+
+def _envd_headers(sb: E2BSandbox, token: str | None = None) -> dict[str, str]:
+    return {"E2b-Sandbox-Id": sb.sandbox_id, "E2b-Sandbox-Port": "49983",
+            "X-Access-Token": sb._envd_access_token if token is None else token}
+
+
+# ---- control plane ----------------------------------------------------------------------------------------
+def test_create_info_list_timeout_kill(server: RunningServer) -> None:
+    sb = E2BSandbox.create(metadata={"owner": "alice", "run": "t1"}, envs={"GREETING": "hi"}, timeout=120)
+    try:
+        assert sb.sandbox_id.startswith("sbx-") and sb.is_running()
+        info = sb.get_info()
+        assert info.metadata == {"owner": "alice", "run": "t1"} and info.template_id == "base"
+        assert info.envd_version == "0.5.7" and info.state.value == "running"
+        assert 100 < (info.end_at - info.started_at).total_seconds() <= 121
+        assert sb.commands.run("echo $GREETING").stdout == "hi\n"
+        found = E2BSandbox.list(query=SandboxQuery(metadata={"owner": "alice"})).next_items()
+        assert [s.sandbox_id for s in found] == [sb.sandbox_id]
+        assert E2BSandbox.list(query=SandboxQuery(metadata={"owner": "bob"})).next_items() == []
+        sb.set_timeout(600)
+        assert 590 < (sb.get_info().end_at - info.started_at).total_seconds() <= 601
+        again = E2BSandbox.connect(sb.sandbox_id)
+        assert again.commands.run("echo connected").stdout == "connected\n"
+        E2BSandbox.connect(sb.sandbox_id, timeout=60)  # an earlier end: the timeout is not shortened
+        assert 590 < (sb.get_info().end_at - info.started_at).total_seconds() <= 601
+        E2BSandbox.connect(sb.sandbox_id, timeout=900)
+        assert 890 < (sb.get_info().end_at - info.started_at).total_seconds() <= 905
+    finally:
+        assert sb.kill() is True
+    assert not sb.is_running()
+    assert E2BSandbox.kill(sb.sandbox_id) is False
+    with pytest.raises(SandboxNotFoundException):
+        E2BSandbox.get_info(sb.sandbox_id)
+
+
+def test_a_command_deadline_past_the_sandboxs_end_is_cut_to_it(server: RunningServer) -> None:
+    sb = E2BSandbox.create(timeout=20)  # the SDK's commands.run sends its default 60 s deadline
+    try:
+        assert sb.commands.run("echo fits").stdout == "fits\n"
+    finally:
+        sb.kill()
+
+
+def test_a_natively_created_sandbox_can_be_connected(server: RunningServer) -> None:
+    from stockade import Sandbox
+
+    native = Sandbox.create(base_policy(), api_url=server.url, api_key=os.environ["E2B_API_KEY"])
+    try:
+        e2b = CodeSandbox.connect(native.sandbox_id)
+        assert e2b.commands.run("echo both").stdout == "both\n"
+        assert e2b.run_code("2 ** 10").text == "1024"
+        e2b.files.write("/home/user/shared.txt", "written by e2b")
+        assert native.files.read("/home/user/shared.txt") == "written by e2b"
+    finally:
+        native.kill()
+
+
+def test_default_timeout_is_300_seconds(server: RunningServer) -> None:
+    sb = E2BSandbox.create()
+    try:
+        info = sb.get_info()
+        assert 295 < (info.end_at - info.started_at).total_seconds() <= 301
+    finally:
+        sb.kill()
+
+
+def test_list_pages_with_next_token(server: RunningServer) -> None:
+    made = [E2BSandbox.create(metadata={"batch": "paging"}) for _ in range(3)]
+    try:
+        pages = E2BSandbox.list(query=SandboxQuery(metadata={"batch": "paging"}), limit=2)
+        first = pages.next_items()
+        assert len(first) == 2 and pages.has_next
+        second = pages.next_items()
+        assert len(second) == 1 and not pages.has_next
+        assert {s.sandbox_id for s in first + second} == {s.sandbox_id for s in made}
+        query = {"metadata": {"batch": "paging"}}
+        future = datetime.datetime.now(datetime.UTC) + datetime.timedelta(hours=1)
+        assert E2BSandbox.list(query=SandboxQuery(**query, started_after=future)).next_items() == []
+        past = datetime.datetime.now(datetime.UTC) - datetime.timedelta(hours=1)
+        assert len(E2BSandbox.list(query=SandboxQuery(**query, started_after=past)).next_items()) == 3
+        assert E2BSandbox.list(query=SandboxQuery(**query, template="code-interpreter-v1")).next_items() == []
+        assert len(E2BSandbox.list(query=SandboxQuery(**query, template="base")).next_items()) == 3
+    finally:
+        for sb in made:
+            sb.kill()
+
+
+def test_unknown_sandbox_is_not_found(server: RunningServer) -> None:
+    with pytest.raises(SandboxNotFoundException):
+        E2BSandbox.connect(UNKNOWN)
+    with pytest.raises(SandboxNotFoundException):
+        E2BSandbox.get_info(UNKNOWN)
+    with pytest.raises(SandboxNotFoundException):
+        E2BSandbox.set_timeout(UNKNOWN, 60)
+    assert E2BSandbox.kill(UNKNOWN) is False
+
+
+def test_wrong_key_is_refused(server: RunningServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    for key in ("sk_nope_nope", "not-even-a-key"):
+        monkeypatch.setenv("E2B_API_KEY", key)
+        with pytest.raises(AuthenticationException, match="401"):
+            E2BSandbox.create()
+        with pytest.raises(AuthenticationException):
+            E2BSandbox.list().next_items()
+    r = _raw(server, "GET", "/e2b/v2/sandboxes", {})
+    assert r.status_code == 401 and r.json()["code"] == 401 and "API key" in r.json()["message"]
+
+
+def test_another_tenants_sandbox_is_answered_like_an_unknown_one(server: RunningServer, sbx: CodeSandbox,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("E2B_API_KEY", server.key("someone-else"))
+    key = os.environ["E2B_API_KEY"]
+    answers = []
+    for sid in (sbx.sandbox_id, UNKNOWN):
+        got = [_raw(server, m, p.format(sid), {"X-API-KEY": key}, json=body) for m, p, body in (
+            ("GET", "/e2b/sandboxes/{}", None), ("DELETE", "/e2b/sandboxes/{}", None),
+            ("POST", "/e2b/sandboxes/{}/timeout", {"timeout": 30}), ("POST", "/e2b/v2/sandboxes/{}/connect", {}))]
+        answers.append([(r.status_code, r.json()["code"], r.json()["message"].replace(sid, "ID")) for r in got])
+        with pytest.raises(SandboxNotFoundException):
+            E2BSandbox.connect(sid)
+        assert E2BSandbox.kill(sid) is False
+    assert answers[0] == answers[1] and all(a[0] == 404 for a in answers[0])
+    assert sbx.sandbox_id not in {s.sandbox_id for s in E2BSandbox.list().next_items()}
+    monkeypatch.undo()
+    assert sbx.is_running()  # the stranger's kill did nothing
+
+
+def test_wrong_access_token_is_refused_like_an_unknown_sandbox(server: RunningServer, sbx: CodeSandbox) -> None:
+    good = _raw(server, "GET", "/e2b/sandbox/health", _envd_headers(sbx))
+    assert good.status_code == 204
+    wrong = _raw(server, "GET", "/e2b/sandbox/health", _envd_headers(sbx, "guess"))
+    missing = _raw(server, "GET", "/e2b/sandbox/health", {k: v for k, v in _envd_headers(sbx).items()
+                                                            if k != "X-Access-Token"})
+    unknown = _raw(server, "GET", "/e2b/sandbox/health", {**_envd_headers(sbx), "E2b-Sandbox-Id": UNKNOWN})
+    for r in (wrong, missing, unknown):
+        assert r.status_code == 502 and "was not found" in r.json()["message"]
+    assert wrong.json()["message"] == missing.json()["message"]
+    # an RPC with the wrong token runs nothing
+    stat = _raw(server, "POST", "/e2b/sandbox/filesystem.Filesystem/Stat",
+                {**_envd_headers(sbx, "guess"), "Content-Type": "application/json"}, json={"path": "/home/user"})
+    assert stat.status_code == 503 and stat.json()["code"] == "unavailable"
+    # the envd token does not open the code interpreter, nor the reverse
+    interp = {"E2b-Sandbox-Id": sbx.sandbox_id, "E2b-Sandbox-Port": "49999"}
+    r = _raw(server, "POST", "/e2b/sandbox/execute", {**interp, "E2B-Traffic-Access-Token": sbx._envd_access_token},
+             json={"code": "1"})
+    assert r.status_code == 502
+    r = _raw(server, "GET", "/e2b/sandbox/health", {**_envd_headers(sbx, sbx.traffic_access_token or "")})
+    assert r.status_code == 502
+
+
+def test_quota_and_rate_limits_apply(server: RunningServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("E2B_API_KEY", server.key("small"))
+    first = E2BSandbox.create()
+    try:
+        with pytest.raises(RateLimitException, match="max_sandboxes"):
+            E2BSandbox.create(retries=0)
+    finally:
+        first.kill()
+
+
+def test_templates_and_unsupported_features_answer_in_e2b_shape(server: RunningServer, sbx: CodeSandbox) -> None:
+    with pytest.raises(SandboxException, match="template 'my-template' is not available"):
+        E2BSandbox.create(template="my-template")
+    with pytest.raises(SandboxException, match="501.*not supported"):
+        sbx.pause()
+    with pytest.raises(SandboxException, match="not supported"):
+        sbx.get_metrics()
+    with pytest.raises(SandboxException, match="PTY"):
+        sbx.pty.create(size=__import__("e2b").PtySize(rows=24, cols=80))
+    with pytest.raises(InvalidArgumentException, match="one user"):
+        sbx.commands.run("id", user="root")
+    r = _raw(server, "GET", "/e2b/sandbox/", {"E2b-Sandbox-Id": sbx.sandbox_id, "E2b-Sandbox-Port": "8080",
+                                              "E2B-Traffic-Access-Token": sbx.traffic_access_token or ""})
+    assert r.status_code == 501 and r.json() == {"code": 501, "message": r.json()["message"]}
+    assert "port 8080" in r.json()["message"]
+
+
+def test_network_options_map_onto_the_policy(server: RunningServer) -> None:
+    manager = server.server.m
+    opened = E2BSandbox.create(network={"allow_out": ["example.com", "*.example.org"], "deny_out": ["10.0.0.0/8"]})
+    closed = E2BSandbox.create(allow_internet_access=False)
+    default = E2BSandbox.create()
+    try:
+        net = manager.get(opened.sandbox_id).policy.network
+        assert net.mode == "allowlist" and net.allow == ["example.com", "*.example.org"] and net.deny == ["10.0.0.0/8"]
+        assert manager.get(closed.sandbox_id).policy.network.mode == "none"
+        assert manager.get(default.sandbox_id).policy.network.mode == "none"
+        with pytest.raises(CommandExitException) as refused:
+            closed.commands.run("python3 -c \"import urllib.request; urllib.request.urlopen('http://example.com')\"")
+        assert "network is off" in refused.value.stderr
+    finally:
+        for sb in (opened, closed, default):
+            sb.kill()
+
+
+def test_calls_are_audited_under_the_tenant(server: RunningServer, sbx: CodeSandbox) -> None:
+    sbx.commands.run("echo audited-e2b")
+    srv = server.server
+    srv.audit.flush()
+    from stockade.audit.events import EventFilter
+
+    events = srv.audit.query(EventFilter(tenant="e2b", sandbox_id=sbx.sandbox_id, limit=10000))
+    routes = {e.data.get("route") for e in events if e.type == "api.request"}
+    assert "/e2b/sandbox/process.Process/{method}" in routes and "/e2b/v2/sandboxes" not in routes
+    assert any(e.type == "command.end" and "audited-e2b" in e.data.get("stdout", "") for e in events)
+    keyed = [e for e in events if e.type == "api.request" and e.data.get("route", "").startswith("/e2b/sandbox")]
+    assert keyed and all(e.data.get("key_id") for e in keyed)
+
+
+# ---- commands ---------------------------------------------------------------------------------------------
+def test_foreground_command_streams_and_fails_with_command_exit_exception(sbx: CodeSandbox) -> None:
+    out: list[str] = []
+    err: list[str] = []
+    result = sbx.commands.run("for i in 1 2 3; do echo line$i; done; echo oops >&2",
+                              on_stdout=out.append, on_stderr=err.append)
+    assert result.exit_code == 0 and result.stdout == "line1\nline2\nline3\n" and result.stderr == "oops\n"
+    assert "".join(out) == result.stdout and "".join(err) == "oops\n"
+    with pytest.raises(CommandExitException) as failed:
+        sbx.commands.run("echo partial; echo bad >&2; exit 7")
+    assert failed.value.exit_code == 7 and failed.value.stdout == "partial\n" and failed.value.stderr == "bad\n"
+
+
+def test_cwd_envs_and_bytes_output(sbx: CodeSandbox) -> None:
+    r = sbx.commands.run('pwd; echo "$A-$B"', cwd="/tmp", envs={"A": "x", "B": "y z"})
+    assert r.stdout == "/tmp\nx-y z\n"
+    assert sbx.commands.run("pwd").stdout == "/home/user\n"
+    with pytest.raises(CommandExitException):
+        sbx.commands.run("true", cwd="/does/not/exist")
+
+
+def test_background_command_list_connect_and_kill(sbx: CodeSandbox) -> None:
+    handle = sbx.commands.run("echo started; sleep 60", background=True)
+    assert wait_until(lambda: handle.pid in {p.pid for p in sbx.commands.list()})
+    listed = next(p for p in sbx.commands.list() if p.pid == handle.pid)
+    assert listed.cmd == "/bin/bash" and listed.args == ["-l", "-c", "echo started; sleep 60"]
+    attached = sbx.commands.connect(handle.pid)
+    assert handle.kill() is True
+    with pytest.raises(CommandExitException) as killed:
+        attached.wait()
+    assert killed.value.exit_code == -1
+    assert wait_until(lambda: handle.pid not in {p.pid for p in sbx.commands.list()})
+    assert sbx.commands.kill(handle.pid) is False
+    with pytest.raises(NotFoundException):
+        sbx.commands.connect(999999)
+
+
+def test_stdin_send_and_close(sbx: CodeSandbox) -> None:
+    handle = sbx.commands.run("cat; echo done", background=True, stdin=True)
+    sbx.commands.send_stdin(handle.pid, "first\n")
+    sbx.commands.send_stdin(handle.pid, b"second\n")
+    sbx.commands.close_stdin(handle.pid)
+    result = handle.wait()
+    assert result.stdout == "first\nsecond\ndone\n"
+    with pytest.raises(NotFoundException):
+        sbx.commands.send_stdin(999999, "x")
+
+
+def test_command_timeout_raises_and_ends_the_process(sbx: CodeSandbox) -> None:
+    with pytest.raises(TimeoutException):
+        sbx.commands.run("sleep 30; echo never", timeout=1)
+    assert wait_until(lambda: not any("sleep 30; echo never" in " ".join(p.args) for p in sbx.commands.list()))
+
+
+def test_is_running_follows_the_sandbox(server: RunningServer) -> None:
+    sb = E2BSandbox.create()
+    assert sb.is_running()
+    sb.kill()
+    assert not sb.is_running()
+    with pytest.raises(TimeoutException):  # SandboxNotRunningException, a TimeoutException
+        sb.commands.run("true")
+
+
+# ---- files ------------------------------------------------------------------------------------------------
+def test_files_text_bytes_stream_and_errors(sbx: CodeSandbox) -> None:
+    info = sbx.files.write("/home/user/notes/a.txt", "héllo")
+    assert info.path == "/home/user/notes/a.txt" and info.name == "a.txt"
+    assert sbx.files.read("/home/user/notes/a.txt") == "héllo"
+    sbx.files.write("rel.bin", b"\x00\xff" * 10)
+    assert bytes(sbx.files.read("/home/user/rel.bin", format="bytes")) == b"\x00\xff" * 10
+    payload = os.urandom(3 << 20)
+    sbx.files.write("/home/user/big.bin", io.BytesIO(payload))  # streamed: octet-stream
+    assert b"".join(sbx.files.read("/home/user/big.bin", format="stream")) == payload
+    with pytest.raises(FileNotFoundException):
+        sbx.files.read("/home/user/missing.txt")
+    with pytest.raises(InvalidArgumentException):
+        sbx.files.read("/home/user/notes")
+    with pytest.raises(InvalidArgumentException, match="one user"):
+        sbx.files.read("/home/user/notes/a.txt", user="root")
+
+
+def test_files_list_exists_remove_rename_make_dir(sbx: CodeSandbox) -> None:
+    assert sbx.files.make_dir("/home/user/tree/sub") is True
+    assert sbx.files.make_dir("/home/user/tree/sub") is False
+    sbx.files.write("/home/user/tree/sub/deep.txt", "d")
+    sbx.files.write("/home/user/tree/top.txt", "t")
+    one = {e.path for e in sbx.files.list("/home/user/tree")}
+    assert one == {"/home/user/tree/sub", "/home/user/tree/top.txt"}
+    two = {e.path: e for e in sbx.files.list("/home/user/tree", depth=2)}
+    assert "/home/user/tree/sub/deep.txt" in two and two["/home/user/tree/sub"].type.value == "dir"
+    assert two["/home/user/tree/top.txt"].size == 1
+    assert sbx.files.exists("/home/user/tree/top.txt") and not sbx.files.exists("/home/user/tree/nope")
+    moved = sbx.files.rename("/home/user/tree/top.txt", "/home/user/tree/moved.txt")
+    assert moved.path == "/home/user/tree/moved.txt"
+    assert sbx.files.get_info("/home/user/tree/moved.txt").size == 1
+    sbx.files.remove("/home/user/tree")
+    assert not sbx.files.exists("/home/user/tree")
+    with pytest.raises(FileNotFoundException):
+        sbx.files.list("/home/user/tree")
+    with pytest.raises(FileNotFoundException):
+        sbx.files.rename("/home/user/none", "/home/user/other")
+
+
+def test_write_files_multipart(sbx: CodeSandbox) -> None:
+    infos = sbx.files.write_files([{"path": "/home/user/multi/1.txt", "data": "one"},
+                                   {"path": "/home/user/multi/2.bin", "data": b"\x01\x02"}])
+    assert [i.path for i in infos] == ["/home/user/multi/1.txt", "/home/user/multi/2.bin"]
+    assert sbx.files.read("/home/user/multi/1.txt") == "one"
+    assert bytes(sbx.files.read("/home/user/multi/2.bin", format="bytes")) == b"\x01\x02"
+
+
+def test_upload_over_max_upload_is_refused_and_not_kept(server: RunningServer, sbx: CodeSandbox,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(server.server, "settings", server.server.settings.model_copy(update={"max_upload": 1 << 20}))
+    r = _raw(server, "POST", "/e2b/sandbox/files?path=/home/user/huge.bin",
+             {**_envd_headers(sbx), "Content-Type": "application/octet-stream"}, content=b"x" * (2 << 20))
+    assert r.status_code == 413
+    r = _raw(server, "POST", "/e2b/sandbox/files", _envd_headers(sbx),
+             files=[("file", ("/home/user/huge2.bin", b"x" * (2 << 20)))])
+    assert r.status_code == 413
+    monkeypatch.undo()
+    assert not sbx.files.exists("/home/user/huge.bin") and not sbx.files.exists("/home/user/huge2.bin")
+
+
+# ---- code interpreter -------------------------------------------------------------------------------------
+def test_run_code_state_streaming_and_results(sbx: CodeSandbox) -> None:
+    chunks: list[str] = []
+    first = sbx.run_code("x = 40\nprint('thinking')\nx + 2", on_stdout=lambda m: chunks.append(m.line))
+    assert first.text == "42" and first.logs.stdout == ["thinking\n"] and "".join(chunks) == "thinking\n"
+    assert first.error is None and first.execution_count is not None
+    assert sbx.run_code("x * 2").text == "80"  # state across calls
+    assert sbx.run_code("import os; os.environ['ONLY_HERE']", envs={"ONLY_HERE": "yes"}).text == "'yes'"
+    assert sbx.run_code("[1, 2].length", language="js").text == "2"
+
+
+def test_run_code_chart_png_and_dataframe_html(sbx: CodeSandbox) -> None:
+    chart = sbx.run_code("import matplotlib.pyplot as plt\nplt.plot([1, 2, 3])\nplt.show()")
+    png = [r.png for r in chart.results if r.png]
+    assert png and base64.b64decode(png[0]).startswith(b"\x89PNG")
+    frame = sbx.run_code("import pandas as pd\npd.DataFrame({'a': [1, 2], 'b': [3, 4]})")
+    assert frame.results[0].is_main_result and "<table" in (frame.results[0].html or "")
+    assert "html" in frame.results[0].formats() and "text" in frame.results[0].formats()
+
+
+def test_run_code_error_has_a_traceback(sbx: CodeSandbox) -> None:
+    errors = []
+    ex = sbx.run_code("def f():\n    raise ValueError('bad value')\nf()", on_error=errors.append)
+    assert ex.error is not None and ex.error.name == "ValueError" and ex.error.value == "bad value"
+    assert "f()" in ex.error.traceback and errors and errors[0].name == "ValueError"
+
+
+def test_contexts_bash_and_javascript(sbx: CodeSandbox) -> None:
+    bash = sbx.create_code_context(language="bash", cwd="/tmp")
+    assert bash.language == "bash" and bash.cwd == "/tmp"
+    assert sbx.run_code("V=7; pwd", context=bash).logs.stdout == ["/tmp\n"]
+    assert "".join(sbx.run_code("echo $V", context=bash).logs.stdout) == "7\n"
+    js = sbx.run_code("const n = 20; n + 1", language="javascript")
+    assert js.text == "21"
+    py = sbx.create_code_context()
+    sbx.run_code("y = 5", context=py)
+    assert sbx.run_code("y", context=py).text == "5"
+    ids = {c.id for c in sbx.list_code_contexts()}
+    assert {bash.id, py.id} <= ids
+    sbx.restart_code_context(py)
+    assert sbx.run_code("y", context=py).error.name == "NameError"
+    sbx.remove_code_context(py)
+    assert py.id not in {c.id for c in sbx.list_code_contexts()}
+    with pytest.raises(NotFoundException):
+        sbx.run_code("1", context=py)
+    with pytest.raises(SandboxException, match="not supported"):
+        sbx.run_code("1", language="r")
+
+
+# ---- Host-header routing ----------------------------------------------------------------------------------
+def _envelope(message: dict[str, Any], flags: int = 0) -> bytes:
+    data = json.dumps(message).encode()
+    return struct.pack(">BI", flags, len(data)) + data
+
+
+def _frames(body: bytes) -> list[tuple[int, dict[str, Any]]]:
+    out = []
+    while body:
+        flags, length = struct.unpack(">BI", body[:5])
+        out.append((flags, json.loads(body[5:5 + length])))
+        body = body[5 + length:]
+    return out
+
+
+def test_host_form_routes_to_the_sandbox(server: RunningServer, sbx: CodeSandbox) -> None:
+    host = {"Host": f"49983-{sbx.sandbox_id}.sandbox.example.test", "X-Access-Token": sbx._envd_access_token}
+    assert _raw(server, "GET", "/health", host).status_code == 204
+    stat = _raw(server, "POST", "/filesystem.Filesystem/Stat", {**host, "Content-Type": "application/json"},
+                json={"path": "/home/user"})
+    assert stat.status_code == 200 and stat.json()["entry"]["type"] == "FILE_TYPE_DIRECTORY"
+    start = _raw(server, "POST", "/process.Process/Start", {**host, "Content-Type": "application/connect+json"},
+                 content=_envelope({"process": {"cmd": "/bin/echo", "args": ["via-host"]}}))
+    frames = _frames(start.content)
+    assert "start" in frames[0][1]["event"] and frames[-1] == (2, {})
+    assert base64.b64decode(frames[1][1]["event"]["data"]["stdout"]) == b"via-host\n"
+    assert frames[-2][1]["event"]["end"]["exitCode"] == 0
+    interp = {"Host": f"49999-{sbx.sandbox_id}.sandbox.example.test",
+              "E2B-Traffic-Access-Token": sbx.traffic_access_token or ""}
+    text = _raw(server, "POST", "/execute", interp, json={"code": "6*7"}).text
+    assert "\n\n" not in text and text.endswith("\n")
+    lines = [json.loads(line) for line in text.splitlines()]
+    assert any(x.get("type") == "result" and x.get("text") == "42" for x in lines)
+    assert lines[-1] == {"type": "end_of_execution"} and all(lines)
+    wrong = {**host, "X-Access-Token": "guess"}
+    assert _raw(server, "GET", "/health", wrong).status_code == 502
+    assert _raw(server, "GET", "/health", {"Host": f"49983-{UNKNOWN}.sandbox.example.test"}).status_code == 502
+
+
+def test_connect_stream_errors_end_with_an_end_stream_frame(server: RunningServer, sbx: CodeSandbox) -> None:
+    r = _raw(server, "POST", "/e2b/sandbox/process.Process/Start",
+             {**_envd_headers(sbx, "guess"), "Content-Type": "application/connect+json"},
+             content=_envelope({"process": {"cmd": "/bin/true"}}))
+    assert r.status_code == 200 and _frames(r.content) == [(2, {"error": {
+        "code": "unavailable", "message": _frames(r.content)[0][1]["error"]["message"]}})]
+    r = _raw(server, "POST", "/e2b/sandbox/process.Process/Start",
+             {**_envd_headers(sbx), "Content-Type": "application/connect+json"}, content=b"\x00\x00\x00")
+    assert _frames(r.content)[0][1]["error"]["code"] == "invalid_argument"
+    r = _raw(server, "POST", "/e2b/sandbox/process.Process/List", {**_envd_headers(sbx), "Content-Type": "text/x"},
+             content=b"{}")
+    assert r.status_code == 400 and r.json()["code"] == "invalid_argument"
+
+
+def test_run_code_timeout_raises(sbx: CodeSandbox) -> None:
+    own = sbx.create_code_context()  # the abandoned cell keeps this context busy, not the default one
+    with pytest.raises(TimeoutException):
+        sbx.run_code("import time; time.sleep(30)", context=own, timeout=2)
+    sbx.remove_code_context(own)
+
+
+def test_signed_urls_name_one_path_and_operation(sbx: CodeSandbox) -> None:
+    sbx.files.write("/home/user/signed.txt", "signed content")
+    url = sbx.download_url("/home/user/signed.txt")
+    assert "signature=v1_" in url
+    assert httpx.get(url).text == "signed content"  # no headers: the URL alone
+    expiring = sbx.download_url("/home/user/signed.txt", use_signature_expiration=60)
+    assert httpx.get(expiring).text == "signed content"
+    up = sbx.upload_url("/home/user/uploaded.txt")
+    assert httpx.post(up, files=[("file", ("uploaded.txt", b"via url"))]).status_code == 200
+    assert sbx.files.read("/home/user/uploaded.txt") == "via url"
+    refused = [
+        url.replace("signed.txt", "other.txt"),                   # another path
+        url[:-3] + ("AAA" if not url.endswith("AAA") else "BBB"),  # a forged signature
+        up,                                                        # a write signature used to read
+        sbx.download_url("/home/user/signed.txt", use_signature_expiration=-10),  # expired
+    ]
+    for bad in refused:
+        r = httpx.get(bad)
+        assert r.status_code == 502 and "was not found" in r.json()["message"], bad
+    assert httpx.post(url, files=[("file", ("x", b"overwrite"))]).status_code == 502  # read signature, write
+    assert sbx.files.read("/home/user/signed.txt") == "signed content"
+
+
+def test_one_sandbox_per_user_by_the_user_id_metadata_key(monkeypatch: pytest.MonkeyPatch) -> None:
+    srv = RunningServer(e2b_policy=base_policy().model_dump(mode="json"),
+                        tenants={"reuse": {"one_sandbox_per_user": "reuse"},
+                                 "reject": {"one_sandbox_per_user": "reject"}})
+    try:
+        monkeypatch.setenv("E2B_API_URL", srv.url + "/e2b")
+        monkeypatch.setenv("E2B_SANDBOX_URL", srv.url + "/e2b/sandbox")
+        monkeypatch.setenv("E2B_API_KEY", srv.key("reuse"))
+        first = E2BSandbox.create(metadata={"user_id": "u-42"})
+        again = E2BSandbox.create(metadata={"user_id": "u-42"})
+        other = E2BSandbox.create(metadata={"user_id": "u-43"})
+        assert again.sandbox_id == first.sandbox_id != other.sandbox_id
+        assert again.commands.run("echo same").stdout == "same\n"
+        monkeypatch.setenv("E2B_API_KEY", srv.key("reject"))
+        E2BSandbox.create(metadata={"user_id": "u-42"})
+        with pytest.raises(SandboxException, match="409.*one sandbox per user"):
+            E2BSandbox.create(metadata={"user_id": "u-42"})
+    finally:
+        srv.stop()
+
+
+def test_stream_input_feeds_stdin_in_order(sbx: CodeSandbox) -> None:
+    handle = sbx.commands.run("cat", background=True, stdin=True)
+    sbx.commands.stream_input(handle.pid, iter(["a\n", b"b\n", "c\n"]))
+    sbx.commands.close_stdin(handle.pid)
+    assert handle.wait().stdout == "a\nb\nc\n"
+
+
+def test_async_sdk(server: RunningServer) -> None:
+    import asyncio
+
+    from e2b_code_interpreter import AsyncSandbox
+
+    async def flow() -> tuple[str, str, str | None, bool]:
+        sb = await AsyncSandbox.create()
+        try:
+            out = await sb.commands.run("echo async")
+            await sb.files.write("/home/user/a.txt", "async file")
+            text = await sb.files.read("/home/user/a.txt")
+            code = await sb.run_code("3 * 3")
+        finally:
+            await sb.kill()
+        return out.stdout, text, code.text, await sb.is_running()
+
+    assert asyncio.run(flow()) == ("async\n", "async file", "9", False)
+
+
+def test_a_revoked_key_closes_its_sandboxes_data_plane(server: RunningServer,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    key = server.key("revokers")
+    monkeypatch.setenv("E2B_API_KEY", key)
+    sb = E2BSandbox.create()
+    assert sb.commands.run("echo before").stdout == "before\n"
+    server.server.keys.revoke(key.split("_")[1])
+    assert wait_until(lambda: not sb.is_running(), timeout=10)  # the key cache holds a verified key 2 s
+    with pytest.raises(TimeoutException):
+        sb.commands.run("echo after")
+    monkeypatch.setenv("E2B_API_KEY", server.key("revokers"))  # another key of the tenant takes it over
+    again = E2BSandbox.connect(sb.sandbox_id)
+    assert again.commands.run("echo again").stdout == "again\n"
+    again.kill()
+
+
+def test_update_network_changes_the_brokers_lists(server: RunningServer) -> None:
+    manager = server.server.m
+    opened = E2BSandbox.create(network={"allow_out": ["example.com"]})
+    closed = E2BSandbox.create()
+    try:
+        opened.update_network({"allow_out": ["example.org"], "deny_out": ["203.0.113.0/24"]})
+        net = manager.get(opened.sandbox_id).policy.network
+        assert net.allow == ["example.org"] and net.deny == ["203.0.113.0/24"]
+        with pytest.raises(SandboxException, match="network.allow"):
+            opened.update_network({"allow_out": ["exa mple.org"]})
+        assert manager.get(opened.sandbox_id).policy.network.allow == ["example.org"]  # unchanged
+        opened.update_network({"allow_internet_access": False})
+        assert manager.get(opened.sandbox_id).policy.network.mode == "none"
+        with pytest.raises(SandboxException, match="without a network"):
+            closed.update_network({"allow_out": ["example.com"]})
+    finally:
+        opened.kill()
+        closed.kill()
+
+
+def test_watch_dir_reports_changes_between_looks(sbx: CodeSandbox) -> None:
+    from e2b import FilesystemEventType
+
+    sbx.files.make_dir("/home/user/watched/inner")
+    sbx.files.write("/home/user/watched/old.txt", "old")
+    handle = sbx.files.watch_dir("/home/user/watched", recursive=True)
+    assert handle.get_new_events() == []
+    sbx.files.write("/home/user/watched/new.txt", "new")
+    sbx.files.write("/home/user/watched/inner/deep.txt", "deep")
+    sbx.files.remove("/home/user/watched/old.txt")
+    events = {(e.name, e.type) for e in handle.get_new_events()}
+    assert events == {("new.txt", FilesystemEventType.CREATE), ("inner/deep.txt", FilesystemEventType.CREATE),
+                      ("old.txt", FilesystemEventType.REMOVE)}
+    sbx.commands.run("echo more >> /home/user/watched/new.txt")
+    assert {(e.name, e.type) for e in handle.get_new_events()} == {("new.txt", FilesystemEventType.WRITE)}
+    handle.stop()
+    with pytest.raises(SandboxException):
+        handle.get_new_events()
+    with pytest.raises(SandboxException):
+        sbx.files.watch_dir("/home/user/watched/new.txt")  # not a directory
+
+
+def test_watch_dir_stream_with_the_async_sdk(server: RunningServer, sbx: CodeSandbox) -> None:
+    import asyncio
+
+    from e2b_code_interpreter import AsyncSandbox
+
+    async def flow() -> list[tuple[str, str]]:
+        sb = await AsyncSandbox.connect(sbx.sandbox_id)
+        await sb.files.make_dir("/home/user/astream")
+        seen: list[tuple[str, str]] = []
+        got = asyncio.Event()
+
+        def on_event(e: Any) -> None:
+            seen.append((e.name, e.type.value))
+            got.set()
+
+        handle = await sb.files.watch_dir("/home/user/astream", on_event=on_event, timeout=30)
+        await sb.files.write("/home/user/astream/f.txt", "x")
+        await asyncio.wait_for(got.wait(), 20)
+        await handle.stop()
+        return seen
+
+    assert ("f.txt", "create") in asyncio.run(flow())
+
+
+def test_bad_input_gets_a_clear_error_naming_the_field(server: RunningServer, sbx: CodeSandbox) -> None:
+    key = {"X-API-KEY": os.environ["E2B_API_KEY"], "Content-Type": "application/json"}
+    for body, field in (({"templateID": "base", "envVars": {"1BAD": "x"}}, "envs"),
+                        ({"templateID": "base", "timeout": -5}, "timeout"),
+                        ({"templateID": "base", "metadata": {"k": 5}}, "metadata"),
+                        ({"templateID": "base", "autoPause": True}, "autoPause"),
+                        ({"templateID": "base", "network": {"allowOut": ["not a host!"]}}, "network.allow")):
+        r = _raw(server, "POST", "/e2b/v2/sandboxes", key, json=body)
+        assert r.status_code == 400 and r.json()["code"] == 400 and field in r.json()["message"], (body, r.text)
+    r = _raw(server, "POST", "/e2b/v2/sandboxes", key, content=b"{not json")
+    assert r.status_code == 400 and r.json()["code"] == 400
+    envd = {**_envd_headers(sbx), "Content-Type": "application/connect+json"}
+    huge = struct.pack(">BI", 0, 1 << 30) + b"{}"
+    r = _raw(server, "POST", "/e2b/sandbox/process.Process/Start", envd, content=huge)
+    assert _frames(r.content)[0][1]["error"]["code"] == "resource_exhausted"
+    r = _raw(server, "POST", "/e2b/sandbox/process.Process/Start", envd, content=_envelope({"process": {"cmd": 5}}))
+    assert _frames(r.content)[0][1]["error"] == {"code": "invalid_argument",
+                                                 "message": "process.cmd must be a non-empty string"}
+    unary = {**_envd_headers(sbx), "Content-Type": "application/json"}
+    r = _raw(server, "POST", "/e2b/sandbox/process.Process/SendSignal", unary,
+             json={"process": {"pid": 1}, "signal": "SIGNAL_NOPE"})
+    assert r.status_code == 400 and "signal" in r.json()["message"]
+    r = _raw(server, "POST", "/e2b/sandbox/process.Process/StreamInput", envd,
+             content=_envelope({"event": {"start": "not an object"}}))
+    assert _frames(r.content)[0][1]["error"]["code"] == "invalid_argument"
+    r = _raw(server, "POST", "/e2b/sandbox/filesystem.Filesystem/Nope", unary, json={})
+    assert r.status_code == 501 and r.json()["code"] == "unimplemented"
+    r = _raw(server, "POST", "/e2b/sandbox/filesystem.Filesystem/ListDir", unary, json={"path": "/", "depth": 99})
+    assert r.status_code == 400 and "depth" in r.json()["message"]
+    for host in ("49983-../../etc.example.test", "99999999-sbx.example.test", "abc-sbx-1.example.test",
+                 "10-0-0-5.internal", f"49983-{sbx.sandbox_id}"):
+        r = _raw(server, "GET", "/health", {"Host": host})  # not the host form: the server's own /health
+        assert r.status_code == 200 and r.json()["status"] == "ok", host
+
+
+def test_the_cookbook_example_runs_unchanged(server: RunningServer, tmp_path: Any) -> None:
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    example = Path(__file__).parents[1] / "examples" / "e2b_cookbook.py"
+    run = subprocess.run([sys.executable, str(example)], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "saved chart-0.png" in run.stdout and "45" in run.stdout.split()
+    assert (tmp_path / "chart-0.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_a_create_retried_with_its_idempotency_key_gets_the_same_sandbox(server: RunningServer,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    first = E2BSandbox.create(idempotency_key="retry-1")
+    try:
+        assert E2BSandbox.create(idempotency_key="retry-1").sandbox_id == first.sandbox_id
+        other = E2BSandbox.create(idempotency_key="retry-2")
+        assert other.sandbox_id != first.sandbox_id
+        other.kill()
+        monkeypatch.setenv("E2B_API_KEY", server.key("someone-else"))  # keys are per tenant
+        stranger = E2BSandbox.create(idempotency_key="retry-1")
+        assert stranger.sandbox_id != first.sandbox_id
+        stranger.kill()
+    finally:
+        first.kill()
+    monkeypatch.undo()
+    again = E2BSandbox.create(idempotency_key="retry-1")  # a new one once the first has ended
+    assert again.sandbox_id != first.sandbox_id
+    again.kill()
