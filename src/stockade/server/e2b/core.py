@@ -1,6 +1,5 @@
 """The E2B front end's one door into the server: every call it makes on the server, its registry, auth,
-settings and the manager is a method here, so the refactor of server/app.py and manager.py into a service
-core has one module to follow. The checks are the native routes' own: ``principal`` (API key, rate limit),
+settings and the core (the Manager) is a method here, so a change of either has one module to follow. The checks are the native routes' own: ``principal`` (API key, rate limit),
 ``create_sandbox`` (tenant gate, quotas, one sandbox per user), ``live_sandbox`` (tenant isolation), and
 the manager records everything in the audit log under the tenant.
 
