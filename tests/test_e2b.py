@@ -29,8 +29,9 @@ from e2b import Sandbox as E2BSandbox
 from e2b.sandbox.sandbox_api import SandboxQuery
 from e2b_code_interpreter import Sandbox as CodeSandbox
 
-from .conftest import base_policy, wait_until
+from .conftest import base_policy
 from .server_support import RunningServer
+from .waiting import wait_until
 
 UNKNOWN = "sbx-0123456789abcdef"
 
@@ -302,7 +303,7 @@ def test_cwd_envs_and_bytes_output(sbx: CodeSandbox) -> None:
 
 def test_background_command_list_connect_and_kill(sbx: CodeSandbox) -> None:
     handle = sbx.commands.run("echo started; sleep 60", background=True)
-    assert wait_until(lambda: handle.pid in {p.pid for p in sbx.commands.list()})
+    wait_until(lambda: handle.pid in {p.pid for p in sbx.commands.list()}, 10, "the command in the process list")
     listed = next(p for p in sbx.commands.list() if p.pid == handle.pid)
     assert listed.cmd == "/bin/bash" and listed.args == ["-l", "-c", "echo started; sleep 60"]
     attached = sbx.commands.connect(handle.pid)
@@ -310,7 +311,7 @@ def test_background_command_list_connect_and_kill(sbx: CodeSandbox) -> None:
     with pytest.raises(CommandExitException) as killed:
         attached.wait()
     assert killed.value.exit_code == -1
-    assert wait_until(lambda: handle.pid not in {p.pid for p in sbx.commands.list()})
+    wait_until(lambda: handle.pid not in {p.pid for p in sbx.commands.list()}, 10, "the killed command to go")
     assert sbx.commands.kill(handle.pid) is False
     with pytest.raises(NotFoundException):
         sbx.commands.connect(999999)
@@ -330,7 +331,8 @@ def test_stdin_send_and_close(sbx: CodeSandbox) -> None:
 def test_command_timeout_raises_and_ends_the_process(sbx: CodeSandbox) -> None:
     with pytest.raises(TimeoutException):
         sbx.commands.run("sleep 30; echo never", timeout=1)
-    assert wait_until(lambda: not any("sleep 30; echo never" in " ".join(p.args) for p in sbx.commands.list()))
+    wait_until(lambda: not any("sleep 30; echo never" in " ".join(p.args) for p in sbx.commands.list()), 10,
+               "the timed-out command to go")
 
 
 def test_is_running_follows_the_sandbox(server: RunningServer) -> None:
@@ -589,7 +591,7 @@ def test_a_revoked_key_closes_its_sandboxes_data_plane(server: RunningServer,
     sb = E2BSandbox.create()
     assert sb.commands.run("echo before").stdout == "before\n"
     server.server.keys.revoke(key.split("_")[1])
-    assert wait_until(lambda: not sb.is_running(), timeout=10)  # the key cache holds a verified key 2 s
+    wait_until(lambda: not sb.is_running(), 10, "the revoked key's sandbox to stop answering")  # key cache: 2 s
     with pytest.raises(TimeoutException):
         sb.commands.run("echo after")
     monkeypatch.setenv("E2B_API_KEY", server.key("revokers"))  # another key of the tenant takes it over

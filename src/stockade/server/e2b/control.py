@@ -18,7 +18,7 @@ from fastapi import APIRouter, Query, Request, Response
 from pydantic import BaseModel, ConfigDict, Field
 
 from ...errors import PolicyError
-from ...manager import ManagedSandbox
+from ...core.sandboxes import ManagedSandbox
 from ...policy import Policy
 from . import PREFIX
 from .core import Core, E2BSandbox, core_of
