@@ -57,9 +57,8 @@ class Contexts(Commands):
                        envs: Mapping[str, str] | None = None, timeout: float | None = None,
                        on_output: Callable[[str, bytes], None] | None = None,
                        on_event: Callable[[dict[str, Any]], None] | None = None) -> tuple[dict[str, Any], CellPending]:
+        self.check_cell(sandbox_id, code, language=language, context_id=context_id, timeout=timeout)
         sb = self.get(sandbox_id)
-        if not isinstance(code, str):
-            raise PolicyError("code", "must be a string")
         if context_id is None:
             context_id = f"default-{language}"
             if context_id not in sb.contexts:
@@ -96,6 +95,21 @@ class Contexts(Commands):
             if done.get("restarted"):
                 ctx.alive = False
             return done, pending
+
+    def check_cell(self, sandbox_id: str, code: str, *, language: str = "python", context_id: str | None = None,
+                   timeout: float | None = None) -> None:
+        """Refuse, before anything runs, what run_code would refuse at once: an unknown sandbox or context,
+        code that is not a string, an unknown language, a timeout the policy does not allow. (A front end
+        answers these as errors, and streams only a cell that starts.)"""
+        sb = self.get(sandbox_id)
+        if not isinstance(code, str):
+            raise PolicyError("code", "must be a string")
+        if context_id is None:
+            if language not in LANGUAGES:
+                raise PolicyError("language", f"unsupported language {language!r}; supported: {', '.join(LANGUAGES)}")
+        else:
+            self._context(sb, context_id)
+        self._command_timeout(sb, timeout, background=False)
 
     async def restart_context(self, sandbox_id: str, context_id: str) -> CodeContext:
         sb = self.get(sandbox_id)

@@ -17,8 +17,8 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Query, Request, Response
 from pydantic import BaseModel, ConfigDict, Field
 
-from ...errors import PolicyError
 from ...core.sandboxes import ManagedSandbox
+from ...errors import PolicyError
 from ...policy import Policy
 from . import PREFIX
 from .core import Core, E2BSandbox, core_of

@@ -1,7 +1,8 @@
 """The E2B front end's one door into the server: every call it makes on the server, its registry, auth,
-settings and the core (the Manager) is a method here, so a change of either has one module to follow. The checks are the native routes' own: ``principal`` (API key, rate limit),
-``create_sandbox`` (tenant gate, quotas, one sandbox per user), ``live_sandbox`` (tenant isolation), and
-the manager records everything in the audit log under the tenant.
+settings and the core (the Manager) is a method here, so a change of either has one module to follow.
+The checks are the native routes' own: ``principal`` (API key, rate limit), ``create_sandbox`` (tenant
+gate, quotas, one sandbox per user), ``live_sandbox`` (tenant isolation), and the manager records
+everything in the audit log under the tenant.
 
 The data plane (envd, code interpreter) is authenticated by per-sandbox tokens handed out at create and
 connect. A request bearing one acts as the API key that created or connected the sandbox: the same rate
@@ -60,7 +61,7 @@ class Core:
 
     # ---- control plane ---------------------------------------------------------------------------
     async def authenticate(self, request: Request) -> Principal:
-        from ..app import principal
+        from ..deps import principal
 
         who = await principal(request)
         request.state.e2b_key = _api_key(request)
@@ -70,7 +71,7 @@ class Core:
                      envs: dict[str, str] | None, metadata: dict[str, str] | None) -> E2BSandbox:
         """E2B's create has no user id: the metadata key ``user_id`` is stockade's (audit records, and the
         tenant's one_sandbox_per_user: "reuse" answers with the user's live sandbox)."""
-        from ..app import create_sandbox
+        from ..service import create_sandbox
 
         key = request.headers.get("idempotency-key")
         if key is None:
@@ -114,7 +115,7 @@ class Core:
         return known.template if known is not None else "base"
 
     def live(self, who: Principal, sandbox_id: str) -> ManagedSandbox:
-        from ..app import live_sandbox
+        from ..service import live_sandbox
 
         return live_sandbox(self.srv, who, sandbox_id)
 
