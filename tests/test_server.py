@@ -197,6 +197,11 @@ def test_bad_input_is_a_json_4xx_and_harms_nothing(srv: RunningServer, clients: 
         h.get("/sandboxes/" + "x" * 10000),
         h.get("/no/such/route"),
         h.get("/events", params={"limit": -1}),
+        # refused before the cell starts: an error answer, never a stream that fails later
+        h.post(f"/sandboxes/{sid}/code", json={"code": "1", "context_id": "ctx-nope"}),
+        h.post(f"/sandboxes/{sid}/code", json={"code": "1", "timeout": -1}),
+        h.post(f"/sandboxes/{sid}/files/stat", json={"path": "/tmp", "depth": 2}),
+        h.post(f"/sandboxes/{sid}/files/stat", json={"path": "/tmp", "src": "/x"}),
     ]
     for r in cases:
         assert 400 <= r.status_code < 500, (r.request.url, r.status_code, r.text)
@@ -205,6 +210,9 @@ def test_bad_input_is_a_json_4xx_and_harms_nothing(srv: RunningServer, clients: 
         assert "Traceback" not in r.text
     assert cases[3].json()["field"] == "limits.memory"
     assert cases[5].status_code == 413
+    assert cases[16].status_code == 404 and "ctx-nope" in cases[16].json()["message"]
+    assert cases[17].json()["field"] == "timeout"
+    assert cases[18].json()["field"] == "depth" and cases[19].json()["field"] == "src"
     # paths are the sandbox's own: traversal reaches only the sandbox's files, never the host's
     r = h.get(f"/sandboxes/{sid}/files", params={"path": "../../../../../../etc/shadow"})
     assert r.status_code in (400, 404) and "root:" not in r.text
