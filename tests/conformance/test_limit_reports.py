@@ -21,6 +21,18 @@ def test_an_out_of_memory_kill_says_so(make_sandbox):
 
 @needs_cgroups
 @pytest.mark.privileged
+def test_a_shell_whose_child_was_killed_for_memory_says_so(make_sandbox):
+    """The shell survives and exits 137: the command did not die of a signal, but its process did."""
+    sb = make_sandbox(limits={"memory": "64MiB"})
+    r = sb.commands.run("python3 -c 'b = []\nwhile True: b.append(bytearray(1 << 20))'; echo after $?")
+    assert r.exit_code == 0 and r.stdout == "after 137\n"  # echo's status: the shell lived on
+    r = sb.commands.run("python3 -c 'b = []\nwhile True: b.append(bytearray(1 << 20))'; exit $?")
+    assert r.exit_code == 137 and r.limit == "limits.memory" and "killed a process" in (r.error or "")
+    assert sb.commands.run("sh -c 'exit 137'").limit is None  # a plain exit status is not an OOM kill
+
+
+@needs_cgroups
+@pytest.mark.privileged
 def test_a_plain_sigkill_is_not_called_out_of_memory(make_sandbox):
     sb = make_sandbox(limits={"memory": "64MiB"})
     r = sb.commands.run("kill -9 $$")

@@ -105,6 +105,11 @@ class Commands(CoreBase):
             return {"limit": "limits.memory",
                     "error": f"out of memory: the sandbox's memory limit ({format_size(lim.memory)}) was reached and "
                              "the kernel killed the command; raise limits.memory"}
+        if exit_.get("code") not in (0, None) and _oom_killed_since(record.oom_before, oom_after):
+            # the command survived, but a process of it did not (a shell whose child was killed: exit 137)
+            return {"limit": "limits.memory",
+                    "error": f"out of memory: the sandbox's memory limit ({format_size(lim.memory)}) was reached and "
+                             "the kernel killed a process while the command ran; raise limits.memory"}
         if sig == 25:  # SIGXFSZ
             return {"limit": "limits.file_size",
                     "error": f"a file grew past limits.file_size ({format_size(lim.file_size)}); raise it"}
