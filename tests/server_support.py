@@ -12,6 +12,7 @@ from typing import Any
 import uvicorn
 
 from stockade.config import HostConfig
+from stockade.runtime.base import Runtime
 from stockade.server.app import Server, create_app
 from stockade.server.protocol import protocol_for
 from stockade.server.settings import ServerSettings
@@ -20,11 +21,12 @@ from .waiting import wait_until
 
 
 class RunningServer:
-    def __init__(self, data_dir: Path | None = None, **settings: Any) -> None:
+    def __init__(self, data_dir: Path | None = None, runtime: Runtime | None = None, **settings: Any) -> None:
+        """``runtime``: the server's default runtime object (a test's fake), instead of the host's."""
         self.own_dir = data_dir is None
         self.data_dir = data_dir or Path(tempfile.mkdtemp(prefix="stockade-test-server-"))
         self.settings = ServerSettings.model_validate({"data_dir": str(self.data_dir), **settings})
-        self.app = create_app(self.settings, HostConfig.from_env())
+        self.app = create_app(self.settings, HostConfig.from_env(), runtime)
         self.uvicorn = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=0, log_level="warning",
                                                      lifespan="on", timeout_graceful_shutdown=5,
                                                      http=protocol_for(self.settings),

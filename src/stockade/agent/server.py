@@ -28,7 +28,7 @@ try:
 except ImportError:  # run as a script inside the sandbox
     import protocol  # type: ignore[no-redef]
 
-HOME = "/home/user"
+HOME = "/home/user"  # the sandbox's home (the default cwd, where relative paths start); the hello may move it
 OUT_HIGH_WATER = 4 << 20        # stop reading command output while this much waits for the host
 STDIN_LIMIT = 8 << 20           # bytes of stdin buffered for one process
 LIST_LIMIT = 10000              # entries returned by one list call
@@ -236,6 +236,8 @@ class Agent:
     def op_hello(self, rid: int, h: dict, body: bytes) -> None:
         import resource
 
+        global HOME
+        HOME = h.get("home") or HOME  # the runtime's layout says where it is
         self.env = dict(h["env"])
         for name, value in h["rlimits"].items():
             res = getattr(resource, "RLIMIT_" + name.upper())

@@ -16,7 +16,7 @@ from typing import Any
 from ..artifacts import ArtifactWriter
 from ..errors import PolicyError
 from ..policy import Policy, format_duration
-from ..runtime.base import Runtime, RuntimeSandbox, SandboxLayout, SandboxSpec
+from ..runtime.base import Runtime, RuntimeSandbox, SandboxSpec
 from ..runtime.channel import StreamPending
 from ..sdk.models import SandboxInfo
 from .artifact_intake import ArtifactIntake
@@ -55,8 +55,8 @@ class Lifecycle(Egress, ArtifactIntake):
         sandbox_id = new_sandbox_id()
         egress = self._egress_for(sandbox_id, policy, runtime_.layout, caller_envs, tenant, user_id)
         rt, warm = await self._start(runtime_, sandbox_id, policy, egress)
-        return await self._register(rt, policy, ttl, meta, egress, tenant, user_id, runtime_.layout,
-                              {"env_names": sorted(caller_envs), "warm": warm})
+        return await self._register(rt, policy, ttl, meta, egress, tenant, user_id,
+                                    {"env_names": sorted(caller_envs), "warm": warm})
 
     async def _start(self, runtime: Runtime, sandbox_id: str, policy: Policy,
                      egress: EgressPlan) -> tuple[RuntimeSandbox, bool]:
@@ -86,15 +86,15 @@ class Lifecycle(Egress, ArtifactIntake):
             raise
         return rt, warm
 
-    async def _register(self, rt: RuntimeSandbox, policy: Policy, ttl: float, meta: dict[str, str], egress: EgressPlan,
-                  tenant: str | None, user_id: str | None, layout: SandboxLayout,
-                  recorded: dict[str, Any]) -> ManagedSandbox:
+    async def _register(self, rt: RuntimeSandbox, policy: Policy, ttl: float, meta: dict[str, str],
+                        egress: EgressPlan, tenant: str | None, user_id: str | None,
+                        recorded: dict[str, Any]) -> ManagedSandbox:
         """The sandbox joins the registry: recorded, its artifacts stream opened, its timers armed."""
         now = self.loop.time()
         policy = _with_timeout(policy, ttl)  # info().policy shows the lifetime in force, not the default
         sb = ManagedSandbox(rt.id, policy, rt, meta, time.time(), now + ttl, now + policy.lifetime.max_lifetime,
                             broker=egress.broker, tenant=tenant, user_id=user_id, redact=egress.redact,
-                            last_active=now, layout=layout)
+                            last_active=now, layout=rt.layout)
         self.sandboxes[sb.id] = sb
         self._record(sb, "sandbox.create", {"policy": policy.to_display(), "timeout": ttl, "metadata": meta,
                                             "runtime": rt.describe(), **recorded})

@@ -24,10 +24,12 @@ class AgentClient:
         self.channel = channel
 
     # ---- start and identity --------------------------------------------------------------------
-    async def hello(self, env: Mapping[str, str], rlimits: Mapping[str, int], nproc: int, timeout: float) -> Header:
-        """The first request: the agent sets its environment and lowers its own rlimits before anything runs."""
-        return await self.channel.call({"op": "hello", "env": dict(env), "rlimits": dict(rlimits), "nproc": nproc},
-                                       timeout=timeout)
+    async def hello(self, env: Mapping[str, str], rlimits: Mapping[str, int], nproc: int, home: str,
+                    timeout: float) -> Header:
+        """The first request: the agent sets its environment and home and lowers its own rlimits before
+        anything runs."""
+        return await self.channel.call({"op": "hello", "env": dict(env), "rlimits": dict(rlimits), "nproc": nproc,
+                                        "home": home}, timeout=timeout)
 
     async def setenv(self, env: Mapping[str, str]) -> None:
         await self.channel.call({"op": "setenv", "env": dict(env)})

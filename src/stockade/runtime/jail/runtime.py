@@ -227,6 +227,7 @@ class JailRuntime(Runtime):
 class JailSandbox(RuntimeSandbox):
     def __init__(self, runtime: JailRuntime, spec: SandboxSpec) -> None:
         self.runtime = runtime
+        self.layout = runtime.layout
         self.files = dict(spec.files)
         self.id = spec.id
         self.policy = policy = spec.policy
@@ -301,7 +302,7 @@ class JailSandbox(RuntimeSandbox):
             # RLIMIT_NPROC counts per uid per user namespace only from Linux 5.14: before, it would
             # count the host uid's processes everywhere.
             nproc = lim.pids if _kernel_at_least(5, 14) else 0
-            await self.agent.hello(env, rlimits, nproc, START_TIMEOUT)
+            await self.agent.hello(env, rlimits, nproc, rt.layout.home, START_TIMEOUT)
         except SandboxUnavailableError:
             await self._wait_bwrap(2.0)
             raise self._start_failure(stderr_fd) from None
