@@ -216,9 +216,13 @@ print("allowed" if r == 0 else errno.errorcode[ctypes.get_errno()])
 
 def test_root_filesystem_is_read_only_and_minimal(make_sandbox):
     sb = make_sandbox()
-    for path in ("/usr/bin/evil", "/etc/evil", "/evil", "/bin/evil", "/opt/stockade/agent/x"):
+    for path in ("/usr/bin/evil", "/etc/evil", "/evil", "/bin/evil", "/opt/stockade/agent/x",
+                 "/opt/stockade/agent/server.pyc", "/opt/stockade/agent/processes.pyc"):
         r = sb.commands.run(f"echo x > {path}")
         assert r.exit_code != 0, f"wrote {path}"
+    # the agent's directory holds the agent and nothing else (it is bound from the host's compile cache)
+    agent = set(sb.commands.run("ls -A /opt/stockade/agent").stdout.split())
+    assert "server.pyc" in agent and all(name.endswith((".pyc", ".js")) for name in agent), agent
     listing = sb.commands.run("ls -a /").stdout.split()
     for host_only in ("root", "var", "run", "srv", "mnt", "media", "boot", "sys", "work"):
         assert host_only not in listing

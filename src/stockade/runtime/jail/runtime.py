@@ -38,7 +38,8 @@ from .config import JailConfig
 from .egress import FdPassingListener
 from .uids import UidAllocator, UidLease
 
-AGENT_SOURCES = ("server.py", "protocol.py", "interpreter.py")
+AGENT_SOURCES = ("server.py", "common.py", "processes.py", "contexts.py", "files.py", "artifacts.py", "bridge.py",
+                 "protocol.py", "interpreter.py")
 AGENT_FILES = ("interpreter.js", "node_proxy.js")  # shipped as they are
 SAVE_ARTIFACT = b"#!/usr/bin/python3 -I\nimport sys\nsys.path.insert(0, '/opt/stockade/lib')\n" \
     b"from stockade_artifacts import main\nmain()\n"
@@ -56,18 +57,26 @@ def _memfd(name: str, data: bytes) -> int:
 
 
 @cache
-def compiled_agent(python_host: str, state_dir: Path) -> dict[str, bytes]:
-    """The agent compiled to bytecode by the sandbox's own interpreter (a cold start then skips
-    compiling it), cached on disk by source and interpreter."""
+def compiled_agent(python_host: str, state_dir: Path) -> Path:
+    """The directory that is the agent inside every sandbox (bound read-only at /opt/stockade/agent: one
+    mount, whatever the number of its modules): its modules compiled to bytecode by the sandbox's own
+    interpreter (a cold start then skips compiling them) and its script files, cached on disk by their
+    content and the interpreter. Readable by the sandboxes' uids, writable only by this host user."""
     agent_dir = Path(protocol.__file__).parent
     sources = {name: (agent_dir / name).read_bytes() for name in AGENT_SOURCES}
+    scripts = {name: (agent_dir / name).read_bytes() for name in AGENT_FILES}
     st = os.stat(python_host)
-    key = hashlib.sha256(b"".join(sources.values()) + f"{python_host}:{st.st_mtime_ns}".encode()).hexdigest()
-    cache_dir = state_dir / "agent" / key[:20]
-    pycs = {name.replace(".py", ".pyc"): cache_dir / name.replace(".py", ".pyc") for name in AGENT_SOURCES}
-    if not all(p.exists() for p in pycs.values()):
+    key = hashlib.sha256(b"".join([*sources.values(), *scripts.values()])
+                         + f"{python_host}:{st.st_mtime_ns}".encode()).hexdigest()
+    base = state_dir / "agent"
+    base.mkdir(exist_ok=True)
+    base.chmod(0o755)
+    cache_dir = base / key[:20]
+    wanted = [name.replace(".py", ".pyc") for name in AGENT_SOURCES] + list(AGENT_FILES)
+    if not all((cache_dir / name).exists() for name in wanted):
         tmp = cache_dir.with_name(cache_dir.name + f".tmp{os.getpid()}")
-        tmp.mkdir(parents=True, exist_ok=True)
+        tmp.mkdir(mode=0o755, exist_ok=True)
+        tmp.chmod(0o755)
         for name, data in sources.items():
             (tmp / name).write_bytes(data)
         script = ("import py_compile,sys\n"
@@ -82,15 +91,17 @@ def compiled_agent(python_host: str, state_dir: Path) -> dict[str, bytes]:
                                           f"{result.stderr.strip()[-500:]}")
         for name in AGENT_SOURCES:
             (tmp / name).unlink()
+        for name, data in scripts.items():
+            (tmp / name).write_bytes(data)
+        for path in tmp.iterdir():
+            path.chmod(0o644)
         with contextlib.suppress(OSError):
             os.rename(tmp, cache_dir)
         if tmp.exists():  # another process won the race
-            for p in tmp.iterdir():
-                p.unlink()
+            for path in tmp.iterdir():
+                path.unlink()
             tmp.rmdir()
-    files = {name: path.read_bytes() for name, path in pycs.items()}
-    files.update({name: (agent_dir / name).read_bytes() for name in AGENT_FILES})
-    return files
+    return cache_dir
 
 
 class _Lock:
@@ -141,7 +152,7 @@ class JailRuntime(Runtime):
             self.bwrap = bwrap_mod.copy_for_other_uids(self.bwrap, self.config.state_dir)
         self.image = rootfs.system_image(self.jail.python)
         self.seccomp_bpf = seccomp.filter_bpf()
-        self.agent_files = compiled_agent(self.image.python_host, self.config.state_dir)
+        self.agent_dir = compiled_agent(self.image.python_host, self.config.state_dir)
         self.cgroups = cgroups.detect(self.jail.cgroup_parent)
         self.uids = UidAllocator(self.config.state_dir, self.jail.uid_range) if self.privileged else None
         self.host_cpus = sorted(os.sched_getaffinity(0))
@@ -347,8 +358,7 @@ class JailSandbox(RuntimeSandbox):
             argv += ["--ro-bind-data", data(path.rsplit("/", 1)[1], text.encode()), path]
         for path, content in self.files.items():
             argv += ["--ro-bind-data", data(path.rsplit("/", 1)[1], content), path]
-        for name, code in rt.agent_files.items():
-            argv += ["--ro-bind-data", data(name, code), f"{rootfs.AGENT_DIR}/{name}"]
+        argv += ["--ro-bind", str(rt.agent_dir), rootfs.AGENT_DIR]
         helper = (Path(protocol.__file__).parent / "stockade_artifacts.py").read_bytes()
         argv += ["--ro-bind-data", data("stockade_artifacts", helper), f"{rootfs.LIB_DIR}/stockade_artifacts.py",
                  "--perms", "0555", "--ro-bind-data", data("save-artifact", SAVE_ARTIFACT),

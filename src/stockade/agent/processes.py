@@ -1,0 +1,380 @@
+"""Processes: spawning commands, their output and stdin, signals, reaping, deadlines, tree kills."""
+
+from __future__ import annotations
+
+import _signal
+import errno
+import os
+import select
+from time import monotonic as _monotonic
+
+TYPE_CHECKING = False  # typing costs a cold start an import; mypy reads this name as true
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+try:
+    from .common import (
+        CHILD_DEFAULT_SIGNALS,
+        KILL_ROUNDS,
+        POLL_IN,
+        PR_SET_CHILD_SUBREAPER,
+        STDIN_LIMIT,
+        AgentBase,
+        _read_some,
+    )
+except ImportError:  # run as a script inside the sandbox
+    from common import (  # type: ignore[no-redef]
+        CHILD_DEFAULT_SIGNALS,
+        KILL_ROUNDS,
+        POLL_IN,
+        PR_SET_CHILD_SUBREAPER,
+        STDIN_LIMIT,
+        AgentBase,
+        _read_some,
+    )
+
+class Proc:
+    __slots__ = ("pid", "rid", "cmd", "tag", "fds", "stdin_fd", "stdin_buf", "stdin_eof", "limit",
+                 "sent", "truncated", "status", "deadline", "timed_out")
+
+    def __init__(self, pid: int, rid: int, cmd: str, tag: str | None, limit: int) -> None:
+        self.pid, self.rid, self.cmd, self.tag, self.limit = pid, rid, cmd, tag, limit
+        self.fds: dict[int, str] = {}         # open output pipe fd -> "stdout" | "stderr"
+        self.stdin_fd: int | None = None
+        self.stdin_buf = bytearray()
+        self.stdin_eof = False
+        self.sent = {"stdout": 0, "stderr": 0}
+        self.truncated = {"stdout": False, "stderr": False}
+        self.status: int | None = None
+        self.deadline: float | None = None
+        self.timed_out = False
+
+
+class Processes(AgentBase):
+    def op_exec(self, rid: int, h: dict, body: bytes) -> None:
+        argv = h.get("argv")
+        if argv is None:
+            argv = ["/bin/sh", "-c", h["cmd"]]
+        if not argv or not all(isinstance(a, str) for a in argv):
+            raise ValueError("argv must be a non-empty list of strings")
+        env = dict(self.env)
+        env.update(h.get("env") or {})
+        cwd = h.get("cwd") or self.home
+        out_r, out_w = os.pipe2(os.O_CLOEXEC)
+        err_r, err_w = os.pipe2(os.O_CLOEXEC)
+        in_r, in_w = os.pipe2(os.O_CLOEXEC)
+        proc = Proc(0, rid, h.get("cmd") or " ".join(argv), h.get("tag"), int(h["limit"]))
+        try:
+            pid = self.spawn(argv, env, cwd, in_r, out_w, err_w)
+        except OSError as exc:
+            for fd in (out_r, err_r, in_w):
+                os.close(fd)
+            what = f"cannot enter {cwd!r}" if exc.filename == cwd else f"cannot run {argv[0]!r}"
+            self.send({"id": rid, "ev": "started", "pid": 0})
+            self.send({"id": rid, "ev": "stderr"}, f"stockade: {what}: {exc.strerror or exc}\n".encode())
+            self.send({"id": rid, "ev": "exit", "code": 127, "signal": None, "timed_out": False,
+                       "truncated": proc.truncated})
+            return
+        finally:
+            for fd in (out_w, err_w, in_r):
+                os.close(fd)
+        proc.pid = pid
+        self.attach(proc, out_r, err_r, in_w)
+        proc.stdin_buf += body
+        proc.stdin_eof = not h.get("stdin_open", False)
+        timeout = h.get("timeout")
+        if timeout:
+            proc.deadline = _monotonic() + float(timeout)
+        self.procs[pid] = proc
+        self.send({"id": rid, "ev": "started", "pid": pid})
+        self.write_stdin(proc)
+
+    def attach(self, proc: Proc, out_r: int, err_r: int, in_w: int) -> None:
+        for fd, name in ((out_r, "stdout"), (err_r, "stderr")):
+            os.set_blocking(fd, False)
+            proc.fds[fd] = name
+            self.by_fd[fd] = proc
+            if not self.paused:
+                self.poll.register(fd, POLL_IN)
+        os.set_blocking(in_w, False)
+        proc.stdin_fd = in_w
+
+    def spawn(self, argv: list, env: dict, cwd: str, stdin: int, stdout: int, stderr: int, events: int = -1) -> int:
+        """fork + exec in a new session with default signal handling. Every descriptor of the agent is
+        close-on-exec, so the child gets only 0-2 (and 3 for a code-interpreter context's events).
+        fork, not posix_spawn: the child must make itself a child subreaper (kept across execve), so
+        every orphan of the command reparents to the command's top process and a kill finds the whole
+        tree (setsid, setpgid and double forks included), and lower RLIMIT_NPROC."""
+        program = _which(argv[0], env.get("PATH", ""))
+        fds = (stdin, stdout, stderr) + ((events,) if events >= 0 else ())
+        nproc = self.nproc + self.threads if self.nproc else 0
+        err_r, err_w = os.pipe2(os.O_CLOEXEC)
+        pid = os.fork()
+        if pid == 0:  # the child: nothing here may return into the agent's loop
+            step = b"setup"
+            try:
+                for sig in CHILD_DEFAULT_SIGNALS:
+                    _signal.signal(sig, _signal.SIG_DFL)
+                os.setsid()
+                self.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+                if nproc and self.setrlimit is not None:
+                    self.setrlimit(self.rlimit_nproc, (nproc, nproc))
+                for target, fd in enumerate(fds):
+                    os.dup2(fd, target)
+                    os.set_inheritable(target, True)
+                try:  # user code, not the agent, is what the OOM killer should pick first
+                    fd = os.open("/proc/self/oom_score_adj", os.O_WRONLY)
+                    os.write(fd, b"1000")
+                    os.close(fd)
+                except OSError:
+                    pass
+                step = b"chdir"
+                os.chdir(cwd)
+                step = b"exec"
+                os.execve(program, argv, env)
+            except OSError as exc:
+                os.write(err_w, step + b":" + str(exc.errno or errno.EIO).encode())
+            finally:
+                os._exit(127)
+        os.close(err_w)
+        try:
+            failure = os.read(err_r, 64)  # empty once the exec closed it
+        finally:
+            os.close(err_r)
+        if failure:
+            os.waitpid(pid, 0)
+            step, _, num = failure.partition(b":")
+            code = int(num)
+            raise OSError(code, os.strerror(code), cwd if step == b"chdir" else program)
+        return pid
+
+    def read_output(self, fd: int) -> None:
+        proc = self.by_fd[fd]
+        data = _read_some(fd)
+        if data is None:
+            return
+        if not data:
+            self.close_output(fd)
+            self.maybe_finish(proc)
+            return
+        self.forward(proc, proc.fds[fd], data)
+
+    def forward(self, proc: Proc, stream: str, data: bytes) -> None:
+        room = proc.limit - proc.sent[stream]
+        if len(data) > room:
+            proc.truncated[stream] = True
+            data = data[:max(room, 0)]
+        if data:
+            proc.sent[stream] += len(data)
+            self.send({"id": proc.rid, "ev": stream}, data)
+
+    def close_output(self, fd: int) -> None:
+        proc = self.by_fd.pop(fd)
+        del proc.fds[fd]
+        if not self.paused:
+            self.poll.unregister(fd)
+        os.close(fd)
+
+    def write_stdin(self, proc: Proc) -> None:
+        fd = proc.stdin_fd
+        if fd is None:
+            return
+        while proc.stdin_buf:
+            try:
+                n = os.write(fd, proc.stdin_buf)
+            except BlockingIOError:
+                break
+            except OSError:  # reader gone: drop what it will never read
+                proc.stdin_buf.clear()
+                proc.stdin_eof = True
+                break
+            del proc.stdin_buf[:n]
+        watching = fd in self.stdin_fds
+        if proc.stdin_buf and not watching:
+            self.stdin_fds[fd] = proc
+            self.poll.register(fd, select.POLLOUT)
+        elif not proc.stdin_buf and watching:
+            del self.stdin_fds[fd]
+            self.poll.unregister(fd)
+        if not proc.stdin_buf and proc.stdin_eof:
+            os.close(fd)
+            proc.stdin_fd = None
+
+    def op_stdin(self, rid: int, h: dict, body: bytes) -> None:
+        proc = self.procs.get(h["pid"])
+        if proc is None or proc.stdin_fd is None:
+            self.error(rid, "ESRCH", f"process {h['pid']} is not running or its stdin is closed")
+            return
+        if len(proc.stdin_buf) + len(body) > STDIN_LIMIT:
+            self.error(rid, "ENOBUFS", "the process is not reading its stdin; buffer is full")
+            return
+        proc.stdin_buf += body
+        proc.stdin_eof = proc.stdin_eof or bool(h.get("eof"))
+        self.write_stdin(proc)
+        if rid:
+            self.send({"id": rid, "ev": "ok"})
+
+    def op_signal(self, rid: int, h: dict, body: bytes) -> None:
+        pid, sig = h["pid"], int(h["sig"])
+        if pid not in self.procs:
+            self.error(rid, "ESRCH", f"no process {pid} started by the agent is running")
+            return
+        if sig == _signal.SIGKILL:  # a kill ends everything the command started, wherever it went
+            _kill_tree(pid)
+        else:
+            try:
+                os.killpg(pid, sig)
+            except ProcessLookupError:
+                os.kill(pid, sig)
+        self.send({"id": rid, "ev": "ok"})
+
+    def op_kill_all(self, rid: int, h: dict, body: bytes) -> None:
+        """Every process in the sandbox but the agent: commands, what they left running, contexts."""
+        me = os.getpid()
+        killed = _stop_then_kill(lambda: {pid for pid in _parents() if pid != me})
+        for ctx in list(self.contexts.values()):  # gone before the answer: the next cell starts afresh
+            try:
+                os.waitid(os.P_PID, ctx.proc.pid, os.WEXITED | os.WNOWAIT)
+            except ChildProcessError:
+                pass
+        self.reap()
+        self.send({"id": rid, "ev": "result", "killed": killed})
+
+    def op_ps(self, rid: int, h: dict, body: bytes) -> None:
+        procs = [{"pid": p.pid, "cmd": p.cmd, "tag": p.tag} for p in self.procs.values() if p.status is None]
+        self.send({"id": rid, "ev": "result", "procs": procs})
+
+    def reap(self) -> None:
+        try:
+            while os.read(self.sig_r, 4096):
+                pass
+        except BlockingIOError:
+            pass
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            proc = self.procs.get(pid)
+            if proc is not None:  # anything else was an orphan we inherited as init
+                proc.status = status
+                self.maybe_finish(proc, draining=True)
+            for ctx in list(self.contexts.values()):
+                if ctx.proc.pid == pid:
+                    self.context_died(ctx)
+
+    def maybe_finish(self, proc: Proc, draining: bool = False) -> None:
+        if proc.status is None:
+            return
+        if draining:
+            # What the process wrote before it exited is already in the pipes; a background
+            # grandchild holding them open must not keep the command from completing.
+            self.drain_output(proc)
+            for fd in list(proc.fds):
+                self.close_output(fd)
+        elif proc.fds:
+            return
+        if proc.stdin_fd is not None:
+            if self.stdin_fds.pop(proc.stdin_fd, None):
+                self.poll.unregister(proc.stdin_fd)
+            os.close(proc.stdin_fd)
+            proc.stdin_fd = None
+        del self.procs[proc.pid]
+        status = proc.status
+        self.send({"id": proc.rid, "ev": "exit",
+                   "code": os.WEXITSTATUS(status) if os.WIFEXITED(status) else None,
+                   "signal": os.WTERMSIG(status) if os.WIFSIGNALED(status) else None,
+                   "timed_out": proc.timed_out, "truncated": proc.truncated})
+
+    def next_timeout(self) -> int:
+        deadlines = [p.deadline for p in self.procs.values() if p.deadline and not p.timed_out]
+        deadlines += [c.deadline for c in self.contexts.values() if c.deadline]
+        if not deadlines:
+            return -1
+        return max(0, int((min(deadlines) - _monotonic()) * 1000) + 1)
+
+    def check_deadlines(self) -> None:
+        now = _monotonic()
+        for ctx in list(self.contexts.values()):
+            if ctx.deadline and now >= ctx.deadline:
+                self.context_timeout(ctx)
+        for proc in list(self.procs.values()):
+            if proc.deadline and not proc.timed_out and now >= proc.deadline:
+                proc.timed_out = True
+                _kill_tree(proc.pid)
+
+
+def _parents() -> dict[int, int]:
+    """pid -> parent pid of every process in the sandbox's PID namespace, from /proc (no child lists
+    needed: CONFIG_PROC_CHILDREN and gVisor's /proc may lack them)."""
+    found = {}
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat", "rb") as f:
+                stat = f.read()
+        except OSError:  # exited meanwhile
+            continue
+        # "pid (comm) state ppid ...": comm may hold spaces and parentheses, so split after the last ')'
+        fields = stat[stat.rfind(b")") + 2:].split(b" ", 2)
+        if len(fields) >= 2 and fields[0] != b"Z":
+            found[int(name)] = int(fields[1])
+    return found
+
+
+def _tree(top: int) -> set[int]:
+    parents = _parents()
+    children: dict[int, list[int]] = {}
+    for pid, ppid in parents.items():
+        children.setdefault(ppid, []).append(pid)
+    tree, todo = set(), [top] if top in parents else []
+    while todo:
+        pid = todo.pop()
+        if pid not in tree:
+            tree.add(pid)
+            todo.extend(children.get(pid, ()))
+    return tree
+
+
+def _stop_then_kill(scan: Callable[[], set[int]]) -> int:
+    """SIGSTOP what ``scan`` finds until a rescan finds nothing new (a stopped process forks no more,
+    and a fork caught by the stop is restarted by the kernel, not completed), then SIGKILL it all."""
+    stopped: set[int] = set()
+    for _ in range(KILL_ROUNDS):
+        new = scan() - stopped
+        if not new:
+            break
+        for pid in new:
+            _signal_quiet(pid, _signal.SIGSTOP)
+        stopped |= new
+    for pid in stopped:
+        _signal_quiet(pid, _signal.SIGKILL)
+    return len(stopped)
+
+
+def _kill_tree(top: int) -> None:
+    """SIGKILL a command's top process and every descendant. The top is a child subreaper, so its
+    descendants stay below it whatever they do with sessions, groups or double forks."""
+    _stop_then_kill(lambda: _tree(top))
+    _signal_quiet(top, _signal.SIGKILL)  # even if /proc could not be read
+
+
+def _signal_quiet(pid: int, sig: int) -> None:
+    try:
+        os.kill(pid, sig)
+    except OSError:  # gone already
+        pass
+
+
+def _which(program: str, path: str) -> str:
+    """``program`` looked up in the command's own PATH (posix_spawnp would use the agent's)."""
+    if "/" in program:
+        return program
+    for directory in path.split(":"):
+        candidate = os.path.join(directory or ".", program)
+        if os.access(candidate, os.X_OK) and not os.path.isdir(candidate):
+            return candidate
+    raise FileNotFoundError(errno.ENOENT, "No such file or directory", program)
