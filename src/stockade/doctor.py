@@ -99,13 +99,16 @@ def check_proc_view() -> Check:
     from .runtime.jail import rootfs
 
     files, dirs = rootfs.masked_proc()
+    clocks = ("uptime, btime and the monotonic clocks are the sandbox's own (a time namespace)"
+              if os.geteuid() == 0 and os.path.exists("/proc/self/ns/time") else
+              "uptime, btime and the monotonic clocks are the host's (a time namespace needs root here)")
     lxcfs = " (an lxcfs mount exists on this host; stockade does not use it)" if os.path.isdir(
         "/var/lib/lxcfs/proc") else ""
     return Check("/proc masking", True, f"{len(files)} host /proc files read empty, {len(dirs)} directories "
                  "empty and read-only; meminfo, cpuinfo, stat, loadavg and boot_id show the sandbox (MemTotal = "
                  "limits.memory, CPUs = limits.cpus rounded up, also as the affinity mask); the cgroup namespace "
-                 "is rooted at the sandbox's cgroup" + lxcfs + ". Not hidden: /proc/uptime and btime, "
-                 "mountinfo's host paths and devices, sysinfo()'s memory totals")
+                 "is rooted at the sandbox's cgroup" + lxcfs + "; " + clocks + ". Not hidden: mountinfo's host "
+                 "paths and devices, sysinfo()'s memory totals, /proc/uptime's idle time (summed over the host)")
 
 
 def check_privilege(jail: JailConfig) -> Check:

@@ -428,3 +428,28 @@ def test_programs_size_themselves_to_the_sandbox_limits(make_sandbox, cpus, memo
     assert meminfo["MemTotal"].split() == [str(memory // 1024), "kB"]
     assert sb.commands.run("free -b | awk '/^Mem:/ {print $2}'").stdout.strip() == str(memory)
     assert "model name\t: sandbox virtual CPU" in sb.files.read("/proc/cpuinfo")
+
+
+@pytest.mark.skipif(not ROOT, reason="setting a time namespace's clocks needs CAP_SYS_TIME before bwrap's user "
+                    "namespace exists: root only")
+@pytest.mark.privileged
+def test_the_sandbox_clocks_start_at_its_own_boot(make_sandbox):
+    """Its own time namespace: uptime, the monotonic and boot-time clocks and btime are the sandbox's (they
+    told the host's uptime and boot time), and ps's elapsed times agree with them."""
+    import time
+
+    started = time.monotonic()
+    sb = make_sandbox(limits={"memory": "300MiB"})  # not the warm pool's policy: booted now, not earlier
+    assert sb.info().runtime["time_namespace"] is True
+    r = sb.commands.run("cat /proc/uptime; python3 -c 'import time; print(time.monotonic(), "
+                        "time.clock_gettime(time.CLOCK_BOOTTIME))'; grep btime /proc/stat; sleep 1 & ps -o etimes= $!")
+    uptime, mono_boot, btime_line, etimes = r.stdout.splitlines()
+    elapsed = time.monotonic() - started + 2
+    assert 0 < float(uptime.split()[0]) < elapsed, (uptime, elapsed)
+    assert all(0 < float(v) < elapsed for v in mono_boot.split()), mono_boot
+    btime = int(btime_line.split()[1])
+    assert abs(btime - (time.time() - float(uptime.split()[0]))) < 3  # its own boot, consistent with uptime
+    assert 0 <= int(etimes) < 3
+    host_boot = int(next(ln for ln in Path("/proc/stat").read_text().splitlines() if ln.startswith("btime")).split()[1])
+    if time.time() - host_boot > 60:  # a host up for longer than this test: the two must differ
+        assert btime - host_boot > 30

@@ -135,9 +135,10 @@ def _world_readable(path: str) -> bool:
         return False
 
 
-def sized_proc_files(memory: int, cpus: int, boot_id: str) -> dict[str, str]:
+def sized_proc_files(memory: int, cpus: int, boot_id: str, btime: int | None = None) -> dict[str, str]:
     """/proc files programs read to size themselves, showing the sandbox's limits (limits.memory, the
-    CPU count the agent's affinity mask gives) instead of the host's. Static: written once at start."""
+    CPU count the agent's affinity mask gives) instead of the host's. Static: written once at start.
+    ``btime``: the sandbox's own boot time where it has a time namespace (else the host's)."""
     kib = memory // 1024
     meminfo = "".join(f"{k + ':':<16}{v:>8} kB\n" for k, v in (
         ("MemTotal", kib), ("MemFree", kib), ("MemAvailable", kib), ("Buffers", 0), ("Cached", 0),
@@ -149,14 +150,16 @@ def sized_proc_files(memory: int, cpus: int, boot_id: str) -> dict[str, str]:
     zeros = " 0" * 10
     # glibc's get_nprocs (os.cpu_count) counts these cpuN lines when /sys is absent, as it is here.
     stat = (f"cpu {zeros}\n" + "".join(f"cpu{i}{zeros}\n" for i in range(cpus))
-            + f"intr 0\nctxt 0\nbtime {_btime()}\nprocesses 0\nprocs_running 1\nprocs_blocked 0\n")
+            + f"intr 0\nctxt 0\nbtime {_btime() if btime is None else btime}\nprocesses 0\nprocs_running 1\n"
+              "procs_blocked 0\n")
     return {"/proc/meminfo": meminfo, "/proc/cpuinfo": cpuinfo, "/proc/stat": stat,
             "/proc/loadavg": "0.00 0.00 0.00 1/1 1\n", "/proc/sys/kernel/random/boot_id": boot_id + "\n"}
 
 
 @cache
 def _btime() -> str:
-    """The host's boot time, kept so ps computes process start times (/proc/uptime still shows it)."""
+    """The host's boot time, for a sandbox without a time namespace (its /proc/uptime is the host's, and ps
+    computes process start times from both)."""
     with open("/proc/stat") as f:
         for line in f:
             if line.startswith("btime "):

@@ -21,6 +21,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import time
 import uuid
 from collections.abc import Callable, Mapping
 from functools import cache
@@ -155,6 +156,10 @@ class JailRuntime(Runtime):
         self.agent_dir = compiled_agent(self.image.python_host, self.config.state_dir)
         self.cgroups = cgroups.detect(self.jail.cgroup_parent)
         self.uids = UidAllocator(self.config.state_dir, self.jail.uid_range) if self.privileged else None
+        # As root, each sandbox gets a time namespace whose clocks start near zero: uptime, btime and the
+        # monotonic clocks then say nothing of the host's. (Setting its offsets needs CAP_SYS_TIME over the
+        # owning user namespace, which an unprivileged caller has only inside bwrap's, too late.)
+        self.unshare_time = _libc_unshare() if self.privileged and os.path.exists("/proc/self/ns/time") else None
         self.host_cpus = sorted(os.sched_getaffinity(0))
         self._cpu_turn = itertools.count()  # spreads the sandboxes' affinity masks over the host's CPUs
         self.sandbox_env = self.config.sandbox_env if environment.is_built(self.config.sandbox_env) else None
@@ -256,6 +261,7 @@ class JailSandbox(RuntimeSandbox):
         n = min(len(runtime.host_cpus), max(1, math.ceil(policy.limits.cpus)))
         start = next(runtime._cpu_turn) * n
         self.cpus = sorted({runtime.host_cpus[(start + i) % len(runtime.host_cpus)] for i in range(n)})
+        self.btime: int | None = None  # the sandbox's boot time, when it has a time namespace
         self._stopped = False
         self._stop_lock = asyncio.Lock()
 
@@ -271,6 +277,7 @@ class JailSandbox(RuntimeSandbox):
             self.cgroup.create(lim.memory, lim.pids + AGENT_PIDS_HEADROOM, lim.cpus)
         if self.egress is not None:
             self.egress.start()
+        time_offsets = self._time_offsets() if rt.unshare_time is not None else None
         host_sock, agent_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         info_r, info_w = os.pipe2(os.O_CLOEXEC)
         stderr_fd = os.memfd_create("stockade-bwrap-stderr", os.MFD_CLOEXEC)
@@ -280,7 +287,8 @@ class JailSandbox(RuntimeSandbox):
             self.proc = subprocess.Popen(  # noqa: S603 - argv is built here, not from input
                 argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=stderr_fd,
                 pass_fds=(agent_sock.fileno(), info_w, *fds), start_new_session=True,
-                preexec_fn=_enter(self.cgroup, self.uid.uid if self.uid is not None else None))
+                preexec_fn=_enter(self.cgroup, self.uid.uid if self.uid is not None else None, rt.unshare_time,
+                                  time_offsets))
         finally:
             agent_sock.close()
             os.close(info_w)
@@ -320,6 +328,13 @@ class JailSandbox(RuntimeSandbox):
         finally:
             os.close(stderr_fd)
 
+    def _time_offsets(self) -> bytes:
+        """The time namespace's offsets: its monotonic and boot-time clocks start at about 1 s (an offset may
+        not make a clock negative, and the spawn takes a moment), so btime is now less that."""
+        mono, boot = time.clock_gettime(time.CLOCK_MONOTONIC), time.clock_gettime(time.CLOCK_BOOTTIME)
+        self.btime = round(time.time() - (boot - int(boot) + 1))
+        return f"monotonic {-(int(mono) - 1)} 0\nboottime {-(int(boot) - 1)} 0\n".encode()
+
     def _argv(self, channel_fd: int, info_fd: int, fds: list[int]) -> list[str]:
         rt, fs = self.runtime, self.policy.filesystem
 
@@ -351,7 +366,7 @@ class JailSandbox(RuntimeSandbox):
             argv += ["--dev-bind", "/dev/null", path]
         for path in masked_dirs:
             argv += ["--tmpfs", path, "--remount-ro", path]
-        sized = rootfs.sized_proc_files(self.policy.limits.memory, len(self.cpus), str(uuid.uuid4()))
+        sized = rootfs.sized_proc_files(self.policy.limits.memory, len(self.cpus), str(uuid.uuid4()), self.btime)
         for path, text in sized.items():
             argv += ["--ro-bind-data", data(path.rsplit("/", 1)[1], text.encode()), path]
         for path, text in rootfs.generated_files().items():
@@ -407,6 +422,7 @@ class JailSandbox(RuntimeSandbox):
             "python_env": environment.MOUNT if rt.sandbox_env else None,
             # what run_code uses: IPython from the sandbox environment, else the stdlib fallback
             "code_interpreter": "ipython" if rt.sandbox_env else "stdlib",
+            "time_namespace": rt.unshare_time is not None,  # uptime, btime, monotonic clocks: the sandbox's
             "agent_host_pid": self.agent_host_pid,
             "namespaces": dict(self.namespaces),
         }
@@ -502,13 +518,15 @@ async def _read_all(fd: int) -> bytes:
     return b"".join(chunks)
 
 
-def _enter(cgroup: cgroups.Cgroup | None, uid: int | None) -> Callable[[], None] | None:
+def _enter(cgroup: cgroups.Cgroup | None, uid: int | None, unshare: Callable[[int], int] | None = None,
+           time_offsets: bytes | None = None) -> Callable[[], None] | None:
     """What bwrap's process does before exec: join the sandbox's cgroups (so the cgroup namespace bwrap
-    unshares is rooted at the sandbox's own cgroup, and every process of the sandbox starts in it), then
-    drop to the sandbox's uid (after: the cgroup files are root's). Runs between fork and exec in a
+    unshares is rooted at the sandbox's own cgroup, and every process of the sandbox starts in it), make
+    the time namespace its processes will be in and set its clocks, then drop to the sandbox's uid (after:
+    the cgroup files are root's, and the offsets need CAP_SYS_TIME). Runs between fork and exec in a
     threaded process, so it only makes system calls on values prepared here."""
     procs = [str(d / "cgroup.procs") for d in cgroup.dirs] if cgroup is not None else []
-    if not procs and uid is None:
+    if not procs and uid is None and time_offsets is None:
         return None
 
     def enter() -> None:
@@ -519,11 +537,30 @@ def _enter(cgroup: cgroups.Cgroup | None, uid: int | None) -> Callable[[], None]
                 os.write(fd, me)
             finally:
                 os.close(fd)
+        if unshare is not None and time_offsets is not None:
+            if unshare(CLONE_NEWTIME) != 0:
+                raise OSError("unshare(CLONE_NEWTIME) failed")
+            fd = os.open("/proc/self/timens_offsets", os.O_WRONLY)  # before any process is in it
+            try:
+                os.write(fd, time_offsets)
+            finally:
+                os.close(fd)
         if uid is not None:
             os.setgroups([])
             os.setresgid(uid, uid, uid)
             os.setresuid(uid, uid, uid)
     return enter
+
+
+CLONE_NEWTIME = 0x80
+
+
+def _libc_unshare() -> Callable[[int], int]:
+    """unshare(2): Python 3.11's os has none (3.12 adds os.unshare)."""
+    import ctypes
+
+    fn: Callable[[int], int] = ctypes.CDLL(None, use_errno=True).unshare
+    return fn
 
 
 async def _wait_exit(proc: subprocess.Popen[bytes]) -> None:
