@@ -40,7 +40,11 @@ class FakeRuntime(Runtime):
         self.config = config or HostConfig.from_env()
         self.root = Path(tempfile.mkdtemp(prefix="stockade-fake-runtime-"))
         self.python = system_image(None).python_host
-        self.agent = compiled_agent(self.python, self.root) / "server.pyc"
+        agent_dir = self.root / "agent"
+        agent_dir.mkdir()
+        for name, data in compiled_agent(self.python, self.root).items():
+            (agent_dir / name).write_bytes(data)
+        self.agent = agent_dir / "agent.zip"
         self.homes: dict[str, Path] = {}
 
     async def start(self, spec: SandboxSpec) -> RuntimeSandbox:

@@ -217,12 +217,18 @@ print("allowed" if r == 0 else errno.errorcode[ctypes.get_errno()])
 def test_root_filesystem_is_read_only_and_minimal(make_sandbox):
     sb = make_sandbox()
     for path in ("/usr/bin/evil", "/etc/evil", "/evil", "/bin/evil", "/opt/stockade/agent/x",
-                 "/opt/stockade/agent/server.pyc", "/opt/stockade/agent/processes.pyc"):
+                 "/opt/stockade/agent/agent.zip", "/opt/stockade/agent/interpreter.pyc"):
         r = sb.commands.run(f"echo x > {path}")
         assert r.exit_code != 0, f"wrote {path}"
-    # the agent's directory holds the agent and nothing else (it is bound from the host's compile cache)
+    # the agent's directory holds the agent and nothing else, and names no host path in mountinfo
     agent = set(sb.commands.run("ls -A /opt/stockade/agent").stdout.split())
-    assert "server.pyc" in agent and all(name.endswith((".pyc", ".js")) for name in agent), agent
+    assert agent == {"agent.zip", "interpreter.pyc", "interpreter.js", "node_proxy.js"}, agent
+    from stockade.config import HostConfig
+
+    mounts = sb.files.read("/proc/self/mountinfo")
+    agent_mounts = [line for line in mounts.splitlines() if " /opt/stockade/agent/" in line]
+    assert agent_mounts and not any(str(HostConfig.from_env().state_dir) + "/agent" in line
+                                    for line in agent_mounts), agent_mounts
     listing = sb.commands.run("ls -a /").stdout.split()
     for host_only in ("root", "var", "run", "srv", "mnt", "media", "boot", "sys", "work"):
         assert host_only not in listing

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import _signal
 import os
+import sys
 from time import monotonic as _monotonic
 
 TYPE_CHECKING = False  # typing costs a cold start an import; mypy reads this name as true
@@ -37,7 +38,7 @@ class Contexts(Processes):
         ctx_id = h["ctx"]
         if not isinstance(ctx_id, str) or ctx_id in self.contexts:
             raise ValueError(f"context {ctx_id!r} exists or is not a string")
-        here = os.path.dirname(os.path.abspath(__file__))
+        here = os.path.dirname(os.path.abspath(sys.argv[0]))  # the agent's directory (it runs from a zip)
         language = h["language"]
         if language == "javascript":
             argv = ["node", os.path.join(here, "interpreter.js")]

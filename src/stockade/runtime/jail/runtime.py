@@ -23,6 +23,7 @@ import socket
 import subprocess
 import time
 import uuid
+import zipfile
 from collections.abc import Callable, Mapping
 from functools import cache
 from pathlib import Path
@@ -42,6 +43,7 @@ from .uids import UidAllocator, UidLease
 AGENT_SOURCES = ("server.py", "common.py", "processes.py", "contexts.py", "files.py", "artifacts.py", "bridge.py",
                  "protocol.py", "interpreter.py")
 AGENT_FILES = ("interpreter.js", "node_proxy.js")  # shipped as they are
+AGENT_MAIN, AGENT_ZIP, INTERPRETER_PYC = "__main__.py", "agent.zip", "interpreter.pyc"
 SAVE_ARTIFACT = b"#!/usr/bin/python3 -I\nimport sys\nsys.path.insert(0, '/opt/stockade/lib')\n" \
     b"from stockade_artifacts import main\nmain()\n"
 START_TIMEOUT = 15.0
@@ -58,26 +60,21 @@ def _memfd(name: str, data: bytes) -> int:
 
 
 @cache
-def compiled_agent(python_host: str, state_dir: Path) -> Path:
-    """The directory that is the agent inside every sandbox (bound read-only at /opt/stockade/agent: one
-    mount, whatever the number of its modules): its modules compiled to bytecode by the sandbox's own
-    interpreter (a cold start then skips compiling them) and its script files, cached on disk by their
-    content and the interpreter. Readable by the sandboxes' uids, writable only by this host user."""
+def compiled_agent(python_host: str, state_dir: Path) -> dict[str, bytes]:
+    """The files of /opt/stockade/agent in every sandbox: ``agent.zip`` (the agent's modules compiled to
+    bytecode by the sandbox's own interpreter, run by zipimport, with a ``__main__``), the interpreter's
+    bytecode and the scripts, cached on disk by their content and the interpreter. One archive rather
+    than a file per module: each file placed costs bwrap a bind, and a directory bound from the host would
+    show the host's path in the sandbox's mountinfo."""
     agent_dir = Path(protocol.__file__).parent
     sources = {name: (agent_dir / name).read_bytes() for name in AGENT_SOURCES}
-    scripts = {name: (agent_dir / name).read_bytes() for name in AGENT_FILES}
+    sources[AGENT_MAIN] = b"from server import main\nmain()\n"
     st = os.stat(python_host)
-    key = hashlib.sha256(b"".join([*sources.values(), *scripts.values()])
-                         + f"{python_host}:{st.st_mtime_ns}".encode()).hexdigest()
-    base = state_dir / "agent"
-    base.mkdir(exist_ok=True)
-    base.chmod(0o755)
-    cache_dir = base / key[:20]
-    wanted = [name.replace(".py", ".pyc") for name in AGENT_SOURCES] + list(AGENT_FILES)
-    if not all((cache_dir / name).exists() for name in wanted):
+    key = hashlib.sha256(b"".join(sources.values()) + f"{python_host}:{st.st_mtime_ns}".encode()).hexdigest()
+    cache_dir = state_dir / "agent" / key[:20]
+    if not all((cache_dir / name).exists() for name in (AGENT_ZIP, INTERPRETER_PYC)):
         tmp = cache_dir.with_name(cache_dir.name + f".tmp{os.getpid()}")
-        tmp.mkdir(mode=0o755, exist_ok=True)
-        tmp.chmod(0o755)
+        tmp.mkdir(parents=True, exist_ok=True)
         for name, data in sources.items():
             (tmp / name).write_bytes(data)
         script = ("import py_compile,sys\n"
@@ -90,19 +87,23 @@ def compiled_agent(python_host: str, state_dir: Path) -> Path:
         if result.returncode != 0:
             raise SandboxUnavailableError(f"the sandbox's python ({python_host}) cannot compile the agent: "
                                           f"{result.stderr.strip()[-500:]}")
-        for name in AGENT_SOURCES:
+        with zipfile.ZipFile(tmp / AGENT_ZIP, "w", zipfile.ZIP_STORED) as archive:
+            for name in sources:
+                if name != "interpreter.py":  # a program of its own, started by path
+                    archive.write(tmp / (name + "c"), name + "c")
+        for name in sources:
             (tmp / name).unlink()
-        for name, data in scripts.items():
-            (tmp / name).write_bytes(data)
-        for path in tmp.iterdir():
-            path.chmod(0o644)
+            if name != "interpreter.py":
+                (tmp / (name + "c")).unlink()
         with contextlib.suppress(OSError):
             os.rename(tmp, cache_dir)
         if tmp.exists():  # another process won the race
             for path in tmp.iterdir():
                 path.unlink()
             tmp.rmdir()
-    return cache_dir
+    files = {name: (cache_dir / name).read_bytes() for name in (AGENT_ZIP, INTERPRETER_PYC)}
+    files.update({name: (agent_dir / name).read_bytes() for name in AGENT_FILES})
+    return files
 
 
 class _Lock:
@@ -153,7 +154,7 @@ class JailRuntime(Runtime):
             self.bwrap = bwrap_mod.copy_for_other_uids(self.bwrap, self.config.state_dir)
         self.image = rootfs.system_image(self.jail.python)
         self.seccomp_bpf = seccomp.filter_bpf()
-        self.agent_dir = compiled_agent(self.image.python_host, self.config.state_dir)
+        self.agent_files = compiled_agent(self.image.python_host, self.config.state_dir)
         self.cgroups = cgroups.detect(self.jail.cgroup_parent)
         self.uids = UidAllocator(self.config.state_dir, self.jail.uid_range) if self.privileged else None
         # As root, each sandbox gets a time namespace whose clocks start near zero: uptime, btime and the
@@ -373,7 +374,8 @@ class JailSandbox(RuntimeSandbox):
             argv += ["--ro-bind-data", data(path.rsplit("/", 1)[1], text.encode()), path]
         for path, content in self.files.items():
             argv += ["--ro-bind-data", data(path.rsplit("/", 1)[1], content), path]
-        argv += ["--ro-bind", str(rt.agent_dir), rootfs.AGENT_DIR]
+        for name, code in rt.agent_files.items():
+            argv += ["--ro-bind-data", data(name, code), f"{rootfs.AGENT_DIR}/{name}"]
         helper = (Path(protocol.__file__).parent / "stockade_artifacts.py").read_bytes()
         argv += ["--ro-bind-data", data("stockade_artifacts", helper), f"{rootfs.LIB_DIR}/stockade_artifacts.py",
                  "--perms", "0555", "--ro-bind-data", data("save-artifact", SAVE_ARTIFACT),
@@ -385,7 +387,7 @@ class JailSandbox(RuntimeSandbox):
             argv += ["--bind" if mount.mode == "rw" else "--ro-bind", mount.source, mount.target]
         argv += ["--remount-ro", "/", "--chdir", rootfs.HOME, "--clearenv",
                  "--info-fd", str(info_fd), "--seccomp", data("seccomp", rt.seccomp_bpf),
-                 "--", rt.image.python, "-E", "-s", "-S", "-B", f"{rootfs.AGENT_DIR}/server.pyc",
+                 "--", rt.image.python, "-E", "-s", "-S", "-B", f"{rootfs.AGENT_DIR}/{AGENT_ZIP}",
                  str(channel_fd)]
         return argv
 
