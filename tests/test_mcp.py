@@ -124,13 +124,18 @@ def no_host_details(text: str) -> None:
 
 
 class HttpServer:
-    def __init__(self, policy: Path, token: str = TOKEN, **env: str) -> None:
+    def __init__(self, policy: Path, token: str | None = TOKEN, **env: str) -> None:
+        """``token`` None: no --token (with STOCKADE_API_URL: each client's own stockade API key)."""
         self.proc = subprocess.Popen([sys.executable, "-m", "stockade.cli", "mcp", "--http", "--host", "127.0.0.1",
-                                      "--port", "0", "--policy", str(policy), "--token", token],
+                                      "--port", "0", "--policy", str(policy), *(["--token", token] if token else [])],
                                      env=server_env(**env), stderr=subprocess.PIPE, stdout=subprocess.DEVNULL,
                                      text=True)
         assert self.proc.stderr is not None
-        line = self.proc.stderr.readline()
+        line = ""
+        for _ in range(5):  # the address line, after what the server says of its authentication
+            line = self.proc.stderr.readline()
+            if "/mcp" in line or not line:
+                break
         m = re.search(r"(http://127\.0\.0\.1:\d+/mcp)", line)
         if not m:
             self.stop()
@@ -635,6 +640,49 @@ def test_against_a_stockade_server(policy_dir: Path, api_server: Any) -> None:
 
     run(body())
     wait_until(lambda: seen[0] not in manager.sandboxes, 20, "the session's sandbox to end with it")
+
+
+def test_http_pass_through_runs_each_client_under_its_own_key(policy_dir: Path, api_server: Any,
+                                                            http_server: Callable[..., HttpServer]) -> None:
+    """Fronting a stockade server with no key of its own, the MCP server takes each client's bearer as that
+    client's stockade API key: sandboxes belong to its tenant, another tenant's are not found, a session
+    cannot be used with another key, and no key appears in a result."""
+    alice, bob = api_server.key("mcp-alice"), api_server.key("mcp-bob")
+    server = http_server(token=None, STOCKADE_API_URL=api_server.url)
+    registry = api_server.server.registry
+    manager = api_server.server.manager
+    seen: list[str] = []
+
+    async def body() -> None:
+        async with http_client(server.url, token=alice) as a, http_client(server.url, token=bob) as b:
+            ra = await a.call_tool("run_code", {"code": "print('alice')"})
+            rb = await b.call_tool("run_code", {"code": "print('bob')"})
+            assert not ra.is_error and not rb.is_error, (texts(ra), texts(rb))
+            sid_a, sid_b = sandbox_id_of(texts(ra)), sandbox_id_of(texts(rb))
+            seen.extend((sid_a, sid_b))
+            assert registry.live[sid_a].tenant == "mcp-alice" and registry.live[sid_b].tenant == "mcp-bob"
+            foreign = await b.call_tool("run_command", {"command": "true", "sandbox_id": sid_a})
+            assert foreign.is_error and f"no sandbox {sid_a} in this session" in texts(foreign)
+            for r in (ra, rb, foreign):
+                for key in (alice, bob):
+                    assert key not in texts(r) and key.split("_")[-1] not in texts(r)
+        async with http_client(server.url, token="sk_nobody_notakeyatall") as c:
+            wrong = await c.call_tool("run_code", {"code": "1"})
+            assert wrong.is_error and "API key" in texts(wrong), texts(wrong)
+
+    run(body())
+    headers = {"Accept": "application/json, text/event-stream", "Content-Type": "application/json"}
+    opened = httpx.post(server.url, json=INIT, headers={**headers, "Authorization": f"Bearer {alice}"}, timeout=30)
+    assert opened.status_code == 200
+    session = opened.headers["mcp-session-id"]
+    replay = httpx.post(server.url, json={"jsonrpc": "2.0", "id": 2, "method": "tools/list", "params": {}},
+                        headers={**headers, "Authorization": f"Bearer {bob}", "mcp-session-id": session,
+                                 "MCP-Protocol-Version": opened.headers.get("mcp-protocol-version", "2025-11-25")},
+                        timeout=30)
+    assert replay.status_code == 404  # alice's session, with bob's key: as if it did not exist
+    assert httpx.post(server.url, json=INIT, headers=headers, timeout=30).status_code == 401  # no key at all
+    httpx.delete(server.url, headers={"Authorization": f"Bearer {alice}", "mcp-session-id": session}, timeout=30)
+    wait_until(lambda: not any(sid in manager.sandboxes for sid in seen), 20, "the sessions' sandboxes to end")
 
 
 def test_a_wrong_server_key_is_a_clear_tool_error(policy_dir: Path, api_server: Any) -> None:

@@ -266,10 +266,13 @@ def mcp(
     api_url: str | None = typer.Option(None, "--api-url", envvar="STOCKADE_API_URL",
                                        help="Run the sandboxes on this `stockade serve` (key: STOCKADE_API_KEY)."),
     token: str | None = typer.Option(None, "--token", envvar="STOCKADE_MCP_TOKEN",
-                                     help="With --http: the bearer token clients must send."),
+                                     help="With --http: the bearer token clients must send. With --api-url and "
+                                          "neither a token nor STOCKADE_API_KEY, each client sends its own "
+                                          "stockade API key instead."),
 ) -> None:
     """Serve sandboxes to MCP clients (Claude Desktop, Cursor, agent frameworks): one sandbox per MCP
-    session, killed when the session ends. stdio by default; --http for remote clients (bearer token)."""
+    session, killed when the session ends. stdio by default; --http for remote clients (bearer token, or
+    each client's own stockade API key when it fronts a `stockade serve`)."""
     import asyncio
     import os
     import secrets
@@ -290,7 +293,10 @@ def mcp(
     if not http:
         asyncio.run(serve_stdio(options))
         return
-    if not token:
+    if not token and options.api_url and not options.api_key:  # the server checks each client's own key
+        typer.echo(f"stockade mcp: clients authenticate with their own stockade API key (Authorization: Bearer "
+                   f"sk_...), checked by {options.api_url}", err=True)
+    elif not token:
         if not is_loopback(host):
             raise _fail(StockadeError(f"--host {host} is not a loopback address: give clients a bearer token with "
                                       "--token or STOCKADE_MCP_TOKEN (anyone who can reach the port could run "

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import hmac
 import ipaddress
 import json
@@ -88,16 +89,30 @@ def http_session_key(ctx: ServerRequestContext[Any, Any]) -> str | None:
     return value if isinstance(value, str) and value else None
 
 
+def http_client_api_key(ctx: ServerRequestContext[Any, Any]) -> str | None:
+    """In pass-through mode (no token of its own; a stockade server behind it), the client's bearer is its
+    stockade API key, and its session's sandboxes are created with it: the server's tenant, quotas, policy
+    gate and audit are that client's. ``Front`` has bound the session to that key."""
+    headers = getattr(ctx.request, "headers", None)
+    value = headers.get("authorization") if headers is not None else None
+    if isinstance(value, str) and value[:7].lower() == "bearer " and value[7:].strip():
+        return value[7:].strip()
+    return None
+
+
 class Front:
     """ASGI in front of the SDK's streamable HTTP app: bearer token, protocol era, session ends.
 
     The bearer check is written here rather than through the SDK's auth settings: those make the server an
     OAuth 2.1 resource server (issuer, resource URL, token introspection), and one static token compared in
-    constant time is all this needs."""
+    constant time is all this needs. With no token of its own (``token`` None: pass-through to a stockade
+    server), a client's bearer is its stockade API key, which the server checks on each use; a session
+    belongs to the key that opened it, and the same session id with another key is answered as unknown."""
 
-    def __init__(self, inner: ASGIApp, hub: Hub, token: str, idle: float) -> None:
+    def __init__(self, inner: ASGIApp, hub: Hub, token: str | None, idle: float) -> None:
         self.inner, self.hub, self.idle = inner, hub, idle
-        self.expected = f"Bearer {token}".encode()
+        self.expected = f"Bearer {token}".encode() if token is not None else None
+        self.session_keys: dict[str, bytes] = {}   # pass-through: session id -> sha256 of the key that opened it
         self._reaper: asyncio.Task[None] | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -108,10 +123,17 @@ class Front:
             await send({"type": "websocket.close", "code": 1008})
             return
         headers = {k.decode("latin-1").lower(): v for k, v in scope.get("headers", [])}
-        if not hmac.compare_digest(headers.get("authorization", b""), self.expected):
+        authorization = headers.get("authorization", b"")
+        if self.expected is not None:
+            allowed = hmac.compare_digest(authorization, self.expected)
+        else:
+            allowed = authorization[:7].lower() == b"bearer " and len(authorization[7:].strip()) >= 8
+        if not allowed:
             await _json(send, 401, {"error": "unauthorized",
                                     "message": "missing or wrong bearer token: send Authorization: Bearer <token> "
-                                               "(the token given to `stockade mcp --token` or STOCKADE_MCP_TOKEN)"},
+                                               "(the token given to `stockade mcp --token` or STOCKADE_MCP_TOKEN)"
+                                               if self.expected is not None else
+                                               "missing bearer: send Authorization: Bearer <your stockade API key>"},
                         [(b"www-authenticate", b'Bearer realm="stockade-mcp"')])
             return
         version = headers.get("mcp-protocol-version", b"").decode("latin-1")
@@ -119,20 +141,31 @@ class Front:
             await self._refuse_era(version, receive, send)
             return
         session = headers.get("mcp-session-id", b"").decode("latin-1") or None
+        owner = hashlib.sha256(authorization).digest()
+        if self.expected is None and session is not None and not hmac.compare_digest(
+                self.session_keys.get(session, owner), owner):
+            await _json(send, 404, {"jsonrpc": "2.0", "id": None,
+                                    "error": {"code": -32001, "message": "Session not found"}})
+            return
         status = 0
 
         async def watch(message: Message) -> None:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = int(message["status"])
+                if self.expected is None and session is None:  # a new session: it is this key's
+                    opened = dict(message.get("headers") or []).get(b"mcp-session-id")
+                    if opened:
+                        self.session_keys[opened.decode("latin-1")] = owner
             await send(message)
 
         try:
             await self.inner(scope, receive, watch)
         finally:
-            if session and session in self.hub.sessions and (
-                    (scope["method"] == "DELETE" and 200 <= status < 300) or status == 404):
-                await asyncio.shield(self.hub.close(session))
+            if session and (scope["method"] == "DELETE" and 200 <= status < 300 or status == 404):
+                self.session_keys.pop(session, None)
+                if session in self.hub.sessions:
+                    await asyncio.shield(self.hub.close(session))
 
     async def _refuse_era(self, version: str, receive: Receive, send: Send) -> None:
         body, more = b"", True
@@ -183,16 +216,20 @@ async def _json(send: Send, status: int, body: dict[str, Any], extra: list[tuple
     await send({"type": "http.response.body", "body": data})
 
 
-def http_app(options: Options, token: str, host: str = "127.0.0.1", idle: float = SESSION_IDLE) -> Front:
+def http_app(options: Options, token: str | None, host: str = "127.0.0.1", idle: float = SESSION_IDLE) -> Front:
+    """``token`` None: pass-through to the stockade server at ``options.api_url``, each client with its own
+    stockade API key as its bearer (there must be such a server, and no server key of its own)."""
+    if token is None and (options.api_url is None or options.api_key is not None):
+        raise ValueError("pass-through needs a stockade server (api_url) and no API key of the MCP server's own")
     hub = Hub(options, Scrubber.for_host([options.api_key, token], options.policy, local=not options.api_url))
-    server = build_server(hub, http_session_key)
+    server = build_server(hub, http_session_key, http_client_api_key if token is None else lambda ctx: None)
     # room for the largest arguments the tools accept (tools.MAX_WRITE characters, JSON-escaped), so a call
     # that is too big is refused by the tool's own validation, naming the field, not by the transport
     inner = server.streamable_http_app(host=host, session_idle_timeout=idle, max_request_body_size=MAX_BODY)
     return Front(inner, hub, token, idle)
 
 
-async def serve_http(options: Options, token: str, host: str, port: int) -> None:
+async def serve_http(options: Options, token: str | None, host: str, port: int) -> None:
     import uvicorn
 
     app = http_app(options, token, host)

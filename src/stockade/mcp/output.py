@@ -102,6 +102,13 @@ class Scrubber:
             parts.append("(?P<path>(?:" + "|".join(re.escape(p) for p in self.paths) + r")(?=/|\b|$))")
         self._pattern = re.compile("|".join(parts)) if parts else None
 
+    def with_secret(self, value: str) -> Scrubber:
+        """This scrubber, also replacing ``value``."""
+        return Scrubber([*self.secrets, value], self.paths)
+
+    def without_secret(self, value: str) -> Scrubber:
+        return Scrubber([v for v in self.secrets if v != value], self.paths)
+
     @classmethod
     def for_host(cls, secret_values: Iterable[str | None] = (), policy: Policy | None = None,
                  local: bool = True) -> Scrubber:

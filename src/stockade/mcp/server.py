@@ -69,6 +69,7 @@ class Options:
 @dataclass
 class Session:
     key: str
+    api_key: str | None = None    # the client's own stockade API key (HTTP pass-through), else the server's
     sandboxes: dict[str, AsyncSandbox] = field(default_factory=dict)    # live, created by this session
     artifacts: dict[str, AsyncArtifacts] = field(default_factory=dict)  # every sandbox it created (outlive them)
     default_id: str | None = None
@@ -88,10 +89,12 @@ class Hub:
         self.scrub = scrub or Scrubber.for_host([options.api_key], options.policy, local=not options.api_url)
         self.sessions: dict[str, Session] = {}
 
-    def session(self, key: str) -> Session:
+    def session(self, key: str, api_key: str | None = None) -> Session:
         s = self.sessions.get(key)
         if s is None:
-            s = self.sessions[key] = Session(key)
+            s = self.sessions[key] = Session(key, api_key)
+            if api_key:  # no result may show it, whatever a sandbox or an error prints
+                self.scrub = self.scrub.with_secret(api_key)
         s.last_used = time.monotonic()
         return s
 
@@ -102,7 +105,7 @@ class Hub:
             raise ToolError(f"this session already has {MAX_SANDBOXES} live sandboxes (the most it may hold); "
                             "kill_sandbox one you no longer need")
         kwargs: dict[str, Any] = {"policy": self.options.policy, "metadata": {"created_by": "stockade-mcp"},
-                                  "api_url": self.options.api_url, "api_key": self.options.api_key}
+                                  "api_url": self.options.api_url, "api_key": s.api_key or self.options.api_key}
         if self.options.template is not None:
             kwargs["template"] = self.options.template
         sb = await AsyncSandbox.create(**kwargs)
@@ -156,6 +159,8 @@ class Hub:
         if s is None:
             return
         s.closed = True
+        if s.api_key and not any(o.api_key == s.api_key for o in self.sessions.values()):
+            self.scrub = self.scrub.without_secret(s.api_key)
         async with s.lock:  # a sandbox being started now is killed by create() itself
             live, s.sandboxes = list(s.sandboxes.values()), {}
         await asyncio.gather(*(_quiet_kill(sb) for sb in live))
@@ -570,9 +575,12 @@ SPECS: list[ToolSpec] = [
 ]
 
 
-def build_server(hub: Hub, session_key: Callable[[ServerRequestContext[Any, Any]], str | None]) -> Server[Any]:
+def build_server(hub: Hub, session_key: Callable[[ServerRequestContext[Any, Any]], str | None],
+                 client_api_key: Callable[[ServerRequestContext[Any, Any]], str | None] = lambda ctx: None,
+                 ) -> Server[Any]:
     """The low-level MCP server: tools and artifact resources over ``hub``. ``session_key`` says which
-    session a request belongs to (None: it has none, and the call is refused)."""
+    session a request belongs to (None: it has none, and the call is refused); ``client_api_key`` the
+    stockade API key the client authenticated with, when its sandboxes are created with its own key."""
     tools = Tools(hub)
     by_name = {spec.name: spec for spec in SPECS}
     listed = [types.Tool(name=spec.name, description=spec.description, input_schema=T.schema(spec.args),
@@ -586,7 +594,7 @@ def build_server(hub: Hub, session_key: Callable[[ServerRequestContext[Any, Any]
         if key is None:
             raise ToolError("this request belongs to no MCP session; connect with the session (initialize) "
                             "handshake")
-        return hub.session(key)
+        return hub.session(key, client_api_key(ctx))
 
     async def list_tools(ctx: ServerRequestContext[Any, Any],
                          params: types.PaginatedRequestParams | None) -> types.ListToolsResult:
