@@ -13,6 +13,7 @@ from ..agent import protocol
 from ..errors import FilesystemError, PolicyError, SandboxUnavailableError
 from ..policy import format_duration, format_size
 from ..runtime.channel import CommandPending
+from ..sdk.models import CommandResult, ProcessInfo
 from .base import CoreBase
 from .sandboxes import Argv, CommandRecord, ManagedSandbox, check_envs
 
@@ -157,6 +158,12 @@ class Commands(CoreBase):
                 await self.signal(sandbox_id, record.pid, 9)
             return {"code": None, "signal": 9, "timed_out": True, "truncated": {}}
 
+    async def result_of(self, sandbox_id: str, record: CommandRecord) -> CommandResult:
+        """The command's result once it has ended: what every front end answers."""
+        exit_ = await self.wait_command(sandbox_id, record)
+        out = record.pending
+        return CommandResult.from_exit(exit_, bytes(out.output["stdout"]), bytes(out.output["stderr"]), out.truncated)
+
     async def send_stdin(self, sandbox_id: str, pid: int, data: bytes, eof: bool = False) -> None:
         sb = self.get(sandbox_id)
         view = memoryview(data)
@@ -189,13 +196,16 @@ class Commands(CoreBase):
         self._record(sb, "command.kill_all", {"killed": count})
         return count
 
-    async def list_commands(self, sandbox_id: str) -> builtins.list[dict[str, Any]]:
+    async def processes(self, sandbox_id: str) -> builtins.list[ProcessInfo]:
+        """The processes running in the sandbox (the agent's answer checked: pids are ints, at most 10000)."""
         sb = self.get(sandbox_id)
         result = await sb.runtime.agent.ps()
         procs = result.get("procs")
         if not isinstance(procs, list):
             raise SandboxUnavailableError("the sandbox's agent answered ps with garbage")
-        return [p for p in procs if isinstance(p, dict) and isinstance(p.get("pid"), int)][:10000]
+        return [ProcessInfo(p["pid"], str(p.get("cmd", ""))[:4096], p.get("tag") if isinstance(p.get("tag"), str)
+                            else None) for p in procs[:10000]
+                if isinstance(p, dict) and isinstance(p.get("pid"), int) and not isinstance(p.get("pid"), bool)]
 
 
 def _oom_killed_since(before: int | None, after: int | None) -> bool:

@@ -194,10 +194,12 @@ class JailRuntime(Runtime):
         return sorted(swept)
 
     def leftovers(self, sandbox_id: str, described: Mapping[str, object] | None = None) -> list[str]:
-        # Processes are found by the sandbox's host uid and mount namespace, which only ``described`` knows;
-        # the kernel reuses both once the sandbox is gone, so that check means something only soon after.
+        # Processes are found by the sandbox's host uid and mount namespace, which only ``described`` knows.
+        # The kernel reuses both once the sandbox is gone (a new sandbox may get the same namespace inode and
+        # uid at once), so a process started after this process stopped the sandbox is not one of its.
         left: list[str] = []
         uid = mnt = None
+        stopped = _STOPPED.get(sandbox_id)
         if described is not None:
             namespaces = described.get("namespaces")
             host_uid = described.get("host_uid")
@@ -207,9 +209,13 @@ class JailRuntime(Runtime):
             if not entry.name.isdigit():
                 continue
             try:
-                if uid is not None and entry.stat().st_uid == uid:
+                ours_by_uid = uid is not None and entry.stat().st_uid == uid
+                ours_by_ns = mnt is not None and os.stat(f"/proc/{entry.name}/ns/mnt").st_ino == mnt
+                if (ours_by_uid or ours_by_ns) and stopped is not None and _started_at(entry.name) > stopped:
+                    continue
+                if ours_by_uid:
                     left.append(f"process {entry.name} runs as the sandbox uid {uid}")
-                if mnt is not None and os.stat(f"/proc/{entry.name}/ns/mnt").st_ino == mnt:
+                if ours_by_ns:
                     left.append(f"process {entry.name} is in the sandbox's mount namespace")
             except OSError:
                 continue
@@ -460,10 +466,24 @@ class JailSandbox(RuntimeSandbox):
                 if self.cgroup is not None:
                     await self.cgroup.destroy()
             finally:
+                _STOPPED[self.id] = time.clock_gettime(time.CLOCK_BOOTTIME)
+                while len(_STOPPED) > 4096:
+                    del _STOPPED[next(iter(_STOPPED))]
                 if self.uid is not None:
                     self.uid.release()
                 if self.lock is not None:
                     self.lock.release()
+
+
+# sandbox id -> the host's boot-time clock when a runtime of this process stopped it (for leftovers())
+_STOPPED: dict[str, float] = {}
+
+
+def _started_at(pid: str) -> float:
+    """When a process started, in seconds of the host's boot-time clock (/proc/PID/stat's starttime)."""
+    with open(f"/proc/{pid}/stat", "rb") as f:
+        fields = f.read().rsplit(b")", 1)[1].split()
+    return int(fields[19]) / os.sysconf("SC_CLK_TCK")
 
 
 @cache

@@ -86,14 +86,10 @@ class LocalTransport(Transport):
 
     async def wait(self, sandbox_id: str, token: Any) -> CommandResult:
         record: CommandRecord = token
-        m = await self.manager()
         try:
-            exit_event = await m.wait_command(sandbox_id, record)
+            return await (await self.manager()).result_of(sandbox_id, record)
         except SandboxUnavailableError as exc:
             raise SandboxUnavailableError(f"{exc} (while running {record.cmd[:200]!r})") from None
-        p = record.pending
-        return CommandResult.from_exit(exit_event, bytes(p.output["stdout"]), bytes(p.output["stderr"]),
-                                       p.truncated)
 
     async def send_stdin(self, sandbox_id: str, pid: int, data: bytes, eof: bool) -> None:
         await (await self.manager()).send_stdin(sandbox_id, pid, data, eof)
@@ -105,9 +101,7 @@ class LocalTransport(Transport):
         return await (await self.manager()).kill_all(sandbox_id)
 
     async def processes(self, sandbox_id: str) -> builtins.list[ProcessInfo]:
-        procs = await (await self.manager()).list_commands(sandbox_id)
-        return [ProcessInfo(p["pid"], str(p.get("cmd", ""))[:4096],
-                            p.get("tag") if isinstance(p.get("tag"), str) else None) for p in procs]
+        return await (await self.manager()).processes(sandbox_id)
 
     async def read(self, sandbox_id: str, path: str) -> AsyncGenerator[bytes, None]:
         chunks = await (await self.manager()).open_read(sandbox_id, path)

@@ -26,6 +26,7 @@ from fastapi import Request
 from ...core.sandboxes import CodeContext, CommandRecord, ManagedSandbox
 from ...errors import PolicyError, QuotaError, SandboxNotFoundError
 from ...policy import Policy
+from ...sdk.models import ProcessInfo
 from ..auth import Principal
 
 ENVD_PORT, INTERPRETER_PORT = 49983, 49999
@@ -235,8 +236,8 @@ class Core:
     async def signal(self, sandbox_id: str, pid: int, sig: int) -> bool:
         return await self.srv.m.signal(sandbox_id, pid, sig)  # type: ignore[no-any-return]
 
-    async def list_commands(self, sandbox_id: str) -> list[dict[str, Any]]:
-        return await self.srv.m.list_commands(sandbox_id)  # type: ignore[no-any-return]
+    async def process_list(self, sandbox_id: str) -> list[ProcessInfo]:
+        return await self.srv.m.processes(sandbox_id)  # type: ignore[no-any-return]
 
     # files
     async def file_op(self, sandbox_id: str, op: str, **args: Any) -> dict[str, Any]:

@@ -301,12 +301,12 @@ async def _stream(core: Core, request: Request, proc: Proc, queue: asyncio.Queue
 async def _list(core: Core, e2b: E2BSandbox, msg: dict[str, Any]) -> dict[str, Any]:
     table = _table(core, e2b)
     out = []
-    for p in await core.list_commands(e2b.id):
-        known = table.get(p["pid"])
+    for p in await core.process_list(e2b.id):
+        known = table.get(p.pid)
         if known is not None:
             out.append({"pid": known.pid, "config": known.config, **({"tag": known.tag} if known.tag else {})})
         else:
-            out.append({"pid": p["pid"], "config": {"cmd": str(p.get("cmd", ""))[:4096]}})
+            out.append({"pid": p.pid, "config": {"cmd": p.cmd}})
     return {"processes": out}
 
 

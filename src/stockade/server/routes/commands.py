@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import time
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
@@ -13,6 +14,7 @@ from fastapi import Path as PathParam
 from fastapi.responses import StreamingResponse
 
 from ...errors import RequestError, StockadeError, to_wire
+from ...sdk.models import CommandResult
 from ..deps import Auth, Srv
 from ..models import CommandOut, RunCommand, SignalBody, b64_field
 from ..service import live_sandbox
@@ -36,22 +38,21 @@ async def run_command(sandbox_id: str, body: RunCommand, request: Request, srv: 
         stdin=stdin, stdin_open=body.background and stdin is None, timeout=body.timeout,
         background=body.background, on_output=(lambda s, d: queue.put_nowait((s, d))) if streaming else None)
 
-    async def finish() -> dict[str, Any]:
-        exit_ = await srv.m.wait_command(sandbox_id, record)
+    async def finish() -> CommandResult:
+        result = await srv.m.result_of(sandbox_id, record)
         srv.metrics.exec_seconds.observe(time.perf_counter() - started)
-        code, sig = exit_.get("code"), exit_.get("signal")
-        return {"exit_code": code if isinstance(code, int) else -(sig if isinstance(sig, int) else 9),
-                "timed_out": bool(exit_.get("timed_out")), "truncated": any(record.pending.truncated.values()),
-                "limit": exit_.get("limit"), "error": exit_.get("error")}
+        return result
+
+    def ended(r: CommandResult) -> dict[str, Any]:
+        return {"exit_code": r.exit_code, "timed_out": r.timed_out, "truncated": r.truncated, "limit": r.limit,
+                "error": r.error}
 
     if not streaming and body.background:  # started: the caller follows it with signal/stdin/list
         return CommandOut(pid=record.pid, exit_code=None, stdout="", stderr="", timed_out=False, truncated=False,
                           running=True)
     if not streaming:
-        done = await finish()
-        out = record.pending.output
-        return CommandOut(pid=record.pid, stdout=out["stdout"].decode("utf-8", "replace"),
-                          stderr=out["stderr"].decode("utf-8", "replace"), **done)
+        result = await finish()
+        return CommandOut(pid=record.pid, stdout=result.stdout, stderr=result.stderr, **ended(result))
 
     async def events() -> AsyncIterator[bytes]:
         finished = False
@@ -62,7 +63,7 @@ async def run_command(sandbox_id: str, body: RunCommand, request: Request, srv: 
                 yield stream_event(kind, data)
             await srv.audit.commit()  # the command's record is in the audit log before its result goes out
             try:
-                yield sse("exit", waiter.result())
+                yield sse("exit", ended(waiter.result()))
             except StockadeError as exc:
                 yield sse("error", to_wire(exc)[1])
             finished = True
@@ -76,9 +77,7 @@ async def run_command(sandbox_id: str, body: RunCommand, request: Request, srv: 
 @router.get("/sandboxes/{sandbox_id}/commands", tags=["commands"])
 async def list_commands(sandbox_id: str, srv: Srv, who: Auth) -> list[dict[str, Any]]:
     live_sandbox(srv, who, sandbox_id)
-    return [{"pid": p["pid"], "cmd": str(p.get("cmd", ""))[:4096],
-             "tag": p.get("tag") if isinstance(p.get("tag"), str) else None}
-            for p in await srv.m.list_commands(sandbox_id)]
+    return [dataclasses.asdict(p) for p in await srv.m.processes(sandbox_id)]
 
 @router.post("/sandboxes/{sandbox_id}/commands/kill", tags=["commands"])
 async def kill_all_commands(sandbox_id: str, srv: Srv, who: Auth) -> dict[str, int]:
