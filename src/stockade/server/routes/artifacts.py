@@ -20,6 +20,7 @@ async def list_artifacts(sandbox_id: str, srv: Srv, who: Auth) -> list[dict[str,
     return [{**dataclasses.asdict(a), "created_at": a.created_at.timestamp()}
             for a in srv.m.artifacts.list(sandbox_id)]
 
+
 @router.get("/sandboxes/{sandbox_id}/artifacts/{name}", tags=["artifacts"], response_class=StreamingResponse,
          responses={200: {"content": {"application/octet-stream": {}}}})
 async def get_artifact(sandbox_id: str, name: str, srv: Srv, who: Auth) -> StreamingResponse:

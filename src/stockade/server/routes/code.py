@@ -45,20 +45,24 @@ async def run_code(sandbox_id: str, body: RunCode, srv: Srv, who: Auth) -> Strea
 
     return StreamingResponse(events(), media_type="text/event-stream", headers=SSE_HEADERS)
 
+
 @router.post("/sandboxes/{sandbox_id}/contexts", status_code=201, tags=["code"])
 async def create_context(sandbox_id: str, body: CreateContext, srv: Srv, who: Auth) -> ContextOut:
     live_sandbox(srv, who, sandbox_id)
     return context_out(await srv.m.create_context(sandbox_id, body.language, body.cwd))
+
 
 @router.get("/sandboxes/{sandbox_id}/contexts", tags=["code"])
 async def list_contexts(sandbox_id: str, srv: Srv, who: Auth) -> list[ContextOut]:
     live_sandbox(srv, who, sandbox_id)
     return [context_out(c) for c in srv.m.list_contexts(sandbox_id)]
 
+
 @router.post("/sandboxes/{sandbox_id}/contexts/{context_id}/restart", tags=["code"])
 async def restart_context(sandbox_id: str, context_id: str, srv: Srv, who: Auth) -> ContextOut:
     live_sandbox(srv, who, sandbox_id)
     return context_out(await srv.m.restart_context(sandbox_id, context_id))
+
 
 @router.delete("/sandboxes/{sandbox_id}/contexts/{context_id}", status_code=204, tags=["code"])
 async def remove_context(sandbox_id: str, context_id: str, srv: Srv, who: Auth) -> Response:

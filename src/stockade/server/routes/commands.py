@@ -74,16 +74,19 @@ async def run_command(sandbox_id: str, body: RunCommand, request: Request, srv: 
 
     return StreamingResponse(events(), media_type="text/event-stream", headers=SSE_HEADERS)
 
+
 @router.get("/sandboxes/{sandbox_id}/commands", tags=["commands"])
 async def list_commands(sandbox_id: str, srv: Srv, who: Auth) -> list[dict[str, Any]]:
     live_sandbox(srv, who, sandbox_id)
     return [dataclasses.asdict(p) for p in await srv.m.processes(sandbox_id)]
+
 
 @router.post("/sandboxes/{sandbox_id}/commands/kill", tags=["commands"])
 async def kill_all_commands(sandbox_id: str, srv: Srv, who: Auth) -> dict[str, int]:
     """Kill every process in the sandbox but its agent; the sandbox stays usable."""
     live_sandbox(srv, who, sandbox_id)
     return {"killed": await srv.m.kill_all(sandbox_id)}
+
 
 @router.post("/sandboxes/{sandbox_id}/commands/{pid}/stdin", tags=["commands"], status_code=204,
           openapi_extra={"requestBody": {"content": {"application/octet-stream": {}}}})
@@ -92,6 +95,7 @@ async def send_stdin(sandbox_id: str, pid: Annotated[int, PathParam(ge=1, le=1 <
     live_sandbox(srv, who, sandbox_id)
     await srv.m.send_stdin(sandbox_id, pid, await request.body(), eof)
     return Response(status_code=204)
+
 
 @router.post("/sandboxes/{sandbox_id}/commands/{pid}/signal", tags=["commands"])
 async def send_signal(sandbox_id: str, pid: Annotated[int, PathParam(ge=1, le=1 << 22)], body: SignalBody,

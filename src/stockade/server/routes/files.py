@@ -30,6 +30,7 @@ async def download(sandbox_id: str, path: Annotated[str, Query(min_length=1, max
     chunks = await srv.m.open_read(sandbox_id, path)  # a refusal is answered here, before the stream
     return StreamingResponse(chunks, media_type="application/octet-stream")
 
+
 @router.put("/sandboxes/{sandbox_id}/files", tags=["files"],
          openapi_extra={"requestBody": {"content": {"application/octet-stream": {}}}})
 async def upload(sandbox_id: str, path: Annotated[str, Query(min_length=1, max_length=4096)], request: Request,
@@ -54,6 +55,7 @@ async def upload(sandbox_id: str, path: Annotated[str, Query(min_length=1, max_l
             await srv.m.file_op(sandbox_id, "remove", path=path)
         raise TooLarge(f"the upload is over the server's max_upload ({cap} bytes); nothing was kept")
     return {"path": path, "size": size}
+
 
 @router.post("/sandboxes/{sandbox_id}/files/{op}", tags=["files"])
 async def file_op(sandbox_id: str, op: Literal["stat", "list", "mkdir", "remove", "rename"], body: FileOpBody,

@@ -18,6 +18,7 @@ async def update_network(sandbox_id: str, body: dict[str, Any], srv: Srv, who: A
     srv.settings.tenant(who.tenant).check(sb.policy.with_overrides(network=body))  # the same gate as create
     return srv.m.update_network(sandbox_id, body).model_dump()
 
+
 @router.get("/sandboxes/{sandbox_id}/network/events", tags=["network"])
 async def network_events(sandbox_id: str, srv: Srv, who: Auth) -> list[dict[str, Any]]:
     live_sandbox(srv, who, sandbox_id)

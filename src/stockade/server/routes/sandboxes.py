@@ -26,9 +26,11 @@ async def health(srv: Srv) -> dict[str, Any]:
             "sandboxes": len(srv.m.sandboxes), "warm": len(pool.ready) if pool is not None else 0,
             "audit": {"state": audit.state, "error": audit.error, "held": audit.held}}
 
+
 @router.get("/metrics", tags=["server"], response_class=Response)
 async def metrics(srv: Srv) -> Response:
     return Response(generate_latest(srv.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
 
 @router.post("/sandboxes", status_code=201, tags=["sandboxes"])
 async def create(body: CreateSandbox, srv: Srv, who: Auth, response: Response) -> SandboxOut:
@@ -37,6 +39,7 @@ async def create(body: CreateSandbox, srv: Srv, who: Auth, response: Response) -
     if reused:
         response.status_code = 200
     return sandbox_out(srv, sb)
+
 
 @router.get("/sandboxes", tags=["sandboxes"])
 async def list_sandboxes(srv: Srv, who: Auth, state: Literal["running", "ended"] = "running",
@@ -51,15 +54,18 @@ async def list_sandboxes(srv: Srv, who: Auth, state: Literal["running", "ended"]
     return [o for o in out if all(o.metadata.get(k) == v for k, v in want.items())
             and (user_id is None or o.user_id == user_id)]
 
+
 @router.get("/sandboxes/{sandbox_id}", tags=["sandboxes"])
 async def get_sandbox(sandbox_id: str, srv: Srv, who: Auth) -> SandboxOut:
     return sandbox_out(srv, live_sandbox(srv, who, sandbox_id))
+
 
 @router.delete("/sandboxes/{sandbox_id}", status_code=204, tags=["sandboxes"])
 async def kill(sandbox_id: str, srv: Srv, who: Auth) -> Response:
     live_sandbox(srv, who, sandbox_id)
     await srv.m.kill(sandbox_id)
     return Response(status_code=204)
+
 
 @router.post("/sandboxes/{sandbox_id}/timeout", tags=["sandboxes"])
 async def set_timeout(sandbox_id: str, body: SetTimeout, srv: Srv, who: Auth) -> SandboxOut:
