@@ -23,12 +23,14 @@ import ssl
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .exchange import refusal, relay_http
 from .hello import MAX_HELLO, Hello, Unclassifiable, classify
 from .rules import Decision, IPAddress, RuleError, Rules, normalize_host, parse_ip, split_target
-from .secrets import BoundSecret, SandboxCA
+
+if TYPE_CHECKING:  # cryptography (through .secrets) is imported only by a policy with secrets
+    from .secrets import BoundSecret, SandboxCA
 
 MAX_LINE = 8192
 MAX_HEADERS = 100
