@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import Sequence
 
 from ..artifacts import DirectoryStore
@@ -17,9 +16,12 @@ from .sandboxes import OUTPUT_RECORDED
 
 
 def open_audit(config: HostConfig) -> SQLAudit:
-    """The host's audit store, with events past their retention pruned."""
+    """The host's audit store, with events past their retention pruned (at most once an hour: a one-shot
+    process does not pay for a DELETE at every start; audit/retention.py)."""
+    from ..audit.retention import prune_if_due
+
     audit = SQLAudit(engine_for(config.database_url, config.data_dir))
-    audit.prune(time.time() - config.audit_retention)
+    prune_if_due(audit, config.data_dir, config.database_url or "", config.audit_retention)
     return audit
 
 
