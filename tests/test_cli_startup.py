@@ -60,13 +60,17 @@ def test_the_command_line_parses_without_the_server_mcp_or_templates():
     assert mods.isdisjoint(HEAVY), sorted(mods & set(HEAVY))
 
 
-def test_a_run_without_secrets_never_imports_cryptography_the_server_or_mcp(tmp_path, weak_policy_args):
+def test_a_run_without_secrets_never_imports_sqlalchemy_cryptography_the_server_or_mcp(tmp_path, weak_policy_args):
     code = ("import sys\nfrom stockade.cli import app\n"
             f"sys.argv = ['stockade', 'run', *{weak_policy_args!r}, '--', 'true']\n"
             "try:\n    app()\nexcept SystemExit as e:\n    assert e.code == 0, e.code\n")
-    mods = loaded_after(code, {"STOCKADE_DATABASE_URL": f"sqlite:///{tmp_path}/audit.db"})
+    from stockade.db import engine_for
+
+    url = f"sqlite:///{tmp_path}/audit.db"
+    engine_for(url, tmp_path).dispose()  # the database exists, as after the host's first run
+    mods = loaded_after(code, {"STOCKADE_DATABASE_URL": url})
     assert "stockade.core.manager" in mods  # it did run a sandbox
-    assert mods.isdisjoint({"fastapi", "uvicorn", "cryptography", "mcp", "stockade.server",
+    assert mods.isdisjoint({"fastapi", "uvicorn", "cryptography", "mcp", "stockade.server", "sqlalchemy",
                             "stockade.broker.secrets", "stockade.templates.oci"}), mods
 
 
