@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import typer
 
 from .errors import StockadeError
-from .policy import Policy
+
+if TYPE_CHECKING:  # pydantic's models cost ~70 ms: imported by the commands that take a policy
+    from .policy import Policy
 
 app = typer.Typer(help="Run untrusted, AI-written code in a throw-away sandbox on this machine.",
                   no_args_is_help=True, add_completion=False,
@@ -33,6 +35,8 @@ EXIT_TIMEOUT = 124
 
 
 def _load_policy(path: Path | None, timeout: float | None = None, memory: str | None = None) -> Policy:
+    from .policy import Policy
+
     policy = Policy.from_file(path) if path else Policy()
     if memory is not None:
         policy = policy.with_overrides(limits={"memory": memory})

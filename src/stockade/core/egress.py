@@ -9,7 +9,6 @@ from typing import TYPE_CHECKING, Any
 
 from ..audit import AuditEvent, Redactor
 from ..broker.rules import RuleError
-from ..broker.server import BrokerEndpoint
 from ..errors import PolicyError
 from ..policy import NetworkPolicy, Policy
 from ..runtime.base import SandboxLayout
@@ -17,6 +16,7 @@ from .base import CoreBase
 
 if TYPE_CHECKING:
     from ..broker.secrets import BoundSecret
+    from ..broker.server import BrokerEndpoint
 
 
 def proxy_env(layout: SandboxLayout) -> dict[str, str]:
@@ -58,6 +58,8 @@ class Egress(CoreBase):
         if policy.network.mode != "allowlist":
             # the proxy ports refuse with the reason (op net_off); pip retries once, which prints the reason
             return EgressPlan(None, {}, {**proxy_env(layout), "PIP_RETRIES": "1", **envs}, Redactor())
+        from ..broker.server import BrokerEndpoint  # (only a sandbox with a network needs the broker)
+
         secrets_: builtins.list[BoundSecret] = []
         ca = None
         if policy.secrets:  # (cryptography, through broker.secrets, is imported only then)
