@@ -67,6 +67,9 @@ def run(
     Nothing is left behind."""
     from .sdk import Sandbox
 
+    global _exit_fast
+    _exit_fast = True
+
     args = args or []
     if (code is None) == (not args):
         raise _fail(StockadeError("give exactly one of: FILE.py, -c CODE, or -- CMD ARG..."))
@@ -470,5 +473,38 @@ def _event_line(e: dict[str, Any]) -> str:
     return f"{when} {e['type']:<18} {text}"
 
 
+# `stockade run` skips the interpreter's teardown (~35 ms of module and object finalization) once it is
+# done: the sandbox is gone, and the atexit handlers, run here first, shut the manager down and close the
+# audit store (every event committed). Only `main()` (the `stockade` script) does this, never an
+# in-process caller of `app` (tests' CliRunner), and only after `run`.
+_exit_fast = False
+
+
+def main() -> None:
+    import atexit
+    import os
+
+    try:
+        app()
+        code: Any = 0
+    except SystemExit as exc:
+        code = exc.code
+    if not _exit_fast:
+        raise SystemExit(code)
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed pipe: nothing more can be said
+            pass
+    if code is None:
+        code = 0
+    elif not isinstance(code, int):  # SystemExit("message") prints it and exits 1, as the interpreter does
+        sys.stderr.write(f"{code}\n")
+        sys.stderr.flush()
+        code = 1
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    app()
+    main()
