@@ -60,7 +60,7 @@ def test_the_command_line_parses_without_the_server_mcp_or_templates():
     assert mods.isdisjoint(HEAVY), sorted(mods & set(HEAVY))
 
 
-def test_a_run_without_secrets_never_imports_sqlalchemy_cryptography_the_server_or_mcp(tmp_path, weak_policy_args):
+def test_a_run_without_network_or_secrets_imports_no_sqlalchemy_broker_server_or_mcp(tmp_path, weak_policy_args):
     code = ("import sys\nfrom stockade.cli import app\n"
             f"sys.argv = ['stockade', 'run', *{weak_policy_args!r}, '--', 'true']\n"
             "try:\n    app()\nexcept SystemExit as e:\n    assert e.code == 0, e.code\n")
@@ -71,7 +71,8 @@ def test_a_run_without_secrets_never_imports_sqlalchemy_cryptography_the_server_
     mods = loaded_after(code, {"STOCKADE_DATABASE_URL": url})
     assert "stockade.core.manager" in mods  # it did run a sandbox
     assert mods.isdisjoint({"fastapi", "uvicorn", "cryptography", "mcp", "stockade.server", "sqlalchemy",
-                            "stockade.broker.secrets", "stockade.templates.oci"}), mods
+                            "stockade.broker.secrets", "stockade.broker.proxy", "h11",
+                            "stockade.templates.oci"}), mods
 
 
 @pytest.fixture

@@ -12,7 +12,8 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from ..policy import NetworkPolicy
-from .proxy import Egress, Resolver, serve, system_resolver
+from .proxy import Egress, serve
+from .resolver import Resolver, system_resolver
 from .rules import Rules, expand_groups
 
 if TYPE_CHECKING:  # cryptography (through .secrets) is imported only by a policy with secrets
