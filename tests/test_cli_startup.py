@@ -132,6 +132,12 @@ def test_the_cache_holds_exactly_the_compiled_program(cache_dir):
     assert again == program and compiled == []  # served from the cache
 
 
+def test_no_state_directory_means_no_cache_and_none_made(tmp_path):
+    missing = tmp_path / "state" / "seccomp"  # the runtime makes the state directory, with its own mode
+    assert seccomp_cache.cached(seccomp.compile_bpf, Path(seccomp.__file__), missing) == seccomp.compile_bpf()
+    assert not (tmp_path / "state").exists()
+
+
 def test_the_key_follows_the_rule_table(tmp_path):
     rules = tmp_path / "seccomp.py"
     rules.write_bytes(Path(seccomp.__file__).read_bytes())

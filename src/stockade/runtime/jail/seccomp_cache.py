@@ -89,9 +89,11 @@ def load(directory: Path, key: str) -> bytes | None:
 
 def store(directory: Path, key: str, program: bytes) -> None:
     """Write the program for ``key``; a directory we cannot trust or write is left alone (no cache)."""
+    if not _private_dir(directory.parent):  # the state directory is the runtime's to make, with its mode
+        return
     with contextlib.suppress(OSError):
-        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-    if not (_private_dir(directory.parent) and _private_dir(directory)):
+        directory.mkdir(mode=0o700, exist_ok=True)
+    if not _private_dir(directory):
         return
     tmp = directory / f".{key}.{os.getpid()}.tmp"
     try:
