@@ -87,16 +87,21 @@ def weak_policy_args(tmp_path: Path) -> list[str]:
 def test_a_one_shot_run_still_commits_its_audit_events(tmp_path, weak_policy_args):
     env = {**os.environ, "STOCKADE_DATABASE_URL": f"sqlite:///{tmp_path}/audit.db"}
     cli = [sys.executable, "-m", "stockade.cli"]
-    r = subprocess.run([*cli, "run", *weak_policy_args, "--", "echo", "hi"], capture_output=True, text=True,
-                       env=env, timeout=120)
-    assert (r.returncode, r.stdout) == (0, "hi\n"), r.stderr
+    # the first run makes the database (SQLAudit), the second writes through SQLiteAudit; both exit fast
+    for word in ("first", "second"):
+        r = subprocess.run([*cli, "run", *weak_policy_args, "--", "echo", word], capture_output=True, text=True,
+                           env=env, timeout=120)
+        assert (r.returncode, r.stdout) == (0, f"{word}\n"), r.stderr
     with sqlite3.connect(tmp_path / "audit.db") as db:
-        (sid,) = db.execute("SELECT DISTINCT sandbox_id FROM audit_events WHERE type = 'command.start'").fetchone()
-    logs = subprocess.run([*cli, "logs", sid], capture_output=True, text=True, env=env, timeout=120)
-    assert logs.returncode == 0, logs.stderr
-    assert "command.start" in logs.stdout and "$ echo hi" in logs.stdout
-    assert "command.end" in logs.stdout and "exit 0" in logs.stdout
-    assert "sandbox.end" in logs.stdout
+        sids = [sid for (sid,) in db.execute("SELECT sandbox_id FROM audit_events WHERE type = 'command.start' "
+                                             "ORDER BY id")]
+    assert len(sids) == 2
+    for sid, word in zip(sids, ("first", "second"), strict=True):
+        logs = subprocess.run([*cli, "logs", sid], capture_output=True, text=True, env=env, timeout=120)
+        assert logs.returncode == 0, logs.stderr
+        assert "command.start" in logs.stdout and f"$ echo {word}" in logs.stdout
+        assert "command.end" in logs.stdout and "exit 0" in logs.stdout and f"stdout: {word}" in logs.stdout
+        assert "sandbox.end" in logs.stdout
 
 
 def test_serve_mcp_and_template_commands_still_load():
