@@ -26,19 +26,26 @@ def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
         yield from pg_schema_url()
 
 
-@pytest.fixture(params=["sqlalchemy", "sqlite3"])
-def store(request: pytest.FixtureRequest, db_url: str, tmp_path: Path) -> Iterator[SQLAudit]:
-    """Each store over each database: SQLAudit, and SQLiteAudit (the stdlib writer) where it applies."""
-    if request.param == "sqlite3":
-        if not db_url.startswith("sqlite"):
-            pytest.skip("SQLiteAudit is only for SQLite files (open_store gives PostgreSQL a SQLAudit)")
-        engine_for(db_url, tmp_path).dispose()  # the schema, as the first process on a host makes it
-        audit = open_store(db_url, tmp_path)
-        assert isinstance(audit, SQLiteAudit)
+@pytest.fixture(params=["sqlite", "postgresql", "sqlite-stdlib"])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[SQLAudit]:
+    """SQLAudit over each database, and SQLiteAudit (the stdlib writer, SQLite files only)."""
+    if request.param == "postgresql":
+        urls = pg_schema_url()
+        url = next(urls)
     else:
-        audit = SQLAudit(engine_for(db_url, tmp_path))
-    yield audit
-    audit.close()
+        urls, url = iter(()), f"sqlite:///{tmp_path / 'audit.db'}"
+    try:
+        if request.param == "sqlite-stdlib":
+            engine_for(url, tmp_path).dispose()  # the schema, as the first process on a host makes it
+            audit = open_store(url, tmp_path)
+            assert isinstance(audit, SQLiteAudit)
+        else:
+            audit = SQLAudit(engine_for(url, tmp_path))
+        yield audit
+        audit.close()
+    finally:
+        for _ in urls:  # drops the PostgreSQL schema
+            pass
 
 
 def test_events_round_trip_with_every_filter(store: SQLAudit) -> None:
