@@ -11,9 +11,11 @@ import sqlalchemy as sa
 
 from stockade.audit import AuditEvent, Redactor, SQLAudit
 from stockade.audit.events import REDACTED, EventFilter
+from stockade.audit.store import RETRY, SCHEMA_VERSION, SQLiteAudit, open_store
 from stockade.db import MIGRATIONS, engine_for, migrate
 
 from .db_support import pg_schema_url
+from .waiting import wait_until
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -24,11 +26,26 @@ def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
         yield from pg_schema_url()
 
 
-@pytest.fixture
-def store(db_url: str, tmp_path: Path) -> Iterator[SQLAudit]:
-    audit = SQLAudit(engine_for(db_url, tmp_path))
-    yield audit
-    audit.close()
+@pytest.fixture(params=["sqlite", "postgresql", "sqlite-stdlib"])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[SQLAudit]:
+    """SQLAudit over each database, and SQLiteAudit (the stdlib writer, SQLite files only)."""
+    if request.param == "postgresql":
+        urls = pg_schema_url()
+        url = next(urls)
+    else:
+        urls, url = iter(()), f"sqlite:///{tmp_path / 'audit.db'}"
+    try:
+        if request.param == "sqlite-stdlib":
+            engine_for(url, tmp_path).dispose()  # the schema, as the first process on a host makes it
+            audit = open_store(url, tmp_path)
+            assert isinstance(audit, SQLiteAudit)
+        else:
+            audit = SQLAudit(engine_for(url, tmp_path))
+        yield audit
+        audit.close()
+    finally:
+        for _ in urls:  # drops the PostgreSQL schema
+            pass
 
 
 def test_events_round_trip_with_every_filter(store: SQLAudit) -> None:
@@ -115,3 +132,72 @@ def test_a_size_cap_prunes_the_oldest_events_first(store: SQLAudit) -> None:
     assert len(left) == 3000 - removed
     assert [e.data["stdout"][:6] for e in left] == [f"{i:06d}" for i in range(removed, 3000)]  # the newest stay
     assert store.prune_to_size(1 << 30) == 0
+
+
+# ---- the stdlib writer (SQLiteAudit) ------------------------------------------------------------------
+def test_the_stdlib_writer_targets_the_newest_schema() -> None:
+    assert len(MIGRATIONS) == SCHEMA_VERSION
+
+
+def test_open_store_uses_the_stdlib_writer_only_on_a_current_sqlite_file(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'a.db'}"
+    first = open_store(url, tmp_path)  # no file yet: sqlalchemy creates the schema
+    assert type(first) is SQLAudit
+    first.close()
+    second = open_store(url, tmp_path)
+    assert type(second) is SQLiteAudit
+    second.close()
+    default = open_store(None, tmp_path / "data")  # None: stockade.db in the data directory
+    assert type(default) is SQLAudit and (tmp_path / "data" / "stockade.db").is_file()
+    default.close()
+    assert type(again := open_store(None, tmp_path / "data")) is SQLiteAudit
+    again.close()
+    with sa.create_engine(url).begin() as conn:  # an older (or newer) schema: sqlalchemy migrates or refuses
+        conn.execute(sa.text("UPDATE stockade_schema SET version = 0"))
+    older = open_store(url, tmp_path)
+    assert type(older) is SQLAudit
+    older.close()
+    with_options = open_store(url + "?timeout=5", tmp_path)
+    assert type(with_options) is SQLAudit
+    with_options.close()
+
+
+def test_the_stdlib_writer_and_sqlalchemy_read_each_others_events(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'a.db'}"
+    sql = SQLAudit(engine_for(url, tmp_path))
+    sql.record(AuditEvent("one", {"nested": {"x": [1, 2.5, None, "é"]}, "b": b"\xff"}, "sbx-1", "t", "u", 10.0))
+    sql.close()
+    fast = open_store(url, tmp_path)
+    assert isinstance(fast, SQLiteAudit)
+    fast.record(AuditEvent("two", {"nested": {"x": [1, 2.5, None, "é"]}, "b": b"\xff"}, "sbx-1", "t", "u", 11.0))
+    fast.flush()
+    one, two = fast.query(EventFilter(sandbox_id="sbx-1"))
+    assert (one.type, two.type) == ("one", "two") and one.data == two.data
+    assert (two.tenant, two.user_id, two.time) == ("t", "u", 11.0) and two.id == one.id + 1
+    assert fast.prune(10.5) == 1
+    fast.close()
+    reader = SQLAudit(engine_for(url, tmp_path))
+    try:
+        assert [e.type for e in reader.query(EventFilter())] == ["two"]
+    finally:
+        reader.close()
+
+
+def test_the_stdlib_writer_holds_events_while_the_database_fails_and_writes_them_after(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'a.db'}"
+    engine = engine_for(url, tmp_path)
+    fast = open_store(url, tmp_path)
+    assert isinstance(fast, SQLiteAudit)
+    try:
+        with engine.begin() as conn:
+            conn.execute(sa.text("ALTER TABLE audit_events RENAME TO audit_events_away"))
+        fast.record(AuditEvent("held", {"n": 1}, "sbx-1"))
+        fast.flush()
+        assert (fast.state, fast.held) == ("failing", 1) and "audit_events" in (fast.error or "")
+        with engine.begin() as conn:
+            conn.execute(sa.text("ALTER TABLE audit_events_away RENAME TO audit_events"))
+        wait_until(lambda: fast.state == "ok", RETRY * 10, "the held event written once the table is back")
+        assert fast.held == 0 and [e.type for e in fast.query(EventFilter())] == ["held"]
+    finally:
+        fast.close()
+        engine.dispose()

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import typer
 
 from .errors import StockadeError
-from .policy import Policy
+
+if TYPE_CHECKING:  # pydantic's models cost ~70 ms: imported by the commands that take a policy
+    from .policy import Policy
 
 app = typer.Typer(help="Run untrusted, AI-written code in a throw-away sandbox on this machine.",
                   no_args_is_help=True, add_completion=False,
@@ -33,6 +35,8 @@ EXIT_TIMEOUT = 124
 
 
 def _load_policy(path: Path | None, timeout: float | None = None, memory: str | None = None) -> Policy:
+    from .policy import Policy
+
     policy = Policy.from_file(path) if path else Policy()
     if memory is not None:
         policy = policy.with_overrides(limits={"memory": memory})
@@ -62,6 +66,9 @@ def run(
     """Run code once in a fresh sandbox, stream its output, exit with its status (124 on timeout).
     Nothing is left behind."""
     from .sdk import Sandbox
+
+    global _exit_fast
+    _exit_fast = True
 
     args = args or []
     if (code is None) == (not args):
@@ -466,5 +473,38 @@ def _event_line(e: dict[str, Any]) -> str:
     return f"{when} {e['type']:<18} {text}"
 
 
+# `stockade run` skips the interpreter's teardown (~35 ms of module and object finalization) once it is
+# done: the sandbox is gone, and the atexit handlers, run here first, shut the manager down and close the
+# audit store (every event committed). Only `main()` (the `stockade` script) does this, never an
+# in-process caller of `app` (tests' CliRunner), and only after `run`.
+_exit_fast = False
+
+
+def main() -> None:
+    import atexit
+    import os
+
+    try:
+        app()
+        code: Any = 0
+    except SystemExit as exc:
+        code = exc.code
+    if not _exit_fast:
+        raise SystemExit(code)
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed pipe: nothing more can be said
+            pass
+    if code is None:
+        code = 0
+    elif not isinstance(code, int):  # SystemExit("message") prints it and exits 1, as the interpreter does
+        sys.stderr.write(f"{code}\n")
+        sys.stderr.flush()
+        code = 1
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    app()
+    main()

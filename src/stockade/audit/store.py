@@ -16,17 +16,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import queue
+import sqlite3
 import threading
 import time
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-import sqlalchemy as sa
-from sqlalchemy.engine import Engine
-
-from ..db import events
 from .events import Audit, AuditEvent, EventFilter
+
+if TYPE_CHECKING:  # sqlalchemy is imported by the methods that use it: SQLiteAudit writes without it
+    from sqlalchemy.engine import Engine
 
 BACKLOG = 100_000
 BATCH = 1000
@@ -56,9 +58,15 @@ class _Flush:
             self.future.set_result(ok)
 
 
+SCHEMA_VERSION = 1  # len(db.MIGRATIONS): the schema SQLiteAudit writes to without migrating (a test checks)
+
+
 class SQLAudit(Audit):
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
+        self._start()
+
+    def _start(self) -> None:
         self.written = 0
         self.failures = 0          # failed write attempts
         self._state = "ok"          # "failing" while writes fail; new work is refused meanwhile
@@ -116,6 +124,9 @@ class SQLAudit(Audit):
         self._closed = True
         self._queue.put(None)
         self._thread.join()
+        self._dispose()
+
+    def _dispose(self) -> None:
         self.engine.dispose()
 
     def _writer(self) -> None:
@@ -160,19 +171,36 @@ class SQLAudit(Audit):
             self._state, self._error = "ok", None
         return True
 
+    def _write_rows(self, rows: list[dict[str, Any]]) -> None:
+        """Insert ``rows`` in one transaction; raises what ``_write_errors`` names on failure."""
+        from ..db import events
+
+        with self.engine.begin() as conn:
+            conn.execute(events.insert(), rows)
+
+    def _write_errors(self) -> tuple[type[Exception], ...]:
+        import sqlalchemy as sa
+
+        return (sa.exc.SQLAlchemyError,)
+
+    @staticmethod
+    def _describe(exc: Exception) -> str:
+        orig = getattr(exc, "orig", None)  # a DBAPIError's driver error says more
+        return str(orig if isinstance(orig, Exception) else exc)[:500]
+
     def _insert(self, batch: list[AuditEvent]) -> bool:
         rows = [{"time": e.time, "type": e.type[:64], "tenant": e.tenant, "sandbox_id": e.sandbox_id,
                  "user_id": e.user_id, "data": _bounded(e.data)} for e in batch]
         attempts = 1 if self.state != "ok" else 3  # a locked SQLite file or a database restart: retry briefly
+        errors = self._write_errors()
         for attempt in range(attempts):
             try:
-                with self.engine.begin() as conn:
-                    conn.execute(events.insert(), rows)
+                self._write_rows(rows)
                 self.written += len(rows)
                 return True
-            except sa.exc.SQLAlchemyError as exc:
+            except errors as exc:
                 self.failures += 1
-                self._error = str(exc.orig if isinstance(exc, sa.exc.DBAPIError) and exc.orig else exc)[:500]
+                self._error = self._describe(exc)
                 if attempt + 1 < attempts:
                     time.sleep(0.05 * 4 ** attempt)
         if self.state == "ok":
@@ -182,6 +210,10 @@ class SQLAudit(Audit):
         return False
 
     def query(self, flt: EventFilter) -> list[AuditEvent]:
+        import sqlalchemy as sa
+
+        from ..db import events
+
         c = events.c
         q = sa.select(events).order_by(c.id).limit(max(1, min(flt.limit, 10_000)))
         for column, value in ((c.tenant, flt.tenant), (c.sandbox_id, flt.sandbox_id), (c.user_id, flt.user_id)):
@@ -202,12 +234,16 @@ class SQLAudit(Audit):
                     for r in conn.execute(q)]
 
     def prune(self, before: float) -> int:
+        from ..db import events
+
         with self.engine.begin() as conn:
             return conn.execute(events.delete().where(events.c.time < before)).rowcount or 0
 
     def size(self) -> int:
         """Bytes the audit log takes in the database (SQLite: the whole file's used pages; PostgreSQL: the
         live rows)."""
+        import sqlalchemy as sa
+
         with self.engine.connect() as conn:
             if self.engine.dialect.name == "sqlite":
                 pages = conn.execute(sa.text("PRAGMA page_count")).scalar() or 0
@@ -222,6 +258,10 @@ class SQLAudit(Audit):
     def prune_to_size(self, max_bytes: int) -> int:
         """Delete the oldest events until the log takes at most ``max_bytes``; returns how many. (Freed space
         is reused by new events; SQLite's file does not shrink.)"""
+        import sqlalchemy as sa
+
+        from ..db import events
+
         removed = 0
         for _ in range(64):
             used = self.size()
@@ -237,6 +277,93 @@ class SQLAudit(Audit):
                                    .limit(1)).scalar()
                 removed += conn.execute(events.delete().where(events.c.id <= cut)).rowcount or 0
         return removed
+
+
+class SQLiteAudit(SQLAudit):
+    """The same store over the standard library's sqlite3, for a SQLite database whose schema is current:
+    what a one-shot process (`stockade run`, the SDK's local mode) needs, without importing sqlalchemy
+    (~100 ms). Writes (the same writer thread, batches, held events and retries) and pruning go through one
+    sqlite3 connection, with the pragmas ``db.engine_for`` sets; queries and the size cap open the
+    sqlalchemy engine on first use. ``open_store`` picks it; anything else (a new or older database,
+    PostgreSQL, a URL with options) gets ``SQLAudit`` over ``engine_for``, which migrates."""
+
+    INSERT = ("INSERT INTO audit_events (time, type, tenant, sandbox_id, user_id, data) "
+              "VALUES (:time, :type, :tenant, :sandbox_id, :user_id, :data)")
+
+    def __init__(self, path: Path, url: str | None, data_dir: Path) -> None:
+        self.path, self._url, self._data_dir = path, url, data_dir
+        self._engine: Engine | None = None
+        self._lock = threading.Lock()   # the writer thread and prune() share the connection
+        self._conn = sqlite3.connect(path, timeout=30, check_same_thread=False)
+        for pragma in ("journal_mode=WAL", "synchronous=NORMAL", "busy_timeout=30000"):
+            self._conn.execute(f"PRAGMA {pragma}")
+        self._start()
+
+    @staticmethod
+    def schema_current(path: Path) -> bool:
+        if not path.is_file():
+            return False
+        try:
+            with contextlib.closing(sqlite3.connect(path, timeout=30)) as conn:
+                rows = conn.execute("SELECT version FROM stockade_schema").fetchall()
+        except sqlite3.Error:
+            return False
+        return rows == [(SCHEMA_VERSION,)]
+
+    @property
+    def engine(self) -> Engine:
+        if self._engine is None:
+            from ..db import engine_for
+
+            self._engine = engine_for(self._url, self._data_dir)
+        return self._engine
+
+    @engine.setter
+    def engine(self, value: Engine) -> None:
+        self._engine = value
+
+    def _write_rows(self, rows: list[dict[str, Any]]) -> None:
+        with self._lock:
+            try:
+                self._conn.executemany(self.INSERT, [{**r, "data": json.dumps(r["data"])} for r in rows])
+                self._conn.commit()
+            except sqlite3.Error:
+                self._conn.rollback()
+                raise
+
+    def _write_errors(self) -> tuple[type[Exception], ...]:
+        return (sqlite3.Error,)
+
+    def prune(self, before: float) -> int:
+        with self._lock:
+            try:
+                removed = self._conn.execute("DELETE FROM audit_events WHERE time < ?", (before,)).rowcount
+                self._conn.commit()
+            except sqlite3.Error:
+                self._conn.rollback()
+                raise
+        return max(removed, 0)
+
+    def _dispose(self) -> None:
+        with self._lock:
+            self._conn.close()
+        if self._engine is not None:
+            self._engine.dispose()
+
+
+def open_store(url: str | None, data_dir: Path) -> SQLAudit:
+    """The audit store at ``url`` (None: SQLite in ``data_dir``, as ``db.engine_for``): SQLiteAudit when it
+    is a plain SQLite file already at the current schema, else SQLAudit (which creates or migrates it)."""
+    path: Path | None = None
+    if not url:
+        path = data_dir / "stockade.db"
+    elif url.startswith("sqlite:///") and "?" not in url and url != "sqlite:///:memory:":
+        path = Path(url[len("sqlite:///"):])
+    if path is not None and SQLiteAudit.schema_current(path):
+        return SQLiteAudit(path, url, data_dir)
+    from ..db import engine_for
+
+    return SQLAudit(engine_for(url, data_dir))
 
 
 def _bounded(value: Any) -> Any:

@@ -19,10 +19,10 @@ from typing import TYPE_CHECKING, Any
 import h11
 
 from .rules import RuleError, parse_ip, split_target
-from .secrets import BoundSecret, Masker
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # cryptography (through .secrets) is imported only by a policy with secrets
     from .proxy import Egress
+    from .secrets import BoundSecret, Masker
 
 MAX_HEAD = 64 * 1024
 HEADER_TIMEOUT = 30.0
@@ -121,7 +121,10 @@ async def relay_http(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
     upstream = h11.Connection(h11.CLIENT)
     if initial:  # (empty data would mean end of stream to h11)
         client.receive_data(initial)
-    masker = Masker([sec.value for sec in bound]) if bound else None
+    masker = None
+    if bound:
+        from .secrets import Masker
+        masker = Masker([sec.value for sec in bound])
     event["requests"] = 0
     used: set[str] = set()
 

@@ -21,32 +21,23 @@ import os
 import socket
 import ssl
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .exchange import refusal, relay_http
 from .hello import MAX_HELLO, Hello, Unclassifiable, classify
-from .rules import Decision, IPAddress, RuleError, Rules, normalize_host, parse_ip, split_target
-from .secrets import BoundSecret, SandboxCA
+from .resolver import Resolver, system_resolver
+from .rules import Decision, RuleError, Rules, normalize_host, parse_ip, split_target
+
+if TYPE_CHECKING:  # cryptography (through .secrets) is imported only by a policy with secrets
+    from .secrets import BoundSecret, SandboxCA
 
 MAX_LINE = 8192
 MAX_HEADERS = 100
 CONNECT_TIMEOUT = 10.0
 HEADER_TIMEOUT = 30.0
 CLASSIFY_TIMEOUT = 10.0  # for a tunnel's first bytes: a client that waits longer gets a closed tunnel
-
-Resolver = Callable[[str, int], Awaitable[list[IPAddress]]]
-
-
-async def system_resolver(host: str, port: int) -> list[IPAddress]:
-    infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=1)  # SOCK_STREAM
-    out: list[IPAddress] = []
-    for *_, sockaddr in infos:
-        ip = parse_ip(str(sockaddr[0]))
-        if ip is not None and ip not in out:
-            out.append(ip)
-    return out
 
 
 @dataclass

@@ -9,12 +9,15 @@ import contextlib
 import socket
 from collections import deque
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..policy import NetworkPolicy
-from .proxy import Egress, Resolver, serve, system_resolver
+from .proxy import Egress, serve
+from .resolver import Resolver, system_resolver
 from .rules import Rules, expand_groups
-from .secrets import BoundSecret, SandboxCA, upstream_context
+
+if TYPE_CHECKING:  # cryptography (through .secrets) is imported only by a policy with secrets
+    from .secrets import BoundSecret, SandboxCA
 
 EVENTS_KEPT = 10000  # in memory, for sandbox.network.events(); the audit log keeps all
 
@@ -31,9 +34,12 @@ class BrokerEndpoint:
         self.groups = dict(groups or {})
         self.on_event = on_event
         self.events: deque[dict[str, Any]] = deque(maxlen=EVENTS_KEPT)
+        upstream = None
+        if secrets:
+            from .secrets import upstream_context
+            upstream = upstream_context(policy.extra_ca_certs)
         self.egress = Egress(sandbox_id, rules_for(policy, self.groups), policy.max_connections,
-                             policy.max_egress_bytes, self._record, resolver, list(secrets or []), ca,
-                             upstream_context(policy.extra_ca_certs) if secrets else None)
+                             policy.max_egress_bytes, self._record, resolver, list(secrets or []), ca, upstream)
         self._stopped = False
 
     async def handle(self, client: socket.socket, kind: bytes) -> None:

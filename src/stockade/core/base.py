@@ -10,7 +10,7 @@ from typing import Any
 
 from ..artifacts import ArtifactStore
 from ..audit import Audit, AuditEvent, NullAudit
-from ..broker.proxy import Resolver, system_resolver
+from ..broker.resolver import Resolver, system_resolver
 from ..errors import SandboxNotFoundError
 from ..pool import WarmPool
 from ..runtime.base import Runtime

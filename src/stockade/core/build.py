@@ -3,23 +3,30 @@
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from ..artifacts import DirectoryStore
-from ..audit import Audit, SQLAudit
+from ..audit import Audit
 from ..config import HostConfig
-from ..db import engine_for
 from ..runtime.base import Runtime
 from ..runtime.registry import make_runtime
 from .manager import Manager
 from .sandboxes import OUTPUT_RECORDED
 
+if TYPE_CHECKING:
+    from ..audit import SQLAudit
+
 
 def open_audit(config: HostConfig) -> SQLAudit:
-    """The host's audit store, with events past their retention pruned."""
-    audit = SQLAudit(engine_for(config.database_url, config.data_dir))
-    audit.prune(time.time() - config.audit_retention)
+    """The host's audit store (over sqlite3 when it is a current SQLite file: no sqlalchemy import, see
+    audit/store.py), with events past their retention pruned (at most once an hour: a one-shot process does
+    not pay for a DELETE at every start; audit/retention.py)."""
+    from ..audit.retention import prune_if_due
+    from ..audit.store import open_store
+
+    audit = open_store(config.database_url, config.data_dir)
+    prune_if_due(audit, config.data_dir, config.database_url or "", config.audit_retention)
     return audit
 
 

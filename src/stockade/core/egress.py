@@ -5,16 +5,18 @@ from __future__ import annotations
 import builtins
 import datetime
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..audit import AuditEvent, Redactor
 from ..broker.rules import RuleError
-from ..broker.secrets import SandboxCA, load_secrets, sandbox_trust_bundle
-from ..broker.server import BrokerEndpoint
 from ..errors import PolicyError
 from ..policy import NetworkPolicy, Policy
 from ..runtime.base import SandboxLayout
 from .base import CoreBase
+
+if TYPE_CHECKING:
+    from ..broker.secrets import BoundSecret
+    from ..broker.server import BrokerEndpoint
 
 
 def proxy_env(layout: SandboxLayout) -> dict[str, str]:
@@ -56,7 +58,13 @@ class Egress(CoreBase):
         if policy.network.mode != "allowlist":
             # the proxy ports refuse with the reason (op net_off); pip retries once, which prints the reason
             return EgressPlan(None, {}, {**proxy_env(layout), "PIP_RETRIES": "1", **envs}, Redactor())
-        secrets_, ca = load_secrets(dict(policy.secrets)), None
+        from ..broker.server import BrokerEndpoint  # (only a sandbox with a network needs the broker)
+
+        secrets_: builtins.list[BoundSecret] = []
+        ca = None
+        if policy.secrets:  # (cryptography, through broker.secrets, is imported only then)
+            from ..broker.secrets import load_secrets
+            secrets_ = load_secrets(dict(policy.secrets))
         redact = Redactor(sec.value for sec in secrets_)
 
         def on_network(event: dict[str, Any]) -> None:
@@ -64,6 +72,7 @@ class Egress(CoreBase):
 
         files: dict[str, bytes] = {}
         if secrets_:
+            from ..broker.secrets import SandboxCA, sandbox_trust_bundle
             ca = SandboxCA(sandbox_id, datetime.timedelta(seconds=policy.lifetime.max_lifetime + 3600))
             files = {layout.trust_bundle: sandbox_trust_bundle(ca.pem), layout.sandbox_ca: ca.pem}
         try:

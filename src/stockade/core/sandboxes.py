@@ -6,15 +6,17 @@ import asyncio
 import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..artifacts import ArtifactError, ArtifactWriter
 from ..audit import Redactor
-from ..broker.server import BrokerEndpoint
 from ..errors import PolicyError
 from ..policy import Policy
 from ..runtime.base import RuntimeSandbox, SandboxLayout
 from ..runtime.channel import CommandPending
+
+if TYPE_CHECKING:  # the broker (h11, ssl) is imported only by a sandbox with a network (core/egress.py)
+    from ..broker.server import BrokerEndpoint
 
 TOMBSTONES = 1024
 ENV_NAME_OK = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_")

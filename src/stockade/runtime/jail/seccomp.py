@@ -17,6 +17,7 @@ from __future__ import annotations
 import errno
 import tempfile
 from functools import cache
+from pathlib import Path
 
 from ...errors import SandboxUnavailableError
 
@@ -71,7 +72,15 @@ TIOCSETD = 0x5423                     # change a terminal's line discipline (n_g
 
 @cache
 def filter_bpf() -> bytes:
-    """The compiled BPF program (what bwrap --seccomp loads)."""
+    """The compiled BPF program (what bwrap --seccomp loads), from the trusted on-disk cache when it holds
+    this exact rule table's program for this libseccomp (seccomp_cache.py), else compiled now."""
+    from .seccomp_cache import cached, default_directory
+
+    return cached(compile_bpf, Path(__file__), default_directory())
+
+
+def compile_bpf() -> bytes:
+    """The program compiled by libseccomp from the rules above."""
     try:
         import pyseccomp as sc
     except (ImportError, OSError, AttributeError, TypeError) as exc:  # binding or libseccomp.so.2 missing
