@@ -16,10 +16,11 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
-import stat
 import time
 from pathlib import Path
 from typing import Protocol
+
+from ..owned_files import read_own
 
 INTERVAL = 3600.0
 
@@ -34,15 +35,9 @@ def stamp_path(data_dir: Path, database: str) -> Path:
 
 
 def last_cutoff(path: Path) -> float | None:
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    except OSError:
+    text = read_own(path, forbid=0o022, limit=64)
+    if text is None:
         return None
-    with os.fdopen(fd, "rb") as f:
-        st = os.fstat(f.fileno())
-        if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o022:
-            return None
-        text = f.read(64)
     try:
         value = float(text.decode("ascii").strip())
     except (UnicodeDecodeError, ValueError):

@@ -23,6 +23,8 @@ import stat
 from collections.abc import Callable
 from pathlib import Path
 
+from ...owned_files import read_own
+
 MAGIC = b"stockade-seccomp-1\n"
 BPF_MAXINSNS = 4096  # the kernel refuses longer programs; each instruction is 8 bytes
 
@@ -71,15 +73,9 @@ def load(directory: Path, key: str) -> bytes | None:
     """The cached program, or None when there is none we can trust."""
     if not (_private_dir(directory.parent) and _private_dir(directory)):
         return None
-    try:
-        fd = os.open(directory / f"{key}.bpf", os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    except OSError:
+    data = read_own(directory / f"{key}.bpf", forbid=0o077, limit=len(MAGIC) + 32 + BPF_MAXINSNS * 8 + 1)
+    if data is None:
         return None
-    with os.fdopen(fd, "rb") as f:
-        st = os.fstat(f.fileno())
-        if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o077:
-            return None
-        data = f.read(len(MAGIC) + 32 + BPF_MAXINSNS * 8 + 1)
     head, digest, program = data[:len(MAGIC)], data[len(MAGIC):len(MAGIC) + 32], data[len(MAGIC) + 32:]
     if (head != MAGIC or not program or len(program) % 8 or len(program) > BPF_MAXINSNS * 8
             or hashlib.sha256(program).digest() != digest):

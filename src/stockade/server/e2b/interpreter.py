@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ...errors import PolicyError, SandboxNotFoundError, StockadeError, to_wire
 from ...sdk.code import FORMATS
+from ..streams import as_they_come
 from . import SANDBOX_PREFIX
 from .core import INTERPRETER_PORT, Core, E2BSandbox, SandboxGone, core_of
 
@@ -128,17 +129,7 @@ async def execute(request: Request) -> Response:
 async def _lines(core: Core, queue: asyncio.Queue[tuple[str, Any]], task: asyncio.Future[Any]) -> AsyncIterator[bytes]:
     decoders = {s: codecs.getincrementaldecoder("utf-8")("replace") for s in ("stdout", "stderr")}
     try:
-        while True:
-            getter = asyncio.ensure_future(queue.get())
-            await asyncio.wait({getter, task}, return_when=asyncio.FIRST_COMPLETED)
-            if not getter.done():
-                getter.cancel()
-                break
-            kind, item = getter.result()
-            for line in _convert(decoders, kind, item):
-                yield line
-        while not queue.empty():
-            kind, item = queue.get_nowait()
+        async for kind, item in as_they_come(queue, task):
             for line in _convert(decoders, kind, item):
                 yield line
         await core.commit()  # the cell's record is in the audit log before its end goes out
