@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import os
 import secrets
+import tarfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -30,8 +31,8 @@ def _host(path: str) -> bytes:
     return Path(os.path.realpath(path)).read_bytes()
 
 
-def _image_layers() -> list[bytes]:
-    base = ti.layer(
+def _image_layers_entries() -> list[tuple[tarfile.TarInfo, bytes]]:
+    return [
         ti.entry("dir", "bin"), ti.entry("file", "bin/sh", _host("/bin/dash"), mode=0o755),
         ti.entry("file", "bin/cat", _host("/bin/cat"), mode=0o755),
         ti.entry("dir", "lib"), ti.entry("dir", "lib/x86_64-linux-gnu"),
@@ -39,7 +40,11 @@ def _image_layers() -> list[bytes]:
         ti.entry("dir", "lib64"),
         ti.entry("file", "lib64/ld-linux-x86-64.so.2", _host("/lib64/ld-linux-x86-64.so.2"), mode=0o755),
         ti.entry("dir", "etc"), ti.entry("file", "etc/hello", b"from the image\n"),
-        ti.entry("file", "etc/passwd", b"root:x:0:0::/root:/bin/sh\n"))
+        ti.entry("file", "etc/passwd", b"root:x:0:0::/root:/bin/sh\n")]
+
+
+def _image_layers() -> list[bytes]:
+    base = ti.layer(*_image_layers_entries())
     top = ti.layer(
         ti.entry("dir", "usr"), ti.entry("dir", "usr/bin"),
         ti.entry("file", "usr/bin/tool", b"#!/bin/sh\necho original tool\n", mode=0o777),
@@ -212,3 +217,26 @@ def test_stockade_run_takes_a_template(template: str, tmp_path: Path):
     r = subprocess.run([*run, "--template", "no-such-template", "--", "true"], capture_output=True, text=True,
                        timeout=120)
     assert r.returncode == 2 and "template" in r.stderr and "no-such-template" in r.stderr
+
+
+def test_image_symlinks_never_lead_the_host_to_create_mount_points_outside(store: TemplateStore, tmp_path: Path):
+    """An image whose /home, /opt and /etc/hostname are symlinks out of it (absolute and through ..): root
+    makes bwrap's mount points in the merged tree, and must follow none of them onto the host."""
+    marker = tmp_path / "host"
+    marker.mkdir()
+    hostile = ti.layer(*_image_layers_entries(), ti.entry("symlink", "home", target=str(marker)),
+                       ti.entry("symlink", "opt", target="../../../../../../" + str(marker).lstrip("/")),
+                       ti.entry("symlink", "tmp", target="/"))
+    name = f"test-tpl-{secrets.token_hex(4)}"
+    ti.oci_layout(tmp_path / "img", [hostile])
+    import_image(store, name, f"oci:{tmp_path}/img")
+    try:
+        try:
+            with Sandbox.create(policy=base_policy(), template=name) as sb:
+                sb.commands.run(["/bin/sh", "-c", "echo x > /home/user/f"])
+        except Exception as exc:  # noqa: BLE001 - refusing to start is fine; writing on the host is not
+            assert "sandbox" in str(exc).lower() or "mount" in str(exc).lower(), exc
+        assert list(marker.iterdir()) == []
+        assert not os.path.exists("/user") and not os.path.exists("/stockade")
+    finally:
+        store.remove(name)

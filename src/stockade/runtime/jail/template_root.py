@@ -35,6 +35,7 @@ import contextlib
 import hashlib
 import os
 import shutil
+import stat
 import subprocess
 from functools import cache
 from pathlib import Path
@@ -164,22 +165,51 @@ class OverlayRoot:
         return [*args, "--overlay", str(self.upper), str(self.work), "/"]
 
     def prepare(self, argv: list[str]) -> None:
-        """As root: make bwrap's mount points in the merged root (they land in the upper dir)."""
+        """As root: make bwrap's mount points in the merged root (they land in the upper dir). Each path is
+        walked from the root's descriptor without following any symlink: the image's symlinks (``/home ->
+        /``) must never lead root to create anything on the host. A path that meets a symlink is left to
+        bwrap, which runs as the sandbox's uid."""
         if self.owner is None:
             return
         dirs, files = mount_points(argv)
-        root = str(self.merged)
-        for d in dirs:
-            if d != "/" and not os.path.lexists(root + d):
-                os.makedirs(root + d, mode=0o755, exist_ok=True)
-        for f in files:
-            if not os.path.lexists(root + f):
-                os.makedirs(os.path.dirname(root + f), mode=0o755, exist_ok=True)
-                with open(root + f, "x"):
-                    pass
+        root_fd = os.open(self.merged, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        try:
+            for path in dirs:
+                _make_at(root_fd, path, directory=True)
+            for path in files:
+                _make_at(root_fd, path, directory=False)
+        finally:
+            os.close(root_fd)
 
     def remove(self) -> None:
         remove(self.base)
+
+
+def _make_at(root_fd: int, path: str, directory: bool) -> None:
+    """Create ``path`` (relative to ``root_fd``) and its parents, following no symlink; stop quietly at one."""
+    parts = [p for p in path.split("/") if p]
+    if not parts:
+        return
+    fd = os.dup(root_fd)
+    try:
+        for i, name in enumerate(parts):
+            last = i == len(parts) - 1
+            try:
+                st = os.stat(name, dir_fd=fd, follow_symlinks=False)
+            except FileNotFoundError:
+                if last and not directory:
+                    os.close(os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                                     0o644, dir_fd=fd))
+                    return
+                os.mkdir(name, 0o755, dir_fd=fd)
+                st = os.stat(name, dir_fd=fd, follow_symlinks=False)
+            if last or not stat.S_ISDIR(st.st_mode):
+                return  # present (or a symlink or file in the way: bwrap, as the sandbox uid, deals with it)
+            nxt = os.open(name, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
+            os.close(fd)
+            fd = nxt
+    finally:
+        os.close(fd)
 
 
 def remove(base: Path) -> None:
