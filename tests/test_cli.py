@@ -122,6 +122,8 @@ def test_doctor_reports_every_check():
     # the workspace is tmpfs charged to the memory limit (its size is not real), which doctor says as root too
     assert "[WEAK] workspace: /home/user, /tmp and /dev/shm are tmpfs charged to the memory cgroup" in r.stdout
     assert "fix: raise limits.memory above filesystem.workspace_size" in r.stdout
+    # a template sandbox's writable root is on disk without a size limit, and doctor says so
+    assert "[WEAK] template root size: a template sandbox's writable root" in r.stdout
     assert "OK with weaker controls" in r.stdout
 
 

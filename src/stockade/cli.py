@@ -62,6 +62,8 @@ def run(
     memory: str | None = typer.Option(None, "--memory", "-m", help="Memory limit, e.g. 256MiB."),
     runtime: str | None = typer.Option(None, "--runtime", help="Runtime to run on (default: STOCKADE_RUNTIME, "
                                        "else jail)."),
+    template: str | None = typer.Option(None, "--template", help="Template whose layers are the sandbox's root "
+                                        "(see `stockade template list`; default: the host root)."),
 ) -> None:
     """Run code once in a fresh sandbox, stream its output, exit with its status (124 on timeout).
     Nothing is left behind."""
@@ -75,7 +77,7 @@ def run(
         raise _fail(StockadeError("give exactly one of: FILE.py, -c CODE, or -- CMD ARG..."))
     try:
         pol = _load_policy(policy, timeout, memory)
-        with Sandbox.create(policy=pol, runtime=runtime) as sb:
+        with Sandbox.create(policy=pol, runtime=runtime, template=template) as sb:
             if code is not None:
                 argv = ["python3", "-c", code]
             elif len(args) == 1 and args[0].endswith(".py") and Path(args[0]).is_file():

@@ -45,7 +45,8 @@ class Lifecycle(Egress, ArtifactIntake):
 
     async def create(self, policy: Policy, timeout: float | None = None, envs: Mapping[str, str] | None = None,
                      metadata: Mapping[str, str] | None = None, *, tenant: str | None = None,
-                     user_id: str | None = None, runtime: str | None = None) -> ManagedSandbox:
+                     user_id: str | None = None, runtime: str | None = None,
+                     template: str | None = None) -> ManagedSandbox:
         """The steps: check the request, pick the runtime, set up the egress (broker, secrets' placeholders,
         trust bundle), start the sandbox (or take a warm one), attach its network, register it."""
         runtime_ = await self.runtime_named(runtime)
@@ -54,18 +55,20 @@ class Lifecycle(Egress, ArtifactIntake):
         ttl = _time_to_live(policy, timeout)
         sandbox_id = new_sandbox_id()
         egress = self._egress_for(sandbox_id, policy, runtime_.layout, caller_envs, tenant, user_id)
-        rt, warm = await self._start(runtime_, sandbox_id, policy, egress)
+        rt, warm = await self._start(runtime_, sandbox_id, policy, egress, template)
         return await self._register(rt, policy, ttl, meta, egress, tenant, user_id,
-                                    {"env_names": sorted(caller_envs), "warm": warm})
+                                    {"env_names": sorted(caller_envs), "warm": warm, "template": template})
 
     async def _start(self, runtime: Runtime, sandbox_id: str, policy: Policy,
-                     egress: EgressPlan) -> tuple[RuntimeSandbox, bool]:
+                     egress: EgressPlan, template: str | None = None) -> tuple[RuntimeSandbox, bool]:
         """A started sandbox with its network attached (or none of it left on failure); whether it was warm."""
         layout, broker = runtime.layout, egress.broker
         rt: RuntimeSandbox | None = None
         warm = False
         try:
-            if broker is None and runtime is self.runtime and self.pool is not None and self.pool.matches(policy):
+            # The warm pool holds host-root sandboxes only: a template sandbox always starts cold (yet).
+            if (broker is None and template is None and runtime is self.runtime and self.pool is not None
+                    and self.pool.matches(policy)):
                 rt = await self.pool.take()
             if rt is not None:  # warm: it gets its id's records, and the caller's variables, now
                 warm = True
@@ -73,7 +76,7 @@ class Lifecycle(Egress, ArtifactIntake):
                     await rt.agent.setenv(egress.envs)
             else:
                 rt = await runtime.start(SandboxSpec(sandbox_id, policy, egress.envs, egress.files,
-                                                     broker.handle if broker else None))
+                                                     broker.handle if broker else None, template))
             if broker is not None:
                 await rt.agent.net_bridge(layout.broker, layout.http_proxy_port, layout.socks_port)
             else:  # the same proxy ports answer "network is off" at once, instead of tools timing out

@@ -46,6 +46,7 @@ class SandboxSpec:
     envs: Mapping[str, str] = field(default_factory=dict)
     files: Mapping[str, bytes] = field(default_factory=dict)   # read-only files to place (path -> content)
     egress: EgressHandler | None = None   # None: no way out at all (network.mode = "none")
+    template: str | None = None   # the template whose layers are the root (None: the runtime's default root)
 
 
 class RuntimeSandbox(ABC):

@@ -402,16 +402,19 @@ class Sandbox(_SandboxBase):
     @classmethod
     def create(cls, policy: Policy | dict[str, Any] | str | Path | None = None, timeout: float | None = None,
                envs: Mapping[str, str] | None = None, metadata: Mapping[str, str] | None = None,
-               *, user_id: str | None = None, runtime: str | None = None, api_url: str | None = None,
-               api_key: str | None = None, transport: Transport | None = None) -> Sandbox:
+               *, user_id: str | None = None, runtime: str | None = None, template: str | None = None,
+               api_url: str | None = None, api_key: str | None = None,
+               transport: Transport | None = None) -> Sandbox:
         """Start a fresh sandbox. ``policy`` is a Policy, a dict, or a TOML/JSON file; ``timeout`` is
         its time to live in seconds (default lifetime.timeout). ``user_id`` names the end user it is for
         (a server may keep one sandbox per user). ``runtime`` picks the isolation ("jail"; default: the
-        host's, STOCKADE_RUNTIME). With ``api_url`` (or STOCKADE_API_URL) it runs on a stockade server,
+        host's, STOCKADE_RUNTIME). ``template`` names the template whose layers are its root (see
+        `stockade template list`; an unknown name is a PolicyError on field "template"). With ``api_url``
+        (or STOCKADE_API_URL) it runs on a stockade server,
         authenticated by ``api_key`` (or STOCKADE_API_KEY)."""
         t = _transport(transport, api_url, api_key)
         return cls(portal().call(t.create(Policy.coerce(policy), timeout, envs, metadata, user_id=user_id,
-                                          runtime=runtime)), t)
+                                          runtime=runtime, template=template)), t)
 
     @classmethod
     def connect(cls, sandbox_id: str, *, api_url: str | None = None, api_key: str | None = None,
@@ -646,11 +649,11 @@ class AsyncSandbox(_SandboxBase):
     async def create(cls, policy: Policy | dict[str, Any] | str | Path | None = None,
                      timeout: float | None = None, envs: Mapping[str, str] | None = None,
                      metadata: Mapping[str, str] | None = None, *, user_id: str | None = None,
-                     runtime: str | None = None, api_url: str | None = None, api_key: str | None = None,
-                     transport: Transport | None = None) -> AsyncSandbox:
+                     runtime: str | None = None, template: str | None = None, api_url: str | None = None,
+                     api_key: str | None = None, transport: Transport | None = None) -> AsyncSandbox:
         t = _transport(transport, api_url, api_key)
         return cls(await portal().acall(t.create(Policy.coerce(policy), timeout, envs, metadata, user_id=user_id,
-                                                 runtime=runtime)), t)
+                                                 runtime=runtime, template=template)), t)
 
     @classmethod
     async def connect(cls, sandbox_id: str, *, api_url: str | None = None, api_key: str | None = None,

@@ -28,6 +28,8 @@ class CreateSandbox(_Body):
     user_id: Name | None = None
     runtime: Annotated[str, Field(min_length=1, max_length=64)] | None = Field(
         None, description="the runtime to run on (server settings runtime and runtimes); default: the server's")
+    template: Annotated[str, Field(min_length=1, max_length=64)] | None = Field(
+        None, description="the server's template whose layers are the sandbox's root; default: the host root")
 
 
 class SandboxOut(BaseModel):

@@ -104,7 +104,8 @@ def live_sandbox(srv: Server, who: Principal, sandbox_id: str) -> ManagedSandbox
 
 async def create_sandbox(srv: Server, who: Principal, policy: Policy, timeout: float | None,
                          envs: dict[str, str] | None, metadata: dict[str, str] | None,
-                         user_id: str | None, runtime: str | None = None) -> tuple[ManagedSandbox, bool]:
+                         user_id: str | None, runtime: str | None = None,
+                         template: str | None = None) -> tuple[ManagedSandbox, bool]:
     """Create a sandbox for the caller through the tenant's gate, quota and one-per-user rule. Returns the
     sandbox and whether it is the user's existing one (one_sandbox_per_user = "reuse")."""
     limits = srv.settings.tenant(who.tenant)
@@ -125,7 +126,7 @@ async def create_sandbox(srv: Server, who: Principal, policy: Policy, timeout: f
         owned = srv.registry.reserve(who.tenant, user_id, policy)
     try:
         sb = await srv.m.create(policy, timeout, envs, metadata, tenant=who.tenant, user_id=user_id,
-                                runtime=runtime)
+                                runtime=runtime, template=template)
     except BaseException as exc:
         srv.registry.release(owned.id)
         srv.metrics.create_failures.labels(type(exc).__name__[:40]).inc()

@@ -32,10 +32,11 @@ from ... import environment
 from ...agent import protocol
 from ...config import HostConfig
 from ...errors import PolicyError, SandboxUnavailableError, UnenforceableError
+from ...templates import Lease, TemplateNotFoundError, TemplateStore
 from ..base import Runtime, RuntimeSandbox, SandboxSpec
 from ..channel import AgentChannel
 from . import bwrap as bwrap_mod
-from . import cgroups, rootfs, seccomp
+from . import cgroups, rootfs, seccomp, template_root
 from .config import JailConfig
 from .egress import FdPassingListener
 from .uids import UidAllocator, UidLease
@@ -149,6 +150,8 @@ class JailRuntime(Runtime):
         _check_owned(self.config.state_dir, private=not self.privileged)
         (self.config.state_dir / "sandboxes").mkdir(exist_ok=True, mode=0o700)
         self.net_dir = self.config.state_dir / "net"  # per-sandbox broker sockets
+        self.overlay_dir = self.config.state_dir / "overlay"  # template sandboxes' writable layers
+        self._templates: TemplateStore | None = None
         self.bwrap = bwrap_mod.locate(self.jail.bwrap)
         if self.privileged:
             self.bwrap = bwrap_mod.copy_for_other_uids(self.bwrap, self.config.state_dir)
@@ -168,6 +171,12 @@ class JailRuntime(Runtime):
             raise SandboxUnavailableError(f"the sandbox environment {self.sandbox_env} is not reachable by "
                                           "unprivileged uids", "fix: chmod o+x the directories above it")
 
+    @property
+    def templates(self) -> TemplateStore:
+        if self._templates is None:
+            self._templates = TemplateStore(self.config.data_dir / "templates")
+        return self._templates
+
     def _lock_path(self, sandbox_id: str) -> Path:
         return self.config.state_dir / "sandboxes" / f"{sandbox_id}.lock"
 
@@ -179,6 +188,8 @@ class JailRuntime(Runtime):
         names.update(p.name.removesuffix(".lock") for p in (self.config.state_dir / "sandboxes").glob("*.lock"))
         net = {d.name: d for d in self.net_dir.iterdir()} if self.net_dir.is_dir() else {}
         names.update(net)
+        overlays = {d.name: d for d in self.overlay_dir.iterdir()} if self.overlay_dir.is_dir() else {}
+        names.update(overlays)
         for name in sorted(names):
             lock = self._lock_path(name)
             if not _lock_is_stale(lock):
@@ -190,6 +201,9 @@ class JailRuntime(Runtime):
                 lock.unlink()
             if name in net:
                 shutil.rmtree(net[name], ignore_errors=True)
+                swept.add(name)
+            if name in overlays:  # a template sandbox's copy-on-write layer (and its mount, as root)
+                template_root.remove(overlays[name])
                 swept.add(name)
         return sorted(swept)
 
@@ -221,7 +235,8 @@ class JailRuntime(Runtime):
                 continue
         left += [f"cgroup {d}" for d in cgroups.Cgroup(self.cgroups, sandbox_id).dirs if d.exists()]
         for path, what in ((self._lock_path(sandbox_id), "lock file"), (self.net_dir / sandbox_id, "broker socket "
-                                                                          "directory")):
+                                                                          "directory"),
+                           (self.overlay_dir / sandbox_id, "template overlay (writable layer) directory")):
             if path.exists():
                 left.append(f"{what} {path}")
         return left
@@ -255,7 +270,14 @@ class JailSandbox(RuntimeSandbox):
         self.id = spec.id
         self.policy = policy = spec.policy
         self.egress = FdPassingListener(runtime.net_dir / spec.id, spec.egress) if spec.egress else None
-        self.python = f"{environment.MOUNT}/bin/python3" if runtime.sandbox_env else runtime.image.python
+        self.template = spec.template
+        self.lease: Lease | None = None
+        self.overlay: template_root.OverlayRoot | None = None
+        # In a template sandbox the host's python runs only the agent (through its own loader); the
+        # sandbox environment (a venv of the host's python) is not bound there.
+        self.use_env = runtime.sandbox_env is not None and spec.template is None
+        self.python = (f"{template_root.PY_SO_DIR}/python3" if spec.template else
+                       f"{environment.MOUNT}/bin/python3" if runtime.sandbox_env else runtime.image.python)
         self.lock: _Lock | None = None
         self.uid: UidLease | None = None
         self.cgroup: cgroups.Cgroup | None = None
@@ -275,9 +297,19 @@ class JailSandbox(RuntimeSandbox):
     # ---- start ---------------------------------------------------------------------------------
     async def _start(self, envs: Mapping[str, str]) -> None:
         rt = self.runtime
+        if self.template is not None:
+            try:
+                self.lease = rt.templates.use(self.template)  # shared: `template rm` refuses while held
+            except TemplateNotFoundError:
+                raise PolicyError("template", f"no template named {self.template!r} on this host (see "
+                                  "`stockade template list`)") from None
         self.lock = _Lock(rt.config.state_dir / "sandboxes" / f"{self.id}.lock")
         if rt.uids is not None:
             self.uid = rt.uids.acquire()
+        if self.lease is not None:
+            self.overlay = template_root.OverlayRoot(rt.config.state_dir, self.id, self.lease.resolved.layer_dirs,
+                                                     self.uid.uid if self.uid is not None else None)
+            self.overlay.create()
         lim = self.policy.limits
         if rt.cgroups.parents:
             self.cgroup = cgroups.Cgroup(rt.cgroups, self.id)
@@ -321,14 +353,22 @@ class JailSandbox(RuntimeSandbox):
         reader, writer = await asyncio.open_unix_connection(sock=host_sock)
         self.channel = AgentChannel(reader, writer)
         try:
-            env = rootfs.sandbox_env(dict(envs), f"{environment.MOUNT}/bin" if rt.sandbox_env else None)
+            env = rootfs.sandbox_env({}, f"{environment.MOUNT}/bin" if self.use_env else None)
+            home = rt.layout.home
+            if self.lease is not None:  # the image's environment and working directory, under the caller's
+                config = self.lease.resolved.config
+                env.update(config.env)
+                if "PATH" in config.env:
+                    env["PATH"] = f"{config.env['PATH']}:{rootfs.BIN_DIR}"
+                home = config.working_dir or home
+            env.update(envs)
             # The agent lowers its own rlimits before it runs anything (lowering needs no privilege,
             # and the same agent does it in every runtime); every process it starts inherits them.
             rlimits = {"nofile": lim.open_files, "fsize": lim.file_size, "core": 0}
             # RLIMIT_NPROC counts per uid per user namespace only from Linux 5.14: before, it would
             # count the host uid's processes everywhere.
             nproc = lim.pids if _kernel_at_least(5, 14) else 0
-            await self.agent.hello(env, rlimits, nproc, rt.layout.home, START_TIMEOUT)
+            await self.agent.hello(env, rlimits, nproc, home, START_TIMEOUT)
         except SandboxUnavailableError:
             await self._wait_bwrap(2.0)
             raise self._start_failure(stderr_fd) from None
@@ -354,13 +394,18 @@ class JailSandbox(RuntimeSandbox):
                 "--unshare-user", "--uid", str(rootfs.SANDBOX_UID), "--gid", str(rootfs.SANDBOX_GID),
                 "--unshare-pid", "--unshare-ipc", "--unshare-uts", "--unshare-net", "--unshare-cgroup",
                 "--disable-userns", "--hostname", "sandbox", "--die-with-parent", "--new-session",
-                "--as-pid-1", "--cap-drop", "ALL",
-                *rt.image.args]
-        if rt.image.python_prefix_fd_source:
+                "--as-pid-1", "--cap-drop", "ALL"]
+        if self.overlay is not None:
+            so_dir, stdlib, stdlib_inside = template_root.host_python(rt.image.python_host, rt.config.state_dir)
+            argv += [*self.overlay.bwrap_args(), "--ro-bind", str(so_dir), template_root.PY_SO_DIR,
+                     "--ro-bind", stdlib, stdlib_inside]
+        else:
+            argv += rt.image.args
+        if self.overlay is None and rt.image.python_prefix_fd_source:
             fd = os.open(rt.image.python_prefix_fd_source, os.O_PATH | os.O_DIRECTORY)
             fds.append(fd)
             argv += ["--ro-bind-fd", str(fd), rootfs.PYTHON_MOUNT]
-        if rt.sandbox_env:
+        if self.use_env:
             argv += ["--ro-bind", str(rt.sandbox_env), environment.MOUNT]
         if self.egress is not None:  # the only way out of the network namespace
             argv += ["--ro-bind", str(self.egress.socket_dir), os.path.dirname(rt.layout.broker)]
@@ -391,10 +436,19 @@ class JailSandbox(RuntimeSandbox):
             if problem:
                 raise PolicyError(f"filesystem.mounts.{i}.source", problem)
             argv += ["--bind" if mount.mode == "rw" else "--ro-bind", mount.source, mount.target]
-        argv += ["--remount-ro", "/", "--chdir", rootfs.HOME, "--clearenv",
+        agent_zip = f"{rootfs.AGENT_DIR}/{AGENT_ZIP}"
+        if self.overlay is None:
+            argv += ["--remount-ro", "/", "--chdir", rootfs.HOME, "--clearenv",
+                     "--info-fd", str(info_fd), "--seccomp", data("seccomp", rt.seccomp_bpf),
+                     "--", rt.image.python, "-E", "-s", "-S", "-B", agent_zip, str(channel_fd)]
+            return argv
+        # A template's root stays writable (its writes go to the sandbox's own upper dir). The agent's
+        # python finds its standard library through PYTHONHOME (not -E); the agent's own environment
+        # reaches no command (each gets the hello's).
+        argv += ["--chdir", rootfs.HOME, "--clearenv", "--setenv", "PYTHONHOME", template_root.PY_DIR,
                  "--info-fd", str(info_fd), "--seccomp", data("seccomp", rt.seccomp_bpf),
-                 "--", rt.image.python, "-E", "-s", "-S", "-B", f"{rootfs.AGENT_DIR}/{AGENT_ZIP}",
-                 str(channel_fd)]
+                 "--", *template_root.agent_argv(template_root.PY_SO_DIR, agent_zip, channel_fd)]
+        self.overlay.prepare(argv)
         return argv
 
     def _start_failure(self, stderr_fd: int) -> SandboxUnavailableError:
@@ -427,9 +481,13 @@ class JailSandbox(RuntimeSandbox):
             "cgroup_version": rt.cgroups.version,
             "controls": {c: c in rt.cgroups.parents for c in cgroups.CONTROLLERS},
             "seccomp": True,
-            "python_env": environment.MOUNT if rt.sandbox_env else None,
+            "python_env": environment.MOUNT if self.use_env else None,
             # what run_code uses: IPython from the sandbox environment, else the stdlib fallback
-            "code_interpreter": "ipython" if rt.sandbox_env else "stdlib",
+            "code_interpreter": "ipython" if self.use_env else "stdlib",
+            "template": self.template,
+            # a template sandbox's writable root is on disk, bounded only by the state dir's filesystem:
+            # filesystem.workspace_size is not enforced on it yet (/home/user, /tmp stay size-limited tmpfs)
+            "root_write_limit": None if self.template else "read-only",
             "time_namespace": rt.unshare_time is not None,  # uptime, btime, monotonic clocks: the sandbox's
             "agent_host_pid": self.agent_host_pid,
             "namespaces": dict(self.namespaces),
@@ -465,10 +523,14 @@ class JailSandbox(RuntimeSandbox):
                     await self.egress.stop()
                 if self.cgroup is not None:
                     await self.cgroup.destroy()
+                if self.overlay is not None:
+                    self.overlay.remove()
             finally:
                 _STOPPED[self.id] = time.clock_gettime(time.CLOCK_BOOTTIME)
                 while len(_STOPPED) > 4096:
                     del _STOPPED[next(iter(_STOPPED))]
+                if self.lease is not None:
+                    self.lease.release()
                 if self.uid is not None:
                     self.uid.release()
                 if self.lock is not None:

@@ -43,9 +43,10 @@ class LocalTransport(Transport):
 
     async def create(self, policy: Policy, timeout: float | None, envs: Mapping[str, str] | None,
                      metadata: Mapping[str, str] | None, *, user_id: str | None = None,
-                     runtime: str | None = None) -> SandboxInfo:
+                     runtime: str | None = None, template: str | None = None) -> SandboxInfo:
         m = await self.manager()
-        return self._info(m, await m.create(policy, timeout, envs, metadata, user_id=user_id, runtime=runtime))
+        return self._info(m, await m.create(policy, timeout, envs, metadata, user_id=user_id, runtime=runtime,
+                                                  template=template))
 
     @staticmethod
     def _info(m: Manager, sb: ManagedSandbox) -> SandboxInfo:

@@ -106,9 +106,11 @@ class RemoteTransport(Transport):
     # ---- sandboxes ------------------------------------------------------------------------------
     async def create(self, policy: Policy, timeout: float | None, envs: Mapping[str, str] | None,
                      metadata: Mapping[str, str] | None, *, user_id: str | None = None,
-                     runtime: str | None = None) -> SandboxInfo:
+                     runtime: str | None = None, template: str | None = None) -> SandboxInfo:
         body = {"policy": policy.model_dump(mode="json"), "timeout": timeout, "envs": dict(envs or {}),
                 "metadata": dict(metadata or {}), "user_id": user_id, "runtime": runtime}
+        if template is not None:  # only when asked: a server without templates refuses the field
+            body["template"] = template
         return self._info(await self._call("POST", "/sandboxes", json=body))
 
     async def info(self, sandbox_id: str) -> SandboxInfo:

@@ -35,7 +35,7 @@ async def metrics(srv: Srv) -> Response:
 @router.post("/sandboxes", status_code=201, tags=["sandboxes"])
 async def create(body: CreateSandbox, srv: Srv, who: Auth, response: Response) -> SandboxOut:
     sb, reused = await create_sandbox(srv, who, Policy.from_dict(body.policy or {}), body.timeout, body.envs,
-                                      body.metadata, body.user_id, body.runtime)
+                                      body.metadata, body.user_id, body.runtime, body.template)
     if reused:
         response.status_code = 200
     return sandbox_out(srv, sb)

@@ -1,0 +1,247 @@
+"""A sandbox's root from a template: the template's layers read-only, a copy-on-write layer of its own.
+
+The layers (``TemplateStore().use(name)``, bottom first, already in overlayfs's format) are the lower dirs
+of an overlay whose upper and work dirs are the sandbox's own, on disk under ``<state>/overlay/<id>/``
+and removed at teardown and by the crash sweep. What a sandbox writes anywhere in its root lands in its
+upper dir: no other sandbox of the template, and not the store, ever sees it.
+
+Who mounts the overlay:
+- as root, the host mounts it (``mount -t overlay`` at ``<state>/overlay/<id>/root``) before bwrap runs
+  and bwrap binds it as /. Two reasons. The layer trees belong to root in a 0700 store, which the
+  sandbox's host uid cannot reach, and root opening them is what keeps the store private (rather than
+  making the store's directories searchable by every uid). And overlayfs refuses to copy up a file whose
+  owner the caller's user namespace does not map (EOVERFLOW, fs/overlayfs/copy_up.c): an overlay mounted
+  inside bwrap's user namespace, which maps only the sandbox uid, could not copy up any root-owned file
+  of the image, not even a world-writable one. Mounted by root in the host's namespace, copy-up keeps the
+  owner and works. The mount points bwrap needs (/proc, /dev, /tmp, /home/user, the generated /etc files,
+  /opt/stockade/...) are made in it by root first (in the upper dir), since the image's directories are
+  root's and bwrap creates them as the sandbox uid;
+- unprivileged, bwrap mounts it (``--overlay-src`` per layer, ``--overlay UPPER WORK /``) inside its user
+  namespace, where the store's owner is the sandbox's own uid, so copy-up works there too.
+
+The agent does not use the image's userland: the host's python (binary, its dynamic loader and the shared
+libraries it and its extension modules need, copied once per host into ``<state>/hostpython/<key>``) and
+its standard library are bound read-only under /opt/stockade/python, and the agent is started through that
+loader explicitly (``ld.so --library-path ...``), so an image without python, on musl, or without any C
+library runs it. Not done yet: ``run_code`` and ``save-artifact`` in a template sandbox (they start the
+host's python by path, whose ELF interpreter the image need not have); the writable layer's size
+(``filesystem.workspace_size`` is not enforced on it: it is bounded only by the state dir's disk, which
+``describe()`` and ``stockade doctor`` say).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import shutil
+import stat
+import subprocess
+from functools import cache
+from pathlib import Path
+
+from ...errors import SandboxUnavailableError
+
+PY_DIR = "/opt/stockade/python"          # PYTHONHOME of the agent in a template sandbox
+PY_SO_DIR = f"{PY_DIR}/so"               # the host python binary, its loader and libraries
+LOADER = "ld.so"
+
+
+
+@cache
+def host_python(python_host: str, state_dir: Path) -> tuple[Path, str, str]:
+    """(the directory to bind at PY_SO_DIR, the host's stdlib directory, where it goes: PY_DIR/lib/pythonX.Y).
+
+    The directory holds copies of the interpreter, its ELF loader (as ``ld.so``) and every library ``ldd``
+    names for it and its extension modules, keyed by their paths and mtimes: one bind instead of one per
+    library, and nothing else of the host's /usr."""
+    script = ("import sys,sysconfig;print(sysconfig.get_path('stdlib'));print(sysconfig.get_path('platstdlib'));"
+              "print(f'{sys.version_info[0]}.{sys.version_info[1]}')")
+    out = subprocess.run([python_host, "-I", "-c", script], capture_output=True, text=True, timeout=30,
+                         check=True).stdout.split()
+    stdlib, platstdlib, version = out[0], out[1], out[2]
+    if stdlib != platstdlib:
+        raise SandboxUnavailableError(f"{python_host}: stdlib {stdlib} and platstdlib {platstdlib} differ",
+                                      "fix: set STOCKADE_PYTHON to a python with one library directory")
+    dynload = Path(stdlib) / "lib-dynload"
+    objects = [os.path.realpath(python_host)] + sorted(str(p) for p in dynload.glob("*.so"))
+    libs: dict[str, str] = {}
+    loader = ""
+    for obj in objects:
+        result = subprocess.run(["ldd", obj], capture_output=True, text=True, timeout=30)
+        for line in result.stdout.splitlines():
+            parts = line.split()
+            if "=>" in parts and len(parts) >= 3 and parts[2].startswith("/"):
+                libs[parts[0]] = os.path.realpath(parts[2])
+            elif parts and parts[0].startswith("/") and "ld-" in parts[0]:
+                loader = os.path.realpath(parts[0])
+    if not loader:
+        raise SandboxUnavailableError(f"no ELF loader found for {python_host} (ldd)",
+                                      "fix: set STOCKADE_PYTHON to a dynamically linked python")
+    sources = {"python3": os.path.realpath(python_host), LOADER: loader, **libs}
+    key = hashlib.sha256(repr(sorted((k, v, os.stat(v).st_mtime_ns) for k, v in sources.items())).encode())
+    out_dir = state_dir / "hostpython" / key.hexdigest()[:20]
+    if not (out_dir / "python3").exists():
+        tmp = out_dir.with_name(out_dir.name + f".tmp{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True, mode=0o755)
+        for name, src in sources.items():
+            shutil.copy2(src, tmp / name)
+            os.chmod(tmp / name, 0o755)
+        os.chmod(tmp.parent, 0o755)
+        with contextlib.suppress(OSError):
+            os.rename(tmp, out_dir)
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out_dir, stdlib, f"{PY_DIR}/lib/python{version}"
+
+
+# bwrap options whose last argument is a destination in the sandbox, and how many arguments they take
+_DEST_OPTS = {"--ro-bind": 2, "--bind": 2, "--dev-bind": 2, "--ro-bind-data": 2, "--bind-data": 2,
+              "--ro-bind-fd": 2, "--bind-fd": 2, "--tmpfs": 1, "--proc": 1, "--dev": 1, "--dir": 1,
+              "--ro-bind-try": 2, "--bind-try": 2, "--symlink": 2}
+_FILE_SOURCES = {"--ro-bind-data", "--bind-data"}
+
+
+def mount_points(argv: list[str]) -> tuple[list[str], list[str]]:
+    """(directories, files) bwrap will mount on, from its argv, outside /proc and /dev (mounted fresh)."""
+    dirs: list[str] = []
+    files: list[str] = []
+    i = 0
+    while i < len(argv) and argv[i] != "--":
+        opt = argv[i]
+        n = _DEST_OPTS.get(opt)
+        if n is None:
+            i += 1
+            continue
+        dest = argv[i + n]
+        src = argv[i + 1] if n == 2 else ""
+        i += n + 1
+        if opt == "--symlink" or dest in ("/proc", "/dev") or dest.startswith(("/proc/", "/dev/")):
+            if opt in ("--proc", "--dev"):
+                dirs.append(dest)
+            continue
+        if opt in _FILE_SOURCES or (n == 2 and opt not in ("--ro-bind-fd", "--bind-fd")
+                                    and src and not os.path.isdir(src)):
+            files.append(dest)
+        else:
+            dirs.append(dest)
+    return dirs, files
+
+
+class OverlayRoot:
+    """One sandbox's overlay: ``<state>/overlay/<id>/{upper,work,root}``."""
+
+    def __init__(self, state_dir: Path, sandbox_id: str, layer_dirs: list[Path], owner: int | None) -> None:
+        self.base = state_dir / "overlay" / sandbox_id
+        self.upper, self.work, self.merged = self.base / "upper", self.base / "work", self.base / "root"
+        self.layer_dirs = layer_dirs
+        self.owner = owner           # the sandbox's host uid when root mounts (None: bwrap mounts)
+        self.mounted = False
+
+    def create(self) -> None:
+        (self.base.parent).mkdir(mode=0o711, exist_ok=True)
+        self.base.mkdir(mode=0o711)
+        for d in (self.upper, self.work):
+            d.mkdir(mode=0o755)
+        if self.owner is not None:
+            self.merged.mkdir(mode=0o755)
+            lower = ":".join(str(d) for d in reversed(self.layer_dirs))  # the kernel wants the top first
+            opts = f"lowerdir={lower},upperdir={self.upper},workdir={self.work}"
+            result = subprocess.run(["mount", "-t", "overlay", "overlay", "-o", opts, str(self.merged)],
+                                    capture_output=True, text=True, timeout=30)
+            if result.returncode != 0:
+                raise SandboxUnavailableError(f"cannot mount the template's overlay: {result.stderr.strip()}")
+            self.mounted = True
+            # The root of the overlay is the upper dir: the sandbox may create top-level entries in it,
+            # as in a container's root (the image's own directories keep their owners and modes).
+            os.chown(self.merged, self.owner, self.owner)
+
+    def bwrap_args(self) -> list[str]:
+        if self.owner is not None:
+            return ["--bind", str(self.merged), "/"]
+        args: list[str] = []
+        for d in self.layer_dirs:
+            args += ["--overlay-src", str(d)]
+        return [*args, "--overlay", str(self.upper), str(self.work), "/"]
+
+    def prepare(self, argv: list[str]) -> None:
+        """As root: make bwrap's mount points in the merged root (they land in the upper dir). Each path is
+        walked from the root's descriptor without following any symlink: the image's symlinks (``/home ->
+        /``) must never lead root to create anything on the host. A path that meets a symlink is left to
+        bwrap, which runs as the sandbox's uid."""
+        if self.owner is None:
+            return
+        dirs, files = mount_points(argv)
+        root_fd = os.open(self.merged, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        try:
+            for path in dirs:
+                _make_at(root_fd, path, directory=True)
+            for path in files:
+                _make_at(root_fd, path, directory=False)
+        finally:
+            os.close(root_fd)
+
+    def remove(self) -> None:
+        remove(self.base)
+
+
+def _make_at(root_fd: int, path: str, directory: bool) -> None:
+    """Create ``path`` (relative to ``root_fd``) and its parents, following no symlink; stop quietly at one."""
+    parts = [p for p in path.split("/") if p]
+    if not parts:
+        return
+    fd = os.dup(root_fd)
+    try:
+        for i, name in enumerate(parts):
+            last = i == len(parts) - 1
+            try:
+                st = os.stat(name, dir_fd=fd, follow_symlinks=False)
+            except FileNotFoundError:
+                if last and not directory:
+                    os.close(os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                                     0o644, dir_fd=fd))
+                    return
+                os.mkdir(name, 0o755, dir_fd=fd)
+                st = os.stat(name, dir_fd=fd, follow_symlinks=False)
+            if last or not stat.S_ISDIR(st.st_mode):
+                return  # present (or a symlink or file in the way: bwrap, as the sandbox uid, deals with it)
+            nxt = os.open(name, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
+            os.close(fd)
+            fd = nxt
+    finally:
+        os.close(fd)
+
+
+def remove(base: Path) -> None:
+    """Unmount and delete one sandbox's overlay directory (idempotent)."""
+    merged = base / "root"
+    if os.path.ismount(merged):
+        subprocess.run(["umount", "-l", str(merged)], capture_output=True, timeout=30)
+    if base.exists():
+        _rmtree(base)
+
+
+def _rmtree(path: Path) -> None:
+    # Overlay's work dir holds a 0000 "work" directory as root; the upper may hold whiteouts (char devices)
+    # and directories the sandbox made unwritable: make each writable before removing it.
+    def onerror(func: object, p: str, exc: object) -> None:
+        with contextlib.suppress(OSError):
+            os.chmod(os.path.dirname(p), 0o700)
+            os.chmod(p, 0o700)
+        with contextlib.suppress(OSError):
+            if os.path.isdir(p) and not os.path.islink(p):
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                os.unlink(p)
+    shutil.rmtree(path, onerror=onerror)  # noqa: B026 - onerror is 3.11's name
+    if path.exists():
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def agent_argv(so_dir_inside: str, agent_zip: str, channel_fd: int) -> list[str]:
+    """The agent's command line in a template sandbox: the host python through its own loader."""
+    return [f"{so_dir_inside}/{LOADER}", "--library-path", so_dir_inside, f"{so_dir_inside}/python3",
+            "-s", "-S", "-B", agent_zip, str(channel_fd)]
+
+
+__all__ = ["PY_DIR", "PY_SO_DIR", "OverlayRoot", "agent_argv", "host_python", "mount_points", "remove"]

@@ -1,0 +1,242 @@
+"""Sandboxes whose root is a template: the image's files, the sandbox's own copy-on-write layer, the agent
+in an image without python, teardown, and the isolation basics on a template root.
+
+The image is built here: the host's dash as /bin/sh and cat, with the C library and loader they need, a few
+files, a world-writable file under /usr/bin and a sticky world-writable directory (so the sandbox's uid
+1000 may write inside the image's own directories, which belong to root). No python in it."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import secrets
+import tarfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from stockade import Sandbox
+from stockade.errors import PolicyError
+from stockade.runtime.jail.runtime import JailRuntime
+from stockade.templates import TemplateInUseError, TemplateStore, import_image
+
+from . import template_images as ti
+from .conftest import base_policy
+
+pytestmark = pytest.mark.skipif(not os.path.exists("/proc/self/ns/user"), reason="needs user namespaces")
+
+
+def _host(path: str) -> bytes:
+    return Path(os.path.realpath(path)).read_bytes()
+
+
+def _image_layers_entries() -> list[tuple[tarfile.TarInfo, bytes]]:
+    return [
+        ti.entry("dir", "bin"), ti.entry("file", "bin/sh", _host("/bin/dash"), mode=0o755),
+        ti.entry("file", "bin/cat", _host("/bin/cat"), mode=0o755),
+        ti.entry("dir", "lib"), ti.entry("dir", "lib/x86_64-linux-gnu"),
+        ti.entry("file", "lib/x86_64-linux-gnu/libc.so.6", _host("/lib/x86_64-linux-gnu/libc.so.6"), mode=0o755),
+        ti.entry("dir", "lib64"),
+        ti.entry("file", "lib64/ld-linux-x86-64.so.2", _host("/lib64/ld-linux-x86-64.so.2"), mode=0o755),
+        ti.entry("dir", "etc"), ti.entry("file", "etc/hello", b"from the image\n"),
+        ti.entry("file", "etc/passwd", b"root:x:0:0::/root:/bin/sh\n")]
+
+
+def _image_layers() -> list[bytes]:
+    base = ti.layer(*_image_layers_entries())
+    top = ti.layer(
+        ti.entry("dir", "usr"), ti.entry("dir", "usr/bin"),
+        ti.entry("file", "usr/bin/tool", b"#!/bin/sh\necho original tool\n", mode=0o777),
+        ti.entry("dir", "srv"), ti.entry("dir", "srv/app", mode=0o1777),
+        ti.entry("file", "srv/app/readme", b"the app\n"),
+        ti.entry("file", "etc/.wh.hello"), ti.entry("file", "etc/hello", b"from the top layer\n"))
+    return [base, top]
+
+
+@pytest.fixture(scope="module")
+def store() -> TemplateStore:
+    return TemplateStore()  # the store the runtime uses: <data dir>/templates
+
+
+@pytest.fixture(scope="module")
+def template(store: TemplateStore, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    name = f"test-tpl-{secrets.token_hex(4)}"
+    img = tmp_path_factory.mktemp("img")
+    ti.oci_layout(img, _image_layers(), Env=["PATH=/usr/bin:/bin", "GREETING=hello from the image"],
+                  WorkingDir="/srv/app")
+    import_image(store, name, f"oci:{img}")
+    yield name
+    if store.exists(name):
+        store.remove(name)
+
+
+@pytest.fixture
+def make(template: str) -> Iterator[Callable[..., Sandbox]]:
+    made: list[Sandbox] = []
+
+    def create(**kwargs: object) -> Sandbox:
+        sb = Sandbox.create(policy=base_policy(), template=template, **kwargs)  # type: ignore[arg-type]
+        made.append(sb)
+        return sb
+
+    yield create
+    for sb in made:
+        sb.kill()
+
+
+def _run(sb: Sandbox, script: str) -> str:
+    r = sb.commands.run(["/bin/sh", "-c", script])
+    assert r.exit_code == 0, (r.stdout, r.stderr)
+    return r.stdout
+
+
+def test_the_image_files_env_and_working_dir_apply_and_the_agent_needs_no_python(make):
+    sb = make(envs={"CALLER": "mine"})
+    assert _run(sb, "cat /etc/hello") == "from the top layer\n"  # the top layer replaced the file
+    assert _run(sb, "cat /srv/app/readme") == "the app\n"
+    assert _run(sb, "tool") == "original tool\n"  # on the image's PATH
+    out = _run(sb, 'echo "$GREETING|$CALLER|$(pwd)"')
+    assert out == "hello from the image|mine|/srv/app\n"
+    # no python in the image: the agent runs on the host's, which is only under /opt/stockade
+    assert _run(sb, "for p in /usr/bin/python3 /bin/python3 /usr/lib/python3; do [ -e $p ] && echo $p; done; "
+                    "echo end") == "end\n"
+    assert str(sb.info().runtime["template"]).startswith("test-tpl-")
+
+
+def test_writes_anywhere_stay_in_the_sandbox_own_layer(make, store: TemplateStore, template: str):
+    first, second = make(), make()
+    _run(first, "echo changed > /usr/bin/tool; echo new > /srv/app/new; echo x > /toplevel")
+    assert _run(first, "cat /usr/bin/tool /srv/app/new /toplevel") == "changed\nnew\nx\n"
+    # the other sandbox of the same template sees the image as it is
+    assert _run(second, "cat /usr/bin/tool; [ -e /srv/app/new ] || echo no-new; [ -e /toplevel ] || echo no-top") \
+        == "#!/bin/sh\necho original tool\nno-new\nno-top\n"
+    # and so does the store: the layer trees are unchanged
+    resolved = store.resolve(template)
+    top = resolved.layer_dirs[-1]
+    assert (top / "usr/bin/tool").read_bytes() == b"#!/bin/sh\necho original tool\n"
+    assert not (top / "srv/app/new").exists()
+    assert not any((d / "toplevel").exists() for d in resolved.layer_dirs)
+    # as root the image's directories are root's and stay closed to the sandbox's user; unprivileged the
+    # store (and so the image) belongs to the caller, whose uid the sandbox's user is: it may write there,
+    # into its own layer as everywhere
+    r = first.commands.run(["/bin/sh", "-c", "echo x > /etc/new && cat /etc/new"])
+    if os.geteuid() == 0:
+        assert r.exit_code != 0
+    else:
+        assert (r.exit_code, r.stdout) == (0, "x\n")
+        assert not any((d / "etc/new").exists() for d in resolved.layer_dirs)
+        assert _run(second, "[ -e /etc/new ] || echo absent") == "absent\n"
+
+
+def test_teardown_removes_the_layer_and_releases_the_template(make, store: TemplateStore, template: str):
+    sb = make()
+    _run(sb, "echo data > /srv/app/file")
+    described = sb.info().runtime
+    assert described["template"] == template
+    assert described["root_write_limit"] is None  # said, not claimed: the writable layer is not size-limited
+    with pytest.raises(TemplateInUseError):
+        store.remove(template)
+    runtime = JailRuntime()
+    layer_dir = runtime.overlay_dir / sb.sandbox_id
+    assert layer_dir.is_dir()
+    assert any("template overlay" in t for t in runtime.leftovers(sb.sandbox_id))
+    sb.kill()
+    # (processes are not asked for here: another sandbox on this host may get the same uid at once)
+    assert runtime.leftovers(sb.sandbox_id) == []
+    assert not layer_dir.exists()
+    assert store.in_use(template) is None
+
+
+def test_the_sweep_removes_a_writable_layer_a_dead_process_left():
+    runtime = JailRuntime()
+    stale = runtime.overlay_dir / f"sbx-stale{secrets.token_hex(4)}"
+    (stale / "upper" / "usr").mkdir(parents=True)
+    (stale / "upper" / "usr" / "written").write_text("left behind")
+    (stale / "work").mkdir()
+    assert any("template overlay" in t for t in runtime.leftovers(stale.name))
+    assert stale.name in asyncio.run(runtime.sweep_stale())
+    assert not stale.exists()
+    assert runtime.leftovers(stale.name) == []
+
+
+def test_an_unknown_template_is_refused_naming_it():
+    with pytest.raises(PolicyError) as err:
+        Sandbox.create(policy=base_policy(), template="no-such-template")
+    assert err.value.field == "template"
+    assert "no-such-template" in str(err.value)
+
+
+def test_isolation_basics_hold_on_a_template_root(make, tmp_path: Path):
+    secret = tmp_path / "host-secret"
+    secret.write_text("host only")
+    sb = make()
+    status = _run(sb, "while read k v rest; do case $k in Uid:|Gid:|CapEff:) echo $k $v;; esac; done "
+                      "< /proc/self/status")
+    assert status == "Uid: 1000\nGid: 1000\nCapEff: 0000000000000000\n"
+    assert _run(sb, f"[ -e {secret} ] && echo visible; [ -e /work ] && echo work; [ -e /root ] && echo root; "
+                    "[ -e /var/lib/stockade ] && echo state; echo end") == "end\n"
+    # no network but loopback
+    devices = _run(sb, "while read a rest; do echo $a; done < /proc/net/dev")
+    assert [d for d in devices.split() if d.endswith(":")] == ["lo:"]
+    assert _run(sb, "cat /etc/hostname") == "sandbox\n"
+    assert "user:x:1000:1000" in _run(sb, "cat /etc/passwd")  # the generated passwd, not the image's
+
+
+def test_through_a_server_a_template_sandbox_skips_the_warm_pool(api_server, tmp_path: Path):
+    from stockade.sdk.transports.remote import RemoteTransport
+
+    # the server's templates are those of its own data directory
+    server_store = TemplateStore(Path(api_server.data_dir) / "templates")
+    template = f"test-tpl-{secrets.token_hex(4)}"
+    ti.oci_layout(tmp_path / "img", _image_layers())
+    import_image(server_store, template, f"oci:{tmp_path}/img")
+    transport = RemoteTransport(api_server.url, api_server.key("conformance"))
+    # the server's warm pool holds sandboxes of this very policy: a template sandbox must not be one of them
+    with Sandbox.create(policy=base_policy(), template=template, transport=transport) as sb:
+        assert sb.info().runtime["template"] == template
+        assert _run(sb, "cat /etc/hello") == "from the top layer\n"
+    with pytest.raises(PolicyError) as err:
+        Sandbox.create(policy=base_policy(), template="no-such-template", transport=transport)
+    assert err.value.field == "template"
+    server_store.remove(template)  # released: the sandbox has ended
+
+
+def test_stockade_run_takes_a_template(template: str, tmp_path: Path):
+    import subprocess
+    import sys
+
+    weak = []
+    if os.geteuid() != 0:  # unprivileged: no cgroups, accepted through a policy file
+        (tmp_path / "policy.toml").write_text('allow_missing_controls = ["memory", "pids", "cpu"]\n')
+        weak = ["--policy", str(tmp_path / "policy.toml")]
+    run = [sys.executable, "-m", "stockade.cli", "run", *weak]
+    r = subprocess.run([*run, "--template", template, "--", "/bin/sh", "-c", "cat /etc/hello"],
+                       capture_output=True, text=True, timeout=120)
+    assert (r.returncode, r.stdout) == (0, "from the top layer\n"), r.stderr
+    r = subprocess.run([*run, "--template", "no-such-template", "--", "true"], capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 2 and "template" in r.stderr and "no-such-template" in r.stderr
+
+
+def test_image_symlinks_never_lead_the_host_to_create_mount_points_outside(store: TemplateStore, tmp_path: Path):
+    """An image whose /home, /opt and /etc/hostname are symlinks out of it (absolute and through ..): root
+    makes bwrap's mount points in the merged tree, and must follow none of them onto the host."""
+    marker = tmp_path / "host"
+    marker.mkdir()
+    hostile = ti.layer(*_image_layers_entries(), ti.entry("symlink", "home", target=str(marker)),
+                       ti.entry("symlink", "opt", target="../../../../../../" + str(marker).lstrip("/")),
+                       ti.entry("symlink", "tmp", target="/"))
+    name = f"test-tpl-{secrets.token_hex(4)}"
+    ti.oci_layout(tmp_path / "img", [hostile])
+    import_image(store, name, f"oci:{tmp_path}/img")
+    try:
+        try:
+            with Sandbox.create(policy=base_policy(), template=name) as sb:
+                sb.commands.run(["/bin/sh", "-c", "echo x > /home/user/f"])
+        except Exception as exc:  # noqa: BLE001 - refusing to start is fine; writing on the host is not
+            assert "sandbox" in str(exc).lower() or "mount" in str(exc).lower(), exc
+        assert list(marker.iterdir()) == []
+        assert not os.path.exists("/user") and not os.path.exists("/stockade")
+    finally:
+        store.remove(name)
