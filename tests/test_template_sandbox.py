@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from stockade import Sandbox
+from stockade import Policy, Sandbox
 from stockade.errors import PolicyError
 from stockade.runtime.jail.runtime import JailRuntime
 from stockade.templates import TemplateInUseError, TemplateStore, import_image
@@ -134,7 +134,8 @@ def test_teardown_removes_the_layer_and_releases_the_template(make, store: Templ
     _run(sb, "echo data > /srv/app/file")
     described = sb.info().runtime
     assert described["template"] == template
-    assert described["root_write_limit"] is None  # said, not claimed: the writable layer is not size-limited
+    # as root the writable layer is a tmpfs of workspace_size; unprivileged it is unbounded, and said to be
+    assert described["root_write_limit"] == (Policy().filesystem.workspace_size if os.geteuid() == 0 else None)
     with pytest.raises(TemplateInUseError):
         store.remove(template)
     runtime = JailRuntime()
@@ -240,3 +241,15 @@ def test_image_symlinks_never_lead_the_host_to_create_mount_points_outside(store
         assert not os.path.exists("/user") and not os.path.exists("/stockade")
     finally:
         store.remove(name)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="as root the writable layer is a tmpfs of workspace_size; "
+                    "unprivileged it is the state dir's disk (doctor says so)")
+def test_the_writable_root_is_bounded_by_the_workspace_size(template: str) -> None:
+    """What a template sandbox writes in its root ends in ENOSPC at filesystem.workspace_size, not on the
+    host's disk, and the rest of its root stays usable."""
+    with Sandbox.create(template=template, policy={"filesystem": {"workspace_size": "8MiB"}}) as sb:
+        assert sb.info().runtime["root_write_limit"] == 8 << 20
+        r = sb.commands.run("cat /dev/zero > /big; echo rc=$?")  # the image has only sh and cat
+        assert "No space left on device" in r.stderr and r.stdout == "rc=1\n", (r.stdout, r.stderr)
+        assert sb.commands.run(": > /big; echo small > /ok && cat /ok").stdout == "small\n"

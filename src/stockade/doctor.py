@@ -144,11 +144,16 @@ def run_checks(config: HostConfig | None = None, jail: JailConfig | None = None)
                         "filesystem.workspace_size is only a ceiling below limits.memory",
                         "raise limits.memory above filesystem.workspace_size + filesystem.tmp_size where a "
                         "sandbox must use its whole workspace", required=False))
-    checks.append(Check("template root size", False, "a template sandbox's writable root (its copy-on-write "
-                        f"layer under {config.state_dir}/overlay) is on disk with no size limit: "
-                        "filesystem.workspace_size is not enforced on it, only the state directory's free space "
-                        "bounds it", "put the state directory on a filesystem of its own where tenants share "
-                        "a host", required=False))
+    if os.geteuid() == 0:
+        checks.append(Check("template root size", True, "a template sandbox's writable root (its copy-on-write "
+                            "layer) is a tmpfs of filesystem.workspace_size: ENOSPC past it, charged to the "
+                            "sandbox's memory cgroup"))
+    else:
+        checks.append(Check("template root size", False, "a template sandbox's writable root (its copy-on-write "
+                            f"layer under {config.state_dir}/overlay) is on disk with no size limit when not root: "
+                            "only the state directory's free space bounds it", "run as root (the layer is then a "
+                            "tmpfs of filesystem.workspace_size), or put the state directory on a filesystem of "
+                            "its own", required=False))
     try:
         img = rootfs.system_image(jail.python)
         checks.append(Check("agent python", True, f"{img.python_host} (mounted read-only)"))

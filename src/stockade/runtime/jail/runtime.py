@@ -308,7 +308,8 @@ class JailSandbox(RuntimeSandbox):
             self.uid = rt.uids.acquire()
         if self.lease is not None:
             self.overlay = template_root.OverlayRoot(rt.config.state_dir, self.id, self.lease.resolved.layer_dirs,
-                                                     self.uid.uid if self.uid is not None else None)
+                                                     self.uid.uid if self.uid is not None else None,
+                                                     self.policy.filesystem.workspace_size)
             self.overlay.create()
         lim = self.policy.limits
         if rt.cgroups.parents:
@@ -485,9 +486,10 @@ class JailSandbox(RuntimeSandbox):
             # what run_code uses: IPython from the sandbox environment, else the stdlib fallback
             "code_interpreter": "ipython" if self.use_env else "stdlib",
             "template": self.template,
-            # a template sandbox's writable root is on disk, bounded only by the state dir's filesystem:
-            # filesystem.workspace_size is not enforced on it yet (/home/user, /tmp stay size-limited tmpfs)
-            "root_write_limit": None if self.template else "read-only",
+            # a template sandbox's writable root: as root a tmpfs of filesystem.workspace_size; unprivileged
+            # on the state dir's disk, unbounded (/home/user and /tmp stay size-limited tmpfs either way)
+            "root_write_limit": ("read-only" if not self.template else
+                                 self.policy.filesystem.workspace_size if self.uid is not None else None),
             "time_namespace": rt.unshare_time is not None,  # uptime, btime, monotonic clocks: the sandbox's
             "agent_host_pid": self.agent_host_pid,
             "namespaces": dict(self.namespaces),

@@ -23,10 +23,10 @@ The agent does not use the image's userland: the host's python (binary, its dyna
 libraries it and its extension modules need, copied once per host into ``<state>/hostpython/<key>``) and
 its standard library are bound read-only under /opt/stockade/python, and the agent is started through that
 loader explicitly (``ld.so --library-path ...``), so an image without python, on musl, or without any C
-library runs it. Not done yet: ``run_code`` and ``save-artifact`` in a template sandbox (they start the
-host's python by path, whose ELF interpreter the image need not have); the writable layer's size
-(``filesystem.workspace_size`` is not enforced on it: it is bounded only by the state dir's disk, which
-``describe()`` and ``stockade doctor`` say).
+library runs it. As root the writable layer is on a tmpfs of ``filesystem.workspace_size`` (ENOSPC past it,
+charged to the sandbox's memory cgroup); unprivileged it is on the state dir's disk, unbounded, which
+``describe()`` and ``stockade doctor`` say. Not done yet: ``run_code`` and ``save-artifact`` in a template
+sandbox (they start the host's python by path, whose ELF interpreter the image need not have).
 """
 
 from __future__ import annotations
@@ -131,8 +131,10 @@ def mount_points(argv: list[str]) -> tuple[list[str], list[str]]:
 class OverlayRoot:
     """One sandbox's overlay: ``<state>/overlay/<id>/{upper,work,root}``."""
 
-    def __init__(self, state_dir: Path, sandbox_id: str, layer_dirs: list[Path], owner: int | None) -> None:
+    def __init__(self, state_dir: Path, sandbox_id: str, layer_dirs: list[Path], owner: int | None,
+                 size: int) -> None:
         self.base = state_dir / "overlay" / sandbox_id
+        self.size = size             # the writable layer's bound (filesystem.workspace_size), where root mounts
         self.upper, self.work, self.merged = self.base / "upper", self.base / "work", self.base / "root"
         self.layer_dirs = layer_dirs
         self.owner = owner           # the sandbox's host uid when root mounts (None: bwrap mounts)
@@ -141,16 +143,19 @@ class OverlayRoot:
     def create(self) -> None:
         (self.base.parent).mkdir(mode=0o711, exist_ok=True)
         self.base.mkdir(mode=0o711)
+        if self.owner is not None:
+            # The upper and work dirs live on a tmpfs of filesystem.workspace_size: what the sandbox writes
+            # in its root ends in ENOSPC there (and is charged to its memory cgroup, as its workspace is),
+            # never on the host's disk or its /run.
+            _mount(["-t", "tmpfs", "-o", f"size={self.size},mode=0711,nosuid,nodev", "tmpfs", str(self.base)],
+                   "cannot mount the template sandbox's writable layer")
         for d in (self.upper, self.work):
             d.mkdir(mode=0o755)
         if self.owner is not None:
             self.merged.mkdir(mode=0o755)
             lower = ":".join(str(d) for d in reversed(self.layer_dirs))  # the kernel wants the top first
             opts = f"lowerdir={lower},upperdir={self.upper},workdir={self.work}"
-            result = subprocess.run(["mount", "-t", "overlay", "overlay", "-o", opts, str(self.merged)],
-                                    capture_output=True, text=True, timeout=30)
-            if result.returncode != 0:
-                raise SandboxUnavailableError(f"cannot mount the template's overlay: {result.stderr.strip()}")
+            _mount(["-t", "overlay", "overlay", "-o", opts, str(self.merged)], "cannot mount the template's overlay")
             self.mounted = True
             # The root of the overlay is the upper dir: the sandbox may create top-level entries in it,
             # as in a container's root (the image's own directories keep their owners and modes).
@@ -212,11 +217,18 @@ def _make_at(root_fd: int, path: str, directory: bool) -> None:
         os.close(fd)
 
 
+def _mount(args: list[str], what: str) -> None:
+    result = subprocess.run(["mount", *args], capture_output=True, text=True, timeout=30)
+    if result.returncode != 0:
+        raise SandboxUnavailableError(f"{what}: {result.stderr.strip()}")
+
+
 def remove(base: Path) -> None:
-    """Unmount and delete one sandbox's overlay directory (idempotent)."""
-    merged = base / "root"
-    if os.path.ismount(merged):
-        subprocess.run(["umount", "-l", str(merged)], capture_output=True, timeout=30)
+    """Unmount and delete one sandbox's overlay directory (idempotent): the overlay, then (as root) the
+    tmpfs its writable layer is on, which takes the sandbox's writes with it."""
+    for mount_point in (base / "root", base):
+        if os.path.ismount(mount_point):
+            subprocess.run(["umount", "-l", str(mount_point)], capture_output=True, timeout=30)
     if base.exists():
         _rmtree(base)
 
@@ -225,9 +237,11 @@ def _rmtree(path: Path) -> None:
     # Overlay's work dir holds a 0000 "work" directory as root; the upper may hold whiteouts (char devices)
     # and directories the sandbox made unwritable: make each writable before removing it.
     def onerror(func: object, p: str, exc: object) -> None:
+        # chmod follows symlinks and the tree is the sandbox's: never chmod through one
         with contextlib.suppress(OSError):
-            os.chmod(os.path.dirname(p), 0o700)
-            os.chmod(p, 0o700)
+            if not os.path.islink(os.path.dirname(p)) and not os.path.islink(p):
+                os.chmod(os.path.dirname(p), 0o700)
+                os.chmod(p, 0o700)
         with contextlib.suppress(OSError):
             if os.path.isdir(p) and not os.path.islink(p):
                 shutil.rmtree(p, ignore_errors=True)
