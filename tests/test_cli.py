@@ -122,8 +122,12 @@ def test_doctor_reports_every_check():
     # the workspace is tmpfs charged to the memory limit (its size is not real), which doctor says as root too
     assert "[WEAK] workspace: /home/user, /tmp and /dev/shm are tmpfs charged to the memory cgroup" in r.stdout
     assert "fix: raise limits.memory above filesystem.workspace_size" in r.stdout
-    # a template sandbox's writable root is on disk without a size limit, and doctor says so
-    assert "[WEAK] template root size: a template sandbox's writable root" in r.stdout
+    # a template sandbox's writable root: bounded by a tmpfs as root, unbounded (and said to be) otherwise
+    if ROOT:
+        assert "[OK  ] template root size: a template sandbox's writable root (its copy-on-write layer) is a " \
+               "tmpfs of filesystem.workspace_size" in r.stdout
+    else:
+        assert "[WEAK] template root size: a template sandbox's writable root" in r.stdout
     assert "OK with weaker controls" in r.stdout
 
 

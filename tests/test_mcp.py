@@ -583,9 +583,6 @@ def test_cli_refuses_what_it_cannot_do_safely(policy_dir: Path) -> None:
     open_host = subprocess.run([*cli, "--http", "--host", "0.0.0.0", "--port", "0"], env=server_env(),
                                capture_output=True, text=True, timeout=60)
     assert open_host.returncode == 2 and "--token" in open_host.stderr and "loopback" in open_host.stderr
-    template = subprocess.run([*cli, "--template", "python-data"], env=server_env(), capture_output=True,
-                              text=True, timeout=60)
-    assert template.returncode == 2 and "templates are not available yet" in template.stderr
     bad = policy_dir / "bad.json"
     bad.write_text('{"limits": {"memory": "lots"}}')
     policy = subprocess.run([*cli, "--policy", str(bad)], env=server_env(), capture_output=True, text=True,
