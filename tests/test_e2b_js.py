@@ -21,7 +21,11 @@ def _node() -> str | None:
     node = os.environ.get("STOCKADE_TEST_NODE") or shutil.which("node")
     if node is None:
         return None
-    version = subprocess.run([node, "--version"], capture_output=True, text=True, check=True).stdout.strip()
+    try:
+        version = subprocess.run([node, "--version"], capture_output=True, text=True, check=True,
+                                 timeout=30).stdout.strip()
+    except (OSError, subprocess.SubprocessError):  # not runnable by this user: treated as absent
+        return None
     major, minor = (int(x) for x in version.lstrip("v").split(".")[:2])
     return node if (major, minor) >= (20, 18) else None
 
