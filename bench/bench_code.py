@@ -10,7 +10,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 import subprocess
 import sys
 import time
@@ -19,9 +18,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from table import print_table, private_audit_store  # noqa: E402
+from table import bench_policy, print_table, private_audit_store  # noqa: E402
 
-from stockade import Policy, Sandbox  # noqa: E402
+from stockade import Sandbox  # noqa: E402
 from stockade.config import HostConfig  # noqa: E402
 from stockade.environment import is_built  # noqa: E402
 
@@ -46,7 +45,7 @@ def main() -> None:
     ap.add_argument("--markdown", action="store_true")
     args = ap.parse_args()
     private_audit_store()
-    policy = Policy.from_dict({} if os.geteuid() == 0 else {"allow_missing_controls": ["memory", "pids", "cpu"]})
+    policy = bench_policy()
     env = HostConfig.from_env().sandbox_env
     rows = []
 

@@ -26,9 +26,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from table import print_table, private_audit_store  # noqa: E402
+from table import bench_policy, print_table, private_audit_store  # noqa: E402
 
-from stockade import Policy, Sandbox  # noqa: E402
+from stockade import Sandbox  # noqa: E402
 from stockade.runtime.jail import bwrap as bwrap_mod  # noqa: E402
 
 
@@ -79,7 +79,7 @@ def main() -> None:
     ap.add_argument("--markdown", action="store_true")
     args = ap.parse_args()
     private_audit_store()
-    policy = Policy.from_dict({} if os.geteuid() == 0 else {"allow_missing_controls": ["memory", "pids", "cpu"]})
+    policy = bench_policy()
     bwrap = bwrap_mod.locate().path
     bare_bwrap = [bwrap, "--unshare-all", "--die-with-parent", "--ro-bind", "/usr", "/usr",
                   "--symlink", "usr/lib", "/lib", "--symlink", "usr/lib64", "/lib64", "--symlink", "usr/bin", "/bin",

@@ -24,7 +24,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from table import print_table, private_audit_store  # noqa: E402
+from table import bench_policy, print_table, private_audit_store  # noqa: E402
 
 from stockade import AsyncSandbox, Policy  # noqa: E402
 
@@ -82,7 +82,7 @@ def main() -> None:
     ap.add_argument("--markdown", action="store_true")
     args = ap.parse_args()
     private_audit_store()
-    policy = Policy.from_dict({} if os.geteuid() == 0 else {"allow_missing_controls": ["memory", "pids", "cpu"]})
+    policy = bench_policy()
     tmp = Path(tempfile.mkdtemp(prefix="stockade-bench-mcp-"))
     try:
         policy_file = tmp / "policy.json"

@@ -30,9 +30,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import httpx  # noqa: E402
-from table import print_table, private_audit_store  # noqa: E402
+from table import bench_policy, print_table, private_audit_store  # noqa: E402
 
-from stockade import AsyncSandbox, Policy  # noqa: E402
+from stockade import AsyncSandbox  # noqa: E402
 
 CONFIG = """
 [server]
@@ -46,10 +46,6 @@ max_cpus = 1000
 rate_limit = 100000
 rate_burst = 100000
 """
-
-
-def policy() -> Policy:
-    return Policy.from_dict({} if os.geteuid() == 0 else {"allow_missing_controls": ["memory", "pids", "cpu"]})
 
 
 def pct(values: list[float], p: float) -> float:
@@ -114,7 +110,7 @@ async def remote_client(url: str, key: str, body: dict[str, Any], execs: int, ou
 async def local_client(execs: int, out: dict[str, list[Any]]) -> None:
     try:
         t0 = time.perf_counter()
-        sb = await AsyncSandbox.create(policy())
+        sb = await AsyncSandbox.create(bench_policy())
         for i in range(execs):
             t = time.perf_counter()
             assert (await sb.commands.run(["true"])).exit_code == 0
@@ -129,7 +125,7 @@ async def local_client(execs: int, out: dict[str, list[Any]]) -> None:
 
 async def run_remote(url: str, key: str, clients: int, execs: int) -> dict[str, list[Any]]:
     out: dict[str, list[Any]] = {"exec": [], "first": [], "errors": []}
-    body = {"policy": policy().model_dump(mode="json")}
+    body = {"policy": bench_policy().model_dump(mode="json")}
     await asyncio.gather(*(remote_client(url, key, body, execs, out) for _ in range(clients)))
     return out
 
@@ -190,7 +186,7 @@ def main() -> None:
     for warm in (0, args.clients):
         data_dir = Path(tempfile.mkdtemp(prefix="stockade-bench-server-"))
         config = data_dir / "server.toml"
-        config.write_text(CONFIG.format(warm=warm, policy=_toml_inline(policy().model_dump(mode="json"))))
+        config.write_text(CONFIG.format(warm=warm, policy=_toml_inline(bench_policy().model_dump(mode="json"))))
         proc, url, key = start_server(data_dir, config, args.database_url, warm)
         label = f"server, warm pool {warm}"
         try:

@@ -7,6 +7,10 @@ import os
 import platform
 import shutil
 import tempfile
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from stockade import Policy
 
 
 def machine() -> str:
@@ -32,3 +36,11 @@ def private_audit_store() -> None:
         tmp = tempfile.mkdtemp(prefix="stockade-bench-audit-")
         atexit.register(shutil.rmtree, tmp, True)
         os.environ["STOCKADE_DATABASE_URL"] = f"sqlite:///{tmp}/audit.db"
+
+
+def bench_policy() -> Policy:
+    """The default policy; an unprivileged run accepts the cgroup controls it cannot have. (stockade is
+    imported here: the benchmark puts the tree's src/ on sys.path before it imports stockade.)"""
+    from stockade import Policy
+
+    return Policy.from_dict({} if os.geteuid() == 0 else {"allow_missing_controls": ["memory", "pids", "cpu"]})
