@@ -25,17 +25,22 @@ class RunningServer:
         """``runtime``: the server's default runtime object (a test's fake), instead of the host's."""
         self.own_dir = data_dir is None
         self.data_dir = data_dir or Path(tempfile.mkdtemp(prefix="stockade-test-server-"))
-        self.settings = ServerSettings.model_validate({"data_dir": str(self.data_dir), **settings})
-        self.app = create_app(self.settings, HostConfig.from_env(), runtime)
-        self.uvicorn = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=0, log_level="warning",
-                                                     lifespan="on", timeout_graceful_shutdown=5,
-                                                     http=protocol_for(self.settings),
-                                                     limit_concurrency=self.settings.max_connections))
-        self.thread = threading.Thread(target=self.uvicorn.run, name="stockade-test-server", daemon=True)
-        self.thread.start()
-        wait_until(lambda: self.uvicorn.started or not self.thread.is_alive(), 30, "the test server to start")
-        if not self.uvicorn.started:
-            raise RuntimeError("the test server's thread ended before it started")
+        try:
+            self.settings = ServerSettings.model_validate({"data_dir": str(self.data_dir), **settings})
+            self.app = create_app(self.settings, HostConfig.from_env(), runtime)
+            self.uvicorn = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=0, log_level="warning",
+                                                         lifespan="on", timeout_graceful_shutdown=5,
+                                                         http=protocol_for(self.settings),
+                                                         limit_concurrency=self.settings.max_connections))
+            self.thread = threading.Thread(target=self.uvicorn.run, name="stockade-test-server", daemon=True)
+            self.thread.start()
+            wait_until(lambda: self.uvicorn.started or not self.thread.is_alive(), 30, "the test server to start")
+            if not self.uvicorn.started:
+                raise RuntimeError("the test server's thread ended before it started")
+        except BaseException:  # a server that did not start leaves no data directory behind either
+            if self.own_dir:
+                shutil.rmtree(self.data_dir, ignore_errors=True)
+            raise
         port = self.uvicorn.servers[0].sockets[0].getsockname()[1]
         self.url = f"http://127.0.0.1:{port}"
 
