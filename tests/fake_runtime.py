@@ -24,10 +24,10 @@ from pathlib import Path
 
 from stockade.config import HostConfig
 from stockade.errors import SandboxUnavailableError
+from stockade.runtime.agent_files import compiled_agent
 from stockade.runtime.base import Runtime, RuntimeSandbox, SandboxLayout, SandboxSpec
 from stockade.runtime.channel import AgentChannel
 from stockade.runtime.jail.rootfs import system_image
-from stockade.runtime.jail.runtime import compiled_agent
 
 UNSHARE = ["unshare", "--user", "--map-root-user", "--pid", "--fork", "--kill-child", "--mount-proc", "--net",
            "--ipc"]

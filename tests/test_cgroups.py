@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from stockade.runtime.jail import cgroups
+from stockade.runtime import cgroups
 from stockade.runtime.jail.runtime import _enter
 
 

@@ -40,11 +40,12 @@ def build_env(target: Path, wheelhouse: Path, cwd: Path | None = None, extra_env
     env["STOCKADE_STATE_DIR"] = str(target.parent / "state")
     env.update(extra_env or {})
     code = ("import sys\nfrom pathlib import Path\nfrom stockade import environment\n"
-            "from stockade.config import HostConfig\nfrom stockade.runtime.jail import rootfs, runtime\n"
+            "from stockade.config import HostConfig\nfrom stockade.runtime import agent_files\n"
+            "from stockade.runtime.jail import rootfs\n"
             "config = HostConfig.from_env()\n"
             f"environment.build(config, packages={packages!r})\n"
             "Path(config.state_dir).mkdir(mode=0o700, exist_ok=True)\n"
-            "runtime.compiled_agent(rootfs.system_image(None).python_host, config.state_dir)\n")
+            "agent_files.compiled_agent(rootfs.system_image(None).python_host, config.state_dir)\n")
     return subprocess.run([sys.executable, "-I", "-c", code], cwd=cwd, env=env, capture_output=True, text=True,
                           timeout=300)
 

@@ -209,8 +209,8 @@ def test_info_policy_shows_the_effective_lifetime_timeout():
 def test_missing_controls_error_gives_the_sdk_argument_that_accepts_them():
     # the check itself, on a runtime that sees no usable cgroup (as an ordinary user's does)
     from stockade import Policy, UnenforceableError
+    from stockade.runtime import cgroups
     from stockade.runtime.base import SandboxSpec
-    from stockade.runtime.jail import cgroups
     from stockade.runtime.jail.runtime import JailRuntime
 
     rt = JailRuntime()

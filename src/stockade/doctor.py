@@ -78,7 +78,7 @@ def check_seccomp() -> Check:
 
 
 def check_cgroups(jail: JailConfig) -> list[Check]:
-    from .runtime.jail import cgroups
+    from .runtime import cgroups
 
     host = cgroups.detect(jail.cgroup_parent)
     version = f"cgroup v{host.version}" if host.version else "no cgroup filesystem"

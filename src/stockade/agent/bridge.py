@@ -22,7 +22,8 @@ class Bridge(AgentBase):
     def op_net_bridge(self, rid: int, h: dict, body: bytes) -> None:
         """Listen on loopback ports inside the sandbox; an accept thread per port passes each connection
         to the host's broker, so the agent's loop never waits on the network."""
-        self.serve_proxy_ports(h, _bridge_accept, h["broker"])
+        serve = _bridge_relay if h.get("relay") else _bridge_accept
+        self.serve_proxy_ports(h, serve, h["broker"])
         self.send({"id": rid, "ev": "ok"})
 
     def op_net_off(self, rid: int, h: dict, body: bytes) -> None:
@@ -71,6 +72,64 @@ def _bridge_accept(listener, kind, broker):  # noqa: ANN001
             pass
         finally:  # the broker holds its own copy now
             upstream.close()
+            client.close()
+
+
+RELAY_CHUNK = 65536
+
+
+def _bridge_relay(listener, kind, broker):  # noqa: ANN001
+    """For a runtime whose kernel cannot hand a descriptor to the host (gVisor's sockets live in its own
+    kernel): each connection gets a stream of its own to the broker, the selector byte first, and two
+    threads copy the bytes, each passing on its side's end of stream as a half-close."""
+    import _socket
+    import _thread
+
+    def pump(src, dst):  # noqa: ANN001, ANN202
+        try:
+            while data := src.recv(RELAY_CHUNK):
+                dst.sendall(data)
+            dst.shutdown(_socket.SHUT_WR)
+        except OSError:
+            for sock in (src, dst):  # a reset on one side resets the other
+                try:
+                    sock.shutdown(_socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def serve(client):  # noqa: ANN001, ANN202
+        upstream = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
+        try:
+            client.setsockopt(_socket.IPPROTO_TCP, _socket.TCP_NODELAY, 1)
+            upstream.connect(broker)
+            upstream.sendall(kind)
+        except OSError:
+            upstream.close()
+            client.close()
+            return
+        done = _thread.allocate_lock()
+        done.acquire()
+
+        def back():  # noqa: ANN202
+            pump(upstream, client)
+            done.release()
+
+        _thread.start_new_thread(back, ())
+        pump(client, upstream)
+        done.acquire()
+        upstream.close()
+        client.close()
+
+    while True:
+        try:
+            fd, _ = listener._accept()
+        except OSError:
+            _sleep(0.05)
+            continue
+        client = _socket.socket(fileno=fd)
+        try:
+            _thread.start_new_thread(serve, (client,))
+        except RuntimeError:  # no thread to be had: the client is refused, not left hanging
             client.close()
 
 

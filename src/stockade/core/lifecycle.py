@@ -78,7 +78,7 @@ class Lifecycle(Egress, ArtifactIntake):
                 rt = await runtime.start(SandboxSpec(sandbox_id, policy, egress.envs, egress.files,
                                                      broker.handle if broker else None, template))
             if broker is not None:
-                await rt.agent.net_bridge(layout.broker, layout.http_proxy_port, layout.socks_port)
+                await rt.agent.net_bridge(layout.broker, layout.http_proxy_port, layout.socks_port, layout.egress_relay)
             else:  # the same proxy ports answer "network is off" at once, instead of tools timing out
                 await rt.agent.net_off(layout.http_proxy_port, layout.socks_port)
         except BaseException:

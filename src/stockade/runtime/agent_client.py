@@ -34,10 +34,11 @@ class AgentClient:
     async def setenv(self, env: Mapping[str, str]) -> None:
         await self.channel.call({"op": "setenv", "env": dict(env)})
 
-    async def net_bridge(self, broker: str, http_port: int, socks_port: int) -> None:
-        """Listen on the proxy ports inside and hand each connection to the broker at ``broker``."""
+    async def net_bridge(self, broker: str, http_port: int, socks_port: int, relay: bool = False) -> None:
+        """Listen on the proxy ports inside and hand each connection to the broker at ``broker``: its
+        descriptor, or (``relay``) its bytes over a connection of its own."""
         await self.channel.call({"op": "net_bridge", "broker": broker, "http_port": http_port,
-                                 "socks_port": socks_port})
+                                 "socks_port": socks_port, "relay": relay})
 
     async def net_off(self, http_port: int, socks_port: int) -> None:
         """Answer on the proxy ports that the network is off, with the policy field that opens it."""

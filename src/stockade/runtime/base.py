@@ -35,6 +35,9 @@ class SandboxLayout:
     sandbox_ca: str = "/opt/stockade/ca.pem"
     http_proxy_port: int = 3128                  # where clients inside find the broker (127.0.0.1)
     socks_port: int = 1080
+    # False: the bridge passes each connection's descriptor to the broker (a kernel shared with the host);
+    # True: it relays the bytes over a stream of its own (a runtime with a kernel of its own)
+    egress_relay: bool = False
 
 
 @dataclass(frozen=True)

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import fcntl
-import hashlib
 import itertools
 import json
 import math
@@ -23,7 +21,6 @@ import socket
 import subprocess
 import time
 import uuid
-import zipfile
 from collections.abc import Callable, Mapping
 from functools import cache
 from pathlib import Path
@@ -33,20 +30,17 @@ from ...agent import protocol
 from ...config import HostConfig
 from ...errors import PolicyError, SandboxUnavailableError, UnenforceableError
 from ...templates import Lease, TemplateNotFoundError, TemplateStore
+from .. import cgroups
+from ..agent_files import AGENT_ZIP, SAVE_ARTIFACT, compiled_agent
 from ..base import Runtime, RuntimeSandbox, SandboxSpec
 from ..channel import AgentChannel
+from ..locks import Lock, lock_is_stale
 from . import bwrap as bwrap_mod
-from . import cgroups, rootfs, seccomp, template_root
+from . import rootfs, seccomp, template_root
 from .config import JailConfig
 from .egress import FdPassingListener
 from .uids import UidAllocator, UidLease
 
-AGENT_SOURCES = ("server.py", "common.py", "processes.py", "contexts.py", "files.py", "artifacts.py", "bridge.py",
-                 "protocol.py", "interpreter.py")
-AGENT_FILES = ("interpreter.js", "node_proxy.js")  # shipped as they are
-AGENT_MAIN, AGENT_ZIP, INTERPRETER_PYC = "__main__.py", "agent.zip", "interpreter.pyc"
-SAVE_ARTIFACT = b"#!/usr/bin/python3 -I\nimport sys\nsys.path.insert(0, '/opt/stockade/lib')\n" \
-    b"from stockade_artifacts import main\nmain()\n"
 START_TIMEOUT = 15.0
 # pids the cgroup allows above limits.pids, which user code cannot use (each command's RLIMIT_NPROC stops
 # it at limits.pids): the agent can always start the next command and kill a runaway one.
@@ -58,85 +52,6 @@ def _memfd(name: str, data: bytes) -> int:
     os.write(fd, data)
     os.lseek(fd, 0, os.SEEK_SET)
     return fd
-
-
-@cache
-def compiled_agent(python_host: str, state_dir: Path) -> dict[str, bytes]:
-    """The files of /opt/stockade/agent in every sandbox: ``agent.zip`` (the agent's modules compiled to
-    bytecode by the sandbox's own interpreter, run by zipimport, with a ``__main__``), the interpreter's
-    bytecode and the scripts, cached on disk by their content and the interpreter. One archive rather
-    than a file per module: each file placed costs bwrap a bind, and a directory bound from the host would
-    show the host's path in the sandbox's mountinfo."""
-    agent_dir = Path(protocol.__file__).parent
-    sources = {name: (agent_dir / name).read_bytes() for name in AGENT_SOURCES}
-    sources[AGENT_MAIN] = b"from server import main\nmain()\n"
-    st = os.stat(python_host)
-    key = hashlib.sha256(b"".join(sources.values()) + f"{python_host}:{st.st_mtime_ns}".encode()).hexdigest()
-    cache_dir = state_dir / "agent" / key[:20]
-    if not all((cache_dir / name).exists() for name in (AGENT_ZIP, INTERPRETER_PYC)):
-        tmp = cache_dir.with_name(cache_dir.name + f".tmp{os.getpid()}")
-        tmp.mkdir(parents=True, exist_ok=True)
-        for name, data in sources.items():
-            (tmp / name).write_bytes(data)
-        script = ("import py_compile,sys\n"
-                  "for src in sys.argv[1:]:\n"
-                  "    py_compile.compile(src, cfile=src + 'c', doraise=True,"
-                  " invalidation_mode=py_compile.PycInvalidationMode.UNCHECKED_HASH)\n")
-        result = subprocess.run([python_host, "-I", "-c", script, *(str(tmp / n) for n in sources)],  # isolated
-                                capture_output=True, text=True, timeout=60, cwd="/",
-                                env=environment.isolated_env())
-        if result.returncode != 0:
-            raise SandboxUnavailableError(f"the sandbox's python ({python_host}) cannot compile the agent: "
-                                          f"{result.stderr.strip()[-500:]}")
-        with zipfile.ZipFile(tmp / AGENT_ZIP, "w", zipfile.ZIP_STORED) as archive:
-            for name in sources:
-                if name != "interpreter.py":  # a program of its own, started by path
-                    archive.write(tmp / (name + "c"), name + "c")
-        for name in sources:
-            (tmp / name).unlink()
-            if name != "interpreter.py":
-                (tmp / (name + "c")).unlink()
-        with contextlib.suppress(OSError):
-            os.rename(tmp, cache_dir)
-        if tmp.exists():  # another process won the race
-            for path in tmp.iterdir():
-                path.unlink()
-            tmp.rmdir()
-    files = {name: (cache_dir / name).read_bytes() for name in (AGENT_ZIP, INTERPRETER_PYC)}
-    files.update({name: (agent_dir / name).read_bytes() for name in AGENT_FILES})
-    return files
-
-
-class _Lock:
-    """An flock'd file that exists only while held, so a crashed owner is detectable by others."""
-
-    def __init__(self, path: Path) -> None:
-        tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
-        self.fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        fcntl.flock(self.fd, fcntl.LOCK_EX)
-        os.rename(tmp, path)  # appears already locked
-        self.path = path
-
-    def release(self) -> None:
-        if self.fd >= 0:
-            with contextlib.suppress(FileNotFoundError):
-                self.path.unlink()
-            os.close(self.fd)
-            self.fd = -1
-
-
-def _lock_is_stale(path: Path) -> bool:
-    try:
-        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
-    except FileNotFoundError:
-        return True
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        return True
-    except BlockingIOError:
-        return False
-    finally:
-        os.close(fd)
 
 
 class JailRuntime(Runtime):
@@ -192,7 +107,7 @@ class JailRuntime(Runtime):
         names.update(overlays)
         for name in sorted(names):
             lock = self._lock_path(name)
-            if not _lock_is_stale(lock):
+            if not lock_is_stale(lock):
                 continue
             with contextlib.suppress(OSError):
                 await cgroups.Cgroup(self.cgroups, name).destroy()
@@ -278,7 +193,7 @@ class JailSandbox(RuntimeSandbox):
         self.use_env = runtime.sandbox_env is not None and spec.template is None
         self.python = (f"{template_root.PY_SO_DIR}/python3" if spec.template else
                        f"{environment.MOUNT}/bin/python3" if runtime.sandbox_env else runtime.image.python)
-        self.lock: _Lock | None = None
+        self.lock: Lock | None = None
         self.uid: UidLease | None = None
         self.cgroup: cgroups.Cgroup | None = None
         self.proc: subprocess.Popen[bytes] | None = None
@@ -303,7 +218,7 @@ class JailSandbox(RuntimeSandbox):
             except TemplateNotFoundError:
                 raise PolicyError("template", f"no template named {self.template!r} on this host (see "
                                   "`stockade template list`)") from None
-        self.lock = _Lock(rt.config.state_dir / "sandboxes" / f"{self.id}.lock")
+        self.lock = Lock(rt.config.state_dir / "sandboxes" / f"{self.id}.lock")
         if rt.uids is not None:
             self.uid = rt.uids.acquire()
         if self.lease is not None:
