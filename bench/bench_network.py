@@ -1,6 +1,6 @@
 """Egress broker overhead, against the same client talking straight to the upstream from the host.
 
-    python bench/bench_network.py [--requests 200] [--markdown]
+    python bench/bench_network.py [--requests 200] [--runtime jail,gvisor] [--markdown]
 
 - a 1 MiB download over plain HTTP (through the HTTP proxy), repeated, as throughput;
 - small HTTPS requests, each on a new connection through CONNECT (TLS end to end), as latency per request.
@@ -93,6 +93,7 @@ plain.serve_forever()
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--requests", type=int, default=200)
+    ap.add_argument("--runtime", default="jail", help="comma list: each runtime's sandbox, same upstreams")
     ap.add_argument("--markdown", action="store_true")
     args = ap.parse_args()
     private_audit_store()
@@ -131,27 +132,31 @@ def run(tmp: Path, args: argparse.Namespace) -> None:
     portal().call(map_names())
     policy = {"network": {"mode": "allowlist", "allow": ["api.example.test"], "allow_private": ["127.0.0.1/32"],
                           "max_egress_bytes": "8GiB"}}
-    with Sandbox.create(policy=policy) as sb:
-        sb.files.write("client.py", CLIENT)
-        sb.files.write("ca.pem", cert.read_text())
-        r = sb.commands.run(["python3", "client.py", "proxy", "api.example.test", str(port), str(tls_port),
-                             str(args.requests), "ca.pem"])
-        b = json.loads(r.stdout or "{}") if r.exit_code == 0 else {}
-        if not b:
-            raise SystemExit(f"sandbox client failed: {r.stderr}")
+    rows = []
+    for runtime in args.runtime.split(","):
+        with Sandbox.create(policy=policy, runtime=runtime) as sb:
+            sb.files.write("client.py", CLIENT)
+            sb.files.write("ca.pem", cert.read_text())
+            r = sb.commands.run(["python3", "client.py", "proxy", "api.example.test", str(port), str(tls_port),
+                                 str(args.requests), "ca.pem"])
+            b = json.loads(r.stdout or "{}") if r.exit_code == 0 else {}
+            if not b:
+                raise SystemExit(f"sandbox client failed ({runtime}): {r.stderr}")
+        tag = f"{runtime}: "
+        rows += [
+            (tag + "1 MiB downloads, HTTP through the proxy", f"{b['mib_per_s']:.0f} MiB/s",
+             f"direct {d['mib_per_s']:.0f} MiB/s ({100 * b['mib_per_s'] / d['mib_per_s']:.0f}% of direct)"),
+            (tag + "1 MiB downloads, HTTPS through CONNECT", f"{b['tls_mib_per_s']:.0f} MiB/s",
+             f"direct {d['tls_mib_per_s']:.0f} MiB/s "
+             f"({100 * b['tls_mib_per_s'] / d['tls_mib_per_s']:.0f}% of direct)"),
+            (tag + f"{args.requests} small HTTPS requests via CONNECT, p50", f"{b['p50_ms']:.2f} ms",
+             f"direct {d['p50_ms']:.2f} ms (+{b['p50_ms'] - d['p50_ms']:.2f} ms)"),
+            (tag + "same, p95", f"{b['p95_ms']:.2f} ms", f"direct {d['p95_ms']:.2f} ms"),
+            (tag + f"{args.requests} small plain HTTP requests, p50", f"{b['plain_p50_ms']:.2f} ms",
+             f"direct {d['plain_p50_ms']:.2f} ms (+{b['plain_p50_ms'] - d['plain_p50_ms']:.2f} ms)"),
+        ]
     servers.terminate()
     servers.wait()
-    rows = [
-        ("1 MiB downloads, HTTP through the proxy", f"{b['mib_per_s']:.0f} MiB/s",
-         f"direct {d['mib_per_s']:.0f} MiB/s ({100 * b['mib_per_s'] / d['mib_per_s']:.0f}% of direct)"),
-        ("1 MiB downloads, HTTPS through CONNECT", f"{b['tls_mib_per_s']:.0f} MiB/s",
-         f"direct {d['tls_mib_per_s']:.0f} MiB/s ({100 * b['tls_mib_per_s'] / d['tls_mib_per_s']:.0f}% of direct)"),
-        (f"{args.requests} small HTTPS requests via CONNECT, p50", f"{b['p50_ms']:.2f} ms",
-         f"direct {d['p50_ms']:.2f} ms (+{b['p50_ms'] - d['p50_ms']:.2f} ms)"),
-        ("same, p95", f"{b['p95_ms']:.2f} ms", f"direct {d['p95_ms']:.2f} ms"),
-        (f"{args.requests} small plain HTTP requests, p50", f"{b['plain_p50_ms']:.2f} ms",
-         f"direct {d['plain_p50_ms']:.2f} ms (+{b['plain_p50_ms'] - d['plain_p50_ms']:.2f} ms)"),
-    ]
     print_table(["measure", "through the broker", "baseline (same run)"], rows, args.markdown)
 
 if __name__ == "__main__":

@@ -99,13 +99,13 @@ def shared_dir() -> Iterator[Path]:
 def api_server() -> Iterator[Any]:
     """One `stockade serve` for the session (the conformance suite's remote backend). When it stops, every
     sandbox it ran must be gone from the host."""
-    from .conformance.conftest import RUNTIMES_UNDER_TEST
+    from .conformance.conftest import RUNNABLE
     from .server_support import RunningServer
 
     # it serves every runtime under test; the conformance tenant may use the host resources tests give it
     # (mounts, secrets, CA files) and a warm pool for the suite's usual policy: most of the suite then runs
     # in warm sandboxes
-    server = RunningServer(runtimes=RUNTIMES_UNDER_TEST,
+    server = RunningServer(runtimes=RUNNABLE,
                            tenants={"conformance": {"allow_mounts": ["/"], "allow_secrets": ["*"],
                                                     "allow_ca_files": ["/"],
                                                     "allow_private": ["0.0.0.0/0", "::/0"]}},

@@ -159,7 +159,27 @@ def run_checks(config: HostConfig | None = None, jail: JailConfig | None = None)
         checks.append(Check("agent python", True, f"{img.python_host} (mounted read-only)"))
     except StockadeError as exc:
         checks.append(Check("agent python", False, str(exc).split("\n")[0], getattr(exc, "advice", "")))
+    checks.append(check_gvisor(config))
     return checks
+
+
+def check_gvisor(config: HostConfig) -> Check:
+    """Whether the gvisor runtime can run here, on which platform, and why not. Not required: the jail is
+    the default runtime; this says what `runtime="gvisor"` would get."""
+    from .runtime.gvisor import runsc
+
+    name = "runtime gvisor"
+    if os.geteuid() != 0:
+        return Check(name, False, "needs root here (runsc with the policy's cgroups)", "run as root, or use the "
+                     "jail runtime", required=False)
+    try:
+        found = runsc.probe(runsc.locate(os.environ.get("STOCKADE_RUNSC") or None), config.state_dir,
+                            os.environ.get("STOCKADE_GVISOR_PLATFORM") or None)
+    except StockadeError as exc:
+        return Check(name, False, str(exc).split("\n")[0], getattr(exc, "advice", ""), required=False)
+    tried = "; ".join(f"{p}: {why}" for p, why in found.platforms.items())
+    return Check(name, True, f"{found.path} ({found.version}) runs on the {found.platform} platform "
+                 f"[{tried}]; the sandbox's system calls go to gVisor's kernel, not the host's")
 
 
 def verdict(checks: list[Check]) -> str:

@@ -69,7 +69,7 @@ for name, nr in json.loads(sys.argv[1]).items():
     out[name] = ctypes.get_errno() if r == -1 else 0
 print(json.dumps(out))
 """
-EPERM, ENOSYS = 1, 38
+EPERM, EINVAL, ENOSYS = 1, 22, 38
 X86_64 = os.uname().machine == "x86_64"
 
 
@@ -116,7 +116,7 @@ def test_every_denied_syscall_has_a_test_and_docker_denials_are_covered():
 
 
 @pytest.mark.skipif(not X86_64, reason="the syscall numbers above are x86_64's")
-def test_every_denied_syscall_is_refused_in_the_sandbox(make_sandbox):
+def test_every_denied_syscall_is_refused_in_the_sandbox(make_sandbox, runtime_name):
     import json
 
     names = {n: NR[n] for n in (*seccomp.DENIED, *seccomp.DENIED_BY_NUMBER.values(), *DOCKER_DENIED, "read")}
@@ -125,19 +125,27 @@ def test_every_denied_syscall_is_refused_in_the_sandbox(make_sandbox):
     got = json.loads(r.stdout)
     assert got.pop("read") == 0  # read(0, NULL, 0) succeeds: the harness reaches the kernel
     # ENOSYS: clone3 (so libc falls back to clone) and everything newer than the reviewed table
+    if runtime_name == "gvisor":
+        # the jail's rules run in the Sentry (runsc --oci-seccomp, which answers EPERM), and what the Sentry
+        # does not implement answers ENOSYS there; clone3 is the Sentry's own (EINVAL for a NULL argument):
+        # it makes no host namespace, and refusing it with EPERM would break libc's threads
+        assert got.pop("clone3") == EINVAL
+        assert {n: e for n, e in got.items() if e not in (EPERM, ENOSYS)} == {}
+        return
     want = {n: ENOSYS if n in ("clone3", "file_getattr", "file_setattr") else EPERM for n in got}
     assert {n: e for n, e in got.items() if e != want[n]} == {}
 
 
 @pytest.mark.skipif(not X86_64, reason="the syscall numbers above are x86_64's")
-def test_syscall_numbers_newer_than_the_reviewed_table_answer_enosys(make_sandbox):
+def test_syscall_numbers_newer_than_the_reviewed_table_answer_enosys(make_sandbox, runtime_name):
     import json
 
     numbers = {f"nr{n}": n for n in (seccomp.NEWEST_REVIEWED + 1, 480, 500, seccomp.NATIVE_TABLE_END - 1)}
     numbers["statmount"] = 457  # reviewed and allowed, as Docker does: the kernel answers (EFAULT, ...)
     r = make_sandbox().commands.run(["python3", "-c", ALL_SYSCALLS, json.dumps(numbers)])
     got = json.loads(r.stdout)
-    assert got.pop("statmount") not in (EPERM, ENOSYS)
+    # the filter lets statmount through; the host kernel implements it, the Sentry does not
+    assert got.pop("statmount") not in ((EPERM, ENOSYS) if runtime_name == "jail" else (EPERM,))
     assert set(got.values()) == {ENOSYS}
 
 
@@ -153,7 +161,7 @@ def test_personality_changes_are_refused_and_query_allowed(make_sandbox, persona
 
 @pytest.mark.skipif(not X86_64, reason="int 0x80 and x32 exist on x86_64 only")
 @pytest.mark.parametrize("abi", ["int80", "x32"])
-def test_other_syscall_abis_kill_the_process(make_sandbox, abi):
+def test_other_syscall_abis_kill_the_process(make_sandbox, abi, runtime_name):
     """A filter that checks only x86_64 numbers would let i386 numbers through int 0x80 (i386 unshare is
     310, x86_64 process_vm_readv): libseccomp kills any call from another ABI instead."""
     code = """
@@ -165,13 +173,23 @@ buf.write(code)
 print("returned", ctypes.CFUNCTYPE(ctypes.c_long)(ctypes.addressof(ctypes.c_char.from_buffer(buf)))())
 """
     r = make_sandbox().commands.run(["python3", "-c", code, abi])
+    if runtime_name == "gvisor":  # the Sentry has no i386 or x32 system call table at all: ENOSYS
+        assert r.stdout == f"returned {-ENOSYS}\n", (r.stdout, r.stderr)
+        return
     assert "returned" not in r.stdout
     assert r.exit_code == -31, (r.exit_code, r.stderr)  # SIGSYS: the seccomp bad-arch action
 
 
-def test_clone3_is_unavailable_and_clone_cannot_make_namespaces(make_sandbox):
+def test_clone3_is_unavailable_and_clone_cannot_make_namespaces(make_sandbox, runtime_name):
     sb = make_sandbox()
-    assert errno_of(sb, "clone3", 0, 0) == ENOSYS  # libc falls back to clone(), whose flags are checked
+    # the jail: libc falls back to clone(), whose flags are checked; gVisor: the Sentry's clone3 (see
+    # test_every_denied_syscall_is_refused_in_the_sandbox), whose namespaces would be the Sentry's own
+    assert errno_of(sb, "clone3", 0, 0) == (ENOSYS if runtime_name == "jail" else EINVAL)
+    if runtime_name == "gvisor":  # a command's process cannot leave its tree through clone3 either
+        code = ("import ctypes, os, signal, struct\nlibc = ctypes.CDLL(None, use_errno=True)\n"
+                "buf = ctypes.create_string_buffer(struct.pack('11Q', 0x8000, 0, 0, 0, signal.SIGCHLD, *[0] * 6))\n"
+                "pid = libc.syscall(435, buf, 88)\nif pid == 0: os._exit(0)\nprint(pid, ctypes.get_errno())")
+        assert sb.commands.run(["python3", "-c", code]).stdout.split() == ["-1", str(EINVAL)]  # CLONE_PARENT
     for tool in ("unshare --user true", "unshare --net true", "unshare --mount true"):
         r = sb.commands.run(tool)
         assert r.exit_code != 0, f"{tool} succeeded"
@@ -214,7 +232,7 @@ print("allowed" if r == 0 else errno.errorcode[ctypes.get_errno()])
     assert make_sandbox().commands.run(["python3", "-c", code]).stdout.strip() == "EPERM"
 
 
-def test_root_filesystem_is_read_only_and_minimal(make_sandbox):
+def test_root_filesystem_is_read_only_and_minimal(make_sandbox, runtime_name):
     sb = make_sandbox()
     for path in ("/usr/bin/evil", "/etc/evil", "/evil", "/bin/evil", "/opt/stockade/agent/x",
                  "/opt/stockade/agent/agent.zip", "/opt/stockade/agent/interpreter.pyc"):
@@ -226,18 +244,25 @@ def test_root_filesystem_is_read_only_and_minimal(make_sandbox):
     from stockade.config import HostConfig
 
     mounts = sb.files.read("/proc/self/mountinfo")
-    agent_mounts = [line for line in mounts.splitlines() if " /opt/stockade/agent/" in line]
-    assert agent_mounts and not any(str(HostConfig.from_env().state_dir) + "/agent" in line
+    agent_mounts = [line for line in mounts.splitlines() if " /opt/stockade/agent" in line]
+    assert agent_mounts and not any(str(HostConfig.from_env().state_dir) in line
                                     for line in agent_mounts), agent_mounts
+    if runtime_name == "gvisor":  # the Sentry's mount table names no host path at all (gofer mounts: 9p none)
+        assert str(HostConfig.from_env().state_dir) not in mounts and "/var/lib" not in mounts, mounts
     listing = sb.commands.run("ls -a /").stdout.split()
-    for host_only in ("root", "var", "run", "srv", "mnt", "media", "boot", "sys", "work"):
+    # gVisor always mounts a /sys of its own (the Sentry's: no host device, module or firmware)
+    for host_only in ("root", "var", "run", "srv", "mnt", "media", "boot", "work",
+                      *(("sys",) if runtime_name == "jail" else ())):
         assert host_only not in listing
     assert sb.commands.run("ls /home").stdout.split() == ["user"]
     assert not sb.files.exists("/etc/shadow")
     assert "user:x:1000:1000" in sb.files.read("/etc/passwd")
-    assert sb.commands.run("ls /dev").stdout.split() == sorted(
-        ["core", "fd", "full", "null", "ptmx", "pts", "random", "shm", "stderr", "stdin", "stdout", "tty",
-         "urandom", "zero"])
+    devices = ["fd", "full", "null", "ptmx", "pts", "random", "shm", "stderr", "stdin", "stdout", "tty", "urandom",
+               "zero"]
+    # gVisor's /dev is the Sentry's: its char/ index, and fuse and net/tun, which need mount(2) (refused)
+    # and CAP_NET_ADMIN (no process has it) to be of any use
+    devices += ["core"] if runtime_name == "jail" else ["char", "fuse", "net"]
+    assert sb.commands.run("ls /dev").stdout.split() == sorted(devices)
 
 
 def test_host_files_are_invisible(make_sandbox, tmp_path):
@@ -326,8 +351,20 @@ except OSError:
 
 
 @pytest.mark.skipif(not ROOT, reason="per-sandbox host uids exist only when stockade runs as root")
-def test_each_sandbox_has_its_own_unprivileged_host_uid(make_sandbox):
+def test_each_sandbox_has_its_own_unprivileged_host_uid(make_sandbox, runtime_name):
     infos = [make_sandbox().info().runtime for _ in range(3)]
+    if runtime_name == "gvisor":
+        # gVisor's answer: the sandbox's uids are the Sentry's; on the host each Sentry runs as root in a user
+        # namespace of its own, with no_new_privs and a seccomp filter (runsc's own design)
+        namespaces = set()
+        for info in infos:
+            pid = info["sentry_host_pid"]
+            status = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines())
+            assert status["NoNewPrivs"].strip() == "1" and status["Seccomp"].strip() == "2"
+            namespaces.add(os.readlink(f"/proc/{pid}/ns/user"))
+        assert len(namespaces) == 3 and os.readlink("/proc/self/ns/user") not in namespaces
+        assert not any(i["uid_isolation"] for i in infos)
+        return
     uids = {i["host_uid"] for i in infos}
     assert len(uids) == 3
     assert all(i["uid_isolation"] for i in infos)
@@ -394,12 +431,19 @@ def test_the_cgroup_namespace_is_rooted_at_the_sandbox_own_cgroup(make_sandbox):
     assert sb.id not in sb.commands.run("cat /proc/self/mountinfo /proc/self/cgroup").stdout
 
 
-def test_host_identifying_proc_files_read_empty(make_sandbox):
+def test_host_identifying_proc_files_read_empty(make_sandbox, runtime_name):
     present = [n for n in HOST_IDENTITY_FILES if os.path.isfile(f"/proc/{n}")]
     assert "version" in present
+    sb = make_sandbox()
     script = "; ".join(f"printf '{n}='; cat /proc/{n} 2>/dev/null | wc -c" for n in present)
-    r = make_sandbox().commands.run(script)
+    r = sb.commands.run(script)
     sizes = dict(line.split("=") for line in r.stdout.split())
+    if runtime_name == "gvisor":  # the Sentry's own kernel build and command line, nothing of the host's
+        version, cmdline = sb.files.read("/proc/version"), sb.files.read("/proc/cmdline")
+        assert "gvisor" in version and os.uname().release not in version and os.uname().version not in version
+        assert cmdline != Path("/proc/cmdline").read_text()
+        present = [n for n in present if n not in ("version", "cmdline")]
+        sizes = {n: sizes[n] for n in present}
     assert sizes == dict.fromkeys(present, "0"), r.stdout
 
 
@@ -423,7 +467,7 @@ def test_boot_id_and_load_are_the_sandbox_own(make_sandbox):
 
 
 @pytest.mark.parametrize("cpus,memory", [(1, 256 << 20), (0.5, 96 << 20), (1.5, 512 << 20)])
-def test_programs_size_themselves_to_the_sandbox_limits(make_sandbox, cpus, memory):
+def test_programs_size_themselves_to_the_sandbox_limits(make_sandbox, cpus, memory, runtime_name):
     want = min(len(os.sched_getaffinity(0)), math.ceil(cpus))
     sb = make_sandbox(limits={"cpus": cpus, "memory": memory})
     code = ("import os; print(os.cpu_count(), len(os.sched_getaffinity(0)), "
@@ -433,7 +477,12 @@ def test_programs_size_themselves_to_the_sandbox_limits(make_sandbox, cpus, memo
     meminfo = dict(line.split(":", 1) for line in sb.files.read("/proc/meminfo").splitlines())
     assert meminfo["MemTotal"].split() == [str(memory // 1024), "kB"]
     assert sb.commands.run("free -b | awk '/^Mem:/ {print $2}'").stdout.strip() == str(memory)
-    assert "model name\t: sandbox virtual CPU" in sb.files.read("/proc/cpuinfo")
+    host_model = next((line for line in Path("/proc/cpuinfo").read_text().splitlines()
+                       if line.startswith("model name")), None)
+    cpuinfo = sb.files.read("/proc/cpuinfo")
+    # the jail's synthetic file, or the Sentry's (the CPUID family and features code needs, no model name)
+    assert ("model name\t: sandbox virtual CPU" if runtime_name == "jail" else "model name\t: unknown") in cpuinfo
+    assert host_model is None or host_model not in cpuinfo
 
 
 @pytest.mark.skipif(not ROOT, reason="setting a time namespace's clocks needs CAP_SYS_TIME before bwrap's user "

@@ -16,6 +16,7 @@ from stockade import PolicyError, Sandbox, SandboxNotFoundError
 
 from ..conftest import ROOT, sandbox_traces
 from ..waiting import wait_until
+from .conftest import RUNTIMES_UNDER_TEST, UNMET
 
 
 def busy_sandbox(sb: Sandbox) -> None:
@@ -102,41 +103,45 @@ import json, sys, time
 sys.path[:0] = {path!r}
 from stockade import Sandbox, Policy
 from tests.conftest import base_policy
-sb = Sandbox.create(policy=base_policy(), timeout=600)
+sb = Sandbox.create(policy=base_policy(), timeout=600, runtime={runtime!r})
 sb.commands.run("setsid sleep 1000 &")
 print(sb.sandbox_id, json.dumps(sb.info().runtime), flush=True)
 time.sleep(600)
 """
 
 
-def test_sandbox_dies_with_the_process_that_created_it():
+@pytest.mark.parametrize("name", RUNTIMES_UNDER_TEST)
+def test_sandbox_dies_with_the_process_that_created_it(name):
+    if UNMET[name] is not None:
+        pytest.skip(UNMET[name])
     """The host process that owns a sandbox is SIGKILLed: the sandbox dies at once (bwrap's
-    --die-with-parent), and the next stockade process removes the cgroup it left."""
+    --die-with-parent; runsc's death signal), and the next stockade process removes what it left (a cgroup,
+    runsc's container state)."""
     from stockade.sdk.portal import portal
     from stockade.sdk.sandbox import _transport
 
     portal().call(_transport(None).manager())  # this process's own start-up sweep is behind us
     root = str(Path(__file__).resolve().parents[2])
-    proc = subprocess.Popen([sys.executable, "-c", CREATOR.format(path=[root, root + "/src"])],
+    proc = subprocess.Popen([sys.executable, "-c", CREATOR.format(path=[root, root + "/src"], runtime=name)],
                             stdout=subprocess.PIPE, text=True)
     try:
         sandbox_id, facts = proc.stdout.readline().split(" ", 1)
         runtime = json.loads(facts)
-        agent_pid = runtime["agent_host_pid"]
+        agent_pid = runtime.get("agent_host_pid") or runtime["sentry_host_pid"]  # the jail's agent, or the Sentry
         assert os.path.exists(f"/proc/{agent_pid}")
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait()
-    wait_until(lambda: not os.path.exists(f"/proc/{agent_pid}"), 10, f"the orphaned agent {agent_pid} to die")
+    wait_until(lambda: not os.path.exists(f"/proc/{agent_pid}"), 10, f"the orphaned sandbox {agent_pid} to die")
     process_traces = lambda: [t for t in sandbox_traces(runtime, sandbox_id) if "process" in t]  # noqa: E731
     wait_until(lambda: not process_traces(), 10, "the orphaned sandbox's processes to end", show=process_traces)
     # what is left (an empty cgroup, a lock file nobody holds) goes when stockade next starts
-    swept = portal().call(_sweep(_transport(None)))
+    swept = portal().call(_sweep(_transport(None), name))
     assert not sandbox_traces(runtime, sandbox_id)
     if ROOT:
         assert sandbox_id in swept
 
 
-async def _sweep(transport):
+async def _sweep(transport, name):
     m = await transport.manager()
-    return await m.runtime.sweep_stale()
+    return await (await m.runtime_named(name)).sweep_stale()

@@ -86,16 +86,26 @@ def _bridge_relay(listener, kind, broker):  # noqa: ANN001
     import _thread
 
     def pump(src, dst):  # noqa: ANN001, ANN202
-        try:
-            while data := src.recv(RELAY_CHUNK):
+        while True:
+            try:
+                data = src.recv(RELAY_CHUNK)
+            except OSError:  # a reset reads as the end: what arrived before it has been passed on
+                data = b""
+            if not data:
+                break
+            try:
                 dst.sendall(data)
+            except OSError:  # nothing more can reach dst: stop both directions
+                for sock in (src, dst):
+                    try:
+                        sock.shutdown(_socket.SHUT_RDWR)
+                    except OSError:
+                        pass
+                return
+        try:
             dst.shutdown(_socket.SHUT_WR)
         except OSError:
-            for sock in (src, dst):  # a reset on one side resets the other
-                try:
-                    sock.shutdown(_socket.SHUT_RDWR)
-                except OSError:
-                    pass
+            pass
 
     def serve(client):  # noqa: ANN001, ANN202
         upstream = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)

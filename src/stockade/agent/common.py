@@ -27,7 +27,7 @@ CELL_EVENT_LIMIT = 32 << 20     # one result (an image, say) larger than this is
 INTERRUPT_GRACE = 2.0           # seconds a timed-out cell gets to honour KeyboardInterrupt
 POLL_IN = select.POLLIN | select.POLLHUP | select.POLLERR
 KILL_ROUNDS = 100               # /proc rescans a tree kill makes before it gives up on stragglers
-PR_SET_DUMPABLE, PR_SET_CHILD_SUBREAPER = 4, 36
+PR_SET_DUMPABLE, PR_SET_CHILD_SUBREAPER, PR_CAPBSET_DROP = 4, 36, 24
 # Ignored dispositions survive execve: a command gets these back at their defaults.
 CHILD_DEFAULT_SIGNALS = (_signal.SIGPIPE, _signal.SIGXFSZ, _signal.SIGINT, _signal.SIGCHLD)
 
@@ -98,6 +98,7 @@ class AgentBase:
         failed_writes: set[int]
         env: dict[str, str]
         home: str
+        user_uid: int | None
         paused: bool
         running: bool
         list_bytes: int

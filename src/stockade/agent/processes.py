@@ -107,7 +107,13 @@ class Processes(AgentBase):
         tree (setsid, setpgid and double forks included), and lower RLIMIT_NPROC."""
         program = _which(argv[0], env.get("PATH", ""))
         fds = (stdin, stdout, stderr) + ((events,) if events >= 0 else ())
-        nproc = self.nproc + self.threads if self.nproc else 0
+        # The agent's threads count against its uid too, unless it runs under a uid of its own (become).
+        # Then the command's top process counts against the agent's uid, which forked it (gVisor does not
+        # move the count at setresuid, as Linux does), so one fewer is left for what the command starts.
+        if self.user_uid is None:
+            nproc = self.nproc + self.threads if self.nproc else 0
+        else:
+            nproc = max(1, self.nproc - 1) if self.nproc else 0
         err_r, err_w = os.pipe2(os.O_CLOEXEC)
         pid = os.fork()
         if pid == 0:  # the child: nothing here may return into the agent's loop
@@ -119,6 +125,8 @@ class Processes(AgentBase):
                 self.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
                 if nproc and self.setrlimit is not None:
                     self.setrlimit(self.rlimit_nproc, (nproc, nproc))
+                if self.user_uid is not None:  # every id the command's: no capability survives
+                    os.setresuid(self.user_uid, self.user_uid, self.user_uid)
                 for target, fd in enumerate(fds):
                     os.dup2(fd, target)
                     os.set_inheritable(target, True)

@@ -30,14 +30,14 @@ try:
     from . import protocol
     from .artifacts import ArtifactSink
     from .bridge import Bridge
-    from .common import HOME, OUT_HIGH_WATER, POLL_IN, _errno_name, _harden, _libc_prctl
+    from .common import HOME, OUT_HIGH_WATER, POLL_IN, PR_CAPBSET_DROP, _errno_get, _errno_name, _harden, _libc_prctl
     from .contexts import Contexts
     from .files import Files
 except ImportError:  # run as a script inside the sandbox
     import protocol  # type: ignore[no-redef]
     from artifacts import ArtifactSink  # type: ignore[no-redef]
     from bridge import Bridge  # type: ignore[no-redef]
-    from common import HOME, OUT_HIGH_WATER, POLL_IN, _errno_name, _harden, _libc_prctl  # type: ignore[no-redef]
+    from common import HOME, OUT_HIGH_WATER, POLL_IN, PR_CAPBSET_DROP, _errno_get, _errno_name, _harden, _libc_prctl  # type: ignore[no-redef]
     from contexts import Contexts  # type: ignore[no-redef]
     from files import Files  # type: ignore[no-redef]
 
@@ -69,6 +69,7 @@ class Agent(Contexts, Files, ArtifactSink, Bridge):
         self.next_aid = 0
         self.ctx_by_fd: dict = {}              # events fd -> Context
         self.nproc = 0                         # RLIMIT_NPROC of user processes (0: not set)
+        self.user_uid: int | None = None       # set: the agent keeps real uid 0 and commands become this
         self.threads = 1                       # the agent's own tasks, which count against it too
         self.network_off = False               # the refusing proxy ports listen (op net_off)
         self.prctl = _libc_prctl()
@@ -171,6 +172,8 @@ class Agent(Contexts, Files, ArtifactSink, Bridge):
     def op_hello(self, rid: int, h: dict, body: bytes) -> None:
         import resource
 
+        if h.get("user") is not None:
+            self.become(int(h["user"][0]), int(h["user"][1]))
         self.home = h.get("home") or self.home  # the runtime's layout says where it is
         self.env = dict(h["env"])
         for name, value in h["rlimits"].items():
@@ -188,6 +191,22 @@ class Agent(Contexts, Files, ArtifactSink, Bridge):
             os.dup2(null, target)
         os.close(null)
         self.send({"id": rid, "ev": "ready", "v": protocol.VERSION, "pid": os.getpid()})
+
+    def become(self, uid: int, gid: int) -> None:
+        """For a runtime whose kernel does not shield a namespace's init from its own processes' signals
+        (gVisor delivers `kill -9 1`): the agent starts as root of the sandbox with CAP_SETUID, CAP_SETGID
+        and CAP_SETPCAP only, empties the bounding set, and keeps real and saved uid 0 under effective uid
+        ``uid``. It acts on files as ``uid`` (the effective ids), while user code, all of whose ids are
+        ``uid`` (each child sets them before exec, which clears every capability), can neither signal nor
+        trace it: both need the sender's uid to match the agent's real or saved one."""
+        os.setgroups([])
+        os.setresgid(gid, gid, gid)
+        for cap in range(64):
+            if self.prctl(PR_CAPBSET_DROP, cap, 0, 0, 0) != 0 and cap < 41:  # 41+: unknown to this kernel
+                raise OSError(_errno_get(), f"prctl(PR_CAPBSET_DROP, {cap}) failed")
+        os.setresuid(0, uid, 0)
+        self.user_uid = uid
+
     def op_setenv(self, rid: int, h: dict, body: bytes) -> None:
         """More variables for everything started from now on (a warm sandbox gets its caller's here)."""
         self.env.update({str(k): str(v) for k, v in h["env"].items()})
@@ -195,7 +214,12 @@ class Agent(Contexts, Files, ArtifactSink, Bridge):
 
 
 def main() -> None:
-    Agent(int(sys.argv[1])).run()
+    fd = int(sys.argv[1])
+    if fd < 3:  # the channel came as stdio (runsc hands the container its own), which is reset to
+        import fcntl  # /dev/null at ready: keep the channel above it
+
+        fd = fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 3)
+    Agent(fd).run()
 
 
 if __name__ == "__main__":

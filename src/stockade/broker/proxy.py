@@ -91,6 +91,8 @@ async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, egre
         egress.active -= 1
         event["duration"] = round(time.monotonic() - started, 4)
         egress.record(event)
+        if event["decision"] != "allow" and not event.get("established"):  # it was refused
+            await _linger(reader, writer)
         writer.close()
 
 
@@ -275,6 +277,10 @@ async def _socks(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, egr
         up_writer.close()
 
 
+REFUSAL_DRAIN_TIME = 0.5       # after a refusal: how long the client's unread request is read and dropped
+REFUSAL_DRAIN_BYTES = 1 << 16
+
+
 async def _refuse(writer: asyncio.StreamWriter, event: dict[str, Any], decision: Decision | None) -> None:
     if writer.is_closing():
         return
@@ -293,6 +299,17 @@ async def _refuse(writer: asyncio.StreamWriter, event: dict[str, Any], decision:
                 why = f"could not reach {target}: {event.get('reason', 'bad request')}"
                 writer.write(refusal(502, why, f"stockade: {why}"))
         await writer.drain()
+
+
+async def _linger(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """After a refusal: our end of the stream, then what the client sent and was not read, briefly (its
+    event is recorded already). Closing with unread bytes resets the connection, and a reset can overtake
+    the answer (a relaying runtime's agent, gVisor's, saw the reset before the 403)."""
+    if writer.is_closing() or not writer.can_write_eof():
+        return
+    with contextlib.suppress(ConnectionError, OSError, TimeoutError):
+        writer.write_eof()
+        await asyncio.wait_for(reader.read(REFUSAL_DRAIN_BYTES), REFUSAL_DRAIN_TIME)
 
 
 async def _kernel_relay(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, up_reader: asyncio.StreamReader,

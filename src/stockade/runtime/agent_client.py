@@ -25,11 +25,12 @@ class AgentClient:
 
     # ---- start and identity --------------------------------------------------------------------
     async def hello(self, env: Mapping[str, str], rlimits: Mapping[str, int], nproc: int, home: str,
-                    timeout: float) -> Header:
+                    timeout: float, user: tuple[int, int] | None = None) -> Header:
         """The first request: the agent sets its environment and home and lowers its own rlimits before
-        anything runs."""
+        anything runs. ``user``: (uid, gid) the agent, started as root, takes for itself and its commands
+        while keeping an identity they cannot signal (see the agent's ``become``)."""
         return await self.channel.call({"op": "hello", "env": dict(env), "rlimits": dict(rlimits), "nproc": nproc,
-                                        "home": home}, timeout=timeout)
+                                        "home": home, "user": list(user) if user else None}, timeout=timeout)
 
     async def setenv(self, env: Mapping[str, str]) -> None:
         await self.channel.call({"op": "setenv", "env": dict(env)})

@@ -98,6 +98,12 @@ class Runtime(ABC):
     def __init__(self, config: HostConfig | None = None) -> None:
         """Check that this host can run the runtime (SandboxUnavailableError, with the fix, if not)."""
 
+    @classmethod
+    def unmet_requirement(cls) -> str | None:
+        """A requirement of this host the runtime cannot start without, told without starting it (the
+        test suite skips such a runtime for that reason only); None: it may run here."""
+        return None
+
     @abstractmethod
     async def start(self, spec: SandboxSpec) -> RuntimeSandbox:
         """Start a sandbox whose agent is ready to serve requests; raise SandboxUnavailableError if the

@@ -242,6 +242,9 @@ class AgentChannel:
         self._pending: dict[int, Pending] = {}
         self._closed: BaseException | None = None
         self.on_close = on_close
+        # the runtime's account of why its sandbox ended, asked when the agent's end closes (e.g. gVisor:
+        # the out-of-memory kill of the Sentry ends the whole sandbox)
+        self.explain_end: Callable[[], str | None] | None = None
         self._closing: asyncio.Task[None] | None = None
         self._task = asyncio.get_running_loop().create_task(self._read_loop())
 
@@ -269,7 +272,9 @@ class AgentChannel:
                 if pending.feed(header, body):
                     del self._pending[rid]
         except asyncio.IncompleteReadError:
-            reason = SandboxUnavailableError("the sandbox's agent closed its channel (the sandbox ended)")
+            why = self.explain_end() if self.explain_end is not None else None
+            reason = SandboxUnavailableError(f"the sandbox ended: {why}" if why else
+                                             "the sandbox's agent closed its channel (the sandbox ended)")
         except (protocol.FrameError, ProtocolError) as exc:
             reason = ProtocolError(f"sandbox agent violated the protocol: {exc}")
         except (ConnectionError, OSError) as exc:

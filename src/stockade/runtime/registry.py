@@ -12,6 +12,7 @@ from .base import Runtime
 # name -> "module:class"; imported only when used, so a host without runsc or QEMU never loads their code
 RUNTIMES: dict[str, str] = {
     "jail": "stockade.runtime.jail.runtime:JailRuntime",
+    "gvisor": "stockade.runtime.gvisor.runtime:GvisorRuntime",
 }
 
 

@@ -41,35 +41,40 @@ RESOLV_CONF = "# no DNS inside a stockade sandbox\n"
 
 @dataclass(frozen=True)
 class SystemImage:
-    """bwrap arguments for the read-only system part of the root, computed once per process."""
+    """The read-only system part of the root, computed once per process: host paths bound read-only at
+    the same path, symlinks (merged /usr), and the interpreter the agent runs on."""
 
-    args: tuple[str, ...]
+    binds: tuple[str, ...]               # host paths bound read-only at the same path
+    links: tuple[tuple[str, str], ...]   # (target, path): symlinks made in the root
     python: str          # the interpreter the agent runs on, as a path inside the sandbox
     python_host: str     # the same interpreter on the host (for compiling the agent)
     python_prefix_fd_source: str | None  # host prefix bound at PYTHON_MOUNT when not under /usr
 
+    @property
+    def args(self) -> tuple[str, ...]:
+        """The same as bwrap arguments."""
+        args: list[str] = []
+        for kind, first, second in self._entries:
+            args += [kind, first, second]
+        return tuple(args)
+
+    @property
+    def _entries(self) -> list[tuple[str, str, str]]:
+        return [*(("--symlink", t, p) for t, p in self.links), *(("--ro-bind", b, b) for b in self.binds)]
+
 
 @cache
 def system_image(python_override: str | None = None) -> SystemImage:
-    args: list[str] = []
-    for name in USR_DIRS:
-        path = f"/usr/{name}"
-        if os.path.isdir(path) and not os.path.islink(path):
-            args += ["--ro-bind", path, path]
-        elif os.path.islink(path):
-            args += ["--symlink", os.readlink(path), path]
-    for name in TOP_LINKS:
-        path = f"/{name}"
+    binds: list[str] = []
+    links: list[tuple[str, str]] = []
+    for path in [f"/usr/{name}" for name in USR_DIRS] + [f"/{name}" for name in TOP_LINKS]:
         if os.path.islink(path):
-            args += ["--symlink", os.readlink(path), path]
+            links.append((os.readlink(path), path))
         elif os.path.isdir(path):
-            args += ["--ro-bind", path, path]
-    for name in ETC_ALLOW:
-        path = f"/etc/{name}"
-        if os.path.exists(path):
-            args += ["--ro-bind", path, path]
+            binds.append(path)
+    binds += [f"/etc/{name}" for name in ETC_ALLOW if os.path.exists(f"/etc/{name}")]
     python, host_python, prefix = _python(python_override)
-    return SystemImage(tuple(args), python, host_python, prefix)
+    return SystemImage(tuple(binds), tuple(links), python, host_python, prefix)
 
 
 def _python(override: str | None) -> tuple[str, str, str | None]:

@@ -119,3 +119,30 @@ def compile_bpf() -> bytes:
         f.export_bpf(out)
         out.seek(0)
         return out.read()
+
+
+def oci_profile() -> dict[str, object]:
+    """The same rules as an OCI seccomp profile (config.json's linux.seccomp), for a runtime that applies
+    the profile itself: runsc --oci-seccomp runs it in gVisor's Sentry, over every task of the sandbox. The
+    by-number rules are left out: the Sentry implements none of those calls (they answer ENOSYS there). So
+    is clone3: runsc answers every refusal with EPERM (it ignores errnoRet), and glibc falls back to clone
+    only on ENOSYS, so refusing it would break thread creation; the Sentry's clone3 makes no host
+    namespace, and the clone rules below still refuse namespace flags."""
+    def rule(names: list[str], *args: dict[str, object]) -> dict[str, object]:
+        return {"names": names, "action": "SCMP_ACT_ERRNO", "errnoRet": errno.EPERM, "args": list(args)}
+
+    def arg(index: int, op: str, value: int, value_two: int = 0) -> dict[str, object]:
+        return {"index": index, "value": value, "valueTwo": value_two, "op": op}
+
+    rules = [rule(list(DENIED))]
+    rules += [rule(["clone"], arg(0, "SCMP_CMP_MASKED_EQ", flag, flag))
+              for flag in (*NAMESPACE_FLAGS.values(), CLONE_PARENT)]
+    rules.append(rule(["prctl"], arg(0, "SCMP_CMP_EQ", PR_SET_CHILD_SUBREAPER), arg(1, "SCMP_CMP_EQ", 0)))
+    for family in range(0, max(ALLOWED_SOCKET_FAMILIES)):
+        if family not in ALLOWED_SOCKET_FAMILIES:
+            rules.append(rule(["socket", "socketpair"], arg(0, "SCMP_CMP_EQ", family)))
+    rules.append(rule(["socket", "socketpair"], arg(0, "SCMP_CMP_GT", max(ALLOWED_SOCKET_FAMILIES))))
+    rules += [rule(["ioctl"], arg(1, "SCMP_CMP_MASKED_EQ", 0xFFFFFFFF, request))
+              for request in (TIOCSTI, TIOCLINUX, TIOCSETD)]
+    rules.append(rule(["personality"], arg(0, "SCMP_CMP_NE", 0xFFFFFFFF)))
+    return {"defaultAction": "SCMP_ACT_ALLOW", "architectures": ["SCMP_ARCH_X86_64"], "syscalls": rules}
