@@ -37,6 +37,7 @@ import shutil
 import stat
 import struct
 import subprocess
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -163,6 +164,13 @@ class DiskWorkspace:
 
     def remove(self) -> None:
         remove(self.base)
+        # The loop devices detach when the last reference to their filesystems goes, at once unless a
+        # mount namespace made meanwhile (another sandbox's bwrap, before it drops the host's tree) still
+        # holds a copy of the mount: give that a moment, so a stopped sandbox is gone when stop() returns.
+        data_dir = self.images.parent
+        deadline = time.monotonic() + 2.0
+        while loop_devices(data_dir, self.id) and time.monotonic() < deadline:
+            time.sleep(0.01)
 
 
 def _private_dir(path: Path, mode: int) -> None:
