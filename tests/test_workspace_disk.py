@@ -22,7 +22,7 @@ from stockade.runtime.jail import workspace
 from stockade.runtime.jail.config import JailConfig
 from stockade.runtime.jail.runtime import JailRuntime
 
-from .conftest import ROOT, base_policy, host_runtime, sandbox_traces
+from .conftest import ROOT, host_runtime, sandbox_traces
 from .waiting import wait_until
 
 pytestmark = pytest.mark.skipif(not os.path.exists("/proc/self/ns/user"), reason="needs user namespaces")
