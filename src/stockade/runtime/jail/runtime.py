@@ -261,7 +261,8 @@ class JailSandbox(RuntimeSandbox):
         if rt.workspace.disk and self.uid is not None:
             self.workspace = workspace.DiskWorkspace(rt.config.state_dir, rt.config.data_dir, self.id, self.uid.uid,
                                                      fs.workspace_size, fs.tmp_size)
-            self.workspace.create(overlay=self.lease is not None)
+            # (in a thread: mounting and, at teardown, unmounting a filesystem are system calls of ms)
+            await asyncio.to_thread(self.workspace.create, self.lease is not None)
         if self.lease is not None:
             ws = self.workspace
             self.overlay = template_root.OverlayRoot(rt.config.state_dir, self.id, self.lease.resolved.layer_dirs,
@@ -488,7 +489,7 @@ class JailSandbox(RuntimeSandbox):
                 if self.overlay is not None:
                     self.overlay.remove()
                 if self.workspace is not None:  # after the overlay, whose upper dir is on it
-                    self.workspace.remove()
+                    await asyncio.to_thread(self.workspace.remove)
             finally:
                 _STOPPED[self.id] = time.clock_gettime(time.CLOCK_BOOTTIME)
                 while len(_STOPPED) > 4096:
