@@ -83,6 +83,9 @@ def test_stop_leaves_no_image_mount_or_loop_device(make_sandbox):
     for what in ("workspace mount directory", "mount ", "loop device "):
         assert any(t.startswith(what) for t in traces), traces
     assert sum(t.startswith("loop device") for t in traces) == 2
+    # both devices clear themselves when their filesystems go (so a crash cannot leak them)
+    devices = workspace.loop_devices(host_runtime().config.data_dir, sb.sandbox_id)
+    assert len(devices) == 2 and all(workspace.autoclears(dev) for dev in devices)
     # the images have no names: they live exactly as long as their loop devices
     assert not any(t.startswith("workspace image") for t in traces)
     sb.kill()

@@ -146,7 +146,10 @@ class JailRuntime(Runtime):
         mounted = workspace.mounted_devices()
         for dev, backing in workspace.loop_devices(data).items():
             name = Path(backing.removesuffix(" (deleted)")).name.rsplit("-", 1)[0]
-            if dev not in mounted and lock_is_stale(self._lock_path(name)) and workspace.detach(dev):
+            # a device set to clear itself is one a start is about to mount (maybe of another state dir
+            # sharing this data dir), never an orphan: only one without autoclear is detached
+            if (dev not in mounted and not workspace.autoclears(dev) and lock_is_stale(self._lock_path(name))
+                    and workspace.detach(dev)):
                 swept.add(name)
         return swept
 

@@ -362,6 +362,14 @@ def mounted_devices() -> set[str]:
     return found
 
 
+def autoclears(dev: str) -> bool:
+    """Whether a loop device is set to detach itself when its last user goes (LO_FLAGS_AUTOCLEAR)."""
+    try:
+        return Path(f"/sys/block/{os.path.basename(dev)}/loop/autoclear").read_text().strip() == "1"
+    except OSError:
+        return False
+
+
 def detach(dev: str) -> bool:
     """Detach a loop device nothing has mounted (LOOP_CLR_FD); whether it was."""
     try:
@@ -384,5 +392,5 @@ def named_images(data_dir: Path) -> list[Path]:
     return sorted(directory.glob("*.img")) if directory.is_dir() else []
 
 
-__all__ = ["Backing", "DiskWorkspace", "choose", "detach", "loop_devices", "mounted_devices", "mounts_under",
-           "named_images", "remove", "shm_args", "tmpfs_args"]
+__all__ = ["Backing", "DiskWorkspace", "autoclears", "choose", "detach", "loop_devices", "mounted_devices",
+           "mounts_under", "named_images", "remove", "shm_args", "tmpfs_args"]
