@@ -236,3 +236,17 @@ def test_images_are_sparse_and_made_from_one_blank_per_size(make_sandbox):
         st = blank.stat()
         assert st.st_size == size and st.st_blocks * 512 < size // 4, (blank, st.st_blocks)
         assert (st.st_uid, st.st_mode & 0o777) == (0, 0o400)
+
+
+@as_root
+def test_doctor_says_when_the_data_directory_holding_the_images_is_memory():
+    data = Path("/dev/shm") / f"stockade-test-data-{secrets.token_hex(4)}"
+    data.mkdir(mode=0o755)
+    try:
+        doctor = subprocess.run([sys.executable, "-m", "stockade.cli", "doctor"], capture_output=True, text=True,
+                                env={**os.environ, "STOCKADE_DATA_DIR": str(data),
+                                     "PYTHONPATH": str(REPO / "src")}, timeout=120)
+    finally:
+        data.rmdir()
+    assert f"[WEAK] workspace: /home/user and /tmp are ext4 images under {data}/workspaces, but that is on " \
+           "tmpfs" in doctor.stdout, doctor.stdout

@@ -131,10 +131,18 @@ def check_workspace(config: HostConfig, jail: JailConfig) -> list[Check]:
     shm = ("/dev/shm stays a tmpfs of filesystem.tmp_size charged to the memory cgroup (shared memory is "
            "memory)")
     if backing.disk:
-        return [Check("workspace", True, f"{rootfs.HOME} and /tmp are ext4 images of filesystem.workspace_size "
-                      f"and filesystem.tmp_size on the host's disk ({config.data_dir}/workspaces, loop devices, "
-                      "sparse): ENOSPC past them, not charged to limits.memory; " + shm),
-                Check("template root size", True, "a template sandbox's writable root (its copy-on-write layer) "
+        data = config.data_dir if config.data_dir.exists() else config.data_dir.parent
+        fstype = workspace.filesystem_type(data)
+        if fstype in workspace.MEMORY_FILESYSTEMS:
+            ws = Check("workspace", False, f"{rootfs.HOME} and /tmp are ext4 images under {config.data_dir}"
+                       f"/workspaces, but that is on {fstype}: the images' pages are memory, so filling them "
+                       "may end in an OOM kill, not ENOSPC", "put STOCKADE_DATA_DIR on a disk filesystem",
+                       required=False)
+        else:
+            ws = Check("workspace", True, f"{rootfs.HOME} and /tmp are ext4 images of filesystem.workspace_size "
+                       f"and filesystem.tmp_size on the host's disk ({config.data_dir}/workspaces, loop devices, "
+                       "sparse): ENOSPC past them, not charged to limits.memory; " + shm)
+        return [ws, Check("template root size", True, "a template sandbox's writable root (its copy-on-write layer) "
                       f"is on its workspace image: it and {rootfs.HOME} together end in ENOSPC at "
                       "filesystem.workspace_size, on disk")]
     checks = [Check("workspace", False, f"{rootfs.HOME}, /tmp and /dev/shm are tmpfs ({backing.reason}), "

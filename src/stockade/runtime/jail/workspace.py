@@ -351,6 +351,23 @@ def loop_devices(data_dir: Path, sandbox_id: str | None = None) -> dict[str, str
     return found
 
 
+MEMORY_FILESYSTEMS = ("tmpfs", "ramfs")
+
+
+def filesystem_type(path: Path) -> str | None:
+    """The type of the filesystem ``path`` is on (the longest mount point above it in mountinfo)."""
+    real = os.path.realpath(path)
+    best, found = -1, None
+    with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
+        for line in f:
+            fields = line.split()
+            point = fields[4].encode().decode("unicode_escape")
+            inside = real == point or real.startswith(point.rstrip("/") + "/")
+            if inside and len(point) >= best and "-" in fields:
+                best, found = len(point), fields[fields.index("-") + 1]
+    return found
+
+
 def mounted_devices() -> set[str]:
     """The devices mounted anywhere in this process's mount namespace (mountinfo's source field)."""
     found = set()
@@ -392,5 +409,6 @@ def named_images(data_dir: Path) -> list[Path]:
     return sorted(directory.glob("*.img")) if directory.is_dir() else []
 
 
-__all__ = ["Backing", "DiskWorkspace", "autoclears", "choose", "detach", "loop_devices", "mounted_devices",
+__all__ = ["Backing", "DiskWorkspace", "autoclears", "choose", "detach", "filesystem_type", "loop_devices",
+           "mounted_devices",
            "mounts_under", "named_images", "remove", "shm_args", "tmpfs_args"]
