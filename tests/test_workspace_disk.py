@@ -250,3 +250,13 @@ def test_doctor_says_when_the_data_directory_holding_the_images_is_memory():
         data.rmdir()
     assert f"[WEAK] workspace: /home/user and /tmp are ext4 images under {data}/workspaces, but that is on " \
            "tmpfs" in doctor.stdout, doctor.stdout
+
+
+@as_root
+def test_an_image_the_host_cannot_make_is_a_clear_error_naming_the_field():
+    """ext4 files end at 16 TiB: a workspace larger than the host's filesystem can hold is refused."""
+    with pytest.raises(SandboxUnavailableError) as err:
+        Sandbox.create(policy={"filesystem": {"workspace_size": "64TiB"}})
+    assert "filesystem.workspace_size" in str(err.value) and "workspace image" in str(err.value), err.value
+    blanks = host_runtime().config.data_dir / "workspaces" / "blank"
+    assert not list(blanks.glob(f"*-{64 << 40}.img*"))  # no half-made blank left

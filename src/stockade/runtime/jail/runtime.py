@@ -1,6 +1,7 @@
 """Starting and tearing down a jailed sandbox.
 
-Order of a start: lease a host uid (root only) -> create the cgroup -> spawn bwrap inside the cgroup, as
+Order of a start: lease a host uid (root only) -> mount the workspace images (root: ``workspace.py``) and a
+template's overlay -> create the cgroup -> spawn bwrap inside the cgroup, as
 the sandbox uid, with the agent as the sandbox's PID 1 (so the cgroup namespace bwrap unshares is rooted
 at the sandbox's own cgroup) -> read the agent's host pid from bwrap's info fd -> hello/ready on the
 channel, where the agent sets its rlimits. The agent runs nothing before the hello, so no process in the

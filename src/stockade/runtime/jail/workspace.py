@@ -148,12 +148,13 @@ class DiskWorkspace:
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
         try:
             os.unlink(path)   # the descriptor keeps it: nothing to remove later, whatever happens
-            blank = _blank(self.images, size)
+            field = "filesystem.workspace_size" if name == "disk" else "filesystem.tmp_size"
             try:
-                _copy_sparse(blank, fd, size)
+                _copy_sparse(_blank(self.images, size), fd, size)
             except OSError as exc:
-                raise SandboxUnavailableError(f"cannot write the sandbox's workspace image in {self.images}: "
-                                              f"{exc}", "fix: free disk space under the data directory") from None
+                raise SandboxUnavailableError(
+                    f"cannot make the sandbox's {size}-byte workspace image ({field}) in {self.images}: {exc}",
+                    f"fix: free disk space under the data directory, or a smaller {field}") from None
         except BaseException:
             os.close(fd)
             raise
@@ -193,17 +194,19 @@ def _blank(images: Path, size: int) -> int:
         tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
-        with open(tmp, "xb") as f:
-            f.truncate(size)
-        mkfs = mkfs_path()
-        result = subprocess.run([mkfs or "mkfs.ext4", *MKFS_OPTIONS, str(tmp)], capture_output=True, text=True,
-                                timeout=60)
-        if result.returncode != 0:
-            tmp.unlink()
-            raise SandboxUnavailableError(f"mkfs.ext4 of a {size}-byte workspace image failed: "
-                                          f"{(result.stderr or result.stdout).strip()}") from None
-        os.chmod(tmp, 0o400)
-        os.rename(tmp, path)
+        try:
+            with open(tmp, "xb") as f:
+                f.truncate(size)
+            result = subprocess.run([mkfs_path() or "mkfs.ext4", *MKFS_OPTIONS, str(tmp)], capture_output=True,
+                                    text=True, timeout=60)
+            if result.returncode != 0:
+                raise SandboxUnavailableError(f"mkfs.ext4 of a {size}-byte workspace image failed: "
+                                              f"{(result.stderr or result.stdout).strip()}")
+            os.chmod(tmp, 0o400)
+            os.rename(tmp, path)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
         _prune_blanks(path.parent)
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
     with contextlib.suppress(OSError):
