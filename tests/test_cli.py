@@ -119,16 +119,20 @@ def test_doctor_reports_every_check():
     for name in ("user namespaces", "bubblewrap", "seccomp", "cgroup memory", "privilege", "agent python",
                  "/proc masking"):
         assert name in r.stdout
-    # the workspace is tmpfs charged to the memory limit (its size is not real), which doctor says as root too
-    assert "[WEAK] workspace: /home/user, /tmp and /dev/shm are tmpfs charged to the memory cgroup" in r.stdout
-    assert "fix: raise limits.memory above filesystem.workspace_size" in r.stdout
-    # a template sandbox's writable root: bounded by a tmpfs as root, unbounded (and said to be) otherwise
+    # as root the workspace is disk images of its sizes (a template's writable root is on them too);
+    # unprivileged it is tmpfs charged to the memory limit, and a template's root is unbounded, both said
     if ROOT:
-        assert "[OK  ] template root size: a template sandbox's writable root (its copy-on-write layer) is a " \
-               "tmpfs of filesystem.workspace_size" in r.stdout
+        assert "[OK  ] workspace: /home/user and /tmp are ext4 images of filesystem.workspace_size and " \
+               "filesystem.tmp_size on the host's disk" in r.stdout
+        assert "/dev/shm stays a tmpfs of filesystem.tmp_size charged to the memory cgroup" in r.stdout
+        assert "[OK  ] template root size: a template sandbox's writable root (its copy-on-write layer) is on " \
+               "its workspace image" in r.stdout
     else:
+        assert "[WEAK] workspace: /home/user, /tmp and /dev/shm are tmpfs (loop devices and mounts need root), " \
+               "charged to the memory cgroup" in r.stdout
+        assert "raise limits.memory above filesystem.workspace_size" in r.stdout
         assert "[WEAK] template root size: a template sandbox's writable root" in r.stdout
-    assert "OK with weaker controls" in r.stdout
+        assert "OK with weaker controls" in r.stdout
 
 
 def test_doctor_and_create_fail_the_same_clear_way_without_bwrap(tmp_path):

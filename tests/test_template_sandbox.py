@@ -134,7 +134,8 @@ def test_teardown_removes_the_layer_and_releases_the_template(make, store: Templ
     _run(sb, "echo data > /srv/app/file")
     described = sb.info().runtime
     assert described["template"] == template
-    # as root the writable layer is a tmpfs of workspace_size; unprivileged it is unbounded, and said to be
+    # as root the writable layer is on the workspace's image of workspace_size; unprivileged it is unbounded,
+    # and said to be
     assert described["root_write_limit"] == (Policy().filesystem.workspace_size if os.geteuid() == 0 else None)
     with pytest.raises(TemplateInUseError):
         store.remove(template)
@@ -243,13 +244,39 @@ def test_image_symlinks_never_lead_the_host_to_create_mount_points_outside(store
         store.remove(name)
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="as root the writable layer is a tmpfs of workspace_size; "
-                    "unprivileged it is the state dir's disk (doctor says so)")
-def test_the_writable_root_is_bounded_by_the_workspace_size(template: str) -> None:
+@pytest.mark.skipif(os.geteuid() != 0, reason="as root the writable layer is on the workspace's disk image; "
+                    "unprivileged it is the state dir's disk, unbounded (doctor says so)")
+def test_the_writable_root_is_bounded_by_the_workspace_size_on_disk_not_in_memory(template: str) -> None:
     """What a template sandbox writes in its root ends in ENOSPC at filesystem.workspace_size, not on the
-    host's disk, and the rest of its root stays usable."""
-    with Sandbox.create(template=template, policy={"filesystem": {"workspace_size": "8MiB"}}) as sb:
-        assert sb.info().runtime["root_write_limit"] == 8 << 20
-        r = sb.commands.run("cat /dev/zero > /big; echo rc=$?")  # the image has only sh and cat
+    host's disk and not in memory (more than limits.memory fits, no OOM kill); its root and /home/user share
+    the bound, and the rest of its root stays usable."""
+    policy = {"limits": {"memory": "128MiB"}, "filesystem": {"workspace_size": "200MiB"}}
+    with Sandbox.create(template=template, policy=policy) as sb:
+        described = sb.info().runtime
+        assert described["root_write_limit"] == 200 << 20 and described["workspace_backing"] == "disk image"
+        r = sb.commands.run("cat /dev/zero > /big; echo rc=$?", timeout=120)  # the image has only sh and cat
         assert "No space left on device" in r.stderr and r.stdout == "rc=1\n", (r.stdout, r.stderr)
+        assert r.limit is None, r.error
+        r = sb.commands.run("cat /dev/zero > /home/user/more; echo rc=$?")  # the same image, full
+        assert "No space left on device" in r.stderr and r.stdout == "rc=1\n", (r.stdout, r.stderr)
+        assert sb.is_running()
         assert sb.commands.run(": > /big; echo small > /ok && cat /ok").stdout == "small\n"
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="as root the host tears down the root's mounts; unprivileged "
+                    "the layer is removed by a tree walk that follows no symlink (test_teardown_... covers it)")
+def test_a_symlink_planted_in_the_root_does_not_steer_the_teardown(template: str, shared_dir: Path) -> None:
+    canary = shared_dir / "canary"
+    canary.mkdir()
+    (canary / "keep").write_text("host file")
+    # the image has no ln: the host's (it needs only the C library the image has) is mounted in
+    mounts = [{"source": os.path.realpath("/bin/ln"), "target": "/opt/ln"}]
+    sb = Sandbox.create(template=template, policy=base_policy(filesystem={"mounts": mounts}))
+    try:
+        described = sb.info().runtime
+        _run(sb, f"/opt/ln -s {canary} /planted && /opt/ln -s {canary} /srv/app/planted && "
+                 f"/opt/ln -s / /srv/app/root && /opt/ln -s {canary} /home/user/planted")
+    finally:
+        sb.kill()
+    assert (canary / "keep").read_text() == "host file"
+    assert JailRuntime().leftovers(sb.sandbox_id, described) == []

@@ -120,6 +120,50 @@ def check_privilege(jail: JailConfig) -> Check:
                  required=False)
 
 
+def check_workspace(config: HostConfig, jail: JailConfig) -> list[Check]:
+    """What backs /home/user, /tmp and a template sandbox's writable root, and what the fallback gives up."""
+    from .runtime.jail import rootfs, workspace
+
+    try:
+        backing = workspace.choose(os.geteuid() == 0, jail.workspace)
+    except StockadeError as exc:
+        return [Check("workspace", False, str(exc), getattr(exc, "advice", ""))]
+    shm = ("/dev/shm stays a tmpfs of filesystem.tmp_size charged to the memory cgroup (shared memory is "
+           "memory)")
+    if backing.disk:
+        data = config.data_dir if config.data_dir.exists() else config.data_dir.parent
+        fstype = workspace.filesystem_type(data)
+        if fstype in workspace.MEMORY_FILESYSTEMS:
+            ws = Check("workspace", False, f"{rootfs.HOME} and /tmp are ext4 images under {config.data_dir}"
+                       f"/workspaces, but that is on {fstype}: the images' pages are memory, so filling them "
+                       "may end in an OOM kill, not ENOSPC", "put STOCKADE_DATA_DIR on a disk filesystem",
+                       required=False)
+        else:
+            ws = Check("workspace", True, f"{rootfs.HOME} and /tmp are ext4 images of filesystem.workspace_size "
+                       f"and filesystem.tmp_size on the host's disk ({config.data_dir}/workspaces, loop devices, "
+                       "sparse): ENOSPC past them, not charged to limits.memory; " + shm)
+        return [ws, Check("template root size", True, "a template sandbox's writable root (its copy-on-write layer) "
+                      f"is on its workspace image: it and {rootfs.HOME} together end in ENOSPC at "
+                      "filesystem.workspace_size, on disk")]
+    checks = [Check("workspace", False, f"{rootfs.HOME}, /tmp and /dev/shm are tmpfs ({backing.reason}), "
+                    "charged to the memory cgroup: filling them past limits.memory ends in an OOM kill, not "
+                    "ENOSPC, so filesystem.workspace_size is only a ceiling below limits.memory",
+                    "run as root on a host with loop devices and mkfs.ext4 (e2fsprogs) for disk images; or "
+                    "raise limits.memory above filesystem.workspace_size + filesystem.tmp_size where a "
+                    "sandbox must use its whole workspace", required=False)]
+    if os.geteuid() == 0:
+        checks.append(Check("template root size", True, "a template sandbox's writable root (its copy-on-write "
+                            "layer) is a tmpfs of filesystem.workspace_size: ENOSPC past it, charged to the "
+                            "sandbox's memory cgroup"))
+    else:
+        checks.append(Check("template root size", False, "a template sandbox's writable root (its copy-on-write "
+                            f"layer under {config.state_dir}/overlay) is on disk with no size limit when not root: "
+                            "only the state directory's free space bounds it", "run as root (the layer is then "
+                            "bounded by filesystem.workspace_size), or put the state directory on a filesystem "
+                            "of its own", required=False))
+    return checks
+
+
 def run_checks(config: HostConfig | None = None, jail: JailConfig | None = None) -> list[Check]:
     config = config or HostConfig.from_env()
     jail = jail or JailConfig.from_env()
@@ -138,22 +182,7 @@ def run_checks(config: HostConfig | None = None, jail: JailConfig | None = None)
     checks.append(Check("sandbox environment", env_ok, f"{config.sandbox_env} {state}", "stockade env build",
                         required=False))
 
-    # What is in force for the writable workspace (issue 9.8 is open: no disk-backed workspace yet).
-    checks.append(Check("workspace", False, f"{rootfs.HOME}, /tmp and /dev/shm are tmpfs charged to the memory "
-                        "cgroup: filling them past limits.memory ends in an OOM kill, not ENOSPC, so "
-                        "filesystem.workspace_size is only a ceiling below limits.memory",
-                        "raise limits.memory above filesystem.workspace_size + filesystem.tmp_size where a "
-                        "sandbox must use its whole workspace", required=False))
-    if os.geteuid() == 0:
-        checks.append(Check("template root size", True, "a template sandbox's writable root (its copy-on-write "
-                            "layer) is a tmpfs of filesystem.workspace_size: ENOSPC past it, charged to the "
-                            "sandbox's memory cgroup"))
-    else:
-        checks.append(Check("template root size", False, "a template sandbox's writable root (its copy-on-write "
-                            f"layer under {config.state_dir}/overlay) is on disk with no size limit when not root: "
-                            "only the state directory's free space bounds it", "run as root (the layer is then a "
-                            "tmpfs of filesystem.workspace_size), or put the state directory on a filesystem of "
-                            "its own", required=False))
+    checks += check_workspace(config, jail)
     try:
         img = rootfs.system_image(jail.python)
         checks.append(Check("agent python", True, f"{img.python_host} (mounted read-only)"))

@@ -16,13 +16,28 @@ class JailConfig:
     bwrap: str | None            # STOCKADE_BWRAP: which bubblewrap (else the wheel's, else the system's)
     python: str | None           # STOCKADE_PYTHON: the sandbox's python3 (under /usr)
     cgroup_parent: str           # the cgroup under which each sandbox gets its own
+    # STOCKADE_WORKSPACE: what backs /home/user and /tmp: "auto" (disk images as root where loop devices
+    # work, else tmpfs), "disk" (or refuse to start) or "tmpfs" (memory, charged to the memory cgroup)
+    workspace: str = "auto"
 
     @classmethod
     def from_env(cls) -> JailConfig:
         env = os.environ
         return cls(uid_range=_uid_range(env.get("STOCKADE_UID_RANGE")), bwrap=env.get("STOCKADE_BWRAP") or None,
                    python=env.get("STOCKADE_PYTHON") or None,
-                   cgroup_parent=env.get("STOCKADE_CGROUP_PARENT", "stockade"))
+                   cgroup_parent=env.get("STOCKADE_CGROUP_PARENT", "stockade"),
+                   workspace=_workspace(env.get("STOCKADE_WORKSPACE")))
+
+
+WORKSPACE_CHOICES = ("auto", "disk", "tmpfs")
+
+
+def _workspace(text: str | None) -> str:
+    if not text:
+        return "auto"
+    if text not in WORKSPACE_CHOICES:
+        raise StockadeError(f"STOCKADE_WORKSPACE={text!r}: use one of {', '.join(WORKSPACE_CHOICES)}")
+    return text
 
 
 def _uid_range(text: str | None) -> tuple[int, int]:

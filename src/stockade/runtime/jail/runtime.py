@@ -1,6 +1,7 @@
 """Starting and tearing down a jailed sandbox.
 
-Order of a start: lease a host uid (root only) -> create the cgroup -> spawn bwrap inside the cgroup, as
+Order of a start: lease a host uid (root only) -> mount the workspace images (root: ``workspace.py``) and a
+template's overlay -> create the cgroup -> spawn bwrap inside the cgroup, as
 the sandbox uid, with the agent as the sandbox's PID 1 (so the cgroup namespace bwrap unshares is rooted
 at the sandbox's own cgroup) -> read the agent's host pid from bwrap's info fd -> hello/ready on the
 channel, where the agent sets its rlimits. The agent runs nothing before the hello, so no process in the
@@ -36,7 +37,7 @@ from ..base import Runtime, RuntimeSandbox, SandboxSpec
 from ..channel import AgentChannel
 from ..locks import Lock, lock_is_stale
 from . import bwrap as bwrap_mod
-from . import rootfs, seccomp, template_root
+from . import rootfs, seccomp, template_root, workspace
 from .config import JailConfig
 from .egress import FdPassingListener
 from .uids import UidAllocator, UidLease
@@ -66,6 +67,8 @@ class JailRuntime(Runtime):
         (self.config.state_dir / "sandboxes").mkdir(exist_ok=True, mode=0o700)
         self.net_dir = self.config.state_dir / "net"  # per-sandbox broker sockets
         self.overlay_dir = self.config.state_dir / "overlay"  # template sandboxes' writable layers
+        self.workspace_dir = self.config.state_dir / "workspace"  # mount points of the workspace images
+        self.workspace = workspace.choose(self.privileged, self.jail.workspace)
         self._templates: TemplateStore | None = None
         self.bwrap = bwrap_mod.locate(self.jail.bwrap)
         if self.privileged:
@@ -105,6 +108,8 @@ class JailRuntime(Runtime):
         names.update(net)
         overlays = {d.name: d for d in self.overlay_dir.iterdir()} if self.overlay_dir.is_dir() else {}
         names.update(overlays)
+        workspaces = {d.name: d for d in self.workspace_dir.iterdir()} if self.workspace_dir.is_dir() else {}
+        names.update(workspaces)
         for name in sorted(names):
             lock = self._lock_path(name)
             if not lock_is_stale(lock):
@@ -120,7 +125,34 @@ class JailRuntime(Runtime):
             if name in overlays:  # a template sandbox's copy-on-write layer (and its mount, as root)
                 template_root.remove(overlays[name])
                 swept.add(name)
+            if name in workspaces:  # its disk images' mounts: unmounting frees the loop devices and images
+                workspace.remove(workspaces[name])
+                swept.add(name)
+        if self.privileged:
+            swept.update(self._sweep_images())
         return sorted(swept)
+
+    def _sweep_images(self) -> set[str]:
+        """What a start killed while making a workspace image can leave: the image under its name (for the
+        moment between creating and unlinking it) or, on a kernel without LOOP_CONFIGURE, a loop device
+        not yet set to clear itself. Only those of sandboxes whose owner is gone (by their lock)."""
+        swept = set()
+        data = self.config.data_dir
+        for image in workspace.named_images(data):
+            name = image.name.rsplit("-", 1)[0]
+            if lock_is_stale(self._lock_path(name)):
+                with contextlib.suppress(FileNotFoundError):
+                    image.unlink()
+                swept.add(name)
+        mounted = workspace.mounted_devices()
+        for dev, backing in workspace.loop_devices(data).items():
+            name = Path(backing.removesuffix(" (deleted)")).name.rsplit("-", 1)[0]
+            # a device set to clear itself is one a start is about to mount (maybe of another state dir
+            # sharing this data dir), never an orphan: only one without autoclear is detached
+            if (dev not in mounted and not workspace.autoclears(dev) and lock_is_stale(self._lock_path(name))
+                    and workspace.detach(dev)):
+                swept.add(name)
+        return swept
 
     def leftovers(self, sandbox_id: str, described: Mapping[str, object] | None = None) -> list[str]:
         # Processes are found by the sandbox's host uid and mount namespace, which only ``described`` knows.
@@ -151,9 +183,16 @@ class JailRuntime(Runtime):
         left += [f"cgroup {d}" for d in cgroups.Cgroup(self.cgroups, sandbox_id).dirs if d.exists()]
         for path, what in ((self._lock_path(sandbox_id), "lock file"), (self.net_dir / sandbox_id, "broker socket "
                                                                           "directory"),
-                           (self.overlay_dir / sandbox_id, "template overlay (writable layer) directory")):
+                           (self.overlay_dir / sandbox_id, "template overlay (writable layer) directory"),
+                           (self.workspace_dir / sandbox_id, "workspace mount directory")):
             if path.exists():
                 left.append(f"{what} {path}")
+        left += [f"mount {p}" for p in workspace.mounts_under(self.workspace_dir / sandbox_id)]
+        left += [f"mount {p}" for p in workspace.mounts_under(self.overlay_dir / sandbox_id)]
+        left += [f"loop device {dev} backed by {backing}"
+                 for dev, backing in workspace.loop_devices(self.config.data_dir, sandbox_id).items()]
+        left += [f"workspace image {p}" for p in workspace.named_images(self.config.data_dir)
+                 if p.name.startswith(f"{sandbox_id}-")]
         return left
 
     async def start(self, spec: SandboxSpec) -> JailSandbox:
@@ -188,6 +227,7 @@ class JailSandbox(RuntimeSandbox):
         self.template = spec.template
         self.lease: Lease | None = None
         self.overlay: template_root.OverlayRoot | None = None
+        self.workspace: workspace.DiskWorkspace | None = None
         # In a template sandbox the host's python runs only the agent (through its own loader); the
         # sandbox environment (a venv of the host's python) is not bound there.
         self.use_env = runtime.sandbox_env is not None and spec.template is None
@@ -221,10 +261,17 @@ class JailSandbox(RuntimeSandbox):
         self.lock = Lock(rt.config.state_dir / "sandboxes" / f"{self.id}.lock")
         if rt.uids is not None:
             self.uid = rt.uids.acquire()
+        fs = self.policy.filesystem
+        if rt.workspace.disk and self.uid is not None:
+            self.workspace = workspace.DiskWorkspace(rt.config.state_dir, rt.config.data_dir, self.id, self.uid.uid,
+                                                     fs.workspace_size, fs.tmp_size)
+            # (in a thread: mounting and, at teardown, unmounting a filesystem are system calls of ms)
+            await asyncio.to_thread(self.workspace.create, self.lease is not None)
         if self.lease is not None:
+            ws = self.workspace
             self.overlay = template_root.OverlayRoot(rt.config.state_dir, self.id, self.lease.resolved.layer_dirs,
                                                      self.uid.uid if self.uid is not None else None,
-                                                     self.policy.filesystem.workspace_size)
+                                                     fs.workspace_size, (ws.upper, ws.work) if ws else None)
             self.overlay.create()
         lim = self.policy.limits
         if rt.cgroups.parents:
@@ -325,10 +372,9 @@ class JailSandbox(RuntimeSandbox):
             argv += ["--ro-bind", str(rt.sandbox_env), environment.MOUNT]
         if self.egress is not None:  # the only way out of the network namespace
             argv += ["--ro-bind", str(self.egress.socket_dir), os.path.dirname(rt.layout.broker)]
-        argv += ["--proc", "/proc", "--dev", "/dev",
-                 "--size", str(fs.tmp_size), "--perms", "1777", "--tmpfs", "/dev/shm",
-                 "--size", str(fs.tmp_size), "--perms", "1777", "--tmpfs", "/tmp",
-                 "--size", str(fs.workspace_size), "--perms", "0755", "--tmpfs", rootfs.HOME]
+        argv += ["--proc", "/proc", "--dev", "/dev", *workspace.shm_args(fs.tmp_size),
+                 *(self.workspace.bwrap_args(rootfs.HOME) if self.workspace is not None else
+                   workspace.tmpfs_args(rootfs.HOME, fs.workspace_size, fs.tmp_size))]
         masked_files, masked_dirs = rootfs.masked_proc()
         for path in masked_files:
             argv += ["--dev-bind", "/dev/null", path]
@@ -401,8 +447,12 @@ class JailSandbox(RuntimeSandbox):
             # what run_code uses: IPython from the sandbox environment, else the stdlib fallback
             "code_interpreter": "ipython" if self.use_env else "stdlib",
             "template": self.template,
-            # a template sandbox's writable root: as root a tmpfs of filesystem.workspace_size; unprivileged
-            # on the state dir's disk, unbounded (/home/user and /tmp stay size-limited tmpfs either way)
+            # /home/user and /tmp: ext4 images of their sizes on the host's disk ("disk image"), or tmpfs
+            # of those sizes charged to the memory cgroup ("tmpfs"); /dev/shm is a tmpfs either way
+            "workspace_backing": "disk image" if self.workspace is not None else "tmpfs",
+            # a template sandbox's writable root: as root bounded by filesystem.workspace_size (on the
+            # workspace's image, shared with /home/user; or a tmpfs of its own); unprivileged on the state
+            # dir's disk, unbounded
             "root_write_limit": ("read-only" if not self.template else
                                  self.policy.filesystem.workspace_size if self.uid is not None else None),
             "time_namespace": rt.unshare_time is not None,  # uptime, btime, monotonic clocks: the sandbox's
@@ -442,6 +492,8 @@ class JailSandbox(RuntimeSandbox):
                     await self.cgroup.destroy()
                 if self.overlay is not None:
                     self.overlay.remove()
+                if self.workspace is not None:  # after the overlay, whose upper dir is on it
+                    await asyncio.to_thread(self.workspace.remove)
             finally:
                 _STOPPED[self.id] = time.clock_gettime(time.CLOCK_BOOTTIME)
                 while len(_STOPPED) > 4096:

@@ -23,10 +23,12 @@ The agent does not use the image's userland: the host's python (binary, its dyna
 libraries it and its extension modules need, copied once per host into ``<state>/hostpython/<key>``) and
 its standard library are bound read-only under /opt/stockade/python, and the agent is started through that
 loader explicitly (``ld.so --library-path ...``), so an image without python, on musl, or without any C
-library runs it. As root the writable layer is on a tmpfs of ``filesystem.workspace_size`` (ENOSPC past it,
-charged to the sandbox's memory cgroup); unprivileged it is on the state dir's disk, unbounded, which
-``describe()`` and ``stockade doctor`` say. Not done yet: ``run_code`` and ``save-artifact`` in a template
-sandbox (they start the host's python by path, whose ELF interpreter the image need not have).
+library runs it. As root the writable layer (upper and work dirs) is on the sandbox's workspace disk image
+(``workspace.py``), so what it writes in its root and in /home/user together end in ENOSPC at
+``filesystem.workspace_size``, on disk, not in memory; with ``STOCKADE_WORKSPACE=tmpfs`` it is on a tmpfs of
+that size of its own (charged to the sandbox's memory cgroup); unprivileged it is on the state dir's disk,
+unbounded, which ``describe()`` and ``stockade doctor`` say. Not done yet: ``run_code`` and ``save-artifact``
+in a template sandbox (they start the host's python by path, whose ELF interpreter the image need not have).
 """
 
 from __future__ import annotations
@@ -132,10 +134,14 @@ class OverlayRoot:
     """One sandbox's overlay: ``<state>/overlay/<id>/{upper,work,root}``."""
 
     def __init__(self, state_dir: Path, sandbox_id: str, layer_dirs: list[Path], owner: int | None,
-                 size: int) -> None:
+                 size: int, writable: tuple[Path, Path] | None = None) -> None:
         self.base = state_dir / "overlay" / sandbox_id
         self.size = size             # the writable layer's bound (filesystem.workspace_size), where root mounts
         self.upper, self.work, self.merged = self.base / "upper", self.base / "work", self.base / "root"
+        # (upper, work) on the sandbox's workspace disk image, made there by the workspace (as root)
+        self.on_disk = writable is not None
+        if writable is not None:
+            self.upper, self.work = writable
         self.layer_dirs = layer_dirs
         self.owner = owner           # the sandbox's host uid when root mounts (None: bwrap mounts)
         self.mounted = False
@@ -143,14 +149,15 @@ class OverlayRoot:
     def create(self) -> None:
         (self.base.parent).mkdir(mode=0o711, exist_ok=True)
         self.base.mkdir(mode=0o711)
-        if self.owner is not None:
-            # The upper and work dirs live on a tmpfs of filesystem.workspace_size: what the sandbox writes
-            # in its root ends in ENOSPC there (and is charged to its memory cgroup, as its workspace is),
-            # never on the host's disk or its /run.
-            _mount(["-t", "tmpfs", "-o", f"size={self.size},mode=0711,nosuid,nodev", "tmpfs", str(self.base)],
-                   "cannot mount the template sandbox's writable layer")
-        for d in (self.upper, self.work):
-            d.mkdir(mode=0o755)
+        if not self.on_disk:
+            if self.owner is not None:
+                # No disk workspace (STOCKADE_WORKSPACE=tmpfs): the upper and work dirs live on a tmpfs of
+                # filesystem.workspace_size, so what the sandbox writes in its root ends in ENOSPC there
+                # (charged to its memory cgroup, as its workspace is), never on the host's disk or its /run.
+                _mount(["-t", "tmpfs", "-o", f"size={self.size},mode=0711,nosuid,nodev", "tmpfs", str(self.base)],
+                       "cannot mount the template sandbox's writable layer")
+            for d in (self.upper, self.work):
+                d.mkdir(mode=0o755)
         if self.owner is not None:
             self.merged.mkdir(mode=0o755)
             lower = ":".join(str(d) for d in reversed(self.layer_dirs))  # the kernel wants the top first
@@ -224,8 +231,10 @@ def _mount(args: list[str], what: str) -> None:
 
 
 def remove(base: Path) -> None:
-    """Unmount and delete one sandbox's overlay directory (idempotent): the overlay, then (as root) the
-    tmpfs its writable layer is on, which takes the sandbox's writes with it."""
+    """Unmount and delete one sandbox's overlay directory (idempotent): the overlay, then (as root, with a
+    tmpfs workspace) the tmpfs its writable layer is on, which takes the sandbox's writes with it. With a
+    disk workspace the writable layer is on the sandbox's image, which the workspace's removal frees, and
+    only the empty mount point is left here; run this first (the overlay keeps the image busy)."""
     for mount_point in (base / "root", base):
         if os.path.ismount(mount_point):
             subprocess.run(["umount", "-l", str(mount_point)], capture_output=True, timeout=30)
