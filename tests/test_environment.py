@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from stockade import environment
+
 from .wheels import make_wheel
 
 HOSTILE = "import os\nopen({mark!r}, 'a').write('%d %s\\n' % (os.getpid(), {name!r}))\n"
@@ -110,6 +112,7 @@ def built_env(tmp_path_factory: pytest.TempPathFactory, wheelhouse: Path) -> Pat
     assert r.returncode == 0, r.stderr
     shutil.copytree(wheelhouse, top / "wheels")
     make_wheel(top / "wheels", "stockadeextra", "2.0", "VALUE = 'installed inside'\n")
+    make_wheel(top / "wheels", "stockadetiny", "2.0", "def main():\n    print('tiny 2.0 ran')\n", script="main")
     for d, _, files in os.walk(top / "wheels"):
         os.chmod(d, 0o755)
         for f in files:
@@ -135,8 +138,46 @@ def test_pip_and_console_scripts_inside_a_sandbox_are_the_environments_own(built
     r = run_in_sandbox(built_env, "command -v pip; pip --version; python3 -m pip --version; stockadetiny-hello")
     assert r.returncode == 0, r.stderr
     lines = r.stdout.splitlines()
-    assert lines[0] == "/opt/stockade/env/bin/pip"
+    assert lines[0] == "/home/user/.local/bin/pip"  # the workspace venv's, on the environment's pip
     assert lines[1].startswith("pip ") and "from /opt/stockade/env/lib/" in lines[1]
     assert lines[2].startswith("pip ") and "from /opt/stockade/env/lib/" in lines[2]
     assert lines[3] == "tiny script ran"
 
+
+
+def _tree(top: Path) -> dict[str, tuple[int, int]]:
+    return {os.path.join(d, n): (st.st_size, st.st_mtime_ns) for d, _, files in os.walk(top) for n in files
+            if (st := os.lstat(os.path.join(d, n)))}
+
+
+def test_pip_installs_into_the_workspace_and_upgrades_shadow_the_shared_environment(built_env: Path):
+    """`pip install` writes to /home/user/.local; `--upgrade` of a package the read-only environment has
+    installs the new version there, which wins on import and on PATH, and never touches the environment;
+    `pip uninstall` removes the workspace's copy and says it leaves the environment's alone."""
+    before = _tree(built_env / "env")
+    shared = f"{environment.MOUNT}/lib/{next((built_env / 'env' / 'lib').glob('python3*')).name}/site-packages"
+    pip = "pip install --no-index --find-links /wheels"
+    version = "python3 -c 'import importlib.metadata as m, stockadetiny; print(m.version(\"stockadetiny\"), " \
+              "stockadetiny.__file__)'"
+    r = run_in_sandbox(built_env, f"""set -e
+        {pip} -q stockadeextra
+        python3 -c 'import stockadeextra; print(stockadeextra.VALUE, stockadeextra.__file__)'
+        echo ---; {pip} --upgrade stockadetiny 2>&1; echo ---
+        {version}; command -v stockadetiny-hello; stockadetiny-hello
+        echo ---; pip uninstall -y stockadetiny 2>&1; {version}; stockadetiny-hello
+        echo ---; pip uninstall -y stockadetiny 2>&1; {version}""")
+    assert r.returncode == 0, r.stdout + r.stderr
+    extra, upgrade, upgraded, first, second = r.stdout.split("---\n")
+    site = "/home/user/.local/lib/python3."
+    assert extra.startswith("installed inside " + site) and "/site-packages/stockadeextra.py" in extra
+    assert "Successfully installed stockadetiny-2.0" in upgrade, upgrade
+    assert "outside environment /home/user/.local" in upgrade, upgrade  # pip left the shared 1.0 where it is
+    assert "Read-only" not in r.stdout + r.stderr and "Permission denied" not in r.stdout + r.stderr
+    lines = upgraded.splitlines()
+    assert lines[0].startswith("2.0 " + site) and lines[1:] == ["/home/user/.local/bin/stockadetiny-hello",
+                                                                 "tiny 2.0 ran"], upgraded
+    assert "Successfully uninstalled stockadetiny-2.0" in first, first
+    assert first.splitlines()[-2:] == [f"1.0 {shared}/stockadetiny.py", "tiny script ran"], first
+    assert f"Not uninstalling stockadetiny at {shared}, outside environment /home/user/.local" in second, second
+    assert second.splitlines()[-1] == f"1.0 {shared}/stockadetiny.py", second
+    assert _tree(built_env / "env") == before
