@@ -162,6 +162,8 @@ def test_pip_installs_into_the_workspace_and_upgrades_shadow_the_shared_environm
     r = run_in_sandbox(built_env, f"""set -e
         {pip} -q stockadeextra
         python3 -c 'import stockadeextra; print(stockadeextra.VALUE, stockadeextra.__file__)'
+        echo "$VIRTUAL_ENV"; test ! -e ~/.cache/pip && echo no pip cache
+        {pip} --user stockadeextra 2>&1 || echo "--user refused"
         echo ---; {pip} --upgrade stockadetiny 2>&1; echo ---
         {version}; command -v stockadetiny-hello; stockadetiny-hello
         echo ---; pip uninstall -y stockadetiny 2>&1; {version}; stockadetiny-hello
@@ -170,6 +172,8 @@ def test_pip_installs_into_the_workspace_and_upgrades_shadow_the_shared_environm
     extra, upgrade, upgraded, first, second = r.stdout.split("---\n")
     site = "/home/user/.local/lib/python3."
     assert extra.startswith("installed inside " + site) and "/site-packages/stockadeextra.py" in extra
+    assert extra.splitlines()[1:3] == ["/home/user/.local", "no pip cache"], extra
+    assert "User site-packages are not visible in this virtualenv" in extra and "--user refused" in extra
     assert "Successfully installed stockadetiny-2.0" in upgrade, upgrade
     assert "outside environment /home/user/.local" in upgrade, upgrade  # pip left the shared 1.0 where it is
     assert "Read-only" not in r.stdout + r.stderr and "Permission denied" not in r.stdout + r.stderr
