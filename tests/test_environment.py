@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from stockade import environment
+from stockade.errors import SandboxUnavailableError
 
 from .wheels import make_wheel
 
@@ -185,3 +186,36 @@ def test_pip_installs_into_the_workspace_and_upgrades_shadow_the_shared_environm
     assert f"Not uninstalling stockadetiny at {shared}, outside environment /home/user/.local" in second, second
     assert second.splitlines()[-1] == f"1.0 {shared}/stockadetiny.py", second
     assert _tree(built_env / "env") == before
+
+
+def test_workspace_venv_layout_follows_the_environment(built_env: Path, tmp_path: Path):
+    """The files the runtime places at /home/user/.local come from the built environment: its interpreter,
+    a twin of each script on the workspace python, the shared site-packages after the workspace's; a script
+    the environment gains later (an `env build` while a server runs) gets its twin at the next start."""
+    import shutil
+
+    env = tmp_path / "env"
+    shutil.copytree(built_env / "env", env, symlinks=True)
+    venv = environment.workspace_venv(env)
+    files = {path: content for path, content, _ in venv.files}
+    links = dict((path, target) for target, path in venv.symlinks)
+    assert links["/home/user/.local/bin/python3"] == os.readlink(env / "bin" / "python3")
+    lib = next((env / "lib").glob("python3*")).name
+    assert f"/home/user/.local/lib/{lib}/site-packages" in venv.dirs
+    assert files[f"/home/user/.local/lib/{lib}/site-packages/_stockade_shared_env.pth"] == \
+        f"import site; site.addsitedir('{environment.MOUNT}/lib/{lib}/site-packages')\n".encode()
+    cfg = files["/home/user/.local/pyvenv.cfg"].decode()
+    assert "include-system-site-packages = false" in cfg and "home = " in cfg and environment.MOUNT not in cfg
+    for name in ("pip", "stockadetiny-hello"):
+        assert files[f"/home/user/.local/bin/{name}"].startswith(b"#!/home/user/.local/bin/python3\n"), name
+    assert not any(environment.MOUNT.encode() in c for p, c in files.items() if "/bin/" in p)
+    script = env / "bin" / "stockadelater"
+    script.write_text(f"#!{environment.MOUNT}/bin/python3\nprint('later')\n")
+    os.utime(env / "bin", ns=(1, (env / "bin").stat().st_mtime_ns + 1))  # as a new install would move it
+    later = {path for path, _, _ in environment.workspace_venv(env).files}
+    assert "/home/user/.local/bin/stockadelater" in later
+    (env / "lib64").unlink()  # a broken environment (rebuilt: a new pyvenv.cfg) is refused by name
+    shutil.rmtree(env / "lib")
+    os.utime(env / "pyvenv.cfg", ns=(1, (env / "pyvenv.cfg").stat().st_mtime_ns + 1))
+    with pytest.raises(SandboxUnavailableError, match="0 site-packages directories"):
+        environment.workspace_venv(env)
