@@ -196,7 +196,7 @@ def test_env_show_lists_the_interpreter_and_the_packages(tmp_path):
     if not is_built(HostConfig.from_env().sandbox_env):
         pytest.skip("the sandbox environment is not built (stockade env build)")
     r = stockade("env", "show")
-    assert r.returncode == 0 and ": built" in r.stdout
+    assert r.returncode == 0 and ": built" in r.stdout and "/home/user/.local" in r.stdout
     lines = r.stdout.splitlines()
     assert lines[1].startswith("python 3.")
     names = {line.split()[0].lower(): line.split()[1] for line in lines[2:]}

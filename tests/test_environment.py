@@ -10,6 +10,9 @@ from pathlib import Path
 
 import pytest
 
+from stockade import environment
+from stockade.errors import SandboxUnavailableError
+
 from .wheels import make_wheel
 
 HOSTILE = "import os\nopen({mark!r}, 'a').write('%d %s\\n' % (os.getpid(), {name!r}))\n"
@@ -110,6 +113,7 @@ def built_env(tmp_path_factory: pytest.TempPathFactory, wheelhouse: Path) -> Pat
     assert r.returncode == 0, r.stderr
     shutil.copytree(wheelhouse, top / "wheels")
     make_wheel(top / "wheels", "stockadeextra", "2.0", "VALUE = 'installed inside'\n")
+    make_wheel(top / "wheels", "stockadetiny", "2.0", "def main():\n    print('tiny 2.0 ran')\n", script="main")
     for d, _, files in os.walk(top / "wheels"):
         os.chmod(d, 0o755)
         for f in files:
@@ -135,8 +139,83 @@ def test_pip_and_console_scripts_inside_a_sandbox_are_the_environments_own(built
     r = run_in_sandbox(built_env, "command -v pip; pip --version; python3 -m pip --version; stockadetiny-hello")
     assert r.returncode == 0, r.stderr
     lines = r.stdout.splitlines()
-    assert lines[0] == "/opt/stockade/env/bin/pip"
+    assert lines[0] == "/home/user/.local/bin/pip"  # the workspace venv's, on the environment's pip
     assert lines[1].startswith("pip ") and "from /opt/stockade/env/lib/" in lines[1]
     assert lines[2].startswith("pip ") and "from /opt/stockade/env/lib/" in lines[2]
     assert lines[3] == "tiny script ran"
 
+
+
+def _tree(top: Path) -> dict[str, tuple[int, int]]:
+    return {os.path.join(d, n): (st.st_size, st.st_mtime_ns) for d, _, files in os.walk(top) for n in files
+            if (st := os.lstat(os.path.join(d, n)))}
+
+
+def test_pip_installs_into_the_workspace_and_upgrades_shadow_the_shared_environment(built_env: Path):
+    """`pip install` writes to /home/user/.local; `--upgrade` of a package the read-only environment has
+    installs the new version there, which wins on import and on PATH, and never touches the environment;
+    `pip uninstall` removes the workspace's copy and says it leaves the environment's alone."""
+    before = _tree(built_env / "env")
+    shared = f"{environment.MOUNT}/lib/{next((built_env / 'env' / 'lib').glob('python3*')).name}/site-packages"
+    pip = "pip install --no-index --find-links /wheels"
+    version = "python3 -c 'import importlib.metadata as m, stockadetiny; print(m.version(\"stockadetiny\"), " \
+              "stockadetiny.__file__)'"
+    r = run_in_sandbox(built_env, f"""set -e
+        {pip} -q stockadeextra
+        python3 -c 'import stockadeextra; print(stockadeextra.VALUE, stockadeextra.__file__)'
+        echo "$VIRTUAL_ENV"; test ! -e ~/.cache/pip && echo no pip cache
+        {pip} --user stockadeextra 2>&1 || echo "--user refused"
+        echo ---; {pip} --upgrade stockadetiny 2>&1; echo ---
+        {version}; command -v stockadetiny-hello; stockadetiny-hello
+        echo ---; pip uninstall -y stockadetiny 2>&1; {version}; stockadetiny-hello
+        echo ---; pip uninstall -y stockadetiny 2>&1; {version}""")
+    assert r.returncode == 0, r.stdout + r.stderr
+    extra, upgrade, upgraded, first, second = r.stdout.split("---\n")
+    site = "/home/user/.local/lib/python3."
+    assert extra.startswith("installed inside " + site) and "/site-packages/stockadeextra.py" in extra
+    assert extra.splitlines()[1:3] == ["/home/user/.local", "no pip cache"], extra
+    assert "User site-packages are not visible in this virtualenv" in extra and "--user refused" in extra
+    assert "Successfully installed stockadetiny-2.0" in upgrade, upgrade
+    assert "outside environment /home/user/.local" in upgrade, upgrade  # pip left the shared 1.0 where it is
+    assert "Read-only" not in r.stdout + r.stderr and "Permission denied" not in r.stdout + r.stderr
+    lines = upgraded.splitlines()
+    assert lines[0].startswith("2.0 " + site) and lines[1:] == ["/home/user/.local/bin/stockadetiny-hello",
+                                                                 "tiny 2.0 ran"], upgraded
+    assert "Successfully uninstalled stockadetiny-2.0" in first, first
+    assert first.splitlines()[-2:] == [f"1.0 {shared}/stockadetiny.py", "tiny script ran"], first
+    assert f"Not uninstalling stockadetiny at {shared}, outside environment /home/user/.local" in second, second
+    assert second.splitlines()[-1] == f"1.0 {shared}/stockadetiny.py", second
+    assert _tree(built_env / "env") == before
+
+
+def test_workspace_venv_layout_follows_the_environment(built_env: Path, tmp_path: Path):
+    """The files the runtime places at /home/user/.local come from the built environment: its interpreter,
+    a twin of each script on the workspace python, the shared site-packages after the workspace's; a script
+    the environment gains later (an `env build` while a server runs) gets its twin at the next start."""
+    import shutil
+
+    env = tmp_path / "env"
+    shutil.copytree(built_env / "env", env, symlinks=True)
+    venv = environment.workspace_venv(env)
+    files = {path: content for path, content, _ in venv.files}
+    links = dict((path, target) for target, path in venv.symlinks)
+    assert links["/home/user/.local/bin/python3"] == os.readlink(env / "bin" / "python3")
+    lib = next((env / "lib").glob("python3*")).name
+    assert f"/home/user/.local/lib/{lib}/site-packages" in venv.dirs
+    assert files[f"/home/user/.local/lib/{lib}/site-packages/_stockade_shared_env.pth"] == \
+        f"import site; site.addsitedir('{environment.MOUNT}/lib/{lib}/site-packages')\n".encode()
+    cfg = files["/home/user/.local/pyvenv.cfg"].decode()
+    assert "include-system-site-packages = false" in cfg and "home = " in cfg and environment.MOUNT not in cfg
+    for name in ("pip", "stockadetiny-hello"):
+        assert files[f"/home/user/.local/bin/{name}"].startswith(b"#!/home/user/.local/bin/python3\n"), name
+    assert not any(environment.MOUNT.encode() in c for p, c in files.items() if "/bin/" in p)
+    script = env / "bin" / "stockadelater"
+    script.write_text(f"#!{environment.MOUNT}/bin/python3\nprint('later')\n")
+    os.utime(env / "bin", ns=(1, (env / "bin").stat().st_mtime_ns + 1))  # as a new install would move it
+    later = {path for path, _, _ in environment.workspace_venv(env).files}
+    assert "/home/user/.local/bin/stockadelater" in later
+    (env / "lib64").unlink()  # a broken environment (rebuilt: a new pyvenv.cfg) is refused by name
+    shutil.rmtree(env / "lib")
+    os.utime(env / "pyvenv.cfg", ns=(1, (env / "pyvenv.cfg").stat().st_mtime_ns + 1))
+    with pytest.raises(SandboxUnavailableError, match="0 site-packages directories"):
+        environment.workspace_venv(env)

@@ -98,7 +98,8 @@ def test_files_roundtrip(sandbox: Sandbox):
     assert sandbox.files.read("bin", format="bytes") == payload
     assert b"".join(sandbox.files.read("bin", format="stream")) == payload
     names = {e.name: e.type for e in sandbox.files.list(".")}
-    assert names == {"dir": "dir", "bin": "file"}
+    venv = sandbox.info().runtime["python_venv"]  # the workspace venv pip installs into (environment.py)
+    assert names == {"dir": "dir", "bin": "file", **({".local": "dir"} if venv == "/home/user/.local" else {})}
     deep = {e.path for e in sandbox.files.list("/home/user", depth=2)}
     assert "/home/user/dir/a.txt" in deep
     assert sandbox.files.exists("dir") and not sandbox.files.exists("nope")
@@ -147,7 +148,8 @@ def test_async_sandbox_mirrors_the_sync_api():
             assert (await h.wait()).stdout == "zz"
             await sb.files.write("f", b"data")
             assert await sb.files.read("f") == "data"
-            assert [e.name for e in await sb.files.list(".")] == ["f"]
+            venv = (await sb.info()).runtime["python_venv"]
+            assert {e.name for e in await sb.files.list(".")} == {"f", *([".local"] if venv else [])}
             assert await sb.files.exists("f")
             assert any(i.sandbox_id == sb.id for i in await AsyncSandbox.list())
             assert (await AsyncSandbox.connect(sb.id)).id == sb.id

@@ -364,8 +364,9 @@ def test_warm_pool_hands_out_fresh_sandboxes_once(shared_dir: Path) -> None:
         b = c.create()
         assert {a["sandbox_id"], b["sandbox_id"]} == set(warm_ids)
         assert c.run(a["sandbox_id"], "echo $GREETING; id -u").json()["stdout"] == "hello-a\n1000\n"
+        home = ".local\n" if b["runtime"]["python_venv"] else ""  # only the workspace venv (environment.py)
         assert c.run(b["sandbox_id"], "echo ${GREETING:-unset}; ls -A /tmp /home/user").json()["stdout"] == \
-            "unset\n/home/user:\n\n/tmp:\n"
+            f"unset\n/home/user:\n{home}\n/tmp:\n"
         if a["runtime"]["uid_isolation"]:
             assert a["runtime"]["host_uid"] != b["runtime"]["host_uid"]
         other = c.create(policy=base_policy(limits={"pids": 100}).model_dump(mode="json"))

@@ -209,14 +209,15 @@ def env_build(packages: list[str] = typer.Argument(None, help="Extra packages to
 def env_show() -> None:
     """Where the sandbox environment is, its interpreter and the packages in it, with versions."""
     from .config import HostConfig
-    from .environment import MOUNT, describe, is_built
+    from .environment import MOUNT, VENV, describe, is_built
 
     path = HostConfig.from_env().sandbox_env
     if not is_built(path):
         typer.echo(f"{path}: not built (run `stockade env build`)")
         return
     info = describe(path)
-    typer.echo(f"{path}: built (mounted at {MOUNT} in every sandbox)")
+    typer.echo(f"{path}: built (mounted read-only at {MOUNT} in every sandbox; `pip install` inside a sandbox "
+               f"writes to its own venv at {VENV})")
     typer.echo(f"python {info['version']} ({info['python']})")
     for name, version in info["packages"].items():  # type: ignore[attr-defined]
         typer.echo(f"{name} {version}")

@@ -15,12 +15,19 @@ import os
 import re
 import shutil
 import subprocess
+from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 
 from .config import HostConfig
 from .errors import SandboxUnavailableError
 
 MOUNT = "/opt/stockade/env"
+# The sandbox's own virtualenv, in its workspace: where `pip install` writes. See workspace_venv.
+VENV = "/home/user/.local"
+# pip's site configuration in VENV (pip reads sys.prefix/pip.conf). The workspace is a tmpfs charged to the
+# sandbox's memory: a wheel cache there would hold a second copy of every download.
+VENV_PIP_CONF = b"[global]\nno-cache-dir = true\ndisable-pip-version-check = true\n"
 # What run_code needs for rich results: IPython's shell, matplotlib's inline backend, and the data stack
 # agents reach for first.
 DEFAULT_PACKAGES = ("ipython>=8", "matplotlib-inline", "matplotlib", "numpy", "pandas")
@@ -107,6 +114,62 @@ def relocate(env: Path, host_paths: tuple[Path, ...]) -> None:
         raise SandboxUnavailableError(f"the sandbox environment {env} still names its host path in "
                                       f"{', '.join(sorted(left)[:10])}: inside a sandbox those would not work",
                                       "fix: remove the environment and run `stockade env build` again")
+
+
+@dataclass(frozen=True)
+class VenvLayout:
+    """The files of the workspace virtualenv, as paths inside the sandbox, in creation order."""
+
+    dirs: tuple[str, ...]
+    symlinks: tuple[tuple[str, str], ...]       # (link target, path)
+    files: tuple[tuple[str, bytes, int], ...]   # (path, content, mode)
+
+
+def workspace_venv(env: Path) -> VenvLayout:
+    """The virtualenv at VENV that every sandbox with the environment starts with: a few small files, no
+    package. Its python is the environment's interpreter, so sys.prefix is VENV (writable) while the
+    shared environment's site-packages, read-only at MOUNT, comes after VENV's own on sys.path (a .pth
+    file adds it, with its own .pth files). So pip does what it does in any venv with system site
+    packages: `pip install X` writes to VENV, its scripts to VENV/bin; a newer version of a shared package
+    is installed in VENV and wins on import, pip saying "Not uninstalling X at /opt/stockade/env/...,
+    outside environment /home/user/.local" instead of touching the shared one (pip only removes what is
+    under sys.prefix); `pip uninstall` of a shared package says the same and removes nothing. VENV's
+    site-packages exists from the start, so a running interpreter imports what is installed later (the
+    import system rereads a directory whose mtime changed). Every script of the environment's bin (pip,
+    ipython, ...) has a twin in VENV/bin, on VENV's python, so whichever one PATH finds sees VENV's
+    packages. Cached per environment state (its bin directory and pyvenv.cfg)."""
+    key = tuple((env / name).stat().st_mtime_ns for name in ("bin", "pyvenv.cfg"))
+    return _workspace_venv(env, key)
+
+
+@lru_cache(maxsize=4)
+def _workspace_venv(env: Path, _key: tuple[int, ...]) -> VenvLayout:
+    site = sorted(env.glob("lib/python3*/site-packages"))
+    if len(site) != 1:
+        raise SandboxUnavailableError(f"the sandbox environment {env} has {len(site)} site-packages directories "
+                                      "(expected one)", "fix: remove the environment and run `stockade env build`")
+    lib = site[0].relative_to(env)          # lib/python3.X/site-packages
+    cfg = [line for line in (env / "pyvenv.cfg").read_text().splitlines()
+           if line.partition("=")[0].strip() in ("home", "version", "executable")]
+    cfg.append("include-system-site-packages = false")
+    dirs = [VENV, f"{VENV}/bin"] + [f"{VENV}/{p}" for p in reversed(lib.parents) if str(p) != "."] + [f"{VENV}/{lib}"]
+    symlinks = [(os.readlink(env / "lib64"), f"{VENV}/lib64")] if (env / "lib64").is_symlink() else []
+    files = [(f"{VENV}/pyvenv.cfg", ("\n".join(cfg) + "\n").encode(), 0o644),
+             (f"{VENV}/pip.conf", VENV_PIP_CONF, 0o644),
+             (f"{VENV}/{lib}/_stockade_shared_env.pth",
+              f"import site; site.addsitedir({f'{MOUNT}/{lib}'!r})\n".encode(), 0o644)]
+    for path in sorted((env / "bin").iterdir()):
+        if path.is_symlink():  # python, python3, python3.X: the environment's interpreter, as the env has it
+            target = os.readlink(path)
+            symlinks.append((target if target.startswith("/") or "/" not in target else f"{MOUNT}/bin/{target}",
+                             f"{VENV}/bin/{path.name}"))
+        elif path.is_file():
+            data = path.read_bytes()
+            if b"\0" in data[:4096] or MOUNT.encode() not in data:
+                continue  # only scripts that name the environment have a twin
+            files.append((f"{VENV}/bin/{path.name}", data.replace(MOUNT.encode(), VENV.encode()),
+                          path.stat().st_mode & 0o777))
+    return VenvLayout(tuple(dirs), tuple(symlinks), tuple(files))
 
 
 def isolated_env() -> dict[str, str]:

@@ -122,7 +122,7 @@ def test_with_the_network_off_tools_say_so_at_once(make_sandbox):
     assert "response 403" in run("git clone -q https://git.example.test/x.git /tmp/x")
     for url in ("http://pkg.example.test/", "https://pkg.example.test/"):
         assert NETWORK_OFF in run(f"python3 -c \"import urllib.request; urllib.request.urlopen('{url}')\"")
-    pip = "/opt/stockade/env/bin/python -m pip" if sb.files.exists("/opt/stockade/env/bin/python") else ""
+    pip = "pip" if sb.files.exists("/home/user/.local/bin/pip") else ""  # the workspace venv's (environment.py)
     if pip:
         out = run(f"{pip} install --no-cache-dir --index-url https://pkg.example.test/simple nothing-here")
         assert NETWORK_OFF in out and "No matching distribution" in out
@@ -510,9 +510,8 @@ def test_pip_installs_from_an_allowed_index_and_git_clones_over_https(make_sandb
                                    "allow_private": ["127.0.0.1/32"]})
         sb.files.write("ca.pem", cert.read_text())
         url = f"https://pkgs.example.test:{server.port}"
-        r = sb.commands.run(f"python3 -m pip install -q --no-cache-dir --cert ca.pem --index-url {url}/simple "
-                            "--target /tmp/site stockade-demo && PYTHONPATH=/tmp/site python3 -c "
-                            "'import stockade_demo; print(stockade_demo.VERSION)'", timeout=60)
+        r = sb.commands.run(f"python3 -m pip install -q --cert ca.pem --index-url {url}/simple stockade-demo && "
+                            "python3 -c 'import stockade_demo; print(stockade_demo.VERSION)'", timeout=60)
         assert r.stdout.strip().endswith("1.0"), r.stderr
         r = sb.commands.run(f"git -c http.sslCAInfo=ca.pem clone -q {url}/repo.git clone && cat clone/README",
                             timeout=60)
@@ -521,6 +520,67 @@ def test_pip_installs_from_an_allowed_index_and_git_clones_over_https(make_sandb
         assert hosts == {"pkgs.example.test"}
     finally:
         server.close()
+
+
+@pytest.fixture
+def package_index(tmp_path: Path) -> Iterator[tuple[StaticHTTPS, Path]]:
+    """A package index over HTTPS (pkgs.example.test through the broker) with three small projects:
+    stockade-demo, stockadehello (a console script stockadehello-hello) and stockademagic."""
+    from ..wheels import make_wheel
+
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    self_signed(cert, key, "pkgs.example.test")
+    root = tmp_path / "www"
+    wheels = {"stockade-demo": lambda d: _wheel(d, "stockade_demo", "1.0"),
+              "stockadehello": lambda d: make_wheel(d, "stockadehello", "1.0",
+                                                    "def main():\n    print('hello from a pip-installed script')\n",
+                                                    script="main"),
+              "stockademagic": lambda d: make_wheel(d, "stockademagic", "1.0", "VALUE = 'installed by %pip'\n")}
+    for project, build in wheels.items():
+        (root / "simple" / project).mkdir(parents=True)
+        whl = build(root / "simple" / project)
+        (root / "simple" / project / "index.html").write_text(f'<a href="{whl.name}">{whl.name}</a>\n')
+    server = StaticHTTPS(root, cert, key)
+    yield server, cert
+    server.close()
+
+
+def test_pip_install_is_seen_by_new_processes_and_running_code_contexts(make_sandbox, package_index, lookups):
+    """Plain `pip install` (the shell's, `!pip` and `%pip` in run_code) writes to the sandbox's workspace
+    venv: a new python3, the context that ran it and a context started before it import the package, and
+    its console script is on PATH. The shared environment stays importable."""
+    server, cert = package_index
+    url = f"https://pkgs.example.test:{server.port}/simple"
+    sb = make_sandbox(network={"mode": "allowlist", "allow": [f"pkgs.example.test:{server.port}"],
+                               "allow_private": ["127.0.0.1/32"]},
+                      envs={"PIP_INDEX_URL": url, "PIP_CERT": "/home/user/ca.pem"})
+    sb.files.write("ca.pem", cert.read_text())
+    if sb.commands.run("python3 -c 'import IPython'").exit_code != 0:
+        pytest.skip("the sandbox environment is not built (stockade env build): run_code has no IPython")
+    before = sb.create_code_context()
+    ex = sb.run_code("import importlib.util\nprint(importlib.util.find_spec('stockade_demo'))", context=before)
+    assert ex.error is None and "".join(ex.logs.stdout) == "None\n", ex
+    r = sb.commands.run("pip install stockade-demo stockadehello", timeout=60)
+    assert r.exit_code == 0, r.stdout + r.stderr
+    assert "Read-only file system" not in r.stdout + r.stderr
+    r = sb.commands.run("python3 -c 'import stockade_demo, numpy; print(stockade_demo.__file__, stockade_demo.VERSION)'"
+                        "; command -v stockadehello-hello; stockadehello-hello")
+    where, script, said = r.stdout.splitlines()
+    assert where.startswith("/home/user/.local/lib/python3.") and where.endswith(
+        "/site-packages/stockade_demo/__init__.py 1.0"), r.stderr
+    assert (script, said) == ("/home/user/.local/bin/stockadehello-hello", "hello from a pip-installed script")
+    ex = sb.run_code("import stockade_demo, stockadehello\nprint(stockade_demo.VERSION)", context=before)
+    assert ex.error is None and "".join(ex.logs.stdout) == "1.0\n", ex  # the same interpreter, not restarted
+    ex = sb.run_code("%pip install -q stockademagic\nimport stockademagic\nprint(stockademagic.VALUE)")
+    assert ex.error is None and "".join(ex.logs.stdout).endswith("\ninstalled by %pip\n"), ex
+    ex = sb.run_code("!command -v pip\n!pip install stockademagic\nimport sys, stockademagic\nprint(sys.executable)",
+                     context=before)
+    out = "".join(ex.logs.stdout).replace("\r\n", "\n")  # `!` runs on a terminal
+    assert ex.error is None and out.startswith("/home/user/.local/bin/pip\n"), ex
+    # (pip names the place relative to the current directory, /home/user)
+    assert "Requirement already satisfied: stockademagic in ./.local/lib/python3." in out, ex
+    assert out.endswith("\n/home/user/.local/bin/python3\n"), ex
+    assert sb.commands.run("python3 -c 'import stockademagic'").exit_code == 0
 
 
 def test_host_groups_from_the_hosts_configuration(make_sandbox, upstream, lookups, tmp_path, backend_manager):

@@ -232,7 +232,7 @@ class JailSandbox(RuntimeSandbox):
         # sandbox environment (a venv of the host's python) is not bound there.
         self.use_env = runtime.sandbox_env is not None and spec.template is None
         self.python = (f"{template_root.PY_SO_DIR}/python3" if spec.template else
-                       f"{environment.MOUNT}/bin/python3" if runtime.sandbox_env else runtime.image.python)
+                       f"{environment.VENV}/bin/python3" if runtime.sandbox_env else runtime.image.python)
         self.lock: Lock | None = None
         self.uid: UidLease | None = None
         self.cgroup: cgroups.Cgroup | None = None
@@ -316,7 +316,9 @@ class JailSandbox(RuntimeSandbox):
         reader, writer = await asyncio.open_unix_connection(sock=host_sock)
         self.channel = AgentChannel(reader, writer)
         try:
-            env = rootfs.sandbox_env({}, f"{environment.MOUNT}/bin" if self.use_env else None)
+            env = rootfs.sandbox_env({}, f"{environment.VENV}/bin:{environment.MOUNT}/bin" if self.use_env else None)
+            if self.use_env:  # as an activated venv: tools that look for one (uv, poetry) find the workspace's
+                env["VIRTUAL_ENV"] = environment.VENV
             home = rt.layout.home
             if self.lease is not None:  # the image's environment and working directory, under the caller's
                 config = self.lease.resolved.config
@@ -375,6 +377,14 @@ class JailSandbox(RuntimeSandbox):
         argv += ["--proc", "/proc", "--dev", "/dev", *workspace.shm_args(fs.tmp_size),
                  *(self.workspace.bwrap_args(rootfs.HOME) if self.workspace is not None else
                    workspace.tmpfs_args(rootfs.HOME, fs.workspace_size, fs.tmp_size))]
+        if self.use_env and rt.sandbox_env is not None:  # the workspace venv pip installs into (environment.py)
+            venv = environment.workspace_venv(rt.sandbox_env)
+            for d in venv.dirs:
+                argv += ["--perms", "0755", "--dir", d]
+            for target, path in venv.symlinks:
+                argv += ["--symlink", target, path]
+            for path, content, mode in venv.files:
+                argv += ["--perms", f"{mode:04o}", "--file", data(path.rsplit("/", 1)[1], content), path]
         masked_files, masked_dirs = rootfs.masked_proc()
         for path in masked_files:
             argv += ["--dev-bind", "/dev/null", path]
@@ -444,6 +454,7 @@ class JailSandbox(RuntimeSandbox):
             "controls": {c: c in rt.cgroups.parents for c in cgroups.CONTROLLERS},
             "seccomp": True,
             "python_env": environment.MOUNT if self.use_env else None,
+            "python_venv": environment.VENV if self.use_env else None,  # where pip installs (the workspace's)
             # what run_code uses: IPython from the sandbox environment, else the stdlib fallback
             "code_interpreter": "ipython" if self.use_env else "stdlib",
             "template": self.template,
