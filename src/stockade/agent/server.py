@@ -175,6 +175,8 @@ class Agent(Contexts, Files, ArtifactSink, Bridge):
         if h.get("user") is not None:
             self.become(int(h["user"][0]), int(h["user"][1]))
         self.home = h.get("home") or self.home  # the runtime's layout says where it is
+        if h.get("workspace"):
+            _place(h["workspace"])
         self.env = dict(h["env"])
         for name, value in h["rlimits"].items():
             res = getattr(resource, "RLIMIT_" + name.upper())
@@ -211,6 +213,24 @@ class Agent(Contexts, Files, ArtifactSink, Bridge):
         """More variables for everything started from now on (a warm sandbox gets its caller's here)."""
         self.env.update({str(k): str(v) for k, v in h["env"].items()})
         self.send({"id": rid, "ev": "ok"})
+
+
+def _place(tree: dict) -> None:
+    """Files the runtime could not place before the start (its workspace is a tmpfs the agent's kernel
+    makes, gVisor's): directories, symlinks, then files, as the agent's effective user."""
+    import binascii
+
+    for d in tree.get("dirs", ()):
+        os.makedirs(d, 0o755, exist_ok=True)
+    for target, path in tree.get("symlinks", ()):
+        os.symlink(target, path)
+    for path, data, mode in tree.get("files", ()):
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, int(mode))
+        try:
+            os.write(fd, binascii.a2b_base64(data))
+        finally:
+            os.close(fd)
+        os.chmod(path, int(mode))  # the umask may have taken bits the runtime asked for
 
 
 def main() -> None:

@@ -7,9 +7,11 @@ every frame's shape (``channel.validate``), and callers check the values they us
 
 from __future__ import annotations
 
+import base64
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from .. import environment
 from .channel import AgentChannel, CellPending, CommandPending, Header, Pending, ReadPending, StreamPending
 
 # The file operations the host may ask for, and the arguments each takes (anything else is refused here,
@@ -25,12 +27,18 @@ class AgentClient:
 
     # ---- start and identity --------------------------------------------------------------------
     async def hello(self, env: Mapping[str, str], rlimits: Mapping[str, int], nproc: int, home: str,
-                    timeout: float, user: tuple[int, int] | None = None) -> Header:
+                    timeout: float, user: tuple[int, int] | None = None,
+                    workspace: environment.VenvLayout | None = None) -> Header:
         """The first request: the agent sets its environment and home and lowers its own rlimits before
         anything runs. ``user``: (uid, gid) the agent, started as root, takes for itself and its commands
-        while keeping an identity they cannot signal (see the agent's ``become``)."""
+        while keeping an identity they cannot signal (see the agent's ``become``). ``workspace``: what the
+        agent creates in the workspace before anything runs, for a runtime that cannot place it itself."""
+        tree = None if workspace is None else {
+            "dirs": list(workspace.dirs), "symlinks": [list(pair) for pair in workspace.symlinks],
+            "files": [[path, base64.b64encode(content).decode(), mode] for path, content, mode in workspace.files]}
         return await self.channel.call({"op": "hello", "env": dict(env), "rlimits": dict(rlimits), "nproc": nproc,
-                                        "home": home, "user": list(user) if user else None}, timeout=timeout)
+                                        "home": home, "user": list(user) if user else None, "workspace": tree},
+                                       timeout=timeout)
 
     async def setenv(self, env: Mapping[str, str]) -> None:
         await self.channel.call({"op": "setenv", "env": dict(env)})

@@ -213,7 +213,7 @@ class GvisorSandbox(RuntimeSandbox):
         self.files = dict(spec.files)
         self.bundle = runtime.bundles / spec.id
         self.egress = StreamListener(runtime.net_dir / spec.id, spec.egress) if spec.egress else None
-        self.python = f"{environment.MOUNT}/bin/python3" if runtime.sandbox_env else runtime.image.python
+        self.python = f"{environment.VENV}/bin/python3" if runtime.sandbox_env else runtime.image.python
         self.lock: Lock | None = None
         self.cgroup: cgroups.Cgroup | None = None
         self.proc: subprocess.Popen[bytes] | None = None
@@ -263,11 +263,16 @@ class GvisorSandbox(RuntimeSandbox):
         self.channel = AgentChannel(reader, writer)
         self.channel.explain_end = self._end_reason
         try:
-            env = rootfs.sandbox_env({}, f"{environment.MOUNT}/bin" if rt.sandbox_env else None)
+            # the workspace venv pip installs into (environment.workspace_venv), made by the agent: the
+            # Sentry's tmpfs has nothing in it before the start
+            venv = environment.workspace_venv(rt.sandbox_env) if rt.sandbox_env else None
+            env = rootfs.sandbox_env({}, f"{environment.VENV}/bin:{environment.MOUNT}/bin" if venv else None)
+            if venv is not None:
+                env["VIRTUAL_ENV"] = environment.VENV
             env.update(envs)
             rlimits = {"nofile": lim.open_files, "fsize": lim.file_size, "core": 0}
             await self.agent.hello(env, rlimits, lim.pids, rootfs.HOME, START_TIMEOUT,
-                                   user=(rootfs.SANDBOX_UID, rootfs.SANDBOX_GID))
+                                   user=(rootfs.SANDBOX_UID, rootfs.SANDBOX_GID), workspace=venv)
         except SandboxUnavailableError:
             if self.proc is not None:
                 with contextlib.suppress(subprocess.TimeoutExpired):
@@ -312,6 +317,7 @@ class GvisorSandbox(RuntimeSandbox):
             "controls": {c: c in rt.cgroups.parents for c in cgroups.CONTROLLERS},
             "seccomp": True,   # the jail's rules, applied by the Sentry to every task (--oci-seccomp)
             "python_env": environment.MOUNT if rt.sandbox_env else None,
+            "python_venv": environment.VENV if rt.sandbox_env else None,  # where pip installs (the workspace's)
             "code_interpreter": "ipython" if rt.sandbox_env else "stdlib",
             "template": None,
             "root_write_limit": "read-only",
