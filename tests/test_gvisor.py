@@ -207,3 +207,26 @@ def test_a_server_whose_default_is_gvisor_hands_out_warm_gvisor_sandboxes():
             sb.kill()
     finally:
         server.stop()
+
+
+@needs_gvisor
+def test_the_workspace_is_disk_its_size_is_enospc_not_an_oom_and_nothing_is_left():
+    from .conftest import sandbox_traces
+
+    sb = Sandbox.create(policy=base_policy(limits={"memory": "256MiB"},
+                                           filesystem={"workspace_size": "600MiB", "tmp_size": "32MiB"}),
+                        runtime="gvisor")
+    try:
+        facts = sb.info().runtime
+        if facts["workspace_backing"] != "disk image":
+            pytest.fail(f"gVisor's workspace is {facts['workspace_backing']} on this root host")
+        r = sb.commands.run("dd if=/dev/zero of=/home/user/fill bs=1M count=700", timeout=120)
+        assert r.exit_code != 0 and "No space left" in r.stderr, r.stderr
+        assert 500 << 20 < int(sb.commands.run("stat -c %s /home/user/fill").stdout) <= 600 << 20
+        r = sb.commands.run("dd if=/dev/zero of=/tmp/fill bs=1M count=64")
+        assert "No space left" in r.stderr and int(sb.commands.run("stat -c %s /tmp/fill").stdout) <= 32 << 20
+        assert sb.commands.run("echo alive").stdout == "alive\n"
+        assert sb.commands.run("stat -c %U /home/user /home/user/fill").stdout.split() == ["user", "user"]
+    finally:
+        sb.kill()
+    assert sandbox_traces(facts, sb.sandbox_id) == []

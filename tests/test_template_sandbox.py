@@ -1,5 +1,6 @@
 """Sandboxes whose root is a template: the image's files, the sandbox's own copy-on-write layer, the agent
-in an image without python, teardown, and the isolation basics on a template root.
+in an image without python, teardown, and the isolation basics on a template root, on every runtime (the
+jail and gVisor, where it can run here).
 
 The image is built here: the host's dash as /bin/sh and cat, with the C library and loader they need, a few
 files, a world-writable file under /usr/bin and a sticky world-writable directory (so the sandbox's uid
@@ -18,10 +19,11 @@ import pytest
 
 from stockade import Policy, Sandbox
 from stockade.errors import PolicyError
-from stockade.runtime.jail.runtime import JailRuntime
+from stockade.runtime.registry import runtime_class
 from stockade.templates import TemplateInUseError, TemplateStore, import_image
 
 from . import template_images as ti
+from .conformance.conftest import RUNTIMES_UNDER_TEST, UNMET
 from .conftest import base_policy
 
 pytestmark = pytest.mark.skipif(not os.path.exists("/proc/self/ns/user"), reason="needs user namespaces")
@@ -71,12 +73,20 @@ def template(store: TemplateStore, tmp_path_factory: pytest.TempPathFactory) -> 
         store.remove(name)
 
 
+@pytest.fixture(params=RUNTIMES_UNDER_TEST)
+def runtime(request: pytest.FixtureRequest) -> str:
+    if UNMET[request.param] is not None:
+        pytest.skip(UNMET[request.param])
+    return str(request.param)
+
+
 @pytest.fixture
-def make(template: str) -> Iterator[Callable[..., Sandbox]]:
+def make(template: str, runtime: str) -> Iterator[Callable[..., Sandbox]]:
     made: list[Sandbox] = []
 
     def create(**kwargs: object) -> Sandbox:
-        sb = Sandbox.create(policy=base_policy(), template=template, **kwargs)  # type: ignore[arg-type]
+        sb = Sandbox.create(policy=base_policy(), template=template, runtime=runtime,  # type: ignore[arg-type]
+                            **kwargs)
         made.append(sb)
         return sb
 
@@ -129,7 +139,8 @@ def test_writes_anywhere_stay_in_the_sandbox_own_layer(make, store: TemplateStor
         assert _run(second, "[ -e /etc/new ] || echo absent") == "absent\n"
 
 
-def test_teardown_removes_the_layer_and_releases_the_template(make, store: TemplateStore, template: str):
+def test_teardown_removes_the_layer_and_releases_the_template(make, store: TemplateStore, template: str,
+                                                              runtime: str):
     sb = make()
     _run(sb, "echo data > /srv/app/file")
     described = sb.info().runtime
@@ -139,32 +150,32 @@ def test_teardown_removes_the_layer_and_releases_the_template(make, store: Templ
     assert described["root_write_limit"] == (Policy().filesystem.workspace_size if os.geteuid() == 0 else None)
     with pytest.raises(TemplateInUseError):
         store.remove(template)
-    runtime = JailRuntime()
-    layer_dir = runtime.overlay_dir / sb.sandbox_id
+    host = runtime_class(runtime)()
+    layer_dir = host.overlay_dir / sb.sandbox_id
     assert layer_dir.is_dir()
-    assert any("template overlay" in t for t in runtime.leftovers(sb.sandbox_id))
+    assert any("template overlay" in t for t in host.leftovers(sb.sandbox_id))
     sb.kill()
     # (processes are not asked for here: another sandbox on this host may get the same uid at once)
-    assert runtime.leftovers(sb.sandbox_id) == []
+    assert host.leftovers(sb.sandbox_id) == []
     assert not layer_dir.exists()
     assert store.in_use(template) is None
 
 
-def test_the_sweep_removes_a_writable_layer_a_dead_process_left():
-    runtime = JailRuntime()
-    stale = runtime.overlay_dir / f"sbx-stale{secrets.token_hex(4)}"
+def test_the_sweep_removes_a_writable_layer_a_dead_process_left(runtime: str):
+    host = runtime_class(runtime)()
+    stale = host.overlay_dir / f"sbx-stale{secrets.token_hex(4)}"
     (stale / "upper" / "usr").mkdir(parents=True)
     (stale / "upper" / "usr" / "written").write_text("left behind")
     (stale / "work").mkdir()
-    assert any("template overlay" in t for t in runtime.leftovers(stale.name))
-    assert stale.name in asyncio.run(runtime.sweep_stale())
+    assert any("template overlay" in t for t in host.leftovers(stale.name))
+    assert stale.name in asyncio.run(host.sweep_stale())
     assert not stale.exists()
-    assert runtime.leftovers(stale.name) == []
+    assert host.leftovers(stale.name) == []
 
 
-def test_an_unknown_template_is_refused_naming_it():
+def test_an_unknown_template_is_refused_naming_it(runtime: str):
     with pytest.raises(PolicyError) as err:
-        Sandbox.create(policy=base_policy(), template="no-such-template")
+        Sandbox.create(policy=base_policy(), template="no-such-template", runtime=runtime)
     assert err.value.field == "template"
     assert "no-such-template" in str(err.value)
 
@@ -221,7 +232,8 @@ def test_stockade_run_takes_a_template(template: str, tmp_path: Path):
     assert r.returncode == 2 and "template" in r.stderr and "no-such-template" in r.stderr
 
 
-def test_image_symlinks_never_lead_the_host_to_create_mount_points_outside(store: TemplateStore, tmp_path: Path):
+def test_image_symlinks_never_lead_the_host_to_create_mount_points_outside(store: TemplateStore, tmp_path: Path,
+                                                                           runtime: str):
     """An image whose /home, /opt and /etc/hostname are symlinks out of it (absolute and through ..): root
     makes bwrap's mount points in the merged tree, and must follow none of them onto the host."""
     marker = tmp_path / "host"
@@ -234,7 +246,7 @@ def test_image_symlinks_never_lead_the_host_to_create_mount_points_outside(store
     import_image(store, name, f"oci:{tmp_path}/img")
     try:
         try:
-            with Sandbox.create(policy=base_policy(), template=name) as sb:
+            with Sandbox.create(policy=base_policy(), template=name, runtime=runtime) as sb:
                 sb.commands.run(["/bin/sh", "-c", "echo x > /home/user/f"])
         except Exception as exc:  # noqa: BLE001 - refusing to start is fine; writing on the host is not
             assert "sandbox" in str(exc).lower() or "mount" in str(exc).lower(), exc
@@ -246,12 +258,13 @@ def test_image_symlinks_never_lead_the_host_to_create_mount_points_outside(store
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="as root the writable layer is on the workspace's disk image; "
                     "unprivileged it is the state dir's disk, unbounded (doctor says so)")
-def test_the_writable_root_is_bounded_by_the_workspace_size_on_disk_not_in_memory(template: str) -> None:
+def test_the_writable_root_is_bounded_by_the_workspace_size_on_disk_not_in_memory(template: str,
+                                                                                   runtime: str) -> None:
     """What a template sandbox writes in its root ends in ENOSPC at filesystem.workspace_size, not on the
     host's disk and not in memory (more than limits.memory fits, no OOM kill); its root and /home/user share
     the bound, and the rest of its root stays usable."""
     policy = {"limits": {"memory": "128MiB"}, "filesystem": {"workspace_size": "200MiB"}}
-    with Sandbox.create(template=template, policy=policy) as sb:
+    with Sandbox.create(template=template, policy=policy, runtime=runtime) as sb:
         described = sb.info().runtime
         assert described["root_write_limit"] == 200 << 20 and described["workspace_backing"] == "disk image"
         r = sb.commands.run("cat /dev/zero > /big; echo rc=$?", timeout=120)  # the image has only sh and cat
@@ -265,13 +278,14 @@ def test_the_writable_root_is_bounded_by_the_workspace_size_on_disk_not_in_memor
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="as root the host tears down the root's mounts; unprivileged "
                     "the layer is removed by a tree walk that follows no symlink (test_teardown_... covers it)")
-def test_a_symlink_planted_in_the_root_does_not_steer_the_teardown(template: str, shared_dir: Path) -> None:
+def test_a_symlink_planted_in_the_root_does_not_steer_the_teardown(template: str, shared_dir: Path,
+                                                                    runtime: str) -> None:
     canary = shared_dir / "canary"
     canary.mkdir()
     (canary / "keep").write_text("host file")
     # the image has no ln: the host's (it needs only the C library the image has) is mounted in
     mounts = [{"source": os.path.realpath("/bin/ln"), "target": "/opt/ln"}]
-    sb = Sandbox.create(template=template, policy=base_policy(filesystem={"mounts": mounts}))
+    sb = Sandbox.create(template=template, policy=base_policy(filesystem={"mounts": mounts}), runtime=runtime)
     try:
         described = sb.info().runtime
         _run(sb, f"/opt/ln -s {canary} /planted && /opt/ln -s {canary} /srv/app/planted && "
@@ -279,4 +293,33 @@ def test_a_symlink_planted_in_the_root_does_not_steer_the_teardown(template: str
     finally:
         sb.kill()
     assert (canary / "keep").read_text() == "host file"
-    assert JailRuntime().leftovers(sb.sandbox_id, described) == []
+    assert runtime_class(runtime)().leftovers(sb.sandbox_id, described) == []
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="as root the overlay is the host's mount; unprivileged it is in "
+                    "bwrap's own mount namespace, under the caller's state dir")
+def test_no_other_host_user_reaches_the_sandbox_root_layer(make, runtime: str) -> None:
+    """The merged root and the writable layer are the sandbox's own: no other host user may list or read
+    them (uid 1000, whom gVisor's sandbox user maps to on the host, and nobody)."""
+    sb = make()
+    _run(sb, "echo mine > /srv/app/written")
+    base = runtime_class(runtime)().overlay_dir / sb.sandbox_id
+    targets = [base / "root" / "srv/app", base / "root" / "srv/app/written", base / "upper"]
+    for uid in (1000, 65534):
+        pid = os.fork()
+        if pid == 0:  # the child: become the host user, then try each path
+            code = 0
+            try:
+                os.setgroups([])
+                os.setresgid(uid, uid, uid)
+                os.setresuid(uid, uid, uid)
+                for target in targets:
+                    try:
+                        os.listdir(target) if target.name != "written" else target.read_bytes()
+                        code = 1
+                    except (PermissionError, FileNotFoundError, NotADirectoryError):
+                        pass
+            finally:
+                os._exit(code)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0, f"host uid {uid} reached the sandbox's root layer"

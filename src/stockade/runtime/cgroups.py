@@ -95,6 +95,33 @@ def _detect_v2(root: Path, parent_name: str) -> CgroupHost:
     return host
 
 
+def v1_cpuset_mount() -> Path | None:
+    """Where the v1 cpuset hierarchy is mounted, if it is."""
+    return next((Path(mp) for fstype, mp, opts in _mounts() if fstype == "cgroup" and "cpuset" in opts), None)
+
+
+def fill_v1_cpuset(mountpoint: Path, parent_name: str) -> str | None:
+    """Make ``parent_name`` (and each directory above it) in a v1 cpuset hierarchy with its parent's CPUs and
+    memory nodes. runsc gives every container a cpuset cgroup under the parent and creates missing
+    directories itself, but a v1 cpuset directory starts with none of either and does not take its parent's
+    (unless cgroup.clone_children, a host-wide setting), so writing the container's CPUs fails with EACCES.
+    Returns why it could not, or None."""
+    current = mountpoint
+    for part in (p for p in parent_name.split("/") if p):
+        child = current / part
+        problem = _prepare_dir(child)
+        if problem:
+            return problem
+        for name in ("cpuset.cpus", "cpuset.mems"):
+            try:
+                if not (child / name).read_text().strip():
+                    _write(child / name, (current / name).read_text().strip())
+            except OSError as exc:
+                return f"cannot set {child / name} from {current / name}: {exc.strerror}"
+        current = child
+    return None
+
+
 def _prepare_dir(path: Path) -> str | None:
     try:
         path.mkdir(exist_ok=True)

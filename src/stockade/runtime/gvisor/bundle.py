@@ -5,6 +5,12 @@ generated /etc files, the agent at the same paths, tmpfs for /home/user, /tmp an
 sizes, the sandbox environment, the broker's socket directory and the policy's mounts. gVisor's Sentry
 serves all of it from its own kernel: /proc, /sys and the clocks are its own, so nothing of the host's
 /proc needs masking here.
+
+A template sandbox's root is instead its overlay (``template_root.OverlayRoot``, mounted by the host: the
+template's layers under the sandbox's own writable layer), writable, and the agent runs on the host's
+python through its own loader under /opt/stockade/python, as in the jail; the host's system paths are not
+bound there. Its mount points are made in the overlay from its descriptor, following no symlink of the
+image: one that meets a symlink is left to runsc, which resolves it inside the sandbox's root.
 """
 
 from __future__ import annotations
@@ -21,9 +27,17 @@ from ... import environment
 from ...policy import Policy
 from ..agent_files import AGENT_ZIP, SAVE_ARTIFACT
 from ..base import SandboxLayout
-from ..jail import rootfs, seccomp
+from ..jail import rootfs, seccomp, template_root
 
 AGENT_CAPS = ["CAP_SETUID", "CAP_SETGID", "CAP_SETPCAP"]
+
+
+@dataclass(frozen=True)
+class TemplateRootfs:
+    """A template sandbox's root: its mounted overlay, and the host python the agent runs on there."""
+
+    merged: Path
+    python: tuple[Path, str, str]   # template_root.host_python(): its directory, stdlib, stdlib's place inside
 
 
 @dataclass(frozen=True)
@@ -71,24 +85,36 @@ def _tmpfs(target: str, size: int, mode: str, owner: int | None = None) -> dict[
 
 def write(bundle: Path, *, policy: Policy, layout: SandboxLayout, static: Static, image: rootfs.SystemImage,
           sandbox_env: Path | None, egress_dir: Path | None, files: Mapping[str, bytes], cgroups_path: str | None,
-          host_pids: int, cpus: list[int], channel_fd: int, mounts_checked: list[tuple[str, str, bool]]) -> None:
-    """Write config.json and the root's mount points under ``bundle`` (a new, empty directory)."""
+          host_pids: int, cpus: list[int], channel_fd: int, mounts_checked: list[tuple[str, str, bool]],
+          workspace: tuple[str, str] | None = None, template: TemplateRootfs | None = None) -> None:
+    """Write config.json under ``bundle`` (a new, empty directory) and the root's mount points: in the
+    bundle's own empty root, or in a template sandbox's overlay."""
     fs, lim = policy.filesystem, policy.limits
-    root = bundle / "rootfs"
-    root.mkdir(mode=0o755)
+    if template is None:
+        root = bundle / "rootfs"
+        root.mkdir(mode=0o755)
+    else:
+        root = template.merged
     mounts: list[dict[str, object]] = [
         {"destination": "/proc", "type": "proc", "source": "proc"},
         {"destination": "/dev", "type": "tmpfs", "source": "tmpfs", "options": ["nosuid", "mode=755"]},
         {"destination": "/dev/pts", "type": "devpts", "source": "devpts",
          "options": ["nosuid", "noexec", "newinstance", "ptmxmode=0666", "mode=0620"]},
         _tmpfs("/dev/shm", fs.tmp_size, "1777"),
-        _tmpfs("/tmp", fs.tmp_size, "1777"),
-        _tmpfs(rootfs.HOME, fs.workspace_size, "0755", rootfs.SANDBOX_UID),
     ]
-    mounts += [_bind(path, path) for path in image.binds]
-    if image.python_prefix_fd_source:
-        mounts.append(_bind(image.python_prefix_fd_source, rootfs.PYTHON_MOUNT))
-    if sandbox_env is not None:
+    if workspace is not None:  # the disk images' directories (home, tmp), bound read-write
+        mounts += [_bind(workspace[1], "/tmp", writable=True), _bind(workspace[0], rootfs.HOME, writable=True)]
+    else:
+        mounts += [_tmpfs("/tmp", fs.tmp_size, "1777"),
+                   _tmpfs(rootfs.HOME, fs.workspace_size, "0755", rootfs.SANDBOX_UID)]
+    if template is None:
+        mounts += [_bind(path, path) for path in image.binds]
+        if image.python_prefix_fd_source:
+            mounts.append(_bind(image.python_prefix_fd_source, rootfs.PYTHON_MOUNT))
+    else:
+        so_dir, stdlib, stdlib_inside = template.python
+        mounts += [_bind(str(so_dir), template_root.PY_SO_DIR), _bind(stdlib, stdlib_inside)]
+    if sandbox_env is not None and template is None:
         mounts.append(_bind(str(sandbox_env), environment.MOUNT))
     if egress_dir is not None:
         mounts.append(_bind(str(egress_dir), os.path.dirname(layout.broker)))
@@ -104,19 +130,17 @@ def write(bundle: Path, *, policy: Policy, layout: SandboxLayout, static: Static
         host.chmod(0o444)
         mounts.append(_bind(str(host), path))
     mounts += [_bind(source, target, writable) for source, target, writable in mounts_checked]
-    for target, path in image.links:
-        os.symlink(target, root / path.lstrip("/"))
-    for mount in mounts:  # the root is read-only, so runsc cannot make its mount points: they are made here
-        point = root / str(mount["destination"]).lstrip("/")
-        if point.is_symlink() or point.exists():
-            continue
-        source = str(mount["source"])
-        is_file = mount["type"] == "bind" and os.path.exists(source) and not os.path.isdir(source)
-        point.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
-        if is_file:
-            point.touch(mode=0o444)
-        else:
-            point.mkdir(mode=0o755)
+    if template is None:
+        for target, path in image.links:
+            os.symlink(target, root / path.lstrip("/"))
+        _make_mount_points(root, mounts)
+    else:
+        root_fd = os.open(root, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        try:
+            for mount in mounts:
+                template_root.make_at(root_fd, str(mount["destination"]), directory=not _is_file(mount))
+        finally:
+            os.close(root_fd)
     resources: dict[str, object] = {
         "memory": {"limit": lim.memory, "swap": lim.memory},
         # the quota is the limit; the cpuset is what the Sentry counts as its CPUs (nproc, os.cpu_count(),
@@ -125,6 +149,12 @@ def write(bundle: Path, *, policy: Policy, layout: SandboxLayout, static: Static
                 "cpus": ",".join(str(c) for c in cpus)},
         "pids": {"limit": host_pids},
     }
+    agent_zip = f"{rootfs.AGENT_DIR}/{AGENT_ZIP}"
+    if template is None:
+        agent_args, agent_env = [image.python, "-E", "-s", "-S", "-B", agent_zip, str(channel_fd)], []
+    else:  # the host's python through its own loader; PYTHONHOME finds its stdlib (commands get the hello's env)
+        agent_args = template_root.agent_argv(template_root.PY_SO_DIR, agent_zip, channel_fd)
+        agent_env = [f"PYTHONHOME={template_root.PY_DIR}"]
     config = {
         "ociVersion": "1.0.2",
         "process": {
@@ -134,14 +164,15 @@ def write(bundle: Path, *, policy: Policy, layout: SandboxLayout, static: Static
             # (agent ``become``); it drops the bounding set, and its commands run with no capability.
             "user": {"uid": 0, "gid": 0},
             # the agent lowers its own rlimits before it runs anything
-            "args": [image.python, "-E", "-s", "-S", "-B", f"{rootfs.AGENT_DIR}/{AGENT_ZIP}", str(channel_fd)],
-            "env": [],
+            "args": agent_args,
+            "env": agent_env,
             "cwd": rootfs.HOME,
             "capabilities": {**{k: AGENT_CAPS for k in ("bounding", "effective", "permitted")},
                              "inheritable": [], "ambient": []},
             "noNewPrivileges": True,
         },
-        "root": {"path": "rootfs", "readonly": True},
+        # a template's root stays writable: its writes go to the sandbox's own layer (the overlay's upper dir)
+        "root": {"path": "rootfs" if template is None else str(root), "readonly": template is None},
         "hostname": "sandbox",
         "mounts": mounts,
         "linux": {
@@ -152,3 +183,21 @@ def write(bundle: Path, *, policy: Policy, layout: SandboxLayout, static: Static
         },
     }
     (bundle / "config.json").write_text(json.dumps(config))
+
+
+def _is_file(mount: Mapping[str, object]) -> bool:
+    source = str(mount["source"])
+    return mount["type"] == "bind" and os.path.exists(source) and not os.path.isdir(source)
+
+
+def _make_mount_points(root: Path, mounts: list[dict[str, object]]) -> None:
+    """In the bundle's own root, which is read-only, so runsc cannot make its mount points."""
+    for mount in mounts:
+        point = root / str(mount["destination"]).lstrip("/")
+        if point.is_symlink() or point.exists():
+            continue
+        point.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
+        if _is_file(mount):
+            point.touch(mode=0o444)
+        else:
+            point.mkdir(mode=0o755)

@@ -1,6 +1,7 @@
 """Starting and tearing down a gVisor sandbox: one runsc container per sandbox, the agent its init.
 
-Order of a start: lock -> the sandbox's cgroup (the shared cgroups module: runsc is told its path and joins
+Order of a start: lock -> a template's lease, the workspace images and the template's overlay -> the
+sandbox's cgroup (the shared cgroups module: runsc is told its path and joins
 it, so the Sentry, the gofer and everything inside are charged to the policy's limits) -> the broker's
 socket -> the bundle -> `runsc run` with the channel as the container's stdio -> hello/ready, where the
 agent lowers its rlimits (gVisor enforces RLIMIT_NPROC, so limits.pids means what it means in the jail).
@@ -29,11 +30,13 @@ from ...agent import protocol
 from ...config import HostConfig
 from ...errors import PolicyError, SandboxUnavailableError, UnenforceableError
 from ...policy import format_size
+from ...templates import Lease, TemplateStore
 from .. import cgroups
 from ..agent_files import compiled_agent
 from ..base import Runtime, RuntimeSandbox, SandboxLayout, SandboxSpec
 from ..channel import AgentChannel
-from ..jail import rootfs
+from ..jail import rootfs, template_root, workspace
+from ..jail.config import workspace_choice
 from ..locks import Lock, lock_is_stale
 from . import bundle as bundle_mod
 from . import runsc as runsc_mod
@@ -77,8 +80,20 @@ class GvisorRuntime(Runtime):
         agent = compiled_agent(self.image.python_host, state)
         helper = (Path(protocol.__file__).parent / "stockade_artifacts.py").read_bytes()
         self.static = bundle_mod.Static.build(self.base / "static", agent, helper)
+        # /home/user and /tmp: the jail's per-sandbox disk images (ENOSPC at their sizes, not memory), bound
+        # into the container through the gofer; else tmpfs in the Sentry (memory, charged to its cgroup)
+        self.workspace = workspace.choose(True, workspace_choice(env.get("STOCKADE_WORKSPACE")))
+        self.workspace_dir = state / "workspace"
+        self.overlay_dir = state / "overlay"   # template sandboxes' overlays (the jail's layout: one sweep each)
+        self._templates: TemplateStore | None = None
         self.cgroups = cgroups.detect(env.get("STOCKADE_CGROUP_PARENT", "stockade"))
         self.cgroup_parent = env.get("STOCKADE_CGROUP_PARENT", "stockade").strip("/")
+        cpuset = cgroups.v1_cpuset_mount() if self.cgroups.version == 1 else None
+        problem = cgroups.fill_v1_cpuset(cpuset, self.cgroup_parent) if cpuset is not None else None
+        if problem:  # runsc pins each container's CPUs (limits.cpus) in a cpuset cgroup under this parent
+            raise SandboxUnavailableError(f"cannot prepare the cpuset cgroup runsc pins sandboxes' CPUs in: {problem}",
+                                          "fix: run as root with the cpuset hierarchy writable, or set "
+                                          "STOCKADE_CGROUP_PARENT to a cgroup you may write")
         self.sandbox_env = self.config.sandbox_env if environment.is_built(self.config.sandbox_env) else None
         self.flags = [self.runsc.path, "--root", str(self.runsc_root), f"--platform={self.runsc.platform}",
                       "--network=none", "--overlay2=none", "--cpu-num-from-quota", "--oci-seccomp"]
@@ -87,6 +102,12 @@ class GvisorRuntime(Runtime):
         self._prctl = ctypes.CDLL(None, use_errno=True).prctl
         self.host_cpus = sorted(os.sched_getaffinity(0))
         self._cpu_turn = itertools.count()
+
+    @property
+    def templates(self) -> TemplateStore:
+        if self._templates is None:
+            self._templates = TemplateStore(self.config.data_dir / "templates")
+        return self._templates
 
     @classmethod
     def unmet_requirement(cls) -> str | None:
@@ -132,8 +153,9 @@ class GvisorRuntime(Runtime):
         """Delete the containers, cgroups, bundles and broker sockets of sandboxes whose owner died."""
         swept: set[str] = set()
         names = self._container_ids()
-        for d in (self.bundles, self.net_dir):
-            names.update(e.name for e in os.scandir(d) if e.is_dir(follow_symlinks=False))
+        for d in (self.bundles, self.net_dir, self.workspace_dir, self.overlay_dir):
+            if d.is_dir():
+                names.update(e.name for e in os.scandir(d) if e.is_dir(follow_symlinks=False))
         for name in sorted(names):
             lock = self._lock_path(name)
             if not lock_is_stale(lock):
@@ -160,6 +182,10 @@ class GvisorRuntime(Runtime):
                 d.rmdir()
         shutil.rmtree(self.bundles / sandbox_id, ignore_errors=True)
         shutil.rmtree(self.net_dir / sandbox_id, ignore_errors=True)
+        if (self.overlay_dir / sandbox_id).exists():  # before the workspace, whose image holds its upper dir
+            await asyncio.to_thread(template_root.remove, self.overlay_dir / sandbox_id)
+        if (self.workspace_dir / sandbox_id).exists():  # after the gofer, which held the images' mounts
+            await asyncio.to_thread(workspace.remove, self.workspace_dir / sandbox_id)
 
     def leftovers(self, sandbox_id: str, described: Mapping[str, object] | None = None) -> list[str]:
         left = [f"process {pid} (runsc) serves the sandbox's bundle"
@@ -168,16 +194,19 @@ class GvisorRuntime(Runtime):
             left.append(f"runsc state for container {sandbox_id} in {self.runsc_root}")
         left += [f"cgroup {d}" for d in cgroups.Cgroup(self.cgroups, sandbox_id).dirs if d.exists()]
         left += [f"cgroup {d} (made by runsc)" for d in self._runsc_cgroups(sandbox_id)]
+        for d in (self.workspace_dir, self.overlay_dir):
+            left += [f"mount {p}" for p in workspace.mounts_under(d / sandbox_id)]
+        left += [f"loop device {dev} ({backing})"
+                 for dev, backing in workspace.loop_devices(self.config.data_dir, sandbox_id).items()]
         for path, what in ((self._lock_path(sandbox_id), "lock file"), (self.bundles / sandbox_id, "bundle"),
-                           (self.net_dir / sandbox_id, "broker socket directory")):
+                           (self.net_dir / sandbox_id, "broker socket directory"),
+                           (self.workspace_dir / sandbox_id, "workspace mount directory"),
+                           (self.overlay_dir / sandbox_id, "template overlay (writable layer) directory")):
             if path.exists():
                 left.append(f"{what} {path}")
         return left
 
     async def start(self, spec: SandboxSpec) -> GvisorSandbox:
-        if spec.template is not None:
-            raise PolicyError("template", "the gvisor runtime does not run templates yet: use runtime 'jail' "
-                              "for a template sandbox")
         missing = [c for c in cgroups.CONTROLLERS
                    if c not in self.cgroups.parents and c not in spec.policy.allow_missing_controls]
         if missing:
@@ -213,12 +242,19 @@ class GvisorSandbox(RuntimeSandbox):
         self.files = dict(spec.files)
         self.bundle = runtime.bundles / spec.id
         self.egress = StreamListener(runtime.net_dir / spec.id, spec.egress) if spec.egress else None
-        self.python = f"{environment.VENV}/bin/python3" if runtime.sandbox_env else runtime.image.python
+        self.template = spec.template
+        self.lease: Lease | None = None
+        self.overlay: template_root.OverlayRoot | None = None
+        # in a template sandbox the host's python runs only the agent, and the sandbox environment is not bound
+        self.sandbox_env = runtime.sandbox_env if spec.template is None else None
+        self.python = (f"{template_root.PY_SO_DIR}/python3" if spec.template else
+                       f"{environment.VENV}/bin/python3" if runtime.sandbox_env else runtime.image.python)
         self.lock: Lock | None = None
         self.cgroup: cgroups.Cgroup | None = None
         self.proc: subprocess.Popen[bytes] | None = None
         self.sentry_pid: int | None = None
         self.stderr_fd: int | None = None   # what runsc writes (a memfd): why a sandbox ended, if it says
+        self.workspace: workspace.DiskWorkspace | None = None
         # as many CPUs as limits.cpus, rounded up, turn by turn over the host's (as the jail pins them)
         n = min(len(runtime.host_cpus), max(1, math.ceil(spec.policy.limits.cpus)))
         start = next(runtime._cpu_turn) * n
@@ -229,6 +265,8 @@ class GvisorSandbox(RuntimeSandbox):
     async def _start(self, envs: Mapping[str, str]) -> None:
         rt, lim = self.runtime, self.policy.limits
         self.lock = Lock(rt._lock_path(self.id))
+        if self.template is not None:
+            self.lease = template_root.lease(rt.templates, self.template)
         mounts = []
         for i, mount in enumerate(self.policy.filesystem.mounts):
             if not os.path.exists(mount.source):
@@ -240,11 +278,32 @@ class GvisorSandbox(RuntimeSandbox):
             self.cgroup.create(lim.memory, host_pids, lim.cpus)
         if self.egress is not None:
             self.egress.start()
+        fs = self.policy.filesystem
+        if rt.workspace.disk:
+            self.workspace = workspace.DiskWorkspace(rt.config.state_dir, rt.config.data_dir, self.id,
+                                                     rootfs.SANDBOX_UID, fs.workspace_size, fs.tmp_size)
+            await asyncio.to_thread(self.workspace.create, self.lease is not None)
+            # Only the gofer (root) passes the mount points: no host user, uid 1000 included, may
+            for mount_point in (self.workspace.disk, self.workspace.tmp):
+                os.chown(mount_point, 0, 0)
+                os.chmod(mount_point, 0o700)
+        template = None
+        if self.lease is not None:
+            ws = self.workspace
+            self.overlay = template_root.OverlayRoot(rt.config.state_dir, self.id, self.lease.resolved.layer_dirs,
+                                                     rootfs.SANDBOX_UID, fs.workspace_size,
+                                                     (ws.upper, ws.work) if ws else None)
+            self.overlay.create()
+            os.chmod(self.overlay.base, 0o700)   # only the gofer: gid 1000 may be a host user's too
+            template = bundle_mod.TemplateRootfs(
+                self.overlay.merged, template_root.host_python(rt.image.python_host, rt.config.state_dir))
         self.bundle.mkdir(mode=0o700)
         bundle_mod.write(self.bundle, policy=self.policy, layout=self.layout, static=rt.static, image=rt.image,
-                         sandbox_env=rt.sandbox_env, egress_dir=self.egress.socket_dir if self.egress else None,
+                         sandbox_env=self.sandbox_env, egress_dir=self.egress.socket_dir if self.egress else None,
                          files=self.files, cgroups_path=f"/{rt.cgroup_parent}/{self.id}" if self.cgroup else None,
-                         host_pids=host_pids, cpus=self.cpus, channel_fd=CHANNEL_FD, mounts_checked=mounts)
+                         host_pids=host_pids, cpus=self.cpus, channel_fd=CHANNEL_FD, mounts_checked=mounts,
+                         workspace=(str(self.workspace.home), str(self.workspace.tmp_dir)) if self.workspace else None,
+                         template=template)
         argv = list(rt.flags)
         if self.egress is not None:
             argv.append("--host-uds=open")  # the Sentry may connect to the broker's socket (the only one bound)
@@ -265,13 +324,16 @@ class GvisorSandbox(RuntimeSandbox):
         try:
             # the workspace venv pip installs into (environment.workspace_venv), made by the agent: the
             # Sentry's tmpfs has nothing in it before the start
-            venv = environment.workspace_venv(rt.sandbox_env) if rt.sandbox_env else None
+            venv = environment.workspace_venv(self.sandbox_env) if self.sandbox_env else None
             env = rootfs.sandbox_env({}, f"{environment.VENV}/bin:{environment.MOUNT}/bin" if venv else None)
             if venv is not None:
                 env["VIRTUAL_ENV"] = environment.VENV
+            home = rootfs.HOME
+            if self.lease is not None:  # the image's environment and working directory, under the caller's
+                home = template_root.apply_image_config(self.lease.resolved.config, env) or home
             env.update(envs)
             rlimits = {"nofile": lim.open_files, "fsize": lim.file_size, "core": 0}
-            await self.agent.hello(env, rlimits, lim.pids, rootfs.HOME, START_TIMEOUT,
+            await self.agent.hello(env, rlimits, lim.pids, home, START_TIMEOUT,
                                    user=(rootfs.SANDBOX_UID, rootfs.SANDBOX_GID), workspace=venv)
         except SandboxUnavailableError:
             if self.proc is not None:
@@ -316,11 +378,13 @@ class GvisorSandbox(RuntimeSandbox):
             "cgroup_version": rt.cgroups.version,
             "controls": {c: c in rt.cgroups.parents for c in cgroups.CONTROLLERS},
             "seccomp": True,   # the jail's rules, applied by the Sentry to every task (--oci-seccomp)
-            "python_env": environment.MOUNT if rt.sandbox_env else None,
-            "python_venv": environment.VENV if rt.sandbox_env else None,  # where pip installs (the workspace's)
-            "code_interpreter": "ipython" if rt.sandbox_env else "stdlib",
-            "template": None,
-            "root_write_limit": "read-only",
+            "python_env": environment.MOUNT if self.sandbox_env else None,
+            "python_venv": environment.VENV if self.sandbox_env else None,  # where pip installs (the workspace's)
+            "code_interpreter": "ipython" if self.sandbox_env else "stdlib",
+            "template": self.template,
+            # a template's writable root: its upper dir is on the workspace image (or a tmpfs) of that size
+            "root_write_limit": "read-only" if self.template is None else self.policy.filesystem.workspace_size,
+            "workspace_backing": rt.workspace.name,
             "time_namespace": True,   # the Sentry's clocks: uptime and boot time are the sandbox's own
             "runsc_pid": self.proc.pid if self.proc else None,
             "sentry_host_pid": self._sentry_pid(),
@@ -359,6 +423,8 @@ class GvisorSandbox(RuntimeSandbox):
                 if self.stderr_fd is not None:
                     os.close(self.stderr_fd)
                     self.stderr_fd = None
+                if self.lease is not None:
+                    self.lease.release()
                 if self.lock is not None:
                     self.lock.release()
 

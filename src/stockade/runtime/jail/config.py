@@ -26,13 +26,14 @@ class JailConfig:
         return cls(uid_range=_uid_range(env.get("STOCKADE_UID_RANGE")), bwrap=env.get("STOCKADE_BWRAP") or None,
                    python=env.get("STOCKADE_PYTHON") or None,
                    cgroup_parent=env.get("STOCKADE_CGROUP_PARENT", "stockade"),
-                   workspace=_workspace(env.get("STOCKADE_WORKSPACE")))
+                   workspace=workspace_choice(env.get("STOCKADE_WORKSPACE")))
 
 
 WORKSPACE_CHOICES = ("auto", "disk", "tmpfs")
 
 
-def _workspace(text: str | None) -> str:
+def workspace_choice(text: str | None) -> str:
+    """STOCKADE_WORKSPACE, checked (every runtime with disk workspaces reads it)."""
     if not text:
         return "auto"
     if text not in WORKSPACE_CHOICES:

@@ -30,7 +30,7 @@ from ... import environment
 from ...agent import protocol
 from ...config import HostConfig
 from ...errors import PolicyError, SandboxUnavailableError, UnenforceableError
-from ...templates import Lease, TemplateNotFoundError, TemplateStore
+from ...templates import Lease, TemplateStore
 from .. import cgroups
 from ..agent_files import AGENT_ZIP, SAVE_ARTIFACT, compiled_agent
 from ..base import Runtime, RuntimeSandbox, SandboxSpec
@@ -253,11 +253,7 @@ class JailSandbox(RuntimeSandbox):
     async def _start(self, envs: Mapping[str, str]) -> None:
         rt = self.runtime
         if self.template is not None:
-            try:
-                self.lease = rt.templates.use(self.template)  # shared: `template rm` refuses while held
-            except TemplateNotFoundError:
-                raise PolicyError("template", f"no template named {self.template!r} on this host (see "
-                                  "`stockade template list`)") from None
+            self.lease = template_root.lease(rt.templates, self.template)
         self.lock = Lock(rt.config.state_dir / "sandboxes" / f"{self.id}.lock")
         if rt.uids is not None:
             self.uid = rt.uids.acquire()
@@ -321,11 +317,7 @@ class JailSandbox(RuntimeSandbox):
                 env["VIRTUAL_ENV"] = environment.VENV
             home = rt.layout.home
             if self.lease is not None:  # the image's environment and working directory, under the caller's
-                config = self.lease.resolved.config
-                env.update(config.env)
-                if "PATH" in config.env:
-                    env["PATH"] = f"{config.env['PATH']}:{rootfs.BIN_DIR}"
-                home = config.working_dir or home
+                home = template_root.apply_image_config(self.lease.resolved.config, env) or home
             env.update(envs)
             # The agent lowers its own rlimits before it runs anything (lowering needs no privilege,
             # and the same agent does it in every runtime); every process it starts inherits them.

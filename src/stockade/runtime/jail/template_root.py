@@ -42,12 +42,22 @@ import subprocess
 from functools import cache
 from pathlib import Path
 
-from ...errors import SandboxUnavailableError
+from ...errors import PolicyError, SandboxUnavailableError
+from ...templates import Lease, TemplateConfig, TemplateNotFoundError, TemplateStore
+from .rootfs import BIN_DIR
 
 PY_DIR = "/opt/stockade/python"          # PYTHONHOME of the agent in a template sandbox
 PY_SO_DIR = f"{PY_DIR}/so"               # the host python binary, its loader and libraries
 LOADER = "ld.so"
 
+
+def lease(store: TemplateStore, name: str) -> Lease:
+    """Hold template ``name`` for one sandbox (`template rm` refuses while it is held); unknown: PolicyError."""
+    try:
+        return store.use(name)
+    except TemplateNotFoundError:
+        raise PolicyError("template", f"no template named {name!r} on this host (see `stockade template list`)") \
+            from None
 
 
 @cache
@@ -159,6 +169,9 @@ class OverlayRoot:
             for d in (self.upper, self.work):
                 d.mkdir(mode=0o755)
         if self.owner is not None:
+            # only root and the sandbox's gid (bwrap runs as its uid) pass: no other host user reaches its root
+            os.chown(self.base, 0, self.owner)
+            os.chmod(self.base, 0o710)
             self.merged.mkdir(mode=0o755)
             lower = ":".join(str(d) for d in reversed(self.layer_dirs))  # the kernel wants the top first
             opts = f"lowerdir={lower},upperdir={self.upper},workdir={self.work}"
@@ -187,9 +200,9 @@ class OverlayRoot:
         root_fd = os.open(self.merged, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
         try:
             for path in dirs:
-                _make_at(root_fd, path, directory=True)
+                make_at(root_fd, path, directory=True)
             for path in files:
-                _make_at(root_fd, path, directory=False)
+                make_at(root_fd, path, directory=False)
         finally:
             os.close(root_fd)
 
@@ -197,7 +210,7 @@ class OverlayRoot:
         remove(self.base)
 
 
-def _make_at(root_fd: int, path: str, directory: bool) -> None:
+def make_at(root_fd: int, path: str, directory: bool) -> None:
     """Create ``path`` (relative to ``root_fd``) and its parents, following no symlink; stop quietly at one."""
     parts = [p for p in path.split("/") if p]
     if not parts:
@@ -261,10 +274,19 @@ def _rmtree(path: Path) -> None:
         shutil.rmtree(path, ignore_errors=True)
 
 
+def apply_image_config(config: TemplateConfig, env: dict[str, str]) -> str:
+    """Put the image's environment into ``env`` (its PATH, then stockade's tools); its working directory."""
+    env.update(config.env)
+    if "PATH" in config.env:
+        env["PATH"] = f"{config.env['PATH']}:{BIN_DIR}"
+    return config.working_dir
+
+
 def agent_argv(so_dir_inside: str, agent_zip: str, channel_fd: int) -> list[str]:
     """The agent's command line in a template sandbox: the host python through its own loader."""
     return [f"{so_dir_inside}/{LOADER}", "--library-path", so_dir_inside, f"{so_dir_inside}/python3",
             "-s", "-S", "-B", agent_zip, str(channel_fd)]
 
 
-__all__ = ["PY_DIR", "PY_SO_DIR", "OverlayRoot", "agent_argv", "host_python", "mount_points", "remove"]
+__all__ = ["PY_DIR", "PY_SO_DIR", "OverlayRoot", "agent_argv", "apply_image_config", "host_python", "lease",
+           "make_at", "mount_points", "remove"]
