@@ -134,3 +134,30 @@ def test_a_hybrid_host_is_driven_as_v1_and_a_bare_one_has_none(tmp_path, monkeyp
     _fake_mountinfo(tmp_path, monkeypatch, BASE_MOUNTS)
     bare = cgroups.detect.__wrapped__("stockade")
     assert bare.version is None and set(bare.problems) == set(cgroups.CONTROLLERS) and not bare.parents
+
+
+def test_a_v1_cpuset_parent_gets_its_parents_cpus_and_nodes_and_keeps_its_own(tmp_path):
+    """runsc makes each container's cpuset under the parent: a v1 cpuset made empty (as mkdir makes it)
+    holds no CPU, so the parent is filled from its own parent; one already set is left as it is."""
+    (tmp_path / "cpuset.cpus").write_text("0-1\n")
+    (tmp_path / "cpuset.mems").write_text("0\n")
+    for name, cpus in (("fresh", ""), ("set", "1")):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "cpuset.cpus").write_text(cpus)
+        (tmp_path / name / "cpuset.mems").write_text("")
+    assert cgroups.fill_v1_cpuset(tmp_path, "fresh") is None
+    assert (tmp_path / "fresh/cpuset.cpus").read_text() == "0-1"
+    assert (tmp_path / "fresh/cpuset.mems").read_text() == "0"
+    assert cgroups.fill_v1_cpuset(tmp_path, "/set/") is None
+    assert (tmp_path / "set/cpuset.cpus").read_text() == "1"
+    # a directory that is no cpuset cgroup (no cpuset files appear in it) is a reason, not a crash
+    problem = cgroups.fill_v1_cpuset(tmp_path, "fresh/plain")
+    assert problem is not None and "plain/cpuset.cpus" in problem
+
+
+def test_this_host_s_v1_cpuset_parent_can_hold_a_cpu():
+    mount = cgroups.v1_cpuset_mount()
+    if mount is None or os.geteuid() != 0:
+        pytest.skip("needs root and a v1 cpuset hierarchy")
+    assert cgroups.fill_v1_cpuset(mount, "stockade") is None
+    assert (mount / "stockade/cpuset.cpus").read_text().strip() and (mount / "stockade/cpuset.mems").read_text().strip()
