@@ -19,7 +19,8 @@ from .conftest import ROOT, base_policy
 
 RUNSC_INSTALLED = any(os.access(p, os.X_OK) for p in ("/usr/local/bin/runsc", "/usr/bin/runsc")) or bool(
     os.environ.get("STOCKADE_RUNSC"))
-needs_gvisor = pytest.mark.skipif(not (ROOT and RUNSC_INSTALLED), reason="the gvisor runtime needs root and runsc")
+# (as root: an ordinary user's gVisor is rootless, checked by its own test below and by the conformance suite)
+needs_gvisor = pytest.mark.skipif(not (ROOT and RUNSC_INSTALLED), reason="checks gVisor as root, with runsc")
 
 
 @pytest.fixture
@@ -65,13 +66,6 @@ def test_the_agent_runs_under_an_identity_commands_cannot_signal(gsb):
     assert mine["Uid"].split() == ["1000"] * 4 and int(mine["CapPrm"], 16) == 0
 
 
-@needs_gvisor
-def test_a_template_is_refused_on_gvisor_with_the_field():
-    with pytest.raises(PolicyError, match="template") as info:
-        Sandbox.create(policy=base_policy(), runtime="gvisor", template="anything")
-    assert info.value.field == "template"
-
-
 @pytest.mark.skipif(not ROOT or not os.path.exists(os.environ.get("STOCKADE_TEST_OLD_RUNSC", "/usr/bin/runsc")),
                     reason="needs root and Debian 12's runsc (CI installs it)")
 def test_a_runsc_without_pass_fd_is_refused_with_the_reason(tmp_path, monkeypatch):
@@ -89,15 +83,34 @@ def test_a_runsc_without_pass_fd_is_refused_with_the_reason(tmp_path, monkeypatc
         pytest.skip(f"{old} is a current runsc")
     with pytest.raises(SandboxUnavailableError, match="too old.*--pass-fd") as info:
         GvisorRuntime(config)
+    assert "outlive" in str(info.value) and "/proc/1" in str(info.value)  # what it was measured to miss
     assert "go install gvisor.dev/gvisor/runsc" in info.value.advice
 
 
-@pytest.mark.skipif(ROOT, reason="checks the refusal an ordinary user gets")
-def test_an_ordinary_user_is_told_gvisor_needs_root():
-    from stockade.runtime.gvisor.runtime import GvisorRuntime
+@pytest.mark.skipif(ROOT or not RUNSC_INSTALLED, reason="what an ordinary user gets: rootless runsc")
+def test_an_ordinary_user_gets_rootless_gvisor_and_is_told_what_it_gives_up():
+    from stockade.errors import UnenforceableError
 
-    with pytest.raises(SandboxUnavailableError, match="needs root"):
-        GvisorRuntime()
+    with pytest.raises(UnenforceableError) as info:  # no cgroups: refused unless the policy accepts it
+        Sandbox.create(policy=Policy(), runtime="gvisor")
+    assert "limits.memory/pids/cpu" in str(info.value) and "rootless" in str(info.value)
+    sb = Sandbox.create(policy=base_policy(), runtime="gvisor")
+    try:
+        facts = sb.info().runtime
+        assert facts["rootless"] is True and facts["host_uid"] == os.geteuid()
+        assert facts["workspace_backing"] == "tmpfs" and facts["controls"] == dict.fromkeys(facts["controls"], False)
+        assert "gvisor" in sb.commands.run("uname -r").stdout
+        assert sb.commands.run("id -u; echo x > /home/user/f && cat /home/user/f").stdout == "1000\nx\n"
+        r = sb.commands.run("kill -9 1; echo $?")   # the agent is as out of reach as under root
+        assert "Operation not permitted" in r.stderr and sb.commands.run("echo alive").stdout == "alive\n"
+        # RLIMIT_NPROC in the Sentry holds limits.pids without a pids cgroup
+        limits = sb.commands.run("grep 'Max processes' /proc/self/limits").stdout.split()
+        assert limits[2] == limits[3] == str(Policy().limits.pids - 1), limits
+    finally:
+        sb.kill()
+    with pytest.raises(PolicyError) as refused:
+        Sandbox.create(policy=base_policy(), runtime="gvisor", template="anything")
+    assert refused.value.field == "template" and "as root only" in str(refused.value)
 
 
 def test_the_oci_profile_carries_the_jail_rules():

@@ -198,17 +198,19 @@ def check_gvisor(config: HostConfig) -> Check:
     from .runtime.gvisor import runsc
 
     name = "runtime gvisor"
-    if os.geteuid() != 0:
-        return Check(name, False, "needs root here (runsc with the policy's cgroups)", "run as root, or use the "
-                     "jail runtime", required=False)
     try:
         found = runsc.probe(runsc.locate(os.environ.get("STOCKADE_RUNSC") or None), config.state_dir,
                             os.environ.get("STOCKADE_GVISOR_PLATFORM") or None)
     except StockadeError as exc:
         return Check(name, False, str(exc).split("\n")[0], getattr(exc, "advice", ""), required=False)
     tried = "; ".join(f"{p}: {why}" for p, why in found.platforms.items())
-    return Check(name, True, f"{found.path} ({found.version}) runs on the {found.platform} platform "
-                 f"[{tried}]; the sandbox's system calls go to gVisor's kernel, not the host's")
+    summary = (f"{found.path} ({found.version}) runs on the {found.platform} platform [{tried}]; the sandbox's "
+               "system calls go to gVisor's kernel, not the host's")
+    if os.geteuid() != 0:
+        return Check(name, False, f"{summary}; rootless (an ordinary user): no cgroups (memory, pids, cpu), the "
+                     "workspace in memory, no templates", "run as root for gVisor with the policy's limits",
+                     required=False)
+    return Check(name, True, summary)
 
 
 def verdict(checks: list[Check]) -> str:

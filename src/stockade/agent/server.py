@@ -15,6 +15,7 @@ Compatible with the python3 of current Debian and Ubuntu releases.
 from __future__ import annotations
 
 import _signal
+import errno
 import os
 import select
 import sys
@@ -204,8 +205,13 @@ class Agent(Contexts, Files, ArtifactSink, Bridge):
         os.setgroups([])
         os.setresgid(gid, gid, gid)
         for cap in range(64):
-            if self.prctl(PR_CAPBSET_DROP, cap, 0, 0, 0) != 0 and cap < 41:  # 41+: unknown to this kernel
+            # EINVAL: a capability this kernel does not know (41+ on Linux 6.x)
+            if self.prctl(PR_CAPBSET_DROP, cap, 0, 0, 0) != 0 and _errno_get() != errno.EINVAL:
                 raise OSError(_errno_get(), f"prctl(PR_CAPBSET_DROP, {cap}) failed")
+        with open("/proc/self/status") as f:  # and nothing it knows is left
+            bounding = next((line.split()[1] for line in f if line.startswith("CapBnd:")), None)
+        if bounding is not None and int(bounding, 16) != 0:
+            raise OSError(errno.EPERM, f"the bounding set is {bounding} after dropping every capability")
         os.setresuid(0, uid, 0)
         self.user_uid = uid
 

@@ -7,6 +7,11 @@ socket -> the bundle -> `runsc run` with the channel as the container's stdio ->
 agent lowers its rlimits (gVisor enforces RLIMIT_NPROC, so limits.pids means what it means in the jail).
 `runsc run` is our child and dies with us (PR_SET_PDEATHSIG); its Sentry and gofer die with it, and the
 next start's sweep deletes what runsc kept of the container.
+
+As an ordinary user runsc runs rootless (``--rootless``: its own user namespace, the caller's uid its root)
+and gives up what needs root on the host: cgroups (memory, pids and cpu are missing controls, accepted by
+the policy or refused, as in the unprivileged jail; RLIMIT_NPROC in the Sentry still holds limits.pids),
+the disk workspace (tmpfs in the Sentry) and templates (the host mounts their overlay).
 """
 
 from __future__ import annotations
@@ -58,11 +63,7 @@ class GvisorRuntime(Runtime):
 
     def __init__(self, config: HostConfig | None = None) -> None:
         self.config = config or HostConfig.from_env()
-        if os.geteuid() != 0:
-            raise SandboxUnavailableError(
-                "the gvisor runtime needs root here: stockade runs runsc with cgroups and its own uid per "
-                "container, and rootless runsc (--rootless) cannot join a cgroup of the policy's limits",
-                "fix: run as root, or use runtime 'jail' (which runs unprivileged)")
+        self.rootless = os.geteuid() != 0
         state = self.config.state_dir
         state.mkdir(parents=True, exist_ok=True, mode=0o755)
         self.base = state / "gvisor"
@@ -82,13 +83,16 @@ class GvisorRuntime(Runtime):
         self.static = bundle_mod.Static.build(self.base / "static", agent, helper)
         # /home/user and /tmp: the jail's per-sandbox disk images (ENOSPC at their sizes, not memory), bound
         # into the container through the gofer; else tmpfs in the Sentry (memory, charged to its cgroup)
-        self.workspace = workspace.choose(True, workspace_choice(env.get("STOCKADE_WORKSPACE")))
+        self.workspace = workspace.choose(not self.rootless, workspace_choice(env.get("STOCKADE_WORKSPACE")))
         self.workspace_dir = state / "workspace"
         self.overlay_dir = state / "overlay"   # template sandboxes' overlays (the jail's layout: one sweep each)
         self._templates: TemplateStore | None = None
         self.cgroups = cgroups.detect(env.get("STOCKADE_CGROUP_PARENT", "stockade"))
+        if self.rootless:  # runsc joins no cgroup then (--ignore-cgroups), even a delegated one
+            self.cgroups = cgroups.CgroupHost(self.cgroups.version, problems={
+                c: "rootless runsc (an ordinary user) runs without cgroups" for c in cgroups.CONTROLLERS})
         self.cgroup_parent = env.get("STOCKADE_CGROUP_PARENT", "stockade").strip("/")
-        cpuset = cgroups.v1_cpuset_mount() if self.cgroups.version == 1 else None
+        cpuset = cgroups.v1_cpuset_mount() if self.cgroups.version == 1 and self.cgroups.parents else None
         problem = cgroups.fill_v1_cpuset(cpuset, self.cgroup_parent) if cpuset is not None else None
         if problem:  # runsc pins each container's CPUs (limits.cpus) in a cpuset cgroup under this parent
             raise SandboxUnavailableError(f"cannot prepare the cpuset cgroup runsc pins sandboxes' CPUs in: {problem}",
@@ -97,6 +101,8 @@ class GvisorRuntime(Runtime):
         self.sandbox_env = self.config.sandbox_env if environment.is_built(self.config.sandbox_env) else None
         self.flags = [self.runsc.path, "--root", str(self.runsc_root), f"--platform={self.runsc.platform}",
                       "--network=none", "--overlay2=none", "--cpu-num-from-quota", "--oci-seccomp"]
+        if self.rootless:
+            self.flags += ["--rootless", "--ignore-cgroups"]
         if env.get("STOCKADE_RUNSC_DEBUG_LOG"):  # runsc's own debug logs, for a start that fails
             self.flags += ["--debug", "--strace", f"--debug-log={env['STOCKADE_RUNSC_DEBUG_LOG'].rstrip('/')}/"]
         self._prctl = ctypes.CDLL(None, use_errno=True).prctl
@@ -111,8 +117,6 @@ class GvisorRuntime(Runtime):
 
     @classmethod
     def unmet_requirement(cls) -> str | None:
-        if os.geteuid() != 0:
-            return "the gvisor runtime needs root"
         try:
             runsc_mod.locate(os.environ.get("STOCKADE_RUNSC") or None)
         except SandboxUnavailableError as exc:
@@ -222,13 +226,16 @@ class GvisorRuntime(Runtime):
             raise
         return sandbox
 
-    def _die_with_us(self) -> Callable[[], None]:
+    def _die_with_us(self, cpus: list[int]) -> Callable[[], None]:
         prctl, parent = self._prctl, os.getpid()
 
         def preexec() -> None:  # between fork and exec: only system calls on prepared values
             prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
             if os.getppid() != parent:  # the owner died before the prctl took effect
                 os._exit(1)
+            # runsc, the gofer and the Sentry run on the sandbox's CPUs; with no cgroup (rootless) this is
+            # also where the Sentry takes its CPU count from (Go's NumCPU reads the affinity)
+            os.sched_setaffinity(0, cpus)
         return preexec
 
 
@@ -266,6 +273,9 @@ class GvisorSandbox(RuntimeSandbox):
         rt, lim = self.runtime, self.policy.limits
         self.lock = Lock(rt._lock_path(self.id))
         if self.template is not None:
+            if rt.rootless:
+                raise PolicyError("template", "the gvisor runtime runs templates as root only (the host mounts "
+                                  "their overlay): run as root, or use runtime 'jail', which runs them unprivileged")
             self.lease = template_root.lease(rt.templates, self.template)
         mounts = []
         for i, mount in enumerate(self.policy.filesystem.mounts):
@@ -315,7 +325,7 @@ class GvisorSandbox(RuntimeSandbox):
             self.proc = subprocess.Popen(  # noqa: S603 - argv is built here, not from input
                 argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=stderr_fd, start_new_session=True,
                 pass_fds=(agent_sock.fileno(),),
-                env=environment.isolated_env(), cwd="/", preexec_fn=rt._die_with_us())
+                env=environment.isolated_env(), cwd="/", preexec_fn=rt._die_with_us(self.cpus))
         finally:
             agent_sock.close()
         reader, writer = await asyncio.open_unix_connection(sock=host_sock)
@@ -373,7 +383,8 @@ class GvisorSandbox(RuntimeSandbox):
             "runsc": rt.runsc.describe(),
             "platform": rt.runsc.platform,
             "kernel": "gVisor (the Sentry: the host kernel serves only the Sentry's own filtered calls)",
-            "host_uid": 0,
+            "host_uid": os.geteuid(),   # the Sentry's and the gofer's (rootless: the caller's own)
+            "rootless": rt.rootless,
             "uid_isolation": False,
             "cgroup_version": rt.cgroups.version,
             "controls": {c: c in rt.cgroups.parents for c in cgroups.CONTROLLERS},
