@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from table import print_table, private_audit_store  # noqa: E402
-from tests.conformance.test_network import _self_signed  # noqa: E402
+from tests.tls_support import self_signed  # noqa: E402
 
 from stockade import Sandbox  # noqa: E402
 from stockade.sdk.portal import portal  # noqa: E402
@@ -103,7 +103,7 @@ def main() -> None:
 
 def run(tmp: Path, args: argparse.Namespace) -> None:
     cert, key = tmp / "cert.pem", tmp / "key.pem"
-    _self_signed(cert, key, "api.example.test")
+    self_signed(cert, key, "api.example.test")
     # The upstreams run in their own process: in this one they would share a GIL with the broker.
     servers = subprocess.Popen([sys.executable, "-c", UPSTREAMS, str(cert), str(key)], stdout=subprocess.PIPE,
                                text=True)
