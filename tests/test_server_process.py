@@ -19,6 +19,7 @@ import pytest
 
 from stockade.config import HostConfig
 
+from .conformance.conftest import UNMET
 from .conftest import base_policy, sandbox_traces
 from .db_support import pg_schema_url
 from .waiting import stopped_after, wait_until
@@ -94,6 +95,24 @@ def _host_traces(info: dict[str, Any]) -> list[str]:
 
 
 def test_a_killed_server_leaves_nothing_and_its_successor_closes_the_records(server: ServerProcess) -> None:
+    _kill_and_restart(server)
+
+
+@pytest.mark.skipif(UNMET.get("gvisor", "not under test") is not None,
+                    reason=str(UNMET.get("gvisor", "gvisor is not under test (STOCKADE_TEST_RUNTIMES)")))
+def test_a_killed_gvisor_server_leaves_no_runsc_container_and_its_successor_sweeps(tmp_path: Path) -> None:
+    """The same for a server whose sandboxes are gVisor's (STOCKADE_RUNTIME): runsc's containers, gofers,
+    bundles and cgroups die with it or are swept by its successor (SQLite; the store is not the point)."""
+    srv = ServerProcess(tmp_path / "data")
+    srv.env["STOCKADE_RUNTIME"] = "gvisor"
+    try:
+        _kill_and_restart(srv, runtime="gvisor")
+    finally:
+        if srv.proc is not None and srv.proc.poll() is None:
+            srv.stop(signal.SIGKILL)
+
+
+def _kill_and_restart(server: ServerProcess, runtime: str = "jail") -> None:
     made = server.cli("keys", "create", "--tenant", "acme")
     assert made.returncode == 0, made.stderr
     key = made.stdout.strip()
@@ -102,6 +121,7 @@ def test_a_killed_server_leaves_nothing_and_its_successor_closes_the_records(ser
     policy = base_policy(network={"mode": "allowlist", "allow": ["x.example.test"]}).model_dump(mode="json")
     info = h.post("/sandboxes", json={"policy": policy}).json()
     sid = info["sandbox_id"]
+    assert info["runtime"]["runtime"] == runtime
     # mid-exec: a command is streaming output when the server dies
     with h.stream("POST", f"/sandboxes/{sid}/commands", headers={"accept": "text/event-stream"},
                   json={"cmd": "echo started; sleep 600"}) as r:
