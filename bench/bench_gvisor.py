@@ -37,6 +37,7 @@ from table import bench_policy, print_table, private_audit_store  # noqa: E402
 from stockade import Sandbox  # noqa: E402
 from stockade.runtime import cgroups  # noqa: E402
 from stockade.runtime.gvisor import bundle as bundle_mod  # noqa: E402
+from stockade.runtime.gvisor import runsc as runsc_mod  # noqa: E402
 from stockade.runtime.gvisor.runtime import GvisorRuntime  # noqa: E402
 
 
@@ -107,6 +108,7 @@ def main() -> None:
     try:
         rows = run(args, rt, host, bare)
     finally:
+        runsc_mod.unmount_null_netns(tmp / "root")
         shutil.rmtree(tmp, ignore_errors=True)
     print_table(["measure", "gvisor", "baseline (same run)"], rows, args.markdown)
     print(f"\nrunsc: {rt.runsc.path} ({rt.runsc.version}), platform {rt.runsc.platform}")

@@ -137,3 +137,14 @@ def _try_platform(path: str, platform: str) -> str:
         return "ok"
     lines = [line for line in (done.stderr or done.stdout).splitlines() if line.strip()]
     return (lines[-1] if lines else f"exited with {done.returncode}")[:300]
+
+
+def unmount_null_netns(root: Path) -> None:
+    """runsc pins one empty network namespace for its gofers at ``<root>/null-netns``, a bind mount kept
+    across containers (its start-up optimisation, nothing of any sandbox in it); a --root directory that is
+    to be removed must lose it first, as runsc's own UnmountNullNetNS does (concurrent starts may stack
+    several)."""
+    path = root / "null-netns"
+    while os.path.ismount(path):
+        if subprocess.run(["umount", "-l", str(path)], capture_output=True, timeout=30).returncode != 0:
+            break
