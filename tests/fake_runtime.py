@@ -80,7 +80,7 @@ class FakeRuntime(Runtime):
 class FakeSandbox(RuntimeSandbox):
     def __init__(self, runtime: FakeRuntime, sandbox_id: str, home: Path) -> None:
         self.runtime, self.id, self.home = runtime, sandbox_id, home
-        self.python = runtime.python
+        self.python = [runtime.python]
         self.proc: subprocess.Popen[bytes] | None = None
         self.layout = replace(SandboxLayout(), home=str(home))
 
@@ -88,7 +88,7 @@ class FakeSandbox(RuntimeSandbox):
         host_sock, agent_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             self.proc = subprocess.Popen(  # noqa: S603 - a fixed argv
-                [*UNSHARE, self.python, "-E", "-s", "-S", "-B", str(self.runtime.agent), str(agent_sock.fileno())],
+                [*UNSHARE, *self.python, "-E", "-s", "-S", "-B", str(self.runtime.agent), str(agent_sock.fileno())],
                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                 pass_fds=(agent_sock.fileno(),), start_new_session=True, cwd=self.home)
         finally:

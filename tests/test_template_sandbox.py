@@ -326,3 +326,21 @@ def test_no_other_host_user_reaches_the_sandbox_root_layer(make, runtime: str) -
                 os._exit(code)
         _, status = os.waitpid(pid, 0)
         assert os.waitstatus_to_exitcode(status) == 0, f"host uid {uid} reached the sandbox's root layer"
+
+
+def test_run_code_works_in_an_image_without_python(make):
+    """The code interpreter runs on the host's python through its own loader, as the agent does: cells keep
+    their state and see the image's environment, errors come back named. A context starts in /home/user,
+    as everywhere (the image's working directory is the commands' default)."""
+    sb = make()
+    assert sb.run_code("x = 21").error is None
+    assert sb.run_code("x * 2").text == "42"
+    where = sb.run_code("import os; (os.getcwd(), os.environ['GREETING'])").text
+    assert where == "('/home/user', 'hello from the image')"
+    failed = sb.run_code("1 / 0")
+    assert failed.error is not None and failed.error.name == "ZeroDivisionError"
+    assert sb.run_code("x").text == "21"   # the context lived through the error
+    # the image's own files, read from a cell; an artifact saved from a cell reaches the host
+    assert sb.run_code("open('/etc/hello').read()").text == "'from the top layer\\n'"
+    assert sb.run_code("from stockade_artifacts import save; save('out.txt', 'made in a template')").error is None
+    assert sb.artifacts.get("out.txt") == b"made in a template"

@@ -43,7 +43,8 @@ class Contexts(Processes):
         if language == "javascript":
             argv = ["node", os.path.join(here, "interpreter.js")]
         else:
-            argv = [h["python"], os.path.join(here, "interpreter.pyc")] + (["--bash"] if language == "bash" else [])
+            # h["python"]: an argv (a template sandbox's host python starts through its own loader)
+            argv = [*h["python"], os.path.join(here, "interpreter.pyc")] + (["--bash"] if language == "bash" else [])
         env = dict(self.env)
         env.update(h.get("env") or {})
         out_r, out_w = os.pipe2(os.O_CLOEXEC)

@@ -92,7 +92,7 @@ class AgentClient:
         return await self.channel.call({"op": "ps"})
 
     # ---- code contexts -------------------------------------------------------------------------
-    def ctx_start(self, pending: CellPending, ctx: str, *, language: str, cwd: str, python: str, limit: int,
+    def ctx_start(self, pending: CellPending, ctx: str, *, language: str, cwd: str, python: list[str], limit: int,
                   timeout: float) -> int:
         return self.channel.start({"op": "ctx_start", "ctx": ctx, "language": language, "cwd": cwd,
                                    "python": python, "limit": limit, "timeout": timeout, "env": {}}, pending)

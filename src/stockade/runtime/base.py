@@ -57,7 +57,7 @@ class RuntimeSandbox(ABC):
 
     id: str
     channel: AgentChannel
-    python: str  # the interpreter code contexts run on, as a path inside the sandbox
+    python: list[str]  # the argv that starts the interpreter code contexts run on, inside the sandbox
     layout: SandboxLayout = SandboxLayout()  # where things are inside it: its runtime's layout
 
     @property

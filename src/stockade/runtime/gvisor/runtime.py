@@ -254,8 +254,8 @@ class GvisorSandbox(RuntimeSandbox):
         self.overlay: template_root.OverlayRoot | None = None
         # in a template sandbox the host's python runs only the agent, and the sandbox environment is not bound
         self.sandbox_env = runtime.sandbox_env if spec.template is None else None
-        self.python = (f"{template_root.PY_SO_DIR}/python3" if spec.template else
-                       f"{environment.VENV}/bin/python3" if runtime.sandbox_env else runtime.image.python)
+        self.python = (template_root.python_argv(template_root.PY_SO_DIR) if spec.template else
+                       [f"{environment.VENV}/bin/python3" if runtime.sandbox_env else runtime.image.python])
         self.lock: Lock | None = None
         self.cgroup: cgroups.Cgroup | None = None
         self.proc: subprocess.Popen[bytes] | None = None

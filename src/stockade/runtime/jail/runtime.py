@@ -231,8 +231,8 @@ class JailSandbox(RuntimeSandbox):
         # In a template sandbox the host's python runs only the agent (through its own loader); the
         # sandbox environment (a venv of the host's python) is not bound there.
         self.use_env = runtime.sandbox_env is not None and spec.template is None
-        self.python = (f"{template_root.PY_SO_DIR}/python3" if spec.template else
-                       f"{environment.VENV}/bin/python3" if runtime.sandbox_env else runtime.image.python)
+        self.python = (template_root.python_argv(template_root.PY_SO_DIR) if spec.template else
+                       [f"{environment.VENV}/bin/python3" if runtime.sandbox_env else runtime.image.python])
         self.lock: Lock | None = None
         self.uid: UidLease | None = None
         self.cgroup: cgroups.Cgroup | None = None

@@ -27,9 +27,9 @@ library runs it. As root the writable layer (upper and work dirs) is on the sand
 (``workspace.py``), so what it writes in its root and in /home/user together end in ENOSPC at
 ``filesystem.workspace_size``, on disk, not in memory; with ``STOCKADE_WORKSPACE=tmpfs`` it is on a tmpfs of
 that size of its own (charged to the sandbox's memory cgroup); unprivileged it is on the state dir's disk,
-unbounded, which ``describe()`` and ``stockade doctor`` say. Not done yet: ``run_code`` and ``save-artifact``
-in a template sandbox (they start the host's python by path, whose ELF interpreter the image need not have).
-"""
+unbounded, which ``describe()`` and ``stockade doctor`` say. Code contexts start the same python through the
+same loader (``python_argv``). Not done yet: the ``save-artifact`` command in a template sandbox (its
+``#!/usr/bin/python3`` need not exist in the image)."""
 
 from __future__ import annotations
 
@@ -282,11 +282,17 @@ def apply_image_config(config: TemplateConfig, env: dict[str, str]) -> str:
     return config.working_dir
 
 
+def python_argv(so_dir_inside: str) -> list[str]:
+    """The host python in a template sandbox, started through its own loader (the image need not have the
+    ELF interpreter its binary names). It finds its stdlib from argv[0], which the loader passes on. Code
+    that starts ``sys.executable`` directly still needs that interpreter in the image."""
+    return [f"{so_dir_inside}/{LOADER}", "--library-path", so_dir_inside, f"{so_dir_inside}/python3"]
+
+
 def agent_argv(so_dir_inside: str, agent_zip: str, channel_fd: int) -> list[str]:
-    """The agent's command line in a template sandbox: the host python through its own loader."""
-    return [f"{so_dir_inside}/{LOADER}", "--library-path", so_dir_inside, f"{so_dir_inside}/python3",
-            "-s", "-S", "-B", agent_zip, str(channel_fd)]
+    """The agent's command line in a template sandbox."""
+    return [*python_argv(so_dir_inside), "-s", "-S", "-B", agent_zip, str(channel_fd)]
 
 
 __all__ = ["PY_DIR", "PY_SO_DIR", "OverlayRoot", "agent_argv", "apply_image_config", "host_python", "lease",
-           "make_at", "mount_points", "remove"]
+           "make_at", "mount_points", "python_argv", "remove"]
