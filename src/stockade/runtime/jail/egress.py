@@ -11,41 +11,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import shutil
 import socket
 import stat
-from pathlib import Path
 
-from ..base import EgressHandler
-
-SELECTORS = (b"H", b"S")
+from ..egress_socket import SELECTORS, EgressSocket
 
 
-class FdPassingListener:
-    def __init__(self, socket_dir: Path, handler: EgressHandler) -> None:
-        self.socket_dir = socket_dir
-        self.handler = handler
-        self._listener: socket.socket | None = None
-        self._accepting: asyncio.Task[None] | None = None
-        self._clients: set[asyncio.Task[None]] = set()
-
-    @property
-    def socket_path(self) -> Path:
-        return self.socket_dir / "broker.sock"
-
-    def start(self) -> None:
-        self.socket_dir.mkdir(parents=True, exist_ok=True, mode=0o755)
-        self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-        self._listener.bind(str(self.socket_path))
-        os.chmod(self.socket_path, 0o666)  # the sandbox's uid connects; only this sandbox sees the file
-        self._listener.listen(128)
-        self._listener.setblocking(False)
-        self._accepting = asyncio.get_running_loop().create_task(self._accept_loop())
-
-    async def _accept_loop(self) -> None:
+class FdPassingListener(EgressSocket):
+    async def _accept_loop(self, listener: socket.socket) -> None:
         loop = asyncio.get_running_loop()
-        listener = self._listener
-        assert listener is not None
         while True:
             conn, _ = await loop.sock_accept(listener)
             with conn:
@@ -59,26 +33,7 @@ class FdPassingListener:
             if kind not in SELECTORS:
                 client.close()
                 continue
-            task = loop.create_task(self.handler(client, kind))
-            self._clients.add(task)
-            task.add_done_callback(self._clients.discard)
-
-    async def stop(self) -> None:
-        # The accept task must have ended (its sock_accept un-registered the listener from the selector)
-        # before the listener is closed: a descriptor closed while the loop still holds it in its selector
-        # leaves a stale entry, and the next descriptor given that number (a pidfd, a client socket) is
-        # then never watched: a sandbox's exit went unseen and its kill timed out.
-        if self._accepting is not None:
-            self._accepting.cancel()
-            await asyncio.gather(self._accepting, return_exceptions=True)
-            self._accepting = None
-        if self._listener is not None:
-            self._listener.close()
-            self._listener = None
-        for task in list(self._clients):
-            task.cancel()
-        await asyncio.gather(*self._clients, return_exceptions=True)
-        shutil.rmtree(self.socket_dir, ignore_errors=True)
+            self._track(loop.create_task(self.handler(client, kind)))
 
 
 async def _recv_fd(loop: asyncio.AbstractEventLoop, conn: socket.socket) -> tuple[bytes, list[int]]:
