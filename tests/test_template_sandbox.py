@@ -344,3 +344,56 @@ def test_run_code_works_in_an_image_without_python(make):
     assert sb.run_code("open('/etc/hello').read()").text == "'from the top layer\\n'"
     assert sb.run_code("from stockade_artifacts import save; save('out.txt', 'made in a template')").error is None
     assert sb.artifacts.get("out.txt") == b"made in a template"
+
+
+@pytest.fixture
+def serving_template(store: TemplateStore, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., str]]:
+    """Templates of the same image with a start and a ready command (sleep is the host's, mounted at
+    /opt/sleep by the policy: the image has only sh and cat)."""
+    names: list[str] = []
+
+    def make(start: list[str], ready: list[str] | None) -> str:
+        name = f"test-tpl-{secrets.token_hex(4)}"
+        img = tmp_path_factory.mktemp("img")
+        ti.oci_layout(img, _image_layers(), Env=["PATH=/usr/bin:/bin"], WorkingDir="/srv/app")
+        import_image(store, name, f"oci:{img}", start_command=start, ready_command=ready)
+        names.append(name)
+        return name
+
+    yield make
+    for name in names:
+        if store.exists(name):
+            store.remove(name)
+
+
+SLEEP_MOUNT = {"mounts": [{"source": os.path.realpath("/bin/sleep"), "target": "/opt/sleep"}]}
+
+
+def test_a_template_sandbox_is_handed_out_once_its_start_command_is_ready(serving_template, runtime: str):
+    name = serving_template(["/bin/sh", "-c", "/opt/sleep 0.5; echo up > /srv/app/ready; exec /opt/sleep 600"],
+                            ["/bin/sh", "-c", "cat /srv/app/ready"])
+    with Sandbox.create(template=name, runtime=runtime, policy=base_policy(filesystem=SLEEP_MOUNT)) as sb:
+        # create returned only after the ready command succeeded: the file is there at once
+        assert _run(sb, "cat /srv/app/ready") == "up\n"
+        running = [p.cmd for p in sb.commands.list()]
+        assert any("/opt/sleep 600" in c for c in running), running
+
+
+def test_a_template_whose_ready_command_never_succeeds_is_refused_and_leaves_nothing(
+        serving_template, runtime: str, monkeypatch: pytest.MonkeyPatch):
+    from stockade.core import lifecycle
+    from stockade.errors import SandboxUnavailableError
+
+    monkeypatch.setattr(lifecycle, "READY_TIMEOUT", 1.0)
+    name = serving_template(["/opt/sleep", "600"], ["/bin/sh", "-c", "echo not yet >&2; exit 3"])
+    before = {s.sandbox_id for s in Sandbox.list()}
+    with pytest.raises(SandboxUnavailableError) as err:
+        Sandbox.create(template=name, runtime=runtime, policy=base_policy(filesystem=SLEEP_MOUNT))
+    message = str(err.value)
+    assert "ready command" in message and "exit code 3" in message and "not yet" in message
+    assert "--ready-cmd" in err.value.advice
+    assert {s.sandbox_id for s in Sandbox.list()} == before   # killed, not left running
+    # a start command that cannot start is refused the same way, naming it
+    missing = serving_template(["/no/such/server"], None)
+    with pytest.raises(SandboxUnavailableError, match="start command '/no/such/server' could not start"):
+        Sandbox.create(template=missing, runtime=runtime, policy=base_policy())

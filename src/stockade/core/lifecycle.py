@@ -1,5 +1,8 @@
 """Creating sandboxes, their time to live (deadline, max_lifetime, idle timeout), and their end.
 
+A template sandbox is handed out only once its template's start command runs (in the background) and its
+ready command has succeeded; one that never gets ready is killed, with the reason.
+
 Every sandbox has a deadline (its time to live) and a hard cap (``lifetime.max_lifetime`` from creation); the
 reaper kills it at whichever comes first. Ended sandboxes leave a short tombstone so a late caller learns why
 the id is gone.
@@ -14,17 +17,22 @@ from datetime import datetime
 from typing import Any
 
 from ..artifacts import ArtifactWriter
-from ..errors import PolicyError
+from ..errors import PolicyError, SandboxUnavailableError, StockadeError
 from ..policy import Policy, format_duration
 from ..runtime.base import Runtime, RuntimeSandbox, SandboxSpec
 from ..runtime.channel import StreamPending
 from ..sdk.models import SandboxInfo
 from .artifact_intake import ArtifactIntake
+from .commands import Commands
 from .egress import Egress, EgressPlan
 from .sandboxes import TOMBSTONES, ManagedSandbox, check_envs, new_sandbox_id
 
+READY_TIMEOUT = 60.0        # seconds a template's ready command has to succeed after its start command starts
+READY_CHECK_TIMEOUT = 10.0  # one run of the ready command
+READY_POLL = 0.2
 
-class Lifecycle(Egress, ArtifactIntake):
+
+class Lifecycle(Egress, ArtifactIntake, Commands):
     """Creating sandboxes, their time to live, their end."""
 
     async def runtime_named(self, name: str | None) -> Runtime:
@@ -56,8 +64,47 @@ class Lifecycle(Egress, ArtifactIntake):
         sandbox_id = new_sandbox_id()
         egress = self._egress_for(sandbox_id, policy, runtime_.layout, caller_envs, tenant, user_id)
         rt, warm = await self._start(runtime_, sandbox_id, policy, egress, template)
-        return await self._register(rt, policy, ttl, meta, egress, tenant, user_id,
-                                    {"env_names": sorted(caller_envs), "warm": warm, "template": template})
+        sb = await self._register(rt, policy, ttl, meta, egress, tenant, user_id,
+                                  {"env_names": sorted(caller_envs), "warm": warm, "template": template})
+        config = rt.template_config
+        if config is not None and config.start_command:
+            try:
+                await self._start_template_command(sb, config.start_command, config.ready_command)
+            except BaseException:
+                await self.kill(sb.id)
+                raise
+        return sb
+
+    async def _start_template_command(self, sb: ManagedSandbox, start: list[str], ready: list[str] | None) -> None:
+        """The template's start command in the background (a dev server, say), then its ready command until it
+        exits 0, each READY_POLL s apart, for at most READY_TIMEOUT s. Both are recorded like any command."""
+        where = f"the template's start command {' '.join(start)!r}"
+        advice = "fix: check the template's --start-cmd (`stockade template show NAME`)"
+        try:
+            started = await self.start_command(sb.id, start, envs=None, cwd=None, stdin=None, stdin_open=False,
+                                               timeout=None, background=True, on_output=None)
+        except StockadeError as exc:
+            raise SandboxUnavailableError(f"{where} could not start: {exc}", advice) from None
+        if started.pid == 0:  # the agent could not exec it (not found, not executable): it says why on stderr
+            result = await self.result_of(sb.id, started)
+            raise SandboxUnavailableError(f"{where} could not start: {result.stderr.strip()[-300:]}", advice)
+        if not ready:
+            return
+        deadline = self.loop.time() + READY_TIMEOUT
+        while True:
+            check = min(READY_CHECK_TIMEOUT, max(deadline - self.loop.time(), 0.1))
+            record = await self.start_command(sb.id, ready, envs=None, cwd=None, stdin=None, stdin_open=False,
+                                              timeout=check, background=False, on_output=None)
+            result = await self.result_of(sb.id, record)
+            if result.exit_code == 0:
+                return
+            if self.loop.time() >= deadline:
+                said = (result.stderr or result.stdout).strip()[-300:]
+                raise SandboxUnavailableError(
+                    f"the template's ready command {' '.join(ready)!r} did not succeed within {READY_TIMEOUT:g} s "
+                    f"after {where} (last exit code {result.exit_code}{': ' + said if said else ''})",
+                    "fix: check the template's --start-cmd and --ready-cmd (`stockade template show NAME`)")
+            await asyncio.sleep(READY_POLL)
 
     async def _start(self, runtime: Runtime, sandbox_id: str, policy: Policy,
                      egress: EgressPlan, template: str | None = None) -> tuple[RuntimeSandbox, bool]:

@@ -12,12 +12,15 @@ import socket
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..config import HostConfig
 from ..policy import Policy
 from .agent_client import AgentClient
 from .channel import AgentChannel
+
+if TYPE_CHECKING:
+    from ..templates import TemplateConfig
 
 # One connection from inside the sandbox to the broker: a connected stream socket on the host and the
 # one-byte selector the sandbox sent first (b"H": HTTP proxy, b"S": SOCKS5). The runtime carries it (a
@@ -59,6 +62,8 @@ class RuntimeSandbox(ABC):
     channel: AgentChannel
     python: list[str]  # the argv that starts the interpreter code contexts run on, inside the sandbox
     layout: SandboxLayout = SandboxLayout()  # where things are inside it: its runtime's layout
+    # a template sandbox's config (its start and ready commands run before it is handed out)
+    template_config: TemplateConfig | None = None
 
     @property
     def agent(self) -> AgentClient:

@@ -277,6 +277,7 @@ class GvisorSandbox(RuntimeSandbox):
                 raise PolicyError("template", "the gvisor runtime runs templates as root only (the host mounts "
                                   "their overlay): run as root, or use runtime 'jail', which runs them unprivileged")
             self.lease = template_root.lease(rt.templates, self.template)
+            self.template_config = self.lease.resolved.config
         mounts = []
         for i, mount in enumerate(self.policy.filesystem.mounts):
             if not os.path.exists(mount.source):

@@ -254,6 +254,7 @@ class JailSandbox(RuntimeSandbox):
         rt = self.runtime
         if self.template is not None:
             self.lease = template_root.lease(rt.templates, self.template)
+            self.template_config = self.lease.resolved.config
         self.lock = Lock(rt.config.state_dir / "sandboxes" / f"{self.id}.lock")
         if rt.uids is not None:
             self.uid = rt.uids.acquire()
