@@ -9,6 +9,7 @@ import asyncio
 import os
 import shutil
 import socket
+from abc import ABC, abstractmethod
 from pathlib import Path
 
 from .base import EgressHandler
@@ -16,7 +17,7 @@ from .base import EgressHandler
 SELECTORS = (b"H", b"S")   # the first byte of a connection: the HTTP proxy or the SOCKS5 port
 
 
-class EgressSocket:
+class EgressSocket(ABC):
     def __init__(self, socket_dir: Path, handler: EgressHandler) -> None:
         self.socket_dir = socket_dir
         self.handler = handler
@@ -37,8 +38,9 @@ class EgressSocket:
         self._listener.setblocking(False)
         self._accepting = asyncio.get_running_loop().create_task(self._accept_loop(self._listener))
 
+    @abstractmethod
     async def _accept_loop(self, listener: socket.socket) -> None:
-        raise NotImplementedError
+        """Accept connections for as long as the listener lives, each handed to the broker's handler."""
 
     def _track(self, task: asyncio.Task[None]) -> None:
         self._clients.add(task)

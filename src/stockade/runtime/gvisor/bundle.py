@@ -88,7 +88,8 @@ def write(bundle: Path, *, policy: Policy, layout: SandboxLayout, static: Static
           host_pids: int, cpus: list[int], channel_fd: int, mounts_checked: list[tuple[str, str, bool]],
           workspace: tuple[str, str] | None = None, template: TemplateRootfs | None = None) -> None:
     """Write config.json under ``bundle`` (a new, empty directory) and the root's mount points: in the
-    bundle's own empty root, or in a template sandbox's overlay."""
+    bundle's own empty root, or in a template sandbox's overlay (whose caller passes no ``sandbox_env``: the
+    environment is a venv of the host's python, not bound over an image)."""
     fs, lim = policy.filesystem, policy.limits
     if template is None:
         root = bundle / "rootfs"
@@ -114,7 +115,7 @@ def write(bundle: Path, *, policy: Policy, layout: SandboxLayout, static: Static
     else:
         so_dir, stdlib, stdlib_inside = template.python
         mounts += [_bind(str(so_dir), template_root.PY_SO_DIR), _bind(stdlib, stdlib_inside)]
-    if sandbox_env is not None and template is None:
+    if sandbox_env is not None:
         mounts.append(_bind(str(sandbox_env), environment.MOUNT))
     if egress_dir is not None:
         mounts.append(_bind(str(egress_dir), os.path.dirname(layout.broker)))
