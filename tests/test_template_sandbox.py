@@ -301,6 +301,17 @@ def test_a_symlink_planted_in_the_root_does_not_steer_the_teardown(template: str
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="as root the overlay is the host's mount; unprivileged it is in "
                     "bwrap's own mount namespace, under the caller's state dir")
+def test_the_root_mount_names_no_host_directory_in_the_sandbox_mountinfo(make, store: TemplateStore) -> None:
+    """overlayfs shows its options as given: the jail names the layers and the writable layer by
+    descriptor, so the sandbox's mountinfo carries neither the data directory nor its own id."""
+    sb = make()
+    mountinfo = _run(sb, "cat /proc/self/mountinfo")
+    assert str(store.root) not in mountinfo and str(store.root.parent) not in mountinfo
+    assert sb.sandbox_id not in mountinfo, mountinfo
+    root_line = next(line for line in mountinfo.splitlines() if line.split()[4] == "/")
+    assert "/var/" not in root_line and "/run/" not in root_line, root_line
+
+
 def test_no_other_host_user_reaches_the_sandbox_root_layer(make, runtime: str) -> None:
     """The merged root and the writable layer are the sandbox's own: no other host user may list or read
     them (uid 1000, whom gVisor's sandbox user maps to on the host, and nobody)."""

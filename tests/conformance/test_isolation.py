@@ -491,6 +491,110 @@ def test_programs_size_themselves_to_the_sandbox_limits(make_sandbox, cpus, memo
     assert host_model is None or host_model not in cpuinfo
 
 
+# sysinfo() from threads and processes at once, each call checked; argv: calls per thread, threads
+SYSINFO = r"""
+import ctypes, json, os, sys, threading
+class Sysinfo(ctypes.Structure):
+    _fields_ = [("uptime", ctypes.c_long), ("loads", ctypes.c_ulong * 3), ("totalram", ctypes.c_ulong),
+                ("freeram", ctypes.c_ulong), ("sharedram", ctypes.c_ulong), ("bufferram", ctypes.c_ulong),
+                ("totalswap", ctypes.c_ulong), ("freeswap", ctypes.c_ulong), ("procs", ctypes.c_ushort),
+                ("pad", ctypes.c_ushort), ("totalhigh", ctypes.c_ulong), ("freehigh", ctypes.c_ulong),
+                ("mem_unit", ctypes.c_uint), ("_f", ctypes.c_char * 0)]
+libc = ctypes.CDLL(None, use_errno=True)
+seen, errors = set(), []
+def call(n):
+    for _ in range(n):
+        s = Sysinfo(totalram=12345)
+        if libc.sysinfo(ctypes.byref(s)) != 0:
+            errors.append(ctypes.get_errno())
+        else:
+            seen.add((s.totalram * s.mem_unit, s.freeram * s.mem_unit, s.totalswap, s.freeswap,
+                      s.loads[0], s.procs < 1000, s.uptime))
+calls, threads = int(sys.argv[1]), int(sys.argv[2])
+pids = [os.fork() for _ in range(2)]
+if 0 in pids:
+    call(calls); os._exit(0)
+ts = [threading.Thread(target=call, args=(calls,)) for _ in range(threads)]
+[t.start() for t in ts]; [t.join() for t in ts]
+[os.waitpid(p, 0) for p in pids]
+page = os.sysconf("SC_PAGE_SIZE")
+print(json.dumps({"seen": sorted({v[:6] for v in seen}), "uptimes": sorted({v[6] for v in seen}),
+                  "errors": errors, "phys": os.sysconf("SC_PHYS_PAGES") * page,
+                  "avphys": os.sysconf("SC_AVPHYS_PAGES") * page}))
+"""
+
+
+@pytest.mark.parametrize("memory", [96 << 20, 700 << 20])
+def test_sysinfo_reports_the_sandbox_memory_not_the_host(make_sandbox, memory, runtime_name):
+    """glibc's sysconf(_SC_PHYS_PAGES) and everything sized by it read sysinfo(), which no /proc file
+    masks: the jail's agent answers it (a seccomp user notification), gVisor's kernel is its own. Checked
+    from several threads and processes at once, so concurrent notifications cannot mix answers up."""
+    import json
+    import time
+
+    if runtime_name == "gvisor" and os.geteuid() != 0:
+        pytest.skip("rootless gVisor joins no memory cgroup: the Sentry's total is the host's (documented)")
+    started = time.monotonic()
+    sb = make_sandbox(limits={"memory": memory})
+    r = sb.commands.run(["python3", "-c", SYSINFO, "200", "4"])
+    assert r.exit_code == 0, r.stderr
+    got = json.loads(r.stdout)
+    assert got["errors"] == []
+    host_total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    assert got["phys"] == memory != host_total
+    assert 0 < got["avphys"] <= memory
+    for total, free, swap, free_swap, load, few_procs in got["seen"]:
+        assert total == memory and 0 < free <= memory and swap == free_swap == 0, got["seen"]
+        assert few_procs  # the sandbox's processes, not the host's threads
+    if ROOT:  # a time namespace: the sandbox's own uptime (its clocks start near 1 s; sysinfo rounds up)
+        assert all(0 <= u < time.monotonic() - started + 3 for u in got["uptimes"]), got["uptimes"]
+
+
+SYSINFO_CALL = r"""
+import ctypes, sys
+libc = ctypes.CDLL(None, use_errno=True)
+PR_SET_DUMPABLE = 4
+if sys.argv[1] == "undumpable":
+    libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0)
+    buf = ctypes.create_string_buffer(112)
+    r = libc.sysinfo(buf)
+    print(ctypes.get_errno() if r else int.from_bytes(buf.raw[32:40], "little"))
+else:
+    r = libc.sysinfo(ctypes.c_void_p(int(sys.argv[1], 0)))
+    print(ctypes.get_errno() if r else 0)
+"""
+
+
+@pytest.mark.parametrize("address", ["0", "0x8", "0xffffffffffff0000", "0x7fffffffeff0"])
+def test_sysinfo_into_a_bad_address_fails_with_efault(make_sandbox, address):
+    sb = make_sandbox()
+    r = sb.commands.run(["python3", "-c", SYSINFO_CALL, address])
+    assert (r.exit_code, r.stdout.strip()) == (0, "14"), r.stderr  # EFAULT, as the kernel answers
+    assert sb.commands.run("true").exit_code == 0  # and the agent is still there
+
+
+def test_a_non_dumpable_process_never_gets_the_host_memory_from_sysinfo(make_sandbox):
+    """The jail's agent cannot write into a process that made itself non-dumpable: that call fails
+    (EPERM) rather than falling through to the host kernel's answer."""
+    sb = make_sandbox(limits={"memory": 200 << 20})
+    out = sb.commands.run(["python3", "-c", SYSINFO_CALL, "undumpable"]).stdout.strip()
+    assert out in ("1", str(200 << 20)), out  # EPERM (the jail), or the sandbox's total (gVisor)
+
+
+def test_callers_killed_inside_sysinfo_leave_the_agent_answering(make_sandbox):
+    """Processes killed while their sysinfo() waits for the agent's answer (and pids reused meanwhile)
+    cannot wedge or confuse it."""
+    import json
+
+    sb = make_sandbox(limits={"memory": 128 << 20})
+    storm = ("for i in $(seq 30); do python3 -c 'import os\nwhile True: os.sysconf(\"SC_PHYS_PAGES\")' & "
+             "p=$!; sleep 0.05; kill -9 $p; done; wait")
+    assert sb.commands.run(["/bin/sh", "-c", storm.replace("\\n", "\n")], timeout=120).exit_code == 0
+    r = sb.commands.run(["python3", "-c", SYSINFO, "50", "2"])
+    got = json.loads(r.stdout)
+    assert got["errors"] == [] and got["phys"] == 128 << 20, got
+
+
 @pytest.mark.skipif(not ROOT, reason="setting a time namespace's clocks needs CAP_SYS_TIME before bwrap's user "
                     "namespace exists: root only")
 @pytest.mark.privileged

@@ -34,6 +34,7 @@ try:
     from .common import HOME, OUT_HIGH_WATER, POLL_IN, PR_CAPBSET_DROP, _errno_get, _errno_name, _harden, _libc_prctl
     from .contexts import Contexts
     from .files import Files
+    from . import sysinfo as sysinfo_answers
 except ImportError:  # run as a script inside the sandbox
     import protocol  # type: ignore[no-redef]
     from artifacts import ArtifactSink  # type: ignore[no-redef]
@@ -41,6 +42,7 @@ except ImportError:  # run as a script inside the sandbox
     from common import HOME, OUT_HIGH_WATER, POLL_IN, PR_CAPBSET_DROP, _errno_get, _errno_name, _harden, _libc_prctl  # type: ignore[no-redef]
     from contexts import Contexts  # type: ignore[no-redef]
     from files import Files  # type: ignore[no-redef]
+    import sysinfo as sysinfo_answers  # type: ignore[no-redef]
 
 
 class Agent(Contexts, Files, ArtifactSink, Bridge):
@@ -171,6 +173,7 @@ class Agent(Contexts, Files, ArtifactSink, Bridge):
 
     # ---- session -------------------------------------------------------------------------------
     def op_hello(self, rid: int, h: dict, body: bytes) -> None:
+        import binascii
         import resource
 
         if h.get("user") is not None:
@@ -185,6 +188,10 @@ class Agent(Contexts, Files, ArtifactSink, Bridge):
         # Not the agent's own limit: each child lowers it before exec, so user code cannot take the
         # pids the host left above limits.pids for the agent (counted per uid per user namespace).
         self.nproc = int(h.get("nproc") or 0)
+        if h.get("sysinfo"):  # the host's kernel would answer sysinfo() with the host's figures
+            sysinfo_answers.install(binascii.a2b_base64(h["sysinfo"]["filter"]), int(h["sysinfo"]["seccomp_nr"]),
+                                    int(h["sysinfo"]["memory"]))
+            self.threads += 1
         self.setrlimit = resource.setrlimit
         self.rlimit_nproc = resource.RLIMIT_NPROC
         # Nothing of the host may leak into the sandbox through inherited descriptors: stderr

@@ -28,16 +28,22 @@ class AgentClient:
     # ---- start and identity --------------------------------------------------------------------
     async def hello(self, env: Mapping[str, str], rlimits: Mapping[str, int], nproc: int, home: str,
                     timeout: float, user: tuple[int, int] | None = None,
-                    workspace: environment.VenvLayout | None = None) -> Header:
+                    workspace: environment.VenvLayout | None = None,
+                    sysinfo: tuple[bytes, int, int] | None = None) -> Header:
         """The first request: the agent sets its environment and home and lowers its own rlimits before
         anything runs. ``user``: (uid, gid) the agent, started as root, takes for itself and its commands
         while keeping an identity they cannot signal (see the agent's ``become``). ``workspace``: what the
-        agent creates in the workspace before anything runs, for a runtime that cannot place it itself."""
+        agent creates in the workspace before anything runs, for a runtime that cannot place it itself.
+        ``sysinfo``: (filter, seccomp syscall number, memory) for a runtime whose kernel is the host's: the
+        agent answers sysinfo() with ``memory`` from then on (agent/sysinfo.py)."""
         tree = None if workspace is None else {
             "dirs": list(workspace.dirs), "symlinks": [list(pair) for pair in workspace.symlinks],
             "files": [[path, base64.b64encode(content).decode(), mode] for path, content, mode in workspace.files]}
         return await self.channel.call({"op": "hello", "env": dict(env), "rlimits": dict(rlimits), "nproc": nproc,
-                                        "home": home, "user": list(user) if user else None, "workspace": tree},
+                                        "home": home, "user": list(user) if user else None, "workspace": tree,
+                                        "sysinfo": None if sysinfo is None else {
+                                            "filter": base64.b64encode(sysinfo[0]).decode(),
+                                            "seccomp_nr": sysinfo[1], "memory": sysinfo[2]}},
                                        timeout=timeout)
 
     async def setenv(self, env: Mapping[str, str]) -> None:

@@ -326,7 +326,9 @@ class JailSandbox(RuntimeSandbox):
             # RLIMIT_NPROC counts per uid per user namespace only from Linux 5.14: before, it would
             # count the host uid's processes everywhere.
             nproc = lim.pids if _kernel_at_least(5, 14) else 0
-            await self.agent.hello(env, rlimits, nproc, home, START_TIMEOUT)
+            # sysinfo() is the host kernel's: the agent answers it with limits.memory (user notification, 5.0+)
+            sysinfo = (*seccomp.sysinfo_notifier(), lim.memory) if _kernel_at_least(5, 0) else None
+            await self.agent.hello(env, rlimits, nproc, home, START_TIMEOUT, sysinfo=sysinfo)
         except SandboxUnavailableError:
             await self._wait_bwrap(2.0)
             raise self._start_failure(stderr_fd) from None

@@ -121,6 +121,38 @@ def compile_bpf() -> bytes:
         return out.read()
 
 
+SECCOMP_SYSCALL = {"x86_64": 317, "aarch64": 277}  # the number that loads a filter, where it is known
+
+
+@cache
+def sysinfo_notifier() -> tuple[bytes, int]:
+    """The filter the agent stacks over this one so that it answers sysinfo() itself (agent/sysinfo.py:
+    the host kernel would give the host's RAM, swap and thread count), with the number of the seccomp
+    syscall that loads it. Everything but sysinfo is allowed: the main filter decides those. Cached on
+    disk like the main filter (a one-shot run would otherwise load libseccomp for it)."""
+    import platform
+
+    from .seccomp_cache import cached, default_directory
+
+    nr = SECCOMP_SYSCALL.get(platform.machine())
+    if nr is None:
+        import pyseccomp as sc
+
+        nr = sc.resolve_syscall(sc.Arch.NATIVE, "seccomp")
+    return cached(_compile_sysinfo_notifier, Path(__file__), default_directory(), "sysinfo"), nr
+
+
+def _compile_sysinfo_notifier() -> bytes:
+    import pyseccomp as sc
+
+    f = sc.SyscallFilter(sc.ALLOW)
+    f.add_rule(sc.NOTIFY, "sysinfo")
+    with tempfile.TemporaryFile() as out:
+        f.export_bpf(out)
+        out.seek(0)
+        return out.read()
+
+
 def oci_profile() -> dict[str, object]:
     """The same rules as an OCI seccomp profile (config.json's linux.seccomp), for a runtime that applies
     the profile itself: runsc --oci-seccomp runs it in gVisor's Sentry, over every task of the sandbox. The

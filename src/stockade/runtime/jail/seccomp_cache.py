@@ -21,6 +21,7 @@ import os
 import platform
 import stat
 from collections.abc import Callable
+from functools import cache
 from pathlib import Path
 
 from ...owned_files import read_own
@@ -46,6 +47,15 @@ def libseccomp_version() -> str:
 
 
 def cache_key(rules_source: Path) -> str:
+    h = hashlib.sha256()
+    for part in (rules_source.read_bytes(), *_toolchain()):
+        h.update(len(part).to_bytes(8, "big") + part)
+    return h.hexdigest()
+
+
+@cache  # once per process: both programs (the filter and the sysinfo notifier) are keyed by it
+def _toolchain() -> tuple[bytes, ...]:
+    """What a compiled program depends on besides its rules: libseccomp, the binding, the machine."""
     import importlib.util
 
     spec = importlib.util.find_spec("pyseccomp")
@@ -53,11 +63,8 @@ def cache_key(rules_source: Path) -> str:
     if spec is not None and spec.origin:
         st = os.stat(spec.origin)
         binding = f"{spec.origin}:{st.st_size}:{st.st_mtime_ns}"
-    h = hashlib.sha256()
-    for part in (rules_source.read_bytes(), libseccomp_version().encode(), binding.encode(),
-                 platform.machine().encode(), platform.release().encode()):
-        h.update(len(part).to_bytes(8, "big") + part)
-    return h.hexdigest()
+    return (libseccomp_version().encode(), binding.encode(), platform.machine().encode(),
+            platform.release().encode())
 
 
 def _private_dir(path: Path) -> bool:
@@ -102,12 +109,14 @@ def store(directory: Path, key: str, program: bytes) -> None:
             tmp.unlink()
 
 
-def cached(compile_program: Callable[[], bytes], rules_source: Path, directory: Path | None) -> bytes:
-    """The program from the cache when a trusted entry exists, else compiled (and cached)."""
+def cached(compile_program: Callable[[], bytes], rules_source: Path, directory: Path | None,
+           name: str = "") -> bytes:
+    """The program from the cache when a trusted entry exists, else compiled (and cached). ``name`` tells
+    apart programs compiled from the same rules source."""
     if directory is None:
         return compile_program()
     try:
-        key = cache_key(rules_source)
+        key = cache_key(rules_source) + (f"-{name}" if name else "")
     except OSError:
         return compile_program()
     program = load(directory, key)

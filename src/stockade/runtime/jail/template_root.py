@@ -39,6 +39,7 @@ import os
 import shutil
 import stat
 import subprocess
+from collections.abc import Sequence
 from functools import cache
 from pathlib import Path
 
@@ -173,9 +174,19 @@ class OverlayRoot:
             os.chown(self.base, 0, self.owner)
             os.chmod(self.base, 0o710)
             self.merged.mkdir(mode=0o755)
-            lower = ":".join(str(d) for d in reversed(self.layer_dirs))  # the kernel wants the top first
-            opts = f"lowerdir={lower},upperdir={self.upper},workdir={self.work}"
-            _mount(["-t", "overlay", "overlay", "-o", opts, str(self.merged)], "cannot mount the template's overlay")
+            # The directories are named by descriptor (/proc/self/fd/N, resolved by the kernel at the mount):
+            # overlayfs shows its options as given, and the sandbox reads them in its mountinfo, where the
+            # host's paths (the data directory, sandbox ids) have no business.
+            dirs = [*reversed(self.layer_dirs), self.upper, self.work]  # the kernel wants the top layer first
+            fds = [os.open(d, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC) for d in dirs]
+            try:
+                names = [f"/proc/self/fd/{fd}" for fd in fds]
+                opts = f"lowerdir={':'.join(names[:-2])},upperdir={names[-2]},workdir={names[-1]}"
+                _mount(["-t", "overlay", "stockade", "-o", opts, str(self.merged)],
+                       "cannot mount the template's overlay", pass_fds=fds)
+            finally:
+                for fd in fds:
+                    os.close(fd)
             self.mounted = True
             # The root of the overlay is the upper dir: the sandbox may create top-level entries in it,
             # as in a container's root (the image's own directories keep their owners and modes).
@@ -237,8 +248,8 @@ def make_at(root_fd: int, path: str, directory: bool) -> None:
         os.close(fd)
 
 
-def _mount(args: list[str], what: str) -> None:
-    result = subprocess.run(["mount", *args], capture_output=True, text=True, timeout=30)
+def _mount(args: list[str], what: str, pass_fds: Sequence[int] = ()) -> None:
+    result = subprocess.run(["mount", *args], capture_output=True, text=True, timeout=30, pass_fds=pass_fds)
     if result.returncode != 0:
         raise SandboxUnavailableError(f"{what}: {result.stderr.strip()}")
 
