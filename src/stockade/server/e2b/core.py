@@ -122,9 +122,7 @@ class Core:
 
     def running(self, who: Principal) -> list[ManagedSandbox]:
         """The tenant's running sandboxes, as the native list shows them."""
-        sandboxes = self.srv.m.sandboxes
-        return [sandboxes[o.id] for o in list(self.srv.registry.live.values())
-                if o.tenant == who.tenant and o.ready and o.id in sandboxes]
+        return self.srv.m.owned_by(who.tenant)  # type: ignore[no-any-return]
 
     async def kill(self, who: Principal, sandbox_id: str) -> None:
         self.live(who, sandbox_id)
