@@ -5,7 +5,8 @@ security (the jail's own tests run the real thing) and is never registered: user
 
 The namespaces are there so the agent stays harmless as a stand-in: `kill_all` signals only the processes
 of its own PID namespace, its artifact socket's abstract name is its network namespace's own, and /proc is
-its namespace's. Its home is a temporary directory per sandbox (SandboxLayout.home), removed at stop.
+its namespace's. Its home is a temporary directory per sandbox (SandboxLayout.home), removed at stop. It
+has no root of its own, so a template is refused (PolicyError on ``template``), before anything is made.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from stockade.config import HostConfig
-from stockade.errors import SandboxUnavailableError
+from stockade.errors import PolicyError, SandboxUnavailableError
 from stockade.runtime.agent_files import compiled_agent
 from stockade.runtime.base import Runtime, RuntimeSandbox, SandboxLayout, SandboxSpec
 from stockade.runtime.channel import AgentChannel
@@ -48,6 +49,9 @@ class FakeRuntime(Runtime):
         self.homes: dict[str, Path] = {}
 
     async def start(self, spec: SandboxSpec) -> RuntimeSandbox:
+        if spec.template is not None:  # refused as a runtime that cannot run templates refuses one (rootless gVisor)
+            raise PolicyError("template", "the fake runtime runs no templates: it has no root of its own to put "
+                              "a template's layers under; use runtime 'jail' or 'gvisor'")
         if spec.egress is not None:
             raise SandboxUnavailableError("the fake runtime has no egress attachment (use network.mode none)")
         home = self.root / spec.id

@@ -9,7 +9,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from stockade import Sandbox, SandboxNotFoundError, SandboxUnavailableError
+from stockade import PolicyError, Sandbox, SandboxNotFoundError, SandboxUnavailableError
 
 from .fake_runtime import FakeRuntime
 from .server_support import RunningServer
@@ -85,3 +85,17 @@ def test_a_control_the_runtime_cannot_give_is_an_error(fake_server: tuple[Runnin
     with pytest.raises(SandboxUnavailableError, match="no egress"):
         Sandbox.create(policy={"network": {"mode": "allowlist", "allow": ["a.test"]}}, api_url=server.url,
                        api_key=server.key("fake"))
+
+
+def test_a_template_is_refused_as_by_a_runtime_that_cannot_run_one(fake_server: tuple[RunningServer, FakeRuntime]
+                                                                   ) -> None:
+    """The fake runtime has no root to put a template's layers under: like rootless gVisor it refuses the
+    template by its field, leaving nothing, and the create's share of the quota is free again."""
+    server, runtime = fake_server
+    key = server.key("fake-template")
+    with pytest.raises(PolicyError) as refused:
+        Sandbox.create(template="anything", api_url=server.url, api_key=key)
+    assert refused.value.field == "template" and "runs no templates" in str(refused.value)
+    manager = server.server.m
+    assert not manager.reservations and not manager.owned_by("fake-template")
+    assert sorted(p.name for p in runtime.root.iterdir()) == ["agent"]  # no home was made for it

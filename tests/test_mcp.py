@@ -646,7 +646,6 @@ def test_http_pass_through_runs_each_client_under_its_own_key(policy_dir: Path, 
     cannot be used with another key, and no key appears in a result."""
     alice, bob = api_server.key("mcp-alice"), api_server.key("mcp-bob")
     server = http_server(token=None, STOCKADE_API_URL=api_server.url)
-    registry = api_server.server.registry
     manager = api_server.server.manager
     seen: list[str] = []
 
@@ -657,7 +656,7 @@ def test_http_pass_through_runs_each_client_under_its_own_key(policy_dir: Path, 
             assert not ra.is_error and not rb.is_error, (texts(ra), texts(rb))
             sid_a, sid_b = sandbox_id_of(texts(ra)), sandbox_id_of(texts(rb))
             seen.extend((sid_a, sid_b))
-            assert registry.live[sid_a].tenant == "mcp-alice" and registry.live[sid_b].tenant == "mcp-bob"
+            assert manager.sandboxes[sid_a].tenant == "mcp-alice" and manager.sandboxes[sid_b].tenant == "mcp-bob"
             foreign = await b.call_tool("run_command", {"command": "true", "sandbox_id": sid_a})
             assert foreign.is_error and f"no sandbox {sid_a} in this session" in texts(foreign)
             for r in (ra, rb, foreign):

@@ -15,12 +15,13 @@ from ..errors import SandboxNotFoundError
 from ..pool import WarmPool
 from ..runtime.base import Runtime
 from ..runtime.channel import CommandPending
-from .sandboxes import OUTPUT_RECORDED, ManagedSandbox
+from .sandboxes import OUTPUT_RECORDED, ManagedSandbox, Reservation
 
 
 class CoreBase:
-    """The state every part of the core shares: the registry of live sandboxes, the runtimes, the
-    audit log and the artifact store. The parts (lifecycle, commands, files, ...) are mixins over it."""
+    """The state every part of the core shares: the registry of live sandboxes (and of creates in flight,
+    owners.py), the runtimes, the audit log and the artifact store. The parts (lifecycle, commands, files,
+    ...) are mixins over it."""
 
     def __init__(self, runtime: Runtime, artifacts: ArtifactStore, audit: Audit | None = None,
                  output_recorded: int = OUTPUT_RECORDED) -> None:
@@ -35,6 +36,7 @@ class CoreBase:
         self.resolver: Resolver = system_resolver
         self.host_groups: dict[str, builtins.list[str]] = {}  # "@name" rule lists from the host's config
         self.sandboxes: dict[str, ManagedSandbox] = {}
+        self.reservations: dict[str, Reservation] = {}   # creates in flight, by a provisional id (owners.py)
         self.tombstones: OrderedDict[str, str] = OrderedDict()
         self.on_end: Callable[[ManagedSandbox, str], None] | None = None   # told when any sandbox ends
         self.pool: WarmPool | None = None

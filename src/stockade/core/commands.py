@@ -143,7 +143,7 @@ class Commands(CoreBase):
                              "limits.memory"}
         return None
 
-    async def wait_command(self, sandbox_id: str, record: CommandRecord) -> dict[str, Any]:
+    async def _wait_command(self, sandbox_id: str, record: CommandRecord) -> dict[str, Any]:
         sb = self.sandboxes.get(sandbox_id)
         grace = 5.0
         limit = None
@@ -160,7 +160,7 @@ class Commands(CoreBase):
 
     async def result_of(self, sandbox_id: str, record: CommandRecord) -> CommandResult:
         """The command's result once it has ended: what every front end answers."""
-        exit_ = await self.wait_command(sandbox_id, record)
+        exit_ = await self._wait_command(sandbox_id, record)
         out = record.pending
         return CommandResult.from_exit(exit_, bytes(out.output["stdout"]), bytes(out.output["stderr"]), out.truncated)
 

@@ -25,14 +25,15 @@ from ..sdk.models import SandboxInfo
 from .artifact_intake import ArtifactIntake
 from .commands import Commands
 from .egress import Egress, EgressPlan
-from .sandboxes import TOMBSTONES, ManagedSandbox, check_envs, new_sandbox_id
+from .owners import Owners
+from .sandboxes import TOMBSTONES, ManagedSandbox, Reservation, check_envs, new_sandbox_id
 
 READY_TIMEOUT = 60.0        # seconds a template's ready command has to succeed after its start command starts
 READY_CHECK_TIMEOUT = 10.0  # one run of the ready command
 READY_POLL = 0.2
 
 
-class Lifecycle(Egress, ArtifactIntake, Commands):
+class Lifecycle(Owners, Egress, ArtifactIntake, Commands):
     """Creating sandboxes, their time to live, their end."""
 
     async def runtime_named(self, name: str | None) -> Runtime:
@@ -53,19 +54,28 @@ class Lifecycle(Egress, ArtifactIntake, Commands):
 
     async def create(self, policy: Policy, timeout: float | None = None, envs: Mapping[str, str] | None = None,
                      metadata: Mapping[str, str] | None = None, *, tenant: str | None = None,
-                     user_id: str | None = None, runtime: str | None = None,
-                     template: str | None = None) -> ManagedSandbox:
-        """The steps: check the request, pick the runtime, set up the egress (broker, secrets' placeholders,
-        trust bundle), start the sandbox (or take a warm one), attach its network, register it."""
-        runtime_ = await self.runtime_named(runtime)
-        caller_envs = check_envs(envs)
-        meta = {str(k): str(v) for k, v in (metadata or {}).items()}
-        ttl = _time_to_live(policy, timeout)
-        sandbox_id = new_sandbox_id()
-        egress = self._egress_for(sandbox_id, policy, runtime_.layout, caller_envs, tenant, user_id)
-        rt, warm = await self._start(runtime_, sandbox_id, policy, egress, template)
-        sb = await self._register(rt, policy, ttl, meta, egress, tenant, user_id,
-                                  {"env_names": sorted(caller_envs), "warm": warm, "template": template})
+                     user_id: str | None = None, runtime: str | None = None, template: str | None = None,
+                     reservation: Reservation | None = None) -> ManagedSandbox:
+        """The steps: hold the owner's reservation (the caller's, made against a quota by ``reserve``, or one
+        made here), check the request, pick the runtime, set up the egress (broker, secrets' placeholders,
+        trust bundle), start the sandbox (or take a warm one), attach its network, register it in the
+        reservation's place, run its template's start and ready commands, hand it out."""
+        if reservation is None:
+            reservation = self.reserve(tenant, user_id, policy)
+        try:
+            runtime_ = await self.runtime_named(runtime)
+            caller_envs = check_envs(envs)
+            meta = {str(k): str(v) for k, v in (metadata or {}).items()}
+            ttl = _time_to_live(policy, timeout)
+            sandbox_id = new_sandbox_id()
+            egress = self._egress_for(sandbox_id, policy, runtime_.layout, caller_envs, tenant, user_id)
+            rt, warm = await self._start(runtime_, sandbox_id, policy, egress, template)
+            sb = self._register(rt, policy, ttl, meta, egress, tenant, user_id, reservation,
+                                {"env_names": sorted(caller_envs), "warm": warm, "template": template})
+        finally:  # a create that failed frees its share; one that registered has moved it to its sandbox
+            self.reservations.pop(reservation.id, None)
+        if rt.channel.closed:  # died between its ready and here
+            await self._on_channel_closed(sb, None)
         config = rt.template_config
         if config is not None and config.start_command:
             try:
@@ -73,6 +83,7 @@ class Lifecycle(Egress, ArtifactIntake, Commands):
             except BaseException:
                 await self.kill(sb.id)
                 raise
+        sb.ready = True
         return sb
 
     async def _start_template_command(self, sb: ManagedSandbox, start: list[str], ready: list[str] | None) -> None:
@@ -136,22 +147,22 @@ class Lifecycle(Egress, ArtifactIntake, Commands):
             raise
         return rt, warm
 
-    async def _register(self, rt: RuntimeSandbox, policy: Policy, ttl: float, meta: dict[str, str],
-                        egress: EgressPlan, tenant: str | None, user_id: str | None,
-                        recorded: dict[str, Any]) -> ManagedSandbox:
-        """The sandbox joins the registry: recorded, its artifacts stream opened, its timers armed."""
+    def _register(self, rt: RuntimeSandbox, policy: Policy, ttl: float, meta: dict[str, str],
+                  egress: EgressPlan, tenant: str | None, user_id: str | None, reservation: Reservation,
+                  recorded: dict[str, Any]) -> ManagedSandbox:
+        """The sandbox joins the registry in its reservation's place (one synchronous step: its owner's share
+        is never counted twice or not at all): recorded, its artifacts stream opened, its timers armed."""
         now = self.loop.time()
         policy = _with_timeout(policy, ttl)  # info().policy shows the lifetime in force, not the default
         sb = ManagedSandbox(rt.id, policy, rt, meta, time.time(), now + ttl, now + policy.lifetime.max_lifetime,
                             broker=egress.broker, tenant=tenant, user_id=user_id, redact=egress.redact,
                             last_active=now, layout=rt.layout)
+        self.reservations.pop(reservation.id, None)
         self.sandboxes[sb.id] = sb
         self._record(sb, "sandbox.create", {"policy": policy.to_display(), "timeout": ttl, "metadata": meta,
                                             "runtime": rt.describe(), **recorded})
         rt.channel.on_close = lambda reason: self._on_channel_closed(sb, reason)
         rt.agent.artifacts(StreamPending(lambda h, b: self._artifact_frame(sb, h, b), ("artifact",)))
-        if rt.channel.closed:  # died between its ready and here
-            await self._on_channel_closed(sb, None)
         self._arm(sb)
         return sb
 

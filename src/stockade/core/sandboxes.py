@@ -1,4 +1,4 @@
-"""What the core keeps per live sandbox, and the checks of what a caller hands in."""
+"""What the core keeps per live sandbox and per create in flight, and the checks of what a caller hands in."""
 
 from __future__ import annotations
 
@@ -67,6 +67,17 @@ class CodeContext:
 
 
 @dataclass
+class Reservation:
+    """A create in flight: its owner's share of the quota until its sandbox is registered or the create fails."""
+
+    tenant: str | None
+    user_id: str | None
+    memory: int
+    cpus: float
+    id: str = field(default_factory=lambda: "creating-" + secrets.token_hex(8))
+
+
+@dataclass
 class ManagedSandbox:
     id: str
     policy: Policy
@@ -85,6 +96,7 @@ class ManagedSandbox:
     last_active: float = 0.0                # loop time of the last request or foreground work
     busy: int = 0                           # foreground commands and cells running now
     layout: SandboxLayout = field(default_factory=SandboxLayout)   # its runtime's paths and ports inside
+    ready: bool = False     # its create returned it (a template's ready command succeeded): shown to its owner
 
     @property
     def channel(self) -> Any:

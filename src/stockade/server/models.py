@@ -120,7 +120,7 @@ def sandbox_out(srv: Server, sb: ManagedSandbox) -> SandboxOut:
 def ended_rows(srv: Server, tenant: str) -> list[SandboxOut]:
     return [SandboxOut(sandbox_id=r["id"], state="ended", started_at=r["created"], end_at=r["ended"],
                        metadata=r["metadata"], user_id=r["user_id"], end_reason=r["end_reason"])
-            for r in srv.registry.ended_rows(tenant)]
+            for r in srv.rows.ended_rows(tenant)]
 
 
 def context_out(ctx: Any) -> ContextOut:

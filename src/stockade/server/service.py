@@ -8,6 +8,7 @@ import contextlib
 import dataclasses
 import secrets
 import time
+from collections.abc import Callable
 
 from ..audit import SQLAudit
 from ..config import HostConfig
@@ -21,12 +22,13 @@ from ..pool import WarmPool
 from ..runtime.base import Runtime
 from .auth import KeyStore, Principal, RateLimiter
 from .metrics import MeteredAudit, Metrics
-from .registry import Registry
+from .rows import SandboxRows
 from .settings import ServerSettings
 
 
 class Server:
-    """What one running server holds: settings, database, keys, the manager and its sandboxes."""
+    """What one running server holds: settings, database, keys, the manager (whose registry says which
+    sandboxes are live, whose they are and what they hold of a quota) and the rows that outlive them."""
 
     def __init__(self, settings: ServerSettings, config: HostConfig, runtime: Runtime | None = None) -> None:
         self.settings, self.config = settings, config
@@ -35,13 +37,14 @@ class Server:
         self.keys = KeyStore(self.engine)
         self.limiter = RateLimiter()
         self.metrics = Metrics()
-        self.registry = Registry(self.engine, self.run_id)
+        self.rows = SandboxRows(self.engine, self.run_id)
         self._runtime = runtime
         self.manager: Manager | None = None
         self.audit = MeteredAudit(SQLAudit(self.engine), self.metrics)
         self.metrics.watch(self.audit)
         self._pruner: asyncio.Task[None] | None = None
         self._pending: set[asyncio.Task[None]] = set()   # database writes in flight
+        self._row_writes: dict[str, asyncio.Task[None]] = {}   # the last write of each sandbox's row
 
     async def start(self) -> None:
         # the runtimes first remove what an earlier run that was killed left on the host
@@ -50,8 +53,9 @@ class Server:
             config = dataclasses.replace(config, runtime=self.settings.runtime)
         manager = await build_manager(config, runtime=self._runtime, audit=self.audit,
                                       runtimes=self.settings.runtimes, output_recorded=self.settings.audit_output)
-        await asyncio.to_thread(self.registry.recover, self.audit)
+        await asyncio.to_thread(self.rows.recover, self.audit)
         manager.on_end = self._ended
+        self.metrics.alive.set_function(lambda: len(manager.sandboxes))
         if self.settings.warm_pool:
             manager.pool = WarmPool(manager.runtime, Policy.from_dict(self.settings.warm_pool_policy),
                                     self.settings.warm_pool, new_sandbox_id)
@@ -60,11 +64,30 @@ class Server:
         self._pruner = asyncio.get_running_loop().create_task(self._prune_forever())
 
     def _ended(self, sb: ManagedSandbox, reason: str) -> None:
-        self.registry.release(sb.id)  # its quota is free at once; the row is closed off the loop
-        self.metrics.alive.set(len(self.registry.live))
-        task = asyncio.get_running_loop().create_task(asyncio.to_thread(self.registry.ended, sb.id, reason))
+        """Its quota is already free (it left the core's registry); its row is closed off the loop."""
+        self.write_row(sb.id, lambda: self.rows.ended(sb.id, reason))
+
+    def write_row(self, sandbox_id: str, write: Callable[[], None]) -> asyncio.Task[None]:
+        """Run a database write of one sandbox's row in a thread, after the earlier ones of the same row: a
+        sandbox that ends while its row is being inserted has its end recorded after the insert, not lost."""
+        before = self._row_writes.get(sandbox_id)
+
+        async def run() -> None:
+            if before is not None:
+                await asyncio.wait([before])
+            await asyncio.to_thread(write)
+
+        task = asyncio.get_running_loop().create_task(run())
+        self._row_writes[sandbox_id] = task
         self._pending.add(task)
-        task.add_done_callback(self._pending.discard)
+
+        def done(t: asyncio.Task[None]) -> None:
+            self._pending.discard(t)
+            if self._row_writes.get(sandbox_id) is t:
+                del self._row_writes[sandbox_id]
+
+        task.add_done_callback(done)
+        return task
 
     async def _prune_forever(self) -> None:
         while True:
@@ -95,11 +118,17 @@ class Server:
 
 def live_sandbox(srv: Server, who: Principal, sandbox_id: str) -> ManagedSandbox:
     """The caller's live sandbox; another tenant's is answered exactly like one that never existed."""
-    owned = srv.registry.live.get(sandbox_id)
-    if owned is None or owned.tenant != who.tenant or not owned.ready:
-        row = srv.registry.owner_of(who.tenant, sandbox_id)  # raises not-found for strangers
+    if srv.m.owned(who.tenant, sandbox_id) is None:
+        row = srv.rows.row_of(who.tenant, sandbox_id)  # raises not-found for strangers
         raise SandboxNotFoundError(f"sandbox {sandbox_id!r} has ended: {row.get('end_reason') or 'ended'}")
     return srv.m.get(sandbox_id)
+
+
+async def check_owner(srv: Server, who: Principal, sandbox_id: str) -> None:
+    """Whether the caller's sandbox, live or ended, is this one (artifacts outlive it); another tenant's is not
+    found, exactly as one that never existed."""
+    if srv.m.owned(who.tenant, sandbox_id) is None:
+        await asyncio.to_thread(srv.rows.row_of, who.tenant, sandbox_id)
 
 
 async def create_sandbox(srv: Server, who: Principal, policy: Policy, timeout: float | None,
@@ -111,31 +140,26 @@ async def create_sandbox(srv: Server, who: Principal, policy: Policy, timeout: f
     limits = srv.settings.tenant(who.tenant)
     limits.check(policy)
     limits.check_runtime(runtime or srv.m.runtime.name)
-    async with srv.registry.lock(who.tenant):
-        existing = srv.registry.existing_for_user(who.tenant, user_id)
-        if existing is not None and limits.one_sandbox_per_user != "off":
-            if limits.one_sandbox_per_user == "reject" or not existing.ready:
-                raise ConflictError(f"user {user_id!r} already has sandbox {existing.id} and this "
-                                    "tenant allows one sandbox per user")
-            return srv.m.get(existing.id), True
-        try:
-            srv.registry.check_quota(who.tenant, limits, policy)
-        except QuotaError:
-            srv.metrics.create_failures.labels("quota").inc()
-            raise
-        owned = srv.registry.reserve(who.tenant, user_id, policy)
+    # From the user's lookup to the reservation nothing awaits: no other create of the tenant comes between.
+    existing = srv.m.users_sandbox(who.tenant, user_id)
+    if existing is not None and limits.one_sandbox_per_user != "off":
+        if limits.one_sandbox_per_user == "reject" or not isinstance(existing, ManagedSandbox) or not existing.ready:
+            raise ConflictError(f"user {user_id!r} already has sandbox {existing.id} and this "
+                                "tenant allows one sandbox per user")
+        return srv.m.get(existing.id), True
+    try:
+        reservation = srv.m.reserve(who.tenant, user_id, policy, limits)
+    except QuotaError:
+        srv.metrics.create_failures.labels("quota").inc()
+        raise
     try:
         sb = await srv.m.create(policy, timeout, envs, metadata, tenant=who.tenant, user_id=user_id,
-                                runtime=runtime, template=template)
+                                runtime=runtime, template=template, reservation=reservation)
     except BaseException as exc:
-        srv.registry.release(owned.id)
         srv.metrics.create_failures.labels(type(exc).__name__[:40]).inc()
         raise
-    srv.registry.assign(owned, sb.id)
-    if sb.id not in srv.m.sandboxes:  # it died while being created: its quota is free, the caller told why
-        srv.registry.release(sb.id)
+    if sb.id not in srv.m.sandboxes:  # it died while being created: the caller is told why
         srv.m.get(sb.id)
-    await asyncio.to_thread(srv.registry.started, owned, dict(sb.metadata))
+    await asyncio.shield(srv.write_row(sb.id, lambda: srv.rows.started(sb)))
     srv.metrics.creates.inc()
-    srv.metrics.alive.set(len(srv.registry.live))
     return sb, False

@@ -26,7 +26,7 @@ from fastapi import Request
 from ...core.sandboxes import CodeContext, CommandRecord, ManagedSandbox
 from ...errors import PolicyError, QuotaError, SandboxNotFoundError
 from ...policy import Policy
-from ...sdk.models import ProcessInfo
+from ...sdk.models import CommandResult, ProcessInfo
 from ..auth import Principal
 
 ENVD_PORT, INTERPRETER_PORT = 49983, 49999
@@ -122,9 +122,7 @@ class Core:
 
     def running(self, who: Principal) -> list[ManagedSandbox]:
         """The tenant's running sandboxes, as the native list shows them."""
-        sandboxes = self.srv.m.sandboxes
-        return [sandboxes[o.id] for o in list(self.srv.registry.live.values())
-                if o.tenant == who.tenant and o.ready and o.id in sandboxes]
+        return self.srv.m.owned_by(who.tenant)  # type: ignore[no-any-return]
 
     async def kill(self, who: Principal, sandbox_id: str) -> None:
         self.live(who, sandbox_id)
@@ -227,8 +225,8 @@ class Core:
             sandbox_id, argv, envs=envs, cwd=cwd, stdin=None, stdin_open=stdin_open, timeout=timeout,
             background=timeout is None, on_output=on_output)
 
-    async def wait_command(self, sandbox_id: str, record: CommandRecord) -> dict[str, Any]:
-        return await self.srv.m.wait_command(sandbox_id, record)  # type: ignore[no-any-return]
+    async def result_of(self, sandbox_id: str, record: CommandRecord) -> CommandResult:
+        return await self.srv.m.result_of(sandbox_id, record)  # type: ignore[no-any-return]
 
     async def send_stdin(self, sandbox_id: str, pid: int, data: bytes, eof: bool = False) -> None:
         await self.srv.m.send_stdin(sandbox_id, pid, data, eof)

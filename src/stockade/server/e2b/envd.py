@@ -31,6 +31,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.datastructures import UploadFile
 
 from ...errors import FilesystemError, PolicyError, StockadeError
+from ...sdk.models import CommandResult
 from . import SANDBOX_PREFIX
 from .connect import (
     ConnectError,
@@ -181,17 +182,14 @@ def _str_list(value: Any, name: str) -> list[str]:
     return value
 
 
-def _end_event(exit_: dict[str, Any]) -> dict[str, Any]:
-    code, sig = exit_.get("code"), exit_.get("signal")
-    exited = isinstance(code, int)
-    if exited:
-        status = f"exit status {code}"
-    else:
-        sig = sig if isinstance(sig, int) else 9
-        status = f"signal: {SIGNAL_WORDS.get(sig, str(sig))}"
-    end: dict[str, Any] = {"exitCode": code if exited else -1, "exited": exited, "status": status}
-    if exit_.get("error"):
-        end["error"] = str(exit_["error"])
+def _end_event(result: CommandResult) -> dict[str, Any]:
+    """envd's end event from the core's result (whose exit_code is minus the signal that killed it)."""
+    exited = result.exit_code >= 0
+    sig = -result.exit_code
+    status = f"exit status {result.exit_code}" if exited else f"signal: {SIGNAL_WORDS.get(sig, str(sig))}"
+    end: dict[str, Any] = {"exitCode": result.exit_code if exited else -1, "exited": exited, "status": status}
+    if result.error:
+        end["error"] = result.error
     return end
 
 
@@ -227,11 +225,11 @@ async def _start(core: Core, e2b: E2BSandbox, request: Request, msg: dict[str, A
 
     async def wait() -> None:
         try:
-            exit_ = await core.wait_command(e2b.id, record)
+            result = await core.result_of(e2b.id, record)
         except Exception as exc:  # noqa: BLE001 - the sandbox ended under it: the stream still ends
-            exit_ = {"code": None, "signal": 9, "error": str(exc)[:500]}
-        proc.timed_out = bool(exit_.get("timed_out"))
-        proc.end = _end_event(exit_)
+            result = CommandResult("", "", -9, error=str(exc)[:500])
+        proc.timed_out = result.timed_out
+        proc.end = _end_event(result)
         table.pop(proc.pid, None)
         for q in list(listeners):
             q.put_nowait(("end", None))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 from typing import Any
 
@@ -10,13 +9,14 @@ from fastapi import APIRouter
 from fastapi.responses import StreamingResponse
 
 from ..deps import Auth, Srv
+from ..service import check_owner
 
 router = APIRouter()
 
 
 @router.get("/sandboxes/{sandbox_id}/artifacts", tags=["artifacts"])
 async def list_artifacts(sandbox_id: str, srv: Srv, who: Auth) -> list[dict[str, Any]]:
-    await asyncio.to_thread(srv.registry.owner_of, who.tenant, sandbox_id)  # also after it ended
+    await check_owner(srv, who, sandbox_id)  # also after it ended
     return [{**dataclasses.asdict(a), "created_at": a.created_at.timestamp()}
             for a in srv.m.artifacts.list(sandbox_id)]
 
@@ -24,7 +24,7 @@ async def list_artifacts(sandbox_id: str, srv: Srv, who: Auth) -> list[dict[str,
 @router.get("/sandboxes/{sandbox_id}/artifacts/{name}", tags=["artifacts"], response_class=StreamingResponse,
          responses={200: {"content": {"application/octet-stream": {}}}})
 async def get_artifact(sandbox_id: str, name: str, srv: Srv, who: Auth) -> StreamingResponse:
-    await asyncio.to_thread(srv.registry.owner_of, who.tenant, sandbox_id)
+    await check_owner(srv, who, sandbox_id)
     path = srv.m.artifacts.open(sandbox_id, name)
 
     def chunks() -> Any:

@@ -47,8 +47,7 @@ async def list_sandboxes(srv: Srv, who: Auth, state: Literal["running", "ended"]
                          user_id: str | None = None) -> list[SandboxOut]:
     want = dict(m.partition("=")[::2] for m in metadata or [])
     if state == "running":
-        out = [sandbox_out(srv, srv.m.sandboxes[o.id]) for o in list(srv.registry.live.values())
-               if o.tenant == who.tenant and o.ready and o.id in srv.m.sandboxes]
+        out = [sandbox_out(srv, sb) for sb in srv.m.owned_by(who.tenant)]
     else:
         out = await asyncio.to_thread(ended_rows, srv, who.tenant)
     return [o for o in out if all(o.metadata.get(k) == v for k, v in want.items())
