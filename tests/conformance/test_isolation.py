@@ -544,6 +544,7 @@ def test_sysinfo_reports_the_sandbox_memory_not_the_host(make_sandbox, memory, r
     assert got["phys"] == memory != host_total
     assert 0 < got["avphys"] <= memory
     for total, free, swap, free_swap, load, few_procs in got["seen"]:
+        assert load == 0  # as /proc/loadavg shows
         assert total == memory and 0 < free <= memory and swap == free_swap == 0, got["seen"]
         assert few_procs  # the sandbox's processes, not the host's threads
     if ROOT:  # a time namespace: the sandbox's own uptime (its clocks start near 1 s; sysinfo rounds up)

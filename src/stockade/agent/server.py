@@ -29,20 +29,20 @@ if TYPE_CHECKING:
 
 try:
     from . import protocol
+    from . import sysinfo as sysinfo_answers
     from .artifacts import ArtifactSink
     from .bridge import Bridge
     from .common import HOME, OUT_HIGH_WATER, POLL_IN, PR_CAPBSET_DROP, _errno_get, _errno_name, _harden, _libc_prctl
     from .contexts import Contexts
     from .files import Files
-    from . import sysinfo as sysinfo_answers
 except ImportError:  # run as a script inside the sandbox
     import protocol  # type: ignore[no-redef]
+    import sysinfo as sysinfo_answers  # type: ignore[no-redef,import-not-found]
     from artifacts import ArtifactSink  # type: ignore[no-redef]
     from bridge import Bridge  # type: ignore[no-redef]
     from common import HOME, OUT_HIGH_WATER, POLL_IN, PR_CAPBSET_DROP, _errno_get, _errno_name, _harden, _libc_prctl  # type: ignore[no-redef]
     from contexts import Contexts  # type: ignore[no-redef]
     from files import Files  # type: ignore[no-redef]
-    import sysinfo as sysinfo_answers  # type: ignore[no-redef]
 
 
 class Agent(Contexts, Files, ArtifactSink, Bridge):

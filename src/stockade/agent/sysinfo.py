@@ -113,7 +113,7 @@ def _serve(listener: int, memory: int) -> None:
             if exc.errno in (errno.EINTR, errno.ENOENT):  # a signal here, or the caller died meanwhile
                 continue
             return  # the listener is gone: the agent is ending
-        nid = notif[0:8]
+        nid = bytes(notif[0:8])
         pid = int.from_bytes(notif[8:12], "little")
         buf = int.from_bytes(notif[32:40], "little")  # args[0]: the caller's struct sysinfo *
         error = _write_answer(listener, nid, pid, buf, memory)
