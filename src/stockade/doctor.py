@@ -107,8 +107,10 @@ def check_proc_view() -> Check:
     return Check("/proc masking", True, f"{len(files)} host /proc files read empty, {len(dirs)} directories "
                  "empty and read-only; meminfo, cpuinfo, stat, loadavg and boot_id show the sandbox (MemTotal = "
                  "limits.memory, CPUs = limits.cpus rounded up, also as the affinity mask); the cgroup namespace "
-                 "is rooted at the sandbox's cgroup" + lxcfs + "; " + clocks + ". Not hidden: mountinfo's host "
-                 "paths and devices, sysinfo()'s memory totals, /proc/uptime's idle time (summed over the host)")
+                 "is rooted at the sandbox's cgroup" + lxcfs + "; " + clocks + "; sysinfo() answers "
+                 "limits.memory (the agent, through a seccomp user notification). Not hidden: mountinfo's host "
+                 "devices, bind paths and devtmpfs size, /proc/uptime's idle time (summed over the host), "
+                 "/proc/sys values that scale with the host (gVisor hides all of these)")
 
 
 def check_privilege(jail: JailConfig) -> Check:

@@ -5,7 +5,8 @@ thread, one poll loop: it reads requests from the host, forks and reaps every pr
 (orphans included, as an init must), streams their output back, and serves file operations. Paths
 are resolved here, inside the sandbox; the host never opens a path it was given.
 
-One module per concern, each a mixin of ``Agent``: ``processes`` (spawn, output, stdin, signals, reaping,
+One module per concern, each a mixin of ``Agent`` (``sysinfo`` apart: the jail's sysinfo() answers):
+``processes`` (spawn, output, stdin, signals, reaping,
 tree kills), ``contexts`` (code interpreters), ``files``, ``artifacts`` (the artifact socket), ``bridge``
 (the proxy ports); ``common`` holds the limits and the hardening. Standard library only, and only modules
 built into the interpreter, so a cold start stays cheap.
