@@ -491,6 +491,12 @@ def test_programs_size_themselves_to_the_sandbox_limits(make_sandbox, cpus, memo
     assert host_model is None or host_model not in cpuinfo
 
 
+def _skip_rootless_gvisor(runtime_name: str) -> None:
+    if runtime_name == "gvisor" and os.geteuid() != 0:
+        pytest.skip("rootless gVisor joins no memory cgroup: the Sentry's total is the host's (documented; "
+                    "test_programs_size_themselves_to_the_sandbox_limits asserts it)")
+
+
 # sysinfo() from threads and processes at once, each call checked; argv: calls per thread, threads
 SYSINFO = r"""
 import ctypes, json, os, sys, threading
@@ -532,8 +538,7 @@ def test_sysinfo_reports_the_sandbox_memory_not_the_host(make_sandbox, memory, r
     import json
     import time
 
-    if runtime_name == "gvisor" and os.geteuid() != 0:
-        pytest.skip("rootless gVisor joins no memory cgroup: the Sentry's total is the host's (documented)")
+    _skip_rootless_gvisor(runtime_name)
     started = time.monotonic()
     sb = make_sandbox(limits={"memory": memory})
     r = sb.commands.run(["python3", "-c", SYSINFO, "200", "4"])
@@ -574,19 +579,21 @@ def test_sysinfo_into_a_bad_address_fails_with_efault(make_sandbox, address):
     assert sb.commands.run("true").exit_code == 0  # and the agent is still there
 
 
-def test_a_non_dumpable_process_never_gets_the_host_memory_from_sysinfo(make_sandbox):
+def test_a_non_dumpable_process_never_gets_the_host_memory_from_sysinfo(make_sandbox, runtime_name):
     """The jail's agent cannot write into a process that made itself non-dumpable: that call fails
     (EPERM) rather than falling through to the host kernel's answer."""
+    _skip_rootless_gvisor(runtime_name)
     sb = make_sandbox(limits={"memory": 200 << 20})
     out = sb.commands.run(["python3", "-c", SYSINFO_CALL, "undumpable"]).stdout.strip()
     assert out in ("1", str(200 << 20)), out  # EPERM (the jail), or the sandbox's total (gVisor)
 
 
-def test_callers_killed_inside_sysinfo_leave_the_agent_answering(make_sandbox):
+def test_callers_killed_inside_sysinfo_leave_the_agent_answering(make_sandbox, runtime_name):
     """Processes killed while their sysinfo() waits for the agent's answer (and pids reused meanwhile)
     cannot wedge or confuse it."""
     import json
 
+    _skip_rootless_gvisor(runtime_name)
     sb = make_sandbox(limits={"memory": 128 << 20})
     storm = ("for i in $(seq 30); do python3 -c 'import os\nwhile True: os.sysconf(\"SC_PHYS_PAGES\")' & "
              "p=$!; sleep 0.05; kill -9 $p; done; wait")
