@@ -37,7 +37,7 @@ SECCOMP_FILTER_FLAG_NEW_LISTENER = 1 << 3
 # ioctls on the listener: _IOWR('!', 0, struct seccomp_notif [80]), _IOWR('!', 1, seccomp_notif_resp [24]),
 # _IOW('!', 2, __u64)
 NOTIF_RECV, NOTIF_SEND, NOTIF_ID_VALID = 0xC0502100, 0xC0182101, 0x40082102
-NOTIF_SIZE, RESP_SIZE = 80, 24
+NOTIF_SIZE = 80
 SYSINFO_SIZE = 112  # struct sysinfo on LP64 (x86_64, aarch64), padding included: what the kernel copies out
 
 

@@ -115,8 +115,12 @@ def compile_bpf() -> bytes:
         f.add_rule(eperm, "ioctl", sc.Arg(1, sc.MASKED_EQ, 0xFFFFFFFF, request))
     # personality(0xffffffff) only queries; every change (e.g. ADDR_NO_RANDOMIZE) is refused.
     f.add_rule(eperm, "personality", sc.Arg(0, sc.NE, 0xFFFFFFFF))
+    return _export(f)
+
+
+def _export(f: object) -> bytes:
     with tempfile.TemporaryFile() as out:  # libseccomp writes to the descriptor directly
-        f.export_bpf(out)
+        f.export_bpf(out)  # type: ignore[attr-defined]
         out.seek(0)
         return out.read()
 
@@ -147,10 +151,7 @@ def _compile_sysinfo_notifier() -> bytes:
 
     f = sc.SyscallFilter(sc.ALLOW)
     f.add_rule(sc.NOTIFY, "sysinfo")
-    with tempfile.TemporaryFile() as out:
-        f.export_bpf(out)
-        out.seek(0)
-        return out.read()
+    return _export(f)
 
 
 def oci_profile() -> dict[str, object]:
