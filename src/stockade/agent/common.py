@@ -27,6 +27,7 @@ CELL_EVENT_LIMIT = 32 << 20     # one result (an image, say) larger than this is
 INTERRUPT_GRACE = 2.0           # seconds a timed-out cell gets to honour KeyboardInterrupt
 POLL_IN = select.POLLIN | select.POLLHUP | select.POLLERR
 KILL_ROUNDS = 100               # /proc rescans a tree kill makes before it gives up on stragglers
+KILL_WAIT = 2.0                 # seconds a kill waits for what it SIGKILLed to die before it answers
 PR_SET_DUMPABLE, PR_SET_CHILD_SUBREAPER, PR_CAPBSET_DROP = 4, 36, 24
 # Ignored dispositions survive execve: a command gets these back at their defaults.
 CHILD_DEFAULT_SIGNALS = (_signal.SIGPIPE, _signal.SIGXFSZ, _signal.SIGINT, _signal.SIGCHLD)

@@ -7,6 +7,7 @@ import errno
 import os
 import select
 from time import monotonic as _monotonic
+from time import sleep as _sleep
 
 TYPE_CHECKING = False  # typing costs a cold start an import; mypy reads this name as true
 if TYPE_CHECKING:
@@ -16,6 +17,7 @@ try:
     from .common import (
         CHILD_DEFAULT_SIGNALS,
         KILL_ROUNDS,
+        KILL_WAIT,
         POLL_IN,
         PR_SET_CHILD_SUBREAPER,
         STDIN_LIMIT,
@@ -26,6 +28,7 @@ except ImportError:  # run as a script inside the sandbox
     from common import (  # type: ignore[no-redef]
         CHILD_DEFAULT_SIGNALS,
         KILL_ROUNDS,
+        KILL_WAIT,
         POLL_IN,
         PR_SET_CHILD_SUBREAPER,
         STDIN_LIMIT,
@@ -229,6 +232,7 @@ class Processes(AgentBase):
             return
         if sig == _signal.SIGKILL:  # a kill ends everything the command started, wherever it went
             _kill_tree(pid)
+            self.reap()  # answered once all of it is gone: a `ps` sent next sees none of it
         else:
             try:
                 os.killpg(pid, sig)
@@ -360,7 +364,27 @@ def _stop_then_kill(scan: Callable[[], set[int]]) -> int:
         stopped |= new
     for pid in stopped:
         _signal_quiet(pid, _signal.SIGKILL)
+    _wait_dead(stopped)
     return len(stopped)
+
+
+def _wait_dead(pids: set[int]) -> None:
+    """Until every process in ``pids`` has died (a zombie or gone), or KILL_WAIT has passed: SIGKILL
+    is delivered asynchronously (under gVisor, noticeably), and callers answer only after it."""
+    deadline = _monotonic() + KILL_WAIT
+    while pids and _monotonic() < deadline:
+        pids = {pid for pid in pids if _running(pid)}
+        if pids:
+            _sleep(0.001)
+
+
+def _running(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return False
+    return stat[stat.rfind(b")") + 2:stat.rfind(b")") + 3] != b"Z"
 
 
 def _kill_tree(top: int) -> None:
