@@ -64,3 +64,21 @@ def test_server_settings_layer_file_env_and_options(tmp_path, monkeypatch):
     with pytest.raises(PolicyError) as err:
         ServerSettings.load(config)
     assert err.value.field == "tenants.acme.one_sandbox_per_user"
+
+
+def test_warm_pools_per_template_come_from_the_file_or_the_environment(tmp_path, monkeypatch):
+    from stockade import PolicyError
+    from stockade.server.settings import ServerSettings
+
+    config = tmp_path / "stockade.toml"
+    config.write_text('[server]\nwarm_pools = { "py312" = 4, "node.22" = 0 }\n')
+    assert ServerSettings.load(config).warm_pools == {"py312": 4, "node.22": 0}
+    monkeypatch.setenv("STOCKADE_WARM_POOLS", "py312=2, node=1")
+    assert ServerSettings.load().warm_pools == {"py312": 2, "node": 1}
+    for bad, field in [("py312", "warm_pools"), ("Py312=1", "warm_pools"), ("../x=1", "warm_pools"),
+                       ("py312=-1", "warm_pools.py312"), ("py312=lots", "warm_pools.py312"),
+                       ("py312=1001", "warm_pools.py312")]:
+        monkeypatch.setenv("STOCKADE_WARM_POOLS", bad)
+        with pytest.raises(PolicyError) as err:
+            ServerSettings.load()
+        assert err.value.field == field, (bad, err.value)

@@ -206,7 +206,7 @@ def test_a_server_whose_default_is_gvisor_hands_out_warm_gvisor_sandboxes():
     server = RunningServer(runtime=GvisorRuntime(), warm_pool=1,
                            warm_pool_policy=base_policy().model_dump(mode="json"))
     try:
-        pool = server.server.manager.pool  # type: ignore[union-attr]
+        pool = server.server.manager.pools[None]  # type: ignore[union-attr]
         assert pool is not None
         wait_until(lambda: len(pool.ready) == 1, 60, "the warm pool to fill")
         warm_id = pool.ready[0][0].id

@@ -354,7 +354,7 @@ def test_warm_pool_hands_out_fresh_sandboxes_once(shared_dir: Path) -> None:
 
     policy = base_policy().model_dump(mode="json")
     server = RunningServer(warm_pool=2, warm_pool_policy=policy)
-    pool = server.server.manager.pool  # type: ignore[union-attr]
+    pool = server.server.manager.pools[None]  # type: ignore[union-attr]
     assert pool is not None
     c = Client(server, "alice")
     try:

@@ -9,12 +9,14 @@ files, a world-writable file under /usr/bin and a sticky world-writable director
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import secrets
 import tarfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 
 from stockade import Policy, Sandbox
@@ -199,7 +201,7 @@ def test_isolation_basics_hold_on_a_template_root(make, tmp_path: Path):
     assert "user:x:1000:1000" in _run(sb, "cat /etc/passwd")  # the generated passwd, not the image's
 
 
-def test_through_a_server_a_template_sandbox_skips_the_warm_pool(api_server, tmp_path: Path):
+def test_through_a_server_a_template_sandbox_is_never_a_default_root_warm_one(api_server, tmp_path: Path):
     from stockade.sdk.transports.remote import RemoteTransport
 
     # the server's templates are those of its own data directory
@@ -216,6 +218,84 @@ def test_through_a_server_a_template_sandbox_skips_the_warm_pool(api_server, tmp
         Sandbox.create(policy=base_policy(), template="no-such-template", transport=transport)
     assert err.value.field == "template"
     server_store.remove(template)  # released: the sandbox has ended
+
+
+def test_a_server_keeps_a_warm_pool_per_template(runtime: str, tmp_path: Path, shared_dir: Path):
+    from stockade.sdk.transports.remote import RemoteTransport
+
+    from .conftest import sandbox_traces
+    from .server_support import RunningServer
+    from .waiting import wait_until
+
+    data = shared_dir / "server"
+    data.mkdir()
+    template = f"test-tpl-{secrets.token_hex(4)}"
+    ti.oci_layout(tmp_path / "img", _image_layers(), Env=["PATH=/usr/bin:/bin"])
+    import_image(TemplateStore(data / "templates"), template, f"oci:{tmp_path}/img")
+    from stockade.config import HostConfig
+
+    # the server's default runtime is the one under test, over the server's own data directory
+    host_runtime = runtime_class(runtime)(dataclasses.replace(HostConfig.from_env(), data_dir=data))
+    server = RunningServer(data_dir=data, runtime=host_runtime, warm_pools={template: 2},
+                           warm_pool_policy=base_policy().model_dump(mode="json"))
+    pool = server.server.manager.pools[template]  # type: ignore[union-attr]
+    waiting: list[tuple[str, dict[str, object]]] = []
+    try:
+        assert None not in server.server.manager.pools  # type: ignore[union-attr]  # warm_pool = 0
+        wait_until(lambda: len(pool.ready) == 2, 60, "the template's warm pool to fill")
+        warm_ids = {sb.id for sb, _ in pool.ready}
+        key = server.key("alice")
+        transport = RemoteTransport(server.url, key)
+        http = httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {key}"}, timeout=30)
+        health = http.get("/health").json()
+        assert (health["warm"], health["warm_by_template"]) == (2, {template: 2})
+        # a pooled sandbox holds its template: it cannot be removed under it
+        with pytest.raises(TemplateInUseError):
+            TemplateStore(data / "templates").remove(template)
+        a = Sandbox.create(policy=base_policy(), template=template, envs={"GREETING": "hi a"}, transport=transport)
+        b = Sandbox.create(policy=base_policy(), template=template, transport=transport)
+        try:
+            assert {a.sandbox_id, b.sandbox_id} == warm_ids
+            assert a.info().runtime["template"] == template
+            # the template's files, the caller's variables bound at claim time, and a root of its own
+            assert _run(a, "cat /etc/hello; echo $GREETING; echo mine > /mark; cat /mark") == \
+                "from the top layer\nhi a\nmine\n"
+            assert _run(b, "echo ${GREETING:-unset}; cat /mark 2>&1 || true") == \
+                "unset\ncat: /mark: No such file or directory\n"
+            other = Sandbox.create(policy=base_policy(limits={"pids": 100}), template=template, transport=transport)
+            with other:
+                assert other.sandbox_id not in warm_ids  # another policy: started for the caller
+            host_root = Sandbox.create(policy=base_policy(), transport=transport)
+            with host_root:  # this server pools the template only
+                assert host_root.sandbox_id not in warm_ids and host_root.info().runtime["template"] is None
+            events = http.get("/events", params={"type": "sandbox.create"}).json()
+            creates = {e["sandbox_id"]: e["data"]["warm"] for e in events}
+            assert creates == {a.sandbox_id: True, b.sandbox_id: True, other.sandbox_id: False,
+                               host_root.sandbox_id: False}
+        finally:
+            a.kill()
+            b.kill()
+        wait_until(lambda: len(pool.ready) == 2, 60, "the template's warm pool to refill")
+        assert not {sb.id for sb, _ in pool.ready} & warm_ids  # never handed out twice
+        waiting = [(sb.id, sb.describe()) for sb, _ in pool.ready]
+    finally:
+        server.stop()
+    for sid, facts in waiting:  # the pool's sandboxes go with the server, and release the template
+        wait_until(lambda: not sandbox_traces(facts, sid), 15, f"warm sandbox {sid} to leave no trace",  # noqa: B023
+                   show=lambda: sandbox_traces(facts, sid))  # noqa: B023 - called at once
+    TemplateStore(data / "templates").remove(template)
+
+
+def test_a_server_refuses_to_start_a_warm_pool_of_an_unknown_template(shared_dir: Path):
+    from stockade.config import HostConfig
+    from stockade.server.service import Server
+    from stockade.server.settings import ServerSettings
+
+    settings = ServerSettings.model_validate({"data_dir": str(shared_dir), "warm_pools": {"no-such-tpl": 1}})
+    server = Server(settings, dataclasses.replace(HostConfig.from_env(), data_dir=shared_dir))
+    with pytest.raises(PolicyError) as err:
+        asyncio.run(server.start())
+    assert err.value.field == "warm_pools.no-such-tpl" and "template import" in str(err.value)
 
 
 def test_stockade_run_takes_a_template(template: str, tmp_path: Path):

@@ -1,10 +1,13 @@
-"""Warm sandboxes: started ahead of demand with one policy, each handed out once, never reused.
+"""Warm sandboxes: started ahead of demand with one policy (and one template, or the runtime's default
+root), each handed out once, never reused.
 
 A pooled sandbox is as fresh as a new one: nothing has run in it but its agent. It has no network (a
 broker and its secrets belong to one caller) and no caller environment yet; the manager gives it the
 caller's variables when it hands it out. The pool refills one sandbox at a time, and only once creates
 have paused for QUIET seconds (or it ran dry), so a burst of creates is not slowed by the refill; it
-replaces sandboxes that waited longer than ``max_age``.
+replaces sandboxes that waited longer than ``max_age``. A template's pooled sandbox holds the template in
+use (a lease, like any sandbox of it) until it is handed out and ends; its start command runs when it is
+handed out, recorded under the caller's sandbox like any create's.
 """
 
 from __future__ import annotations
@@ -25,8 +28,9 @@ QUIET = 0.25
 
 class WarmPool:
     def __init__(self, runtime: Runtime, policy: Policy, size: int, new_id: Callable[[], str],
-                 max_age: float = 600.0) -> None:
+                 max_age: float = 600.0, template: str | None = None) -> None:
         self.runtime, self.policy, self.size, self.max_age = runtime, policy, size, max_age
+        self.template = template
         self._new_id = new_id
         self.ready: deque[tuple[RuntimeSandbox, float]] = deque()
         self._wanted = asyncio.Event()
@@ -65,10 +69,11 @@ class WarmPool:
                     await asyncio.sleep(QUIET)
                     continue
                 try:
-                    sandbox = await self.runtime.start(SandboxSpec(self._new_id(), self.policy))
+                    sandbox = await self.runtime.start(SandboxSpec(self._new_id(), self.policy, template=self.template))
                 except Exception as exc:  # noqa: BLE001 - the pool is an optimisation: log and back off
                     failures += 1
-                    log.error("warm pool: cannot start a sandbox (%s); retrying", exc)
+                    log.error("warm pool%s: cannot start a sandbox (%s); retrying",
+                              f" of template {self.template!r}" if self.template else "", exc)
                     await asyncio.sleep(min(60.0, 2.0 ** failures))
                     continue
                 failures = 0

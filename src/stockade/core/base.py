@@ -39,7 +39,7 @@ class CoreBase:
         self.reservations: dict[str, Reservation] = {}   # creates in flight, by a provisional id (owners.py)
         self.tombstones: OrderedDict[str, str] = OrderedDict()
         self.on_end: Callable[[ManagedSandbox, str], None] | None = None   # told when any sandbox ends
-        self.pool: WarmPool | None = None
+        self.pools: dict[str | None, WarmPool] = {}   # by template (None: the runtime's default root)
         self.loop = asyncio.get_running_loop()
 
     def get(self, sandbox_id: str) -> ManagedSandbox:

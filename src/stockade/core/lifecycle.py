@@ -124,10 +124,9 @@ class Lifecycle(Owners, Egress, ArtifactIntake, Commands):
         rt: RuntimeSandbox | None = None
         warm = False
         try:
-            # The warm pool holds host-root sandboxes only: a template sandbox always starts cold (yet).
-            if (broker is None and template is None and runtime is self.runtime and self.pool is not None
-                    and self.pool.matches(policy)):
-                rt = await self.pool.take()
+            pool = self.pools.get(template)   # one per template the host pools, and one for its default root
+            if broker is None and runtime is self.runtime and pool is not None and pool.matches(policy):
+                rt = await pool.take()
             if rt is not None:  # warm: it gets its id's records, and the caller's variables, now
                 warm = True
                 if egress.envs:
@@ -253,8 +252,7 @@ class Lifecycle(Owners, Egress, ArtifactIntake, Commands):
         await self._end(sb, why)
 
     async def shutdown(self) -> None:
-        if self.pool is not None:
-            await self.pool.close()
+        await asyncio.gather(*(pool.close() for pool in self.pools.values()))
         await asyncio.gather(*(self._end(sb, "its owner shut down") for sb in list(self.sandboxes.values())),
                              return_exceptions=True)
 

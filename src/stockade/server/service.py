@@ -16,10 +16,11 @@ from ..core.build import build_manager
 from ..core.manager import Manager
 from ..core.sandboxes import ManagedSandbox, new_sandbox_id
 from ..db import engine_for
-from ..errors import ConflictError, QuotaError, SandboxNotFoundError
+from ..errors import ConflictError, PolicyError, QuotaError, SandboxNotFoundError
 from ..policy import Policy
 from ..pool import WarmPool
 from ..runtime.base import Runtime
+from ..templates.store import TemplateStore
 from .auth import KeyStore, Principal, RateLimiter
 from .metrics import MeteredAudit, Metrics
 from .rows import SandboxRows
@@ -56,10 +57,21 @@ class Server:
         await asyncio.to_thread(self.rows.recover, self.audit)
         manager.on_end = self._ended
         self.metrics.alive.set_function(lambda: len(manager.sandboxes))
-        if self.settings.warm_pool:
-            manager.pool = WarmPool(manager.runtime, Policy.from_dict(self.settings.warm_pool_policy),
-                                    self.settings.warm_pool, new_sandbox_id)
-            manager.pool.start()
+        pooled: dict[str | None, int] = {None: self.settings.warm_pool}
+        pooled.update(self.settings.warm_pools)
+        if any(pooled.values()):
+            policy = Policy.from_dict(self.settings.warm_pool_policy)
+            store = TemplateStore(config.data_dir / "templates")   # the runtimes' own (runtime/jail, gvisor)
+            for template, size in pooled.items():
+                if template is not None and size and not store.exists(template):
+                    await manager.shutdown()
+                    raise PolicyError(f"warm_pools.{template}", f"no template {template!r} in {store.root} "
+                                      "(import it first: `stockade template import`)")
+            for template, size in pooled.items():
+                if size:
+                    manager.pools[template] = WarmPool(manager.runtime, policy, size, new_sandbox_id,
+                                                       template=template)
+                    manager.pools[template].start()
         self.manager = manager
         self._pruner = asyncio.get_running_loop().create_task(self._prune_forever())
 

@@ -50,6 +50,22 @@ def _comma_list(value: Any) -> Any:
     return [part.strip() for part in value.split(",") if part.strip()] if isinstance(value, str) else value
 
 
+def _template_counts(value: Any) -> Any:
+    """``{"py312": 4}``, or "py312=4,node=2" from the environment; each name a valid template name."""
+    if isinstance(value, str):
+        pairs = [part.strip().partition("=") for part in value.split(",") if part.strip()]
+        if any(not sep for _, sep, _ in pairs):
+            raise ValueError("write NAME=COUNT[,NAME=COUNT...]")
+        value = {name.strip(): count.strip() for name, _, count in pairs}
+    if isinstance(value, dict):
+        from ..templates.store import NAME_RE
+
+        for name in value:
+            if not isinstance(name, str) or not NAME_RE.fullmatch(name):
+                raise ValueError(f"{name!r} is not a template name (a-z, 0-9, '.', '_', '-', at most 64)")
+    return value
+
+
 class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -123,6 +139,9 @@ class ServerSettings(_Model):
     # each is handed out once. 0: none.
     warm_pool: Annotated[int, Field(ge=0, le=1000)] = 0
     warm_pool_policy: dict[str, Any] = {}
+    # The same per template of the server's store (its data_dir's templates), with warm_pool_policy:
+    # {"py312" = 4}, or STOCKADE_WARM_POOLS="py312=4,node=2". Each name must exist when the server starts.
+    warm_pools: Annotated[dict[str, Annotated[int, Field(ge=0, le=1000)]], BeforeValidator(_template_counts)] = {}
     # The runtime sandboxes get unless a create names another (None: the host's, STOCKADE_RUNTIME or "jail"),
     # and the others a create may name ("jail,gvisor" from the environment). Each is started, and what a
     # killed run left of its sandboxes swept, when the server starts.

@@ -20,10 +20,10 @@ router = APIRouter()
 @router.get("/health", tags=["server"])
 async def health(srv: Srv) -> dict[str, Any]:
     """``status`` is "degraded" while the audit log cannot be written (new work is refused then)."""
-    pool = srv.m.pool
     audit = srv.audit
     return {"status": "ok" if audit.state == "ok" else "degraded", "version": __version__,
-            "sandboxes": len(srv.m.sandboxes), "warm": len(pool.ready) if pool is not None else 0,
+            "sandboxes": len(srv.m.sandboxes), "warm": sum(len(p.ready) for p in srv.m.pools.values()),
+            "warm_by_template": {p.template: len(p.ready) for p in srv.m.pools.values() if p.template},
             "audit": {"state": audit.state, "error": audit.error, "held": audit.held}}
 
 
