@@ -50,6 +50,25 @@ def test_v2_limits_are_written_where_the_kernel_reads_them(tmp_path, monkeypatch
     assert (d / "cgroup.procs").read_text() == str(os.getpid())
 
 
+def test_memory_usage_is_read_from_each_version_s_own_files(tmp_path):
+    """v2: memory.current and memory.stat's ``file``; v1: memory.usage_in_bytes and ``total_cache`` (not the
+    cgroup's own ``cache``, which leaves out its children)."""
+    v2 = cgroups.CgroupHost(2, {"memory": tmp_path / "v2"})
+    v1 = cgroups.CgroupHost(1, {"memory": tmp_path / "v1"})
+    for host, files in ((v2, {"memory.current": "1048576\n", "memory.stat": "anon 4096\nfile 65536\n"}),
+                        (v1, {"memory.usage_in_bytes": "2097152\n",
+                              "memory.stat": "cache 1\nrss 2\ntotal_cache 131072\ntotal_rss 3\n"})):
+        d = host.parents["memory"] / "sbx-1"
+        d.mkdir(parents=True)
+        for name, text in files.items():
+            (d / name).write_text(text)
+    assert cgroups.Cgroup(v2, "sbx-1").memory_usage() == (1 << 20, 65536)
+    assert cgroups.Cgroup(v1, "sbx-1").memory_usage() == (2 << 20, 131072)
+    (tmp_path / "v2" / "sbx-1" / "memory.current").unlink()  # gone (the sandbox ended): no figure, no error
+    assert cgroups.Cgroup(v2, "sbx-1").memory_usage() is None
+    assert cgroups.Cgroup(cgroups.CgroupHost(2, {"pids": tmp_path}), "sbx-1").memory_usage() is None
+
+
 def test_v2_missing_controller_is_reported_not_faked(tmp_path):
     host = cgroups._detect_v2(fake_v2(tmp_path / "cg", "cpu io"), "stockade")
     assert host.usable == ("cpu",)

@@ -9,6 +9,7 @@ import io
 import json
 import os
 import struct
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -236,8 +237,6 @@ def test_templates_and_unsupported_features_answer_in_e2b_shape(server: RunningS
         E2BSandbox.create(template="my-template")
     with pytest.raises(SandboxException, match="501.*not supported"):
         sbx.pause()
-    with pytest.raises(SandboxException, match="not supported"):
-        sbx.get_metrics()
     with pytest.raises(SandboxException, match="PTY"):
         sbx.pty.create(size=__import__("e2b").PtySize(rows=24, cols=80))
     with pytest.raises(InvalidArgumentException, match="one user"):
@@ -246,6 +245,33 @@ def test_templates_and_unsupported_features_answer_in_e2b_shape(server: RunningS
                                               "E2B-Traffic-Access-Token": sbx.traffic_access_token or ""})
     assert r.status_code == 501 and r.json() == {"code": 501, "message": r.json()["message"]}
     assert "port 8080" in r.json()["message"]
+
+
+def test_get_metrics_reports_the_sandbox_use(server: RunningServer) -> None:
+    sbx = E2BSandbox.create()
+    try:
+        before = time.time()
+        sbx.commands.run("python3 -c 'import time\nt = time.process_time()\nwhile time.process_time() - t < 0.5: pass'"
+                         " && head -c 20000000 /dev/zero > /home/user/blob")
+        first = sbx.get_metrics()
+        assert len(first) == 1
+        m = first[0]
+        assert m.cpu_count == 1 and m.mem_total == 512 << 20 and 0 < m.cpu_used_pct <= 100
+        assert 0 < m.mem_used <= m.mem_total and 0 <= m.mem_cache <= m.mem_used
+        assert m.disk_used >= 20_000_000 and m.disk_total >= m.disk_used
+        assert before - 1 <= m.timestamp.timestamp() <= time.time() + 1
+        # the next call adds a sample: idle since the first, its CPU average is low
+        series = E2BSandbox.get_metrics(sbx.sandbox_id)
+        assert [s.timestamp for s in series[:1]] == [m.timestamp] and len(series) == 2
+        assert series[1].cpu_used_pct < m.cpu_used_pct
+        # start and end select: a window before the sandbox holds nothing; from the first sample, all four
+        assert E2BSandbox.get_metrics(sbx.sandbox_id, end=datetime.datetime.fromtimestamp(before - 60)) == []
+        everything = E2BSandbox.get_metrics(sbx.sandbox_id, start=m.timestamp - datetime.timedelta(seconds=1))
+        assert len(everything) == 4 and everything[:2] == series
+    finally:
+        sbx.kill()
+    with pytest.raises(SandboxNotFoundException):
+        E2BSandbox.get_metrics(sbx.sandbox_id)
 
 
 def test_network_options_map_onto_the_policy(server: RunningServer) -> None:

@@ -43,6 +43,7 @@ if TYPE_CHECKING:
         Result,
         Sandbox,
         SandboxInfo,
+        SandboxMetrics,
     )
 
 __version__ = "0.1.0"
@@ -52,7 +53,7 @@ _LAZY = {
     **dict.fromkeys((
         "Artifacts", "AsyncArtifacts", "AsyncCommandHandle", "AsyncSandbox", "CommandHandle", "CommandResult",
         "Context", "EntryInfo", "Execution", "ExecutionError", "Logs", "ProcessInfo", "Result", "Sandbox",
-        "SandboxInfo"), ".sdk"),
+        "SandboxInfo", "SandboxMetrics"), ".sdk"),
 }
 
 
@@ -74,6 +75,6 @@ __all__ = [
     "Logs", "Result", "AsyncCommandHandle", "AsyncSandbox", "CommandError", "CommandHandle", "CommandResult",
     "EntryInfo",
     "FilesystemError", "PathNotFoundError", "Policy", "PolicyError", "ProcessInfo", "ProtocolError", "Sandbox",
-    "SandboxInfo", "SandboxNotFoundError", "SandboxUnavailableError", "StockadeError", "TimeoutError",
+    "SandboxInfo", "SandboxMetrics", "SandboxNotFoundError", "SandboxUnavailableError", "StockadeError", "TimeoutError",
     "AuthenticationError", "ConflictError", "QuotaError", "UnenforceableError",
 ]

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from stockade import PolicyError, Sandbox, SandboxNotFoundError
+from stockade import Policy, PolicyError, Sandbox, SandboxNotFoundError
 
 from ..conftest import ROOT, sandbox_traces
 from ..waiting import wait_until
@@ -145,3 +145,38 @@ def test_sandbox_dies_with_the_process_that_created_it(name):
 async def _sweep(transport, name):
     m = await transport.manager()
     return await (await m.runtime_named(name)).sweep_stale()
+
+
+HOLD_100_MIB = """
+import time
+b = bytearray(100 << 20)
+for i in range(0, len(b), 4096):
+    b[i] = 1
+open("/tmp/held", "w").close()
+time.sleep(600)
+"""
+BURN_CPU = "import time\nt = time.process_time()\nwhile time.process_time() - t < 0.4: pass"
+
+
+def test_get_metrics_reports_cpu_memory_and_disk(make_sandbox):
+    sb = make_sandbox()
+    limits = Policy.from_dict(sb.info().policy).limits
+    hold = sb.commands.run(["python3", "-c", HOLD_100_MIB], background=True)
+    wait_until(lambda: sb.files.exists("/tmp/held"), 30, "100 MiB to be held")
+    sb.commands.run(["python3", "-c", BURN_CPU])
+    sb.commands.run("head -c 10000000 /dev/urandom > /home/user/blob")
+    [busy] = sb.get_metrics()
+    assert busy.cpu_count == 1 and busy.mem_total == limits.memory
+    assert 0 < busy.cpu_used_pct <= 100, busy
+    assert (100 << 20) <= busy.mem_used <= busy.mem_total and 0 <= busy.mem_cache <= busy.mem_used, busy
+    assert busy.disk_used >= 10_000_000 and busy.disk_total >= busy.disk_used, busy
+    assert hold.kill()
+    sb.commands.run("rm /home/user/blob")
+    series = sb.get_metrics()
+    assert len(series) == 2 and series[0] == busy
+    idle = series[1]
+    assert idle.timestamp > busy.timestamp and idle.cpu_used_pct < busy.cpu_used_pct, series
+    assert idle.mem_used < busy.mem_used - (50 << 20) and idle.disk_used < busy.disk_used - 5_000_000, series
+    sb.kill()
+    with pytest.raises(SandboxNotFoundError):
+        sb.get_metrics()

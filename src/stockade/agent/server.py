@@ -6,10 +6,10 @@ thread, one poll loop: it reads requests from the host, forks and reaps every pr
 are resolved here, inside the sandbox; the host never opens a path it was given.
 
 One module per concern, each a mixin of ``Agent`` (``sysinfo`` apart: the jail's sysinfo() answers):
-``processes`` (spawn, output, stdin, signals, reaping,
-tree kills), ``contexts`` (code interpreters), ``files``, ``artifacts`` (the artifact socket), ``bridge``
-(the proxy ports); ``common`` holds the limits and the hardening. Standard library only, and only modules
-built into the interpreter, so a cold start stays cheap.
+``processes`` (spawn, output, stdin, signals, reaping, tree kills), ``contexts`` (code interpreters),
+``files``, ``artifacts`` (the artifact socket), ``bridge`` (the proxy ports), ``usage`` (what the sandbox
+uses); ``common`` holds the limits and the hardening. Standard library only, and only modules built into
+the interpreter, so a cold start stays cheap.
 Compatible with the python3 of current Debian and Ubuntu releases.
 """
 
@@ -36,6 +36,7 @@ try:
     from .common import HOME, OUT_HIGH_WATER, POLL_IN, PR_CAPBSET_DROP, _errno_get, _errno_name, _harden, _libc_prctl
     from .contexts import Contexts
     from .files import Files
+    from .usage import Usage
 except ImportError:  # run as a script inside the sandbox
     import protocol  # type: ignore[no-redef]
     import sysinfo as sysinfo_answers  # type: ignore[no-redef,import-not-found]
@@ -44,9 +45,10 @@ except ImportError:  # run as a script inside the sandbox
     from common import HOME, OUT_HIGH_WATER, POLL_IN, PR_CAPBSET_DROP, _errno_get, _errno_name, _harden, _libc_prctl  # type: ignore[no-redef]
     from contexts import Contexts  # type: ignore[no-redef]
     from files import Files  # type: ignore[no-redef]
+    from usage import Usage  # type: ignore[no-redef,import-not-found]
 
 
-class Agent(Contexts, Files, ArtifactSink, Bridge):
+class Agent(Contexts, Files, ArtifactSink, Bridge, Usage):
     def __init__(self, fd: int) -> None:
         self.fd = fd
         os.set_blocking(fd, False)

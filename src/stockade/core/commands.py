@@ -5,15 +5,17 @@ from __future__ import annotations
 import asyncio
 import builtins
 import contextlib
+import math
 import time
 from collections.abc import Callable, Mapping
+from datetime import UTC, datetime
 from typing import Any
 
 from ..agent import protocol
 from ..errors import FilesystemError, PolicyError, SandboxUnavailableError
 from ..policy import format_duration, format_size
 from ..runtime.channel import CommandPending
-from ..sdk.models import CommandResult, ProcessInfo
+from ..sdk.models import CommandResult, ProcessInfo, SandboxMetrics
 from .base import CoreBase
 from .sandboxes import Argv, CommandRecord, ManagedSandbox, check_envs
 
@@ -206,6 +208,31 @@ class Commands(CoreBase):
         return [ProcessInfo(p["pid"], str(p.get("cmd", ""))[:4096], p.get("tag") if isinstance(p.get("tag"), str)
                             else None) for p in procs[:10000]
                 if isinstance(p, dict) and isinstance(p.get("pid"), int) and not isinstance(p.get("pid"), bool)]
+
+    async def metrics(self, sandbox_id: str, start: float | None = None,
+                      end: float | None = None) -> builtins.list[SandboxMetrics]:
+        """A sample taken now, after the earlier ones still kept; those between ``start`` and ``end`` (wall
+        clock seconds) are returned. The agent's figures are checked: numbers, bounded."""
+        sb = self.get(sandbox_id)
+        seen = await sb.runtime.agent.usage()
+        now = time.time()
+        cpu, rss = _number(seen.get("cpu_seconds")), _number(seen.get("rss_bytes"))
+        then, cpu_then = sb.cpu_mark or (sb.started_at, 0.0)
+        cpus = sb.policy.limits.cpus
+        pct = 100.0 * max(0.0, cpu - cpu_then) / (max(now - then, 1e-3) * cpus)
+        sb.cpu_mark = (now, cpu)
+        charged = sb.runtime.memory_usage()
+        used, cache = charged if charged is not None else (int(rss), 0)
+        sb.metrics.append(SandboxMetrics(
+            datetime.fromtimestamp(now, UTC), max(1, math.ceil(cpus)), round(min(pct, 100.0), 2),
+            used, sb.policy.limits.memory, cache, int(_number(seen.get("disk_used"))),
+            int(_number(seen.get("disk_total")))))
+        return [m for m in sb.metrics if (start is None or m.timestamp.timestamp() >= start)
+                and (end is None or m.timestamp.timestamp() <= end)]
+
+
+def _number(v: Any) -> float:
+    return float(v) if isinstance(v, int | float) and not isinstance(v, bool) and 0 <= v < 1 << 62 else 0.0
 
 
 def _oom_killed_since(before: int | None, after: int | None) -> bool:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import secrets
+from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -14,11 +15,13 @@ from ..errors import PolicyError
 from ..policy import Policy
 from ..runtime.base import RuntimeSandbox, SandboxLayout
 from ..runtime.channel import CommandPending
+from ..sdk.models import SandboxMetrics
 
 if TYPE_CHECKING:  # the broker (h11, ssl) is imported only by a sandbox with a network (core/egress.py)
     from ..broker.server import BrokerEndpoint
 
 TOMBSTONES = 1024
+METRICS_KEPT = 720          # samples per sandbox get_metrics keeps (an hour at one per 5 s)
 ENV_NAME_OK = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_")
 Argv = list[str]  # spelled once here: a method named `list` shadows the builtin in class bodies
 
@@ -97,6 +100,9 @@ class ManagedSandbox:
     busy: int = 0                           # foreground commands and cells running now
     layout: SandboxLayout = field(default_factory=SandboxLayout)   # its runtime's paths and ports inside
     ready: bool = False     # its create returned it (a template's ready command succeeded): shown to its owner
+    # the samples get_metrics took (the newest METRICS_KEPT), and the last (wall time, CPU seconds) reading
+    metrics: deque[SandboxMetrics] = field(default_factory=lambda: deque(maxlen=METRICS_KEPT))
+    cpu_mark: tuple[float, float] | None = None
 
     @property
     def channel(self) -> Any:

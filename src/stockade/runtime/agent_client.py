@@ -97,6 +97,10 @@ class AgentClient:
     async def ps(self) -> Header:
         return await self.channel.call({"op": "ps"})
 
+    async def usage(self) -> Header:
+        """cpu_seconds, rss_bytes, processes, disk_used, disk_total (the workspace's filesystem)."""
+        return await self.channel.call({"op": "usage"})
+
     # ---- code contexts -------------------------------------------------------------------------
     def ctx_start(self, pending: CellPending, ctx: str, *, language: str, cwd: str, python: list[str], limit: int,
                   timeout: float) -> int:

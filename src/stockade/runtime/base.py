@@ -82,6 +82,11 @@ class RuntimeSandbox(ABC):
         """The most memory the sandbox has used, where the runtime can tell."""
         return None
 
+    def memory_usage(self) -> tuple[int, int] | None:
+        """(bytes of memory charged to the sandbox now, of which page cache), where the runtime can tell
+        (a memory cgroup); None: the caller sums what the agent sees (resident memory)."""
+        return None
+
     def oom_kills(self) -> int | None:
         """How many processes the OOM killer has killed in the sandbox so far, or None where the runtime
         has no counter to tell (then a SIGKILL cannot be confirmed as an out-of-memory kill)."""

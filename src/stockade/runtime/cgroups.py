@@ -203,6 +203,20 @@ class Cgroup:
                 continue
         return None
 
+    def memory_usage(self) -> tuple[int, int] | None:
+        """(bytes charged now, of which page cache): memory.current and memory.stat's ``file`` (v2), or
+        memory.usage_in_bytes and ``total_cache`` (v1). None without a memory cgroup."""
+        if "memory" not in self.host.parents:
+            return None
+        d = self.host.parents["memory"] / self.name
+        v2 = self.host.version == 2
+        try:
+            used = int((d / ("memory.current" if v2 else "memory.usage_in_bytes")).read_text())
+            stat = dict(line.split(" ", 1) for line in (d / "memory.stat").read_text().splitlines() if " " in line)
+        except (OSError, ValueError):
+            return None
+        return used, int(stat.get("file" if v2 else "total_cache", 0))
+
     def oom_kills(self) -> int | None:
         """The memory cgroup's own count of OOM kills: ``oom_kill`` in memory.events (v2) or
         memory.oom_control (v1, Linux >= 4.13)."""

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any, Literal
 
 
@@ -36,6 +36,32 @@ class ProcessInfo:
     pid: int
     cmd: str
     tag: str | None = None
+
+
+@dataclass(frozen=True)
+class SandboxMetrics:
+    """One sample of what a sandbox uses (E2B's names). ``cpu_used_pct`` is the average since the sample
+    before it (the sandbox's start for the first), 100 per CPU of ``limits.cpus``; memory is what the
+    sandbox's memory cgroup is charged (page cache included, as in ``mem_cache``) or, without one, the
+    resident memory of its processes; disk is the workspace's filesystem (/home/user)."""
+
+    timestamp: datetime
+    cpu_count: int
+    cpu_used_pct: float
+    mem_used: int
+    mem_total: int
+    mem_cache: int
+    disk_used: int
+    disk_total: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**self.__dict__, "timestamp": self.timestamp.timestamp()}
+
+    @classmethod
+    def from_dict(cls, m: dict[str, Any]) -> SandboxMetrics:
+        return cls(datetime.fromtimestamp(_float(m.get("timestamp")), UTC), _int(m.get("cpu_count")),
+                   _float(m.get("cpu_used_pct")), _int(m.get("mem_used")), _int(m.get("mem_total")),
+                   _int(m.get("mem_cache")), _int(m.get("disk_used")), _int(m.get("disk_total")))
 
 
 @dataclass(frozen=True)

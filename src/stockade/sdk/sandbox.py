@@ -13,6 +13,7 @@ import os
 import queue
 import signal as signal_mod
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator, Mapping
+from datetime import datetime
 from pathlib import Path
 from typing import IO, Any, Literal, overload
 
@@ -21,7 +22,7 @@ from ..artifacts import ArtifactInfo
 from ..errors import CommandError, PathNotFoundError, SandboxNotFoundError, TimeoutError
 from ..policy import Policy
 from .code import Context, Execution, ExecutionBuilder, ExecutionError, Result
-from .models import CommandResult, EntryInfo, ProcessInfo, SandboxInfo
+from .models import CommandResult, EntryInfo, ProcessInfo, SandboxInfo, SandboxMetrics
 from .portal import portal
 from .transports.base import Transport
 
@@ -78,6 +79,10 @@ class _Decoders:
 
     def __call__(self, stream: str, data: bytes) -> str:
         return self._d[stream].decode(data)
+
+
+def _unix(when: datetime | None) -> float | None:
+    return when.timestamp() if when is not None else None
 
 
 def _context_id(context: Context | str | None) -> str | None:
@@ -471,6 +476,11 @@ class Sandbox(_SandboxBase):
     def set_timeout(self, seconds: float) -> None:
         portal().call(self._transport.set_timeout(self.sandbox_id, seconds))
 
+    def get_metrics(self, start: datetime | None = None, end: datetime | None = None) -> builtins.list[SandboxMetrics]:
+        """What the sandbox uses: a sample taken now, after the earlier ones still kept (the newest 720),
+        those between ``start`` and ``end``. ``cpu_used_pct`` averages since the sample before."""
+        return portal().call(self._transport.metrics(self.sandbox_id, _unix(start), _unix(end)))
+
     def kill(self) -> bool:
         return portal().call(self._transport.kill(self.sandbox_id))
 
@@ -710,6 +720,10 @@ class AsyncSandbox(_SandboxBase):
 
     async def set_timeout(self, seconds: float) -> None:
         await portal().acall(self._transport.set_timeout(self.sandbox_id, seconds))
+
+    async def get_metrics(self, start: datetime | None = None,
+                          end: datetime | None = None) -> builtins.list[SandboxMetrics]:
+        return await portal().acall(self._transport.metrics(self.sandbox_id, _unix(start), _unix(end)))
 
     async def kill(self) -> bool:
         return await portal().acall(self._transport.kill(self.sandbox_id))

@@ -469,6 +469,9 @@ class JailSandbox(RuntimeSandbox):
     def memory_peak(self) -> int | None:
         return self.cgroup.memory_peak() if self.cgroup else None
 
+    def memory_usage(self) -> tuple[int, int] | None:
+        return self.cgroup.memory_usage() if self.cgroup else None
+
     def oom_kills(self) -> int | None:
         return self.cgroup.oom_kills() if self.cgroup else None
 

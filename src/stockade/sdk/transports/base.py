@@ -11,7 +11,7 @@ from ...artifacts import ArtifactInfo
 from ...core.sandboxes import Argv
 from ...policy import Policy
 from ..code import Context
-from ..models import CommandResult, ProcessInfo, SandboxInfo
+from ..models import CommandResult, ProcessInfo, SandboxInfo, SandboxMetrics
 
 OutputSink = Callable[[str, bytes], None]
 EventSink = Callable[[dict[str, Any]], None]
@@ -61,6 +61,10 @@ class Transport(ABC):
 
     @abstractmethod
     async def processes(self, sandbox_id: str) -> builtins.list[ProcessInfo]: ...
+
+    @abstractmethod
+    async def metrics(self, sandbox_id: str, start: float | None,
+                      end: float | None) -> builtins.list[SandboxMetrics]: ...
 
     @abstractmethod
     def read(self, sandbox_id: str, path: str) -> AsyncGenerator[bytes, None]:

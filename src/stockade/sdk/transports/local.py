@@ -17,7 +17,7 @@ from ...core.sandboxes import Argv, CodeContext, CommandRecord, ManagedSandbox
 from ...errors import SandboxUnavailableError
 from ...policy import Policy
 from ..code import Context
-from ..models import CommandResult, ProcessInfo, SandboxInfo
+from ..models import CommandResult, ProcessInfo, SandboxInfo, SandboxMetrics
 from .base import EventSink, OutputSink, Transport
 
 
@@ -103,6 +103,10 @@ class LocalTransport(Transport):
 
     async def processes(self, sandbox_id: str) -> builtins.list[ProcessInfo]:
         return await (await self.manager()).processes(sandbox_id)
+
+    async def metrics(self, sandbox_id: str, start: float | None,
+                      end: float | None) -> builtins.list[SandboxMetrics]:
+        return await (await self.manager()).metrics(sandbox_id, start, end)
 
     async def read(self, sandbox_id: str, path: str) -> AsyncGenerator[bytes, None]:
         chunks = await (await self.manager()).open_read(sandbox_id, path)

@@ -36,7 +36,7 @@ from ...errors import (
 from ...errors import TimeoutError as StockadeTimeoutError
 from ...policy import Policy
 from ..code import Context
-from ..models import CommandResult, ProcessInfo, SandboxInfo
+from ..models import CommandResult, ProcessInfo, SandboxInfo, SandboxMetrics
 from .base import EventSink, OutputSink, Transport
 
 MAX_EVENT_LINE = 64 << 20   # one SSE data line (a cell's figure can be large)
@@ -204,6 +204,12 @@ class RemoteTransport(Transport):
     async def processes(self, sandbox_id: str) -> builtins.list[ProcessInfo]:
         return [ProcessInfo(p["pid"], p["cmd"], p.get("tag"))
                 for p in await self._call("GET", f"/sandboxes/{_id(sandbox_id)}/commands")]
+
+    async def metrics(self, sandbox_id: str, start: float | None,
+                      end: float | None) -> builtins.list[SandboxMetrics]:
+        params = {k: v for k, v in (("start", start), ("end", end)) if v is not None}
+        rows = await self._call("GET", f"/sandboxes/{_id(sandbox_id)}/metrics", params=params)
+        return [SandboxMetrics.from_dict(m) for m in rows if isinstance(m, dict)]
 
     # ---- files ----------------------------------------------------------------------------------
     def read(self, sandbox_id: str, path: str) -> AsyncGenerator[bytes, None]:

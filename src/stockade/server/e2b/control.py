@@ -198,6 +198,21 @@ async def set_timeout(sandbox_id: str, body: Timeout, request: Request) -> Respo
     return Response(status_code=204)
 
 
+@router.get("/sandboxes/{sandbox_id}/metrics")
+async def metrics(sandbox_id: str, request: Request, start: int | None = None,
+                  end: int | None = None) -> list[dict[str, Any]]:
+    """``get_metrics()``: stockade samples when asked (E2B every 5 s), so the list is the samples earlier
+    calls took plus one taken now; ``cpuUsedPct`` averages since the sample before."""
+    core = core_of(request)
+    who = await core.authenticate(request)
+    core.live(who, sandbox_id)
+    return [{"timestamp": m.timestamp.isoformat().replace("+00:00", "Z"),
+             "timestampUnix": int(m.timestamp.timestamp()), "cpuCount": m.cpu_count, "cpuUsedPct": m.cpu_used_pct,
+             "memUsed": m.mem_used, "memTotal": m.mem_total, "memCache": m.mem_cache, "diskUsed": m.disk_used,
+             "diskTotal": m.disk_total}
+            for m in await core.srv.m.metrics(sandbox_id, start, end)]
+
+
 @router.delete("/sandboxes/{sandbox_id}", status_code=204)
 async def kill(sandbox_id: str, request: Request) -> Response:
     core = core_of(request)

@@ -1,4 +1,4 @@
-"""Routes: the server's health and metrics, and sandboxes (create, list, get, kill, timeout)."""
+"""Routes: the server's health and metrics, and sandboxes (create, list, get, kill, timeout, metrics)."""
 
 from __future__ import annotations
 
@@ -64,6 +64,14 @@ async def kill(sandbox_id: str, srv: Srv, who: Auth) -> Response:
     live_sandbox(srv, who, sandbox_id)
     await srv.m.kill(sandbox_id)
     return Response(status_code=204)
+
+
+@router.get("/sandboxes/{sandbox_id}/metrics", tags=["sandboxes"])
+async def sandbox_metrics(sandbox_id: str, srv: Srv, who: Auth, start: float | None = None,
+                          end: float | None = None) -> list[dict[str, Any]]:
+    """What the sandbox uses: a sample taken now, after the earlier ones kept (``start``/``end``: Unix time)."""
+    live_sandbox(srv, who, sandbox_id)
+    return [m.to_dict() for m in await srv.m.metrics(sandbox_id, start, end)]
 
 
 @router.post("/sandboxes/{sandbox_id}/timeout", tags=["sandboxes"])
