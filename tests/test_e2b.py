@@ -431,6 +431,42 @@ def test_upload_over_max_upload_is_refused_and_not_kept(server: RunningServer, s
     assert not sbx.files.exists("/home/user/huge.bin") and not sbx.files.exists("/home/user/huge2.bin")
 
 
+def test_gzip_uploads_are_decoded_and_bounded(server: RunningServer, sbx: CodeSandbox,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    import gzip
+    import random
+
+    data = random.Random(7).randbytes(300_000) + b"tail" * 50_000
+    info = sbx.files.write("/home/user/gz.bin", data, gzip=True)
+    assert info.path == "/home/user/gz.bin"
+    assert bytes(sbx.files.read("/home/user/gz.bin", format="bytes")) == data
+    sbx.files.write("/home/user/gz-stream.txt", io.BytesIO(b"streamed " * 1000), gzip=True)  # file-like, chunked
+    assert sbx.files.read("/home/user/gz-stream.txt") == "streamed " * 1000
+    headers = {**_envd_headers(sbx), "Content-Type": "application/octet-stream", "Content-Encoding": "gzip"}
+
+    def post(name: str, body: bytes, extra: dict[str, str] | None = None) -> httpx.Response:
+        return _raw(server, "POST", f"/e2b/sandbox/files?path=/home/user/{name}", {**headers, **(extra or {})},
+                    content=body)
+
+    monkeypatch.setattr(server.server, "settings", server.server.settings.model_copy(update={"max_upload": 1 << 20}))
+    bomb = gzip.compress(b"\0" * (64 << 20))  # 64 KiB on the wire, 64 MiB inflated
+    assert len(bomb) < 100_000
+    assert post("bomb", bomb).status_code == 413
+    whole = gzip.compress(b"fine\n" * 1000)
+    for name, body in [("truncated", whole[:-10]), ("trailing", whole + b"garbage"), ("not-gzip", b"plain text"),
+                       ("two-members", whole + whole)]:
+        r = post(name, body)
+        assert r.status_code == 400 and "gzip" in r.json()["message"], (name, r.text)
+    r = post("br", whole, {"Content-Encoding": "br"})
+    assert r.status_code == 400 and "'br' is not supported" in r.json()["message"]
+    r = _raw(server, "POST", "/e2b/sandbox/files", {**_envd_headers(sbx), "Content-Encoding": "gzip"},
+             files=[("file", ("/home/user/multi.gz", whole))])
+    assert r.status_code == 400 and "octet-stream" in r.json()["message"]
+    monkeypatch.undo()
+    left = sbx.files.list("/home/user")
+    assert not {e.name for e in left} & {"bomb", "truncated", "trailing", "not-gzip", "two-members", "br", "multi.gz"}
+
+
 # ---- code interpreter -------------------------------------------------------------------------------------
 def test_run_code_state_streaming_and_results(sbx: CodeSandbox) -> None:
     chunks: list[str] = []

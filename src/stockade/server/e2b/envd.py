@@ -22,6 +22,7 @@ import posixpath
 import secrets
 import signal as signals
 import stat
+import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -57,6 +58,7 @@ UNSUPPORTED = {
     ("process.Process", "Update"): "resizing a PTY (PTY processes are not supported)",
 }
 WATCH_INTERVAL = 0.5      # a WatchDir stream lists the directory this often
+GUNZIP_STEP = 1 << 20     # bytes a gzip-encoded upload inflates to per step, before the cap sees them
 MAX_WATCHERS = 16         # per sandbox
 
 router = APIRouter(prefix=SANDBOX_PREFIX, include_in_schema=False)
@@ -591,23 +593,56 @@ async def upload(request: Request, path: str | None = None, username: str | None
     try:
         core, e2b = await _envd(request, signed="write")
         _user(username, "username")
-        if request.headers.get("content-encoding", "identity") not in ("identity", ""):
-            raise PolicyError("Content-Encoding", "compressed uploads (gzip=True) are not supported")
+        encoding = request.headers.get("content-encoding", "identity").strip().lower() or "identity"
+        if encoding not in ("identity", "gzip"):
+            raise PolicyError("Content-Encoding", f"{encoding!r} is not supported (identity or gzip)")
         cap = core.max_upload
         kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
         if kind == "multipart/form-data":
+            if encoding == "gzip":  # what the SDKs never send: gzip=True implies an octet-stream upload
+                raise PolicyError("Content-Encoding", "gzip applies to octet-stream uploads only")
             written = await _multipart(core, e2b, request, path, cap)
         else:
             if not path:
                 raise PolicyError("path", "is required for an octet-stream upload")
-            await _write(core, e2b, path, _capped(request.stream(), cap))
+            body = request.stream()
+            # max_upload bounds what is written, so a gzip bomb stops there
+            await _write(core, e2b, path, _capped(_gunzip(body) if encoding == "gzip" else body, cap))
             written = [path]
     except TooLarge:
         return envd_error(413, f"the upload is over the server's max_upload ({core.max_upload} bytes)")
+    except BadGzip as exc:
+        return envd_error(400, f"the gzip-encoded upload is not valid gzip: {exc}")
     except (ConnectError, StockadeError, SandboxGone) as exc:
         return _file_error(exc)
     return JSONResponse([{"name": posixpath.basename(_absolute(p)), "type": "file", "path": _absolute(p)}
                          for p in written])
+
+
+class BadGzip(Exception):
+    pass
+
+
+async def _gunzip(chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    """The decoded body, at most GUNZIP_STEP bytes per step (a small body may inflate a thousandfold: the
+    caller's cap sees each step before the next is made). One gzip member, nothing after it."""
+    d = zlib.decompressobj(16 + zlib.MAX_WBITS)
+    try:
+        async for chunk in chunks:
+            data = chunk
+            while data:
+                if d.eof:
+                    raise BadGzip("data after the end of the gzip stream")
+                out = d.decompress(data, GUNZIP_STEP)
+                if d.unused_data:  # bytes past the member's end, in this chunk
+                    raise BadGzip("data after the end of the gzip stream")
+                data = d.unconsumed_tail
+                if out:
+                    yield out
+        if not d.eof:
+            raise BadGzip("the gzip stream is truncated")
+    except zlib.error as exc:
+        raise BadGzip(str(exc)) from None
 
 
 async def _capped(chunks: AsyncIterator[bytes], cap: int) -> AsyncIterator[bytes]:
@@ -622,7 +657,7 @@ async def _capped(chunks: AsyncIterator[bytes], cap: int) -> AsyncIterator[bytes
 async def _write(core: Core, e2b: E2BSandbox, path: str, chunks: AsyncIterator[bytes]) -> None:
     try:
         await core.write(e2b.id, path, chunks)
-    except TooLarge:
+    except (TooLarge, BadGzip):
         with contextlib.suppress(StockadeError):  # nothing of an oversized upload is kept
             await core.file_op(e2b.id, "remove", path=path)
         raise
