@@ -307,7 +307,11 @@ class JailSandbox(RuntimeSandbox):
             raise self._start_failure(stderr_fd) from None
         self.namespaces = {k.removesuffix("-namespace"): v for k, v in details.items() if k.endswith("-namespace")}
         self.agent_host_pid = child
-        self.agent_pidfd = os.pidfd_open(child)
+        try:
+            self.agent_pidfd = os.pidfd_open(child)
+        except ProcessLookupError:  # bwrap failed a step after it reported its child (a mount), and it died
+            await self._wait_bwrap(2.0)
+            raise self._start_failure(stderr_fd) from None
         with contextlib.suppress(ProcessLookupError):  # bwrap failed: the hello below reports it
             os.sched_setaffinity(child, self.cpus)
         reader, writer = await asyncio.open_unix_connection(sock=host_sock)
