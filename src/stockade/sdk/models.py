@@ -32,6 +32,14 @@ class CommandResult:
 
 
 @dataclass(frozen=True)
+class PtySize:
+    """A pseudo-terminal's size (E2B's ``PtySize``): rows and columns, each 1 to 4096."""
+
+    rows: int
+    cols: int
+
+
+@dataclass(frozen=True)
 class ProcessInfo:
     pid: int
     cmd: str
