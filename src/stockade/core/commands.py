@@ -15,7 +15,7 @@ from ..agent import protocol
 from ..errors import FilesystemError, PolicyError, SandboxUnavailableError
 from ..policy import format_duration, format_size
 from ..runtime.channel import CommandPending
-from ..sdk.models import CommandResult, ProcessInfo, SandboxMetrics
+from ..sdk.models import CommandResult, ProcessInfo, SandboxMetrics, check_pty_size
 from .base import CoreBase
 from .sandboxes import Argv, CommandRecord, ManagedSandbox, check_envs
 
@@ -255,21 +255,6 @@ class Commands(CoreBase):
 
 def _number(v: Any) -> float:
     return float(v) if isinstance(v, int | float) and not isinstance(v, bool) and 0 <= v < 1 << 62 else 0.0
-
-
-MAX_PTY_SIZE = 4096  # the agent's bound too
-
-
-def check_pty_size(size: tuple[int, int]) -> tuple[int, int]:
-    """(rows, cols), each a whole number from 1 to MAX_PTY_SIZE, else a PolicyError on ``size``."""
-    try:
-        rows, cols = size
-    except (TypeError, ValueError):
-        raise PolicyError("size", "a terminal size is (rows, cols)") from None
-    for value in (rows, cols):
-        if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= MAX_PTY_SIZE:
-            raise PolicyError("size", f"a terminal's rows and cols are whole numbers from 1 to {MAX_PTY_SIZE}")
-    return rows, cols
 
 
 def _oom_killed_since(before: int | None, after: int | None) -> bool:

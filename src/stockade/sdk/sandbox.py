@@ -22,7 +22,7 @@ from ..artifacts import ArtifactInfo
 from ..errors import CommandError, PathNotFoundError, PolicyError, SandboxNotFoundError, TimeoutError
 from ..policy import Policy
 from .code import Context, Execution, ExecutionBuilder, ExecutionError, Result
-from .models import CommandResult, EntryInfo, ProcessInfo, PtySize, SandboxInfo, SandboxMetrics
+from .models import CommandResult, EntryInfo, ProcessInfo, PtySize, SandboxInfo, SandboxMetrics, check_pty_size
 from .portal import portal
 from .transports.base import Transport
 
@@ -244,10 +244,15 @@ def _pty_args(size: PtySize, user: str | None, envs: Mapping[str, str] | None,
               timeout: float | None) -> tuple[tuple[int, int], dict[str, str], float | None]:
     if user not in (None, "user"):
         raise PolicyError("user", f"everything in a sandbox runs as its one user ('user'); {user!r} is not available")
+    env = {**PTY_ENV, **(envs or {})}
+    return _pty_size(size), env, (timeout if timeout else None)
+
+
+def _pty_size(size: PtySize) -> tuple[int, int]:
+    """Checked here too, so every transport answers a bad size with the same PolicyError on "size"."""
     if not isinstance(size, PtySize):
         raise PolicyError("size", "size must be a PtySize(rows, cols)")
-    env = {**PTY_ENV, **(envs or {})}
-    return (size.rows, size.cols), env, (timeout if timeout else None)
+    return check_pty_size((size.rows, size.cols))
 
 
 class PtyHandle:
@@ -284,8 +289,8 @@ class PtyHandle:
     def send_stdin(self, data: str | bytes) -> None:
         self._sandbox.pty.send_stdin(self.pid, data)
 
-    def resize(self, size: PtySize) -> None:
-        self._sandbox.pty.resize(self.pid, size)
+    def resize(self, size: PtySize) -> bool:
+        return self._sandbox.pty.resize(self.pid, size)
 
     def kill(self) -> bool:
         return self._sandbox.pty.kill(self.pid)
@@ -320,10 +325,10 @@ class Pty:
         """Type ``data`` into the terminal (``\\x03`` is Ctrl-C, ``\\x04`` Ctrl-D)."""
         portal().call(self._sb._transport.send_stdin(self._sb.sandbox_id, pid, _as_bytes(data) or b"", False))
 
-    def resize(self, pid: int, size: PtySize) -> None:
-        """The terminal's new size; its foreground programs get SIGWINCH."""
-        if not portal().call(self._sb._transport.resize(self._sb.sandbox_id, pid, size.rows, size.cols)):
-            raise SandboxNotFoundError(f"no pty process {pid} is running")
+    def resize(self, pid: int, size: PtySize) -> bool:
+        """The terminal's new size; its foreground programs get SIGWINCH. False if it is not running."""
+        rows, cols = _pty_size(size)
+        return portal().call(self._sb._transport.resize(self._sb.sandbox_id, pid, rows, cols))
 
     def kill(self, pid: int) -> bool:
         """End the terminal's process and everything it started; False if it was not running."""
@@ -725,8 +730,8 @@ class AsyncPtyHandle:
     async def send_stdin(self, data: str | bytes) -> None:
         await self._sandbox.pty.send_stdin(self.pid, data)
 
-    async def resize(self, size: PtySize) -> None:
-        await self._sandbox.pty.resize(self.pid, size)
+    async def resize(self, size: PtySize) -> bool:
+        return await self._sandbox.pty.resize(self.pid, size)
 
     async def kill(self) -> bool:
         return await self._sandbox.pty.kill(self.pid)
@@ -762,9 +767,9 @@ class AsyncPty:
     async def send_stdin(self, pid: int, data: str | bytes) -> None:
         await portal().acall(self._sb._transport.send_stdin(self._sb.sandbox_id, pid, _as_bytes(data) or b"", False))
 
-    async def resize(self, pid: int, size: PtySize) -> None:
-        if not await portal().acall(self._sb._transport.resize(self._sb.sandbox_id, pid, size.rows, size.cols)):
-            raise SandboxNotFoundError(f"no pty process {pid} is running")
+    async def resize(self, pid: int, size: PtySize) -> bool:
+        rows, cols = _pty_size(size)
+        return await portal().acall(self._sb._transport.resize(self._sb.sandbox_id, pid, rows, cols))
 
     async def kill(self, pid: int) -> bool:
         return await portal().acall(self._sb._transport.signal(self._sb.sandbox_id, pid, signal_mod.SIGKILL))
