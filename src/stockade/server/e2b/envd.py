@@ -201,7 +201,7 @@ def _pty_size(pty: Any) -> tuple[int, int]:
     if not isinstance(size, dict):
         raise ConnectError("invalid_argument", "pty.size must give rows and cols")
     rows, cols = size.get("rows"), size.get("cols")
-    if not all(isinstance(v, int) and not isinstance(v, bool) for v in (rows, cols)):
+    if not isinstance(rows, int) or not isinstance(cols, int) or isinstance(rows, bool) or isinstance(cols, bool):
         raise ConnectError("invalid_argument", "pty.size.rows and pty.size.cols must be whole numbers")
     return rows, cols  # their range is the manager's to check (PolicyError -> invalid_argument)
 
