@@ -212,3 +212,35 @@ def test_resize_and_input_refusals(make_sandbox):
     assert sb.pty.kill(handle.pid)
     screen.result()
     assert not sb.pty.resize(handle.pid, PtySize(10, 10))  # not running any more
+
+
+def test_the_async_sdk_drives_a_pty(make_sandbox, transport):
+    import asyncio
+
+    from stockade import AsyncSandbox
+
+    sb = make_sandbox()
+
+    async def flow() -> tuple[str, str]:
+        asb = await AsyncSandbox.connect(sb.sandbox_id, transport=transport)
+        seen: list[bytes] = []
+
+        async def on_data(chunk: bytes) -> None:  # a coroutine callback is awaited
+            seen.append(chunk)
+
+        handle = await asb.pty.create(PtySize(10, 40), on_data=on_data,
+                                      cmd=["sh", "-c", "stty size; read x; stty size; echo got-$x"])
+        screen = b""
+        async for chunk in handle:
+            screen += chunk
+            if b"10 40\r\n" in screen:
+                break
+        assert await handle.resize(PtySize(12, 50))
+        await handle.send_stdin("hi\r")
+        result = await handle.wait()
+        assert not await asb.pty.kill(handle.pid)  # it has ended
+        return result.stdout, b"".join(seen).decode()
+
+    stdout, seen = asyncio.run(flow())
+    assert stdout.endswith("12 50\r\ngot-hi\r\n"), stdout
+    assert stdout.startswith("10 40\r\n") and seen == stdout
