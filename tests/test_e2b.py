@@ -237,8 +237,6 @@ def test_templates_and_unsupported_features_answer_in_e2b_shape(server: RunningS
         E2BSandbox.create(template="my-template")
     with pytest.raises(SandboxException, match="501.*not supported"):
         sbx.pause()
-    with pytest.raises(SandboxException, match="PTY"):
-        sbx.pty.create(size=__import__("e2b").PtySize(rows=24, cols=80))
     with pytest.raises(InvalidArgumentException, match="one user"):
         sbx.commands.run("id", user="root")
     r = _raw(server, "GET", "/e2b/sandbox/", {"E2b-Sandbox-Id": sbx.sandbox_id, "E2b-Sandbox-Port": "8080",
@@ -619,6 +617,96 @@ def test_one_sandbox_per_user_by_the_user_id_metadata_key(monkeypatch: pytest.Mo
             E2BSandbox.create(metadata={"user_id": "u-42"})
     finally:
         srv.stop()
+
+
+class _Terminal:
+    """A pty handle's output, read by a thread of its own (the SDK's wait() blocks until the end)."""
+
+    def __init__(self, handle: Any) -> None:
+        import threading
+
+        self.handle, self.data, self.error = handle, bytearray(), None
+        self.thread = threading.Thread(target=self._read, daemon=True)
+        self.thread.start()
+
+    def _read(self) -> None:
+        try:
+            self.handle.wait(on_pty=self.data.extend)
+        except Exception as exc:  # noqa: BLE001 - kept for the test to look at
+            self.error = exc
+
+    def text(self) -> str:
+        return bytes(self.data).decode("utf-8", "replace")
+
+    def wait_for(self, text: str) -> None:
+        wait_until(lambda: text in self.text(), 15, f"{text!r} on the terminal", show=self.text)
+
+
+def test_pty_create_input_resize_stream_input_connect_and_kill(sbx: CodeSandbox) -> None:
+    from e2b import PtySize
+
+    handle = sbx.pty.create(size=PtySize(rows=24, cols=80), timeout=0)  # E2B's /bin/bash -i -l, no limit
+    term = _Terminal(handle)
+    assert handle.pid in {p.pid for p in sbx.commands.list()}
+    sbx.pty.send_stdin(handle.pid, b"stty size; echo TERM=$TERM; python3 -c 'import os; print(os.isatty(0))'\r")
+    term.wait_for("24 80\r\n")
+    term.wait_for("TERM=xterm-256color")
+    term.wait_for("True\r\n")
+    sbx.pty.resize(handle.pid, PtySize(rows=50, cols=132))
+    sbx.pty.send_stdin(handle.pid, b"stty size\r")
+    term.wait_for("50 132\r\n")
+    sbx.pty.send_stdin(handle.pid, b"sleep 100\r")
+    wait_until(lambda: "\nsleep 100\n" in sbx.commands.run("ps -eo args").stdout, 10, "the shell's sleep to start")
+    sbx.pty.send_stdin(handle.pid, b"\x03")  # Ctrl-C ends the foreground sleep, not the shell
+    sbx.pty.send_stdin(handle.pid, b"echo status-$?\r")
+    term.wait_for("status-130")
+    sbx.pty.stream_input(handle.pid, iter([b"echo stre", "amed-", b"in\r"]))
+    term.wait_for("streamed-in\r\n")
+    attached = _Terminal(sbx.pty.connect(handle.pid))  # a second stream sees what comes next
+    sbx.pty.send_stdin(handle.pid, b"echo again''-attached\r")
+    attached.wait_for("again-attached")
+    with pytest.raises(SandboxException):  # a terminal takes input.pty, not input.stdin
+        sbx.commands.send_stdin(handle.pid, "x")
+    assert sbx.pty.kill(handle.pid) is True
+    for t in (term, attached):
+        t.thread.join(15)
+        assert not t.thread.is_alive()
+        assert isinstance(t.error, CommandExitException) and t.error.exit_code == -1
+    wait_until(lambda: handle.pid not in {p.pid for p in sbx.commands.list()}, 10, "the killed pty to go")
+    assert sbx.pty.kill(handle.pid) is False
+    with pytest.raises(NotFoundException):
+        sbx.pty.send_stdin(handle.pid, b"x")
+    with pytest.raises(NotFoundException):
+        sbx.pty.resize(handle.pid, PtySize(rows=10, cols=10))
+    plain = sbx.commands.run("sleep 60", background=True)
+    try:
+        with pytest.raises(SandboxException):  # a pipe is no terminal: no pty input, no resize
+            sbx.pty.send_stdin(plain.pid, b"x")
+        with pytest.raises(InvalidArgumentException):
+            sbx.pty.resize(plain.pid, PtySize(rows=10, cols=10))
+    finally:
+        plain.kill()
+    with pytest.raises(InvalidArgumentException):
+        sbx.pty.create(size=PtySize(rows=0, cols=80))
+
+
+def test_pty_output_arrives_whole_and_a_timeout_ends_it(sbx: CodeSandbox) -> None:
+    from e2b import PtySize
+
+    timed = _Terminal(sbx.pty.create(size=PtySize(rows=24, cols=80), timeout=1))
+    timed.thread.join(20)
+    assert not timed.thread.is_alive() and isinstance(timed.error, TimeoutException), timed.error
+
+    handle = sbx.pty.create(size=PtySize(rows=24, cols=80), timeout=30)
+    term = _Terminal(handle)
+    sbx.pty.send_stdin(handle.pid, b"stty -echo; python3 -c \"import sys\nfor i in range(40000): "
+                                   b"sys.stdout.write('%06d\\n' % i)\"; exit 4\r")
+    term.thread.join(30)
+    assert not term.thread.is_alive()
+    assert isinstance(term.error, CommandExitException) and term.error.exit_code == 4
+    text = term.text()
+    expected = "".join(f"{i:06d}\r\n" for i in range(40000))
+    assert expected in text, (len(text), text[-200:])
 
 
 def test_stream_input_feeds_stdin_in_order(sbx: CodeSandbox) -> None:

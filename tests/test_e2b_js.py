@@ -58,5 +58,8 @@ def test_js_sdk_basic_flow() -> None:
     assert out["code"] == {"text": "42", "stdout": ["hi\n"]} and out["error"] == "ZeroDivisionError"
     assert out["bash"] == ["5\n"] and out["listed"] == [out["id"]]
     assert out["unknown"] == "SandboxNotFoundError"
+    assert out["ptyBefore"] == [True, True] and out["ptyResized"] is True
+    assert out["ptyKilled"] is True and out["ptyKilledAgain"] is False
+    assert out["ptyEnd"] == {"isCommandExit": True, "exitCode": -1}
     assert out["timeout"] == "TimeoutError" and out["watched"] == [["w.txt", "create"]]
     assert out["multi"] == ["m1", "m2"] and out["signed"] == "m1"

@@ -31,6 +31,7 @@ if TYPE_CHECKING:
         Artifacts,
         AsyncArtifacts,
         AsyncCommandHandle,
+        AsyncPtyHandle,
         AsyncSandbox,
         CommandHandle,
         CommandResult,
@@ -40,6 +41,8 @@ if TYPE_CHECKING:
         ExecutionError,
         Logs,
         ProcessInfo,
+        PtyHandle,
+        PtySize,
         Result,
         Sandbox,
         SandboxInfo,
@@ -53,7 +56,7 @@ _LAZY = {
     **dict.fromkeys((
         "Artifacts", "AsyncArtifacts", "AsyncCommandHandle", "AsyncSandbox", "CommandHandle", "CommandResult",
         "Context", "EntryInfo", "Execution", "ExecutionError", "Logs", "ProcessInfo", "Result", "Sandbox",
-        "SandboxInfo", "SandboxMetrics"), ".sdk"),
+        "SandboxInfo", "SandboxMetrics", "AsyncPtyHandle", "PtyHandle", "PtySize"), ".sdk"),
 }
 
 
@@ -76,5 +79,6 @@ __all__ = [
     "EntryInfo",
     "FilesystemError", "PathNotFoundError", "Policy", "PolicyError", "ProcessInfo", "ProtocolError", "Sandbox",
     "SandboxInfo", "SandboxMetrics", "SandboxNotFoundError", "SandboxUnavailableError", "StockadeError", "TimeoutError",
-    "AuthenticationError", "ConflictError", "QuotaError", "UnenforceableError",
+    "AuthenticationError", "ConflictError", "QuotaError", "UnenforceableError", "AsyncPtyHandle", "PtyHandle",
+    "PtySize",
 ]

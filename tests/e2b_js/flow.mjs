@@ -44,6 +44,27 @@ try {
   out.multi = [await sbx.files.read('/home/user/m1.txt'), await sbx.files.read('/home/user/m2.txt')]
   const url = await sbx.downloadUrl('/home/user/m1.txt')
   out.signed = await (await fetch(url)).text()
+  // a pty: E2B's bash -i -l on a terminal, typed into, resized, then killed
+  const dec = new TextDecoder()
+  let screen = ''
+  const waitFor = async (text) => {
+    for (let i = 0; i < 150 && !screen.includes(text); i++) await new Promise((r) => setTimeout(r, 100))
+    return screen.includes(text)
+  }
+  const enc = new TextEncoder()
+  const term = await sbx.pty.create({ cols: 80, rows: 24, timeoutMs: 0, onData: (d) => { screen += dec.decode(d) } })
+  await sbx.pty.sendInput(term.pid, enc.encode("stty size; python3 -c 'import os; print(os.isatty(0))'\r"))
+  out.ptyBefore = [await waitFor('24 80\r\n'), await waitFor('True\r\n')]
+  await sbx.pty.resize(term.pid, { cols: 100, rows: 30 })
+  await sbx.pty.sendInput(term.pid, enc.encode('stty size\r'))
+  out.ptyResized = await waitFor('30 100\r\n')
+  out.ptyKilled = await sbx.pty.kill(term.pid)
+  try {
+    await term.wait()
+  } catch (e) {
+    out.ptyEnd = { isCommandExit: e instanceof CommandExitError, exitCode: e.exitCode }
+  }
+  out.ptyKilledAgain = await sbx.pty.kill(term.pid)
   out.id = sbx.sandboxId
 } finally {
   await sbx.kill()

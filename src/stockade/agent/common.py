@@ -36,6 +36,11 @@ CHILD_DEFAULT_SIGNALS = (_signal.SIGPIPE, _signal.SIGXFSZ, _signal.SIGINT, _sign
 def _libc_prctl() -> Callable[..., int]:
     """prctl(2) through the C half of ctypes: the stdlib has no prctl, and ``import ctypes`` costs
     ~3.5 ms at every cold start where ``_ctypes`` alone costs ~0.7 ms (measured on python3.11)."""
+    return _libc_function("prctl")
+
+
+def _libc_function(name: str) -> Callable[..., int]:
+    """A libc function, called with ints and bytes (a pointer to their buffer); errno kept for _errno_get."""
     import _ctypes
 
     class _Libc:
@@ -44,7 +49,7 @@ def _libc_prctl() -> Callable[..., int]:
     class _Fn(_ctypes.CFuncPtr):
         _flags_ = _ctypes.FUNCFLAG_CDECL | _ctypes.FUNCFLAG_USE_ERRNO
 
-    return _Fn(("prctl", _Libc))  # type: ignore[arg-type]
+    return _Fn((name, _Libc))  # type: ignore[arg-type]
 
 
 def _harden(prctl: Callable[..., int]) -> None:

@@ -6,6 +6,7 @@ import _signal
 import errno
 import os
 import select
+import sys
 from time import monotonic as _monotonic
 from time import sleep as _sleep
 
@@ -22,6 +23,8 @@ try:
         PR_SET_CHILD_SUBREAPER,
         STDIN_LIMIT,
         AgentBase,
+        _errno_get,
+        _libc_function,
         _read_some,
     )
 except ImportError:  # run as a script inside the sandbox
@@ -33,12 +36,18 @@ except ImportError:  # run as a script inside the sandbox
         PR_SET_CHILD_SUBREAPER,
         STDIN_LIMIT,
         AgentBase,
+        _errno_get,
+        _libc_function,
         _read_some,
     )
 
+TERM = "xterm-256color"  # a terminal's TERM when the caller sets none
+MAX_PTY_SIZE = 4096      # rows and columns of a terminal, each at most
+
+
 class Proc:
     __slots__ = ("pid", "rid", "cmd", "tag", "fds", "stdin_fd", "stdin_buf", "stdin_eof", "limit",
-                 "sent", "truncated", "status", "deadline", "timed_out")
+                 "sent", "truncated", "status", "deadline", "timed_out", "tty")
 
     def __init__(self, pid: int, rid: int, cmd: str, tag: str | None, limit: int) -> None:
         self.pid, self.rid, self.cmd, self.tag, self.limit = pid, rid, cmd, tag, limit
@@ -51,6 +60,7 @@ class Proc:
         self.status: int | None = None
         self.deadline: float | None = None
         self.timed_out = False
+        self.tty: int | None = None           # a pty process: the master's descriptor kept for resizes
 
 
 class Processes(AgentBase):
@@ -63,14 +73,35 @@ class Processes(AgentBase):
         env = dict(self.env)
         env.update(h.get("env") or {})
         cwd = h.get("cwd") or self.home
-        out_r, out_w = os.pipe2(os.O_CLOEXEC)
-        err_r, err_w = os.pipe2(os.O_CLOEXEC)
-        in_r, in_w = os.pipe2(os.O_CLOEXEC)
+        size = h.get("pty")
+        if size is not None:
+            rows, cols = _pty_size(size)
+            env.setdefault("TERM", TERM)
+            # The child's stdin, stdout and stderr are the terminal's slave side; the agent keeps three
+            # descriptors of the master (output, input, resizes: poll watches each for one thing). All are
+            # close-on-exec (os.openpty and os.dup make them non-inheritable), and the child closes the
+            # master's before exec as well, so no command holds another's terminal.
+            master, slave = os.openpty()
+            try:
+                _set_winsize(master, rows, cols)
+                tty, in_w = os.dup(master), os.dup(master)
+            except OSError:
+                os.close(master)
+                os.close(slave)
+                raise
+            out_r, err_r = master, -1
+            child_fds, mine = (slave, slave, slave), (master, tty, in_w)
+        else:
+            out_r, out_w = os.pipe2(os.O_CLOEXEC)
+            err_r, err_w = os.pipe2(os.O_CLOEXEC)
+            in_r, in_w = os.pipe2(os.O_CLOEXEC)
+            tty = -1
+            child_fds, mine = (in_r, out_w, err_w), (out_r, err_r, in_w)
         proc = Proc(0, rid, h.get("cmd") or " ".join(argv), h.get("tag"), int(h["limit"]))
         try:
-            pid = self.spawn(argv, env, cwd, in_r, out_w, err_w)
+            pid = self.spawn(argv, env, cwd, *child_fds, terminal=size is not None, close=mine)
         except OSError as exc:
-            for fd in (out_r, err_r, in_w):
+            for fd in mine:
                 os.close(fd)
             what = f"cannot enter {cwd!r}" if exc.filename == cwd else f"cannot run {argv[0]!r}"
             self.send({"id": rid, "ev": "started", "pid": 0})
@@ -79,12 +110,15 @@ class Processes(AgentBase):
                        "truncated": proc.truncated})
             return
         finally:
-            for fd in (out_w, err_w, in_r):
+            for fd in set(child_fds):
                 os.close(fd)
         proc.pid = pid
+        if tty >= 0:
+            proc.tty = tty
         self.attach(proc, out_r, err_r, in_w)
         proc.stdin_buf += body
-        proc.stdin_eof = not h.get("stdin_open", False)
+        # a terminal's input has no end (Ctrl-D is a byte the terminal interprets): it stays open
+        proc.stdin_eof = size is None and not h.get("stdin_open", False)
         timeout = h.get("timeout")
         if timeout:
             proc.deadline = _monotonic() + float(timeout)
@@ -94,6 +128,8 @@ class Processes(AgentBase):
 
     def attach(self, proc: Proc, out_r: int, err_r: int, in_w: int) -> None:
         for fd, name in ((out_r, "stdout"), (err_r, "stderr")):
+            if fd < 0:  # a terminal has one output
+                continue
             os.set_blocking(fd, False)
             proc.fds[fd] = name
             self.by_fd[fd] = proc
@@ -102,9 +138,13 @@ class Processes(AgentBase):
         os.set_blocking(in_w, False)
         proc.stdin_fd = in_w
 
-    def spawn(self, argv: list, env: dict, cwd: str, stdin: int, stdout: int, stderr: int, events: int = -1) -> int:
+    def spawn(self, argv: list, env: dict, cwd: str, stdin: int, stdout: int, stderr: int, events: int = -1,
+              terminal: bool = False, close: tuple[int, ...] = ()) -> int:
         """fork + exec in a new session with default signal handling. Every descriptor of the agent is
         close-on-exec, so the child gets only 0-2 (and 3 for a code-interpreter context's events).
+        ``terminal``: 0-2 are a pty's slave, made the new session's controlling terminal (TIOCSCTTY), so
+        the command's process group is its foreground group (Ctrl-C, SIGWINCH reach it). ``close``: the
+        agent's ends, closed in the child at once rather than only at exec.
         fork, not posix_spawn: the child must make itself a child subreaper (kept across execve), so
         every orphan of the command reparents to the command's top process and a kill finds the whole
         tree (setsid, setpgid and double forks included), and lower RLIMIT_NPROC."""
@@ -124,6 +164,8 @@ class Processes(AgentBase):
             try:
                 for sig in CHILD_DEFAULT_SIGNALS:
                     _signal.signal(sig, _signal.SIG_DFL)
+                for fd in close:
+                    os.close(fd)
                 os.setsid()
                 self.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
                 if nproc and self.setrlimit is not None:
@@ -133,6 +175,10 @@ class Processes(AgentBase):
                 for target, fd in enumerate(fds):
                     os.dup2(fd, target)
                     os.set_inheritable(target, True)
+                if terminal:
+                    step = b"tty"
+                    _ioctl(0, TIOCSCTTY, 0)
+                    step = b"setup"
                 try:  # user code, not the agent, is what the OOM killer should pick first
                     fd = os.open("/proc/self/oom_score_adj", os.O_WRONLY)
                     os.write(fd, b"1000")
@@ -216,6 +262,9 @@ class Processes(AgentBase):
         if proc is None or proc.stdin_fd is None:
             self.error(rid, "ESRCH", f"process {h['pid']} is not running or its stdin is closed")
             return
+        if h.get("eof") and proc.tty is not None:
+            self.error(rid, "EINVAL", "a terminal's input has no end: send Ctrl-D (\\x04) to end a read, or kill it")
+            return
         if len(proc.stdin_buf) + len(body) > STDIN_LIMIT:
             self.error(rid, "ENOBUFS", "the process is not reading its stdin; buffer is full")
             return
@@ -224,6 +273,20 @@ class Processes(AgentBase):
         self.write_stdin(proc)
         if rid:
             self.send({"id": rid, "ev": "ok"})
+
+    def op_resize(self, rid: int, h: dict, body: bytes) -> None:
+        """A pty process's terminal size (TIOCSWINSZ on the master): the kernel sends SIGWINCH to the
+        terminal's foreground process group."""
+        proc = self.procs.get(h["pid"])
+        if proc is None or proc.status is not None:
+            self.error(rid, "ESRCH", f"process {h['pid']} is not running")
+            return
+        if proc.tty is None:
+            self.error(rid, "ENOTTY", f"process {h['pid']} was not started with a terminal")
+            return
+        rows, cols = _pty_size(h)
+        _set_winsize(proc.tty, rows, cols)
+        self.send({"id": rid, "ev": "ok"})
 
     def op_signal(self, rid: int, h: dict, body: bytes) -> None:
         pid, sig = h["pid"], int(h["sig"])
@@ -293,6 +356,9 @@ class Processes(AgentBase):
                 self.poll.unregister(proc.stdin_fd)
             os.close(proc.stdin_fd)
             proc.stdin_fd = None
+        if proc.tty is not None:
+            os.close(proc.tty)
+            proc.tty = None
         del self.procs[proc.pid]
         status = proc.status
         self.send({"id": proc.rid, "ev": "exit",
@@ -316,6 +382,35 @@ class Processes(AgentBase):
             if proc.deadline and not proc.timed_out and now >= proc.deadline:
                 proc.timed_out = True
                 _kill_tree(proc.pid)
+
+
+def _pty_size(size: dict) -> tuple[int, int]:
+    rows, cols = size["rows"], size["cols"]
+    for value in (rows, cols):
+        if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= MAX_PTY_SIZE:
+            raise ValueError(f"a terminal's rows and cols are whole numbers from 1 to {MAX_PTY_SIZE}")
+    return rows, cols
+
+
+_BYTEORDER = sys.byteorder
+# Linux's ioctl numbers (asm-generic: x86_64 and arm64 alike), so fcntl and termios (extension modules, not
+# built in) are not imported: ioctl is called through _ctypes, as prctl is.
+TIOCSCTTY, TIOCSWINSZ = 0x540E, 0x5414
+_ioctl_fn: Callable[..., int] | None = None
+
+
+def _ioctl(fd: int, request: int, arg: int | bytes) -> None:
+    global _ioctl_fn
+    if _ioctl_fn is None:
+        _ioctl_fn = _libc_function("ioctl")
+    if _ioctl_fn(fd, request, arg) != 0:
+        code = _errno_get()
+        raise OSError(code, os.strerror(code))
+
+
+def _set_winsize(fd: int, rows: int, cols: int) -> None:
+    # struct winsize {unsigned short ws_row, ws_col, ws_xpixel, ws_ypixel;}
+    _ioctl(fd, TIOCSWINSZ, rows.to_bytes(2, _BYTEORDER) + cols.to_bytes(2, _BYTEORDER) + bytes(4))
 
 
 def _parents() -> dict[int, int]:

@@ -1,7 +1,8 @@
 """The event model and the interface everything writes through.
 
 Event types: ``api.request``, ``audit.query`` (a read of the audit log), ``sandbox.create``,
-``sandbox.timeout``, ``sandbox.end``, ``command.start``, ``command.end``, ``code.run``, ``code.end``,
+``sandbox.timeout``, ``sandbox.end``, ``command.start`` (with ``pty`` {rows, cols} for a terminal),
+``command.resize`` (a terminal's new size), ``command.end``, ``code.run``, ``code.end``,
 ``file.read``, ``file.write``, ``file.op``, ``artifact.save``, ``network.connection``, ``network.update``.
 ``data`` is a JSON object.
 """

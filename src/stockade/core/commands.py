@@ -15,7 +15,7 @@ from ..agent import protocol
 from ..errors import FilesystemError, PolicyError, SandboxUnavailableError
 from ..policy import format_duration, format_size
 from ..runtime.channel import CommandPending
-from ..sdk.models import CommandResult, ProcessInfo, SandboxMetrics
+from ..sdk.models import CommandResult, ProcessInfo, SandboxMetrics, check_pty_size
 from .base import CoreBase
 from .sandboxes import Argv, CommandRecord, ManagedSandbox, check_envs
 
@@ -48,9 +48,15 @@ class Commands(CoreBase):
 
     async def start_command(self, sandbox_id: str, cmd: str | Argv, *, envs: Mapping[str, str] | None,
                             cwd: str | None, stdin: bytes | None, stdin_open: bool, timeout: float | None,
-                            background: bool, on_output: Callable[[str, bytes], None] | None) -> CommandRecord:
+                            background: bool, on_output: Callable[[str, bytes], None] | None,
+                            pty: tuple[int, int] | None = None) -> CommandRecord:
+        """``pty``: (rows, cols): the command runs on a pseudo-terminal (its output is stdout)."""
         sb = self.get(sandbox_id)
         env = check_envs(envs)
+        if pty is not None:
+            pty = check_pty_size(pty)
+            if stdin:
+                raise PolicyError("stdin", "a pty process takes its input through send_stdin")
         limit = self._command_timeout(sb, timeout, background)
         if not isinstance(cmd, str) and (not cmd or not all(isinstance(a, str) for a in cmd)):
             raise PolicyError("cmd", "argv must be a non-empty list of strings")
@@ -59,13 +65,14 @@ class Commands(CoreBase):
         data = stdin or b""
         inline = len(data) <= protocol.CHUNK  # larger stdin follows in chunks
         rid = sb.runtime.agent.exec(pending, cmd, env=env, cwd=cwd, timeout=limit, limit=sb.policy.limits.output,
-                                    stdin_open=stdin_open or not inline, stdin=data if inline else b"")
+                                    stdin_open=stdin_open or not inline, stdin=data if inline else b"", pty=pty)
         pid = await pending.started
         record = CommandRecord(pid, rid, cmd if isinstance(cmd, str) else " ".join(cmd), pending, background,
                                limit, oom_before)
         self._record(sb, "command.start", {"pid": pid, ("cmd" if isinstance(cmd, str) else "argv"): cmd,
                                            "cwd": cwd, "env_names": sorted(env), "background": background,
-                                           "stdin_bytes": len(data)})
+                                           "stdin_bytes": len(data),
+                                           **({"pty": {"rows": pty[0], "cols": pty[1]}} if pty else {})})
         started = time.monotonic()
         if not background:
             sb.busy += 1
@@ -175,6 +182,21 @@ class Commands(CoreBase):
             await sb.runtime.agent.stdin(pid, chunk, eof and last)
             if last:
                 return
+
+    async def resize(self, sandbox_id: str, pid: int, rows: int, cols: int) -> bool:
+        """Resize a pty process's terminal; False when no such process runs."""
+        sb = self.get(sandbox_id)
+        rows, cols = check_pty_size((rows, cols))
+        try:
+            await sb.runtime.agent.resize(pid, rows, cols)
+        except FilesystemError as exc:
+            if exc.errno_name == "ESRCH":
+                return False
+            if exc.errno_name == "ENOTTY":
+                raise PolicyError("pid", f"process {pid} was not started with a terminal (pty.create)") from None
+            raise
+        self._record(sb, "command.resize", {"pid": pid, "rows": rows, "cols": cols})
+        return True
 
     async def signal(self, sandbox_id: str, pid: int, sig: int) -> bool:
         sb = self.get(sandbox_id)

@@ -75,10 +75,15 @@ class AgentClient:
 
     # ---- processes -----------------------------------------------------------------------------
     def exec(self, pending: CommandPending, cmd: str | Sequence[str], *, env: Mapping[str, str], cwd: str | None,
-             timeout: float | None, limit: int, stdin_open: bool, stdin: bytes = b"") -> int:
-        """Start a command (a shell line, or an argv run as is); ``stdin`` is its first input, inline."""
+             timeout: float | None, limit: int, stdin_open: bool, stdin: bytes = b"",
+             pty: tuple[int, int] | None = None) -> int:
+        """Start a command (a shell line, or an argv run as is); ``stdin`` is its first input, inline.
+        ``pty``: (rows, cols) of a pseudo-terminal that is the command's stdin, stdout and stderr and its
+        controlling terminal; its output arrives as stdout."""
         header: Header = {"op": "exec", "env": dict(env), "cwd": cwd, "timeout": timeout, "limit": limit,
                           "stdin_open": stdin_open}
+        if pty is not None:
+            header["pty"] = {"rows": int(pty[0]), "cols": int(pty[1])}
         if isinstance(cmd, str):
             header["cmd"] = cmd
         else:
@@ -87,6 +92,10 @@ class AgentClient:
 
     async def stdin(self, pid: int, data: bytes, eof: bool) -> None:
         await self.channel.call({"op": "stdin", "pid": pid, "eof": eof}, data)
+
+    async def resize(self, pid: int, rows: int, cols: int) -> None:
+        """A pty process's terminal size; its foreground process group gets SIGWINCH."""
+        await self.channel.call({"op": "resize", "pid": int(pid), "rows": int(rows), "cols": int(cols)})
 
     async def signal(self, pid: int, sig: int) -> None:
         await self.channel.call({"op": "signal", "pid": int(pid), "sig": int(sig)})

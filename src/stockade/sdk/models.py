@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Literal
 
+from ..errors import PolicyError
+
 
 @dataclass(frozen=True)
 class CommandResult:
@@ -29,6 +31,29 @@ class CommandResult:
         return cls(stdout.decode("utf-8", "replace"), stderr.decode("utf-8", "replace"), exit_code,
                    any(truncated.values()), bool(exit_event.get("timed_out")), bytes(stdout), bytes(stderr),
                    limit if isinstance(limit, str) else None, error if isinstance(error, str) else None)
+
+
+@dataclass(frozen=True)
+class PtySize:
+    """A pseudo-terminal's size (E2B's ``PtySize``): rows and columns, each 1 to 4096."""
+
+    rows: int
+    cols: int
+
+
+MAX_PTY_SIZE = 4096  # the agent (agent/processes.py) has the same bound
+
+
+def check_pty_size(size: tuple[int, int]) -> tuple[int, int]:
+    """(rows, cols), each a whole number from 1 to MAX_PTY_SIZE, else a PolicyError on ``size``."""
+    try:
+        rows, cols = size
+    except (TypeError, ValueError):
+        raise PolicyError("size", "a terminal size is (rows, cols)") from None
+    for value in (rows, cols):
+        if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= MAX_PTY_SIZE:
+            raise PolicyError("size", f"a terminal's rows and cols are whole numbers from 1 to {MAX_PTY_SIZE}")
+    return rows, cols
 
 
 @dataclass(frozen=True)

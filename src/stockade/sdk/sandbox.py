@@ -19,10 +19,10 @@ from typing import IO, Any, Literal, overload
 
 from ..agent.protocol import CHUNK
 from ..artifacts import ArtifactInfo
-from ..errors import CommandError, PathNotFoundError, SandboxNotFoundError, TimeoutError
+from ..errors import CommandError, PathNotFoundError, PolicyError, SandboxNotFoundError, TimeoutError
 from ..policy import Policy
 from .code import Context, Execution, ExecutionBuilder, ExecutionError, Result
-from .models import CommandResult, EntryInfo, ProcessInfo, SandboxInfo, SandboxMetrics
+from .models import CommandResult, EntryInfo, ProcessInfo, PtySize, SandboxInfo, SandboxMetrics, check_pty_size
 from .portal import portal
 from .transports.base import Transport
 
@@ -235,6 +235,106 @@ class Commands:
         portal().call(self._sb._transport.send_stdin(self._sb.sandbox_id, pid, _as_bytes(data) or b"", eof))
 
 
+PTY_SHELL = ["/bin/bash", "-i", "-l"]  # what E2B's pty.create runs
+PTY_ENV = {"TERM": "xterm-256color", "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8"}  # E2B's defaults
+DataCallback = Callable[[bytes], Any]
+
+
+def _pty_args(size: PtySize, user: str | None, envs: Mapping[str, str] | None,
+              timeout: float | None) -> tuple[tuple[int, int], dict[str, str], float | None]:
+    if user not in (None, "user"):
+        raise PolicyError("user", f"everything in a sandbox runs as its one user ('user'); {user!r} is not available")
+    env = {**PTY_ENV, **(envs or {})}
+    return _pty_size(size), env, (timeout if timeout else None)
+
+
+def _pty_size(size: PtySize) -> tuple[int, int]:
+    """Checked here too, so every transport answers a bad size with the same PolicyError on "size"."""
+    if not isinstance(size, PtySize):
+        raise PolicyError("size", "size must be a PtySize(rows, cols)")
+    return check_pty_size((size.rows, size.cols))
+
+
+class PtyHandle:
+    """A process on a pseudo-terminal (``sandbox.pty.create``). Iterate it for the terminal's output
+    (bytes: the terminal's stdout and stderr are one stream); ``wait()`` for its result, whose ``stdout``
+    is what the terminal printed (kept up to limits.output, like a command's)."""
+
+    def __init__(self, sandbox: Sandbox, token: Any, events: queue.SimpleQueue[tuple[str, Any]],
+                 on_data: DataCallback | None) -> None:
+        self._sandbox, self._token, self._events, self._on_data = sandbox, token, events, on_data
+        self._result: CommandResult | BaseException | None = None
+        self.pid: int = token.pid
+
+    def _next(self) -> bytes | None:
+        kind, payload = self._events.get()
+        if kind == "exit":
+            self._result = payload
+            return None
+        if self._on_data is not None:
+            self._on_data(payload)
+        return bytes(payload)
+
+    def __iter__(self) -> Iterator[bytes]:
+        while self._result is None and (data := self._next()) is not None:
+            yield data
+
+    def wait(self) -> CommandResult:
+        while self._result is None:
+            self._next()
+        if isinstance(self._result, BaseException):
+            raise self._result
+        return self._result
+
+    def send_stdin(self, data: str | bytes) -> None:
+        self._sandbox.pty.send_stdin(self.pid, data)
+
+    def resize(self, size: PtySize) -> bool:
+        return self._sandbox.pty.resize(self.pid, size)
+
+    def kill(self) -> bool:
+        return self._sandbox.pty.kill(self.pid)
+
+
+class Pty:
+    """Pseudo-terminals, with E2B's names: ``create``, ``send_stdin``, ``resize``, ``kill``."""
+
+    def __init__(self, sandbox: Sandbox) -> None:
+        self._sb = sandbox
+
+    def create(self, size: PtySize, user: str | None = None, cwd: str | None = None,
+               envs: Mapping[str, str] | None = None, timeout: float | None = 60,
+               on_data: DataCallback | None = None, *, cmd: str | list[str] | None = None) -> PtyHandle:
+        """Start ``cmd`` (default ``/bin/bash -i -l``, as E2B) on a terminal of ``size``; TERM, LANG and
+        LC_ALL default to E2B's. ``timeout`` seconds (60 by default; 0 or None: none) end it and its
+        processes. ``on_data`` gets each chunk of output (bytes) as the handle is iterated or waited on."""
+        sb, t = self._sb, self._sb._transport
+        pty_size, env, limit = _pty_args(size, user, envs, timeout)
+        events: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
+
+        async def start() -> Any:
+            token = await t.start(sb.sandbox_id, cmd or PTY_SHELL, envs=env, cwd=cwd, stdin=None, timeout=limit,
+                                  on_output=lambda s, d: events.put((s, d)), background=True, pty=pty_size)
+            task = asyncio.get_running_loop().create_task(t.wait(sb.sandbox_id, token))
+            task.add_done_callback(lambda f: events.put(("exit", f.exception() or f.result())))
+            return token
+
+        return PtyHandle(sb, portal().call(start()), events, on_data)
+
+    def send_stdin(self, pid: int, data: str | bytes) -> None:
+        """Type ``data`` into the terminal (``\\x03`` is Ctrl-C, ``\\x04`` Ctrl-D)."""
+        portal().call(self._sb._transport.send_stdin(self._sb.sandbox_id, pid, _as_bytes(data) or b"", False))
+
+    def resize(self, pid: int, size: PtySize) -> bool:
+        """The terminal's new size; its foreground programs get SIGWINCH. False if it is not running."""
+        rows, cols = _pty_size(size)
+        return portal().call(self._sb._transport.resize(self._sb.sandbox_id, pid, rows, cols))
+
+    def kill(self, pid: int) -> bool:
+        """End the terminal's process and everything it started; False if it was not running."""
+        return portal().call(self._sb._transport.signal(self._sb.sandbox_id, pid, signal_mod.SIGKILL))
+
+
 class Files:
     def __init__(self, sandbox: Sandbox) -> None:
         self._sb = sandbox
@@ -400,6 +500,7 @@ class Sandbox(_SandboxBase):
     def __init__(self, info: SandboxInfo, transport: Transport) -> None:
         super().__init__(info, transport)
         self.commands = Commands(self)
+        self.pty = Pty(self)
         self.files = Files(self)
         self.artifacts = Artifacts(self.sandbox_id, transport)
         self.network = Network(self.sandbox_id, transport)
@@ -595,6 +696,85 @@ class AsyncCommands:
         await portal().acall(self._sb._transport.send_stdin(self._sb.sandbox_id, pid, _as_bytes(data) or b"", eof))
 
 
+class AsyncPtyHandle:
+    """The async twin of :class:`PtyHandle`; ``on_data`` may be a coroutine function."""
+
+    def __init__(self, sandbox: AsyncSandbox, token: Any, events: asyncio.Queue[tuple[str, Any]],
+                 on_data: DataCallback | None) -> None:
+        self._sandbox, self._token, self._events, self._on_data = sandbox, token, events, on_data
+        self._result: CommandResult | BaseException | None = None
+        self.pid: int = token.pid
+
+    async def _next(self) -> bytes | None:
+        kind, payload = await self._events.get()
+        if kind == "exit":
+            self._result = payload
+            return None
+        if self._on_data is not None:
+            maybe = self._on_data(payload)
+            if asyncio.iscoroutine(maybe):
+                await maybe
+        return bytes(payload)
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        while self._result is None and (data := await self._next()) is not None:
+            yield data
+
+    async def wait(self) -> CommandResult:
+        while self._result is None:
+            await self._next()
+        if isinstance(self._result, BaseException):
+            raise self._result
+        return self._result
+
+    async def send_stdin(self, data: str | bytes) -> None:
+        await self._sandbox.pty.send_stdin(self.pid, data)
+
+    async def resize(self, size: PtySize) -> bool:
+        return await self._sandbox.pty.resize(self.pid, size)
+
+    async def kill(self) -> bool:
+        return await self._sandbox.pty.kill(self.pid)
+
+
+class AsyncPty:
+    """The async twin of :class:`Pty`."""
+
+    def __init__(self, sandbox: AsyncSandbox) -> None:
+        self._sb = sandbox
+
+    async def create(self, size: PtySize, user: str | None = None, cwd: str | None = None,
+                     envs: Mapping[str, str] | None = None, timeout: float | None = 60,
+                     on_data: DataCallback | None = None, *, cmd: str | list[str] | None = None) -> AsyncPtyHandle:
+        """Same as ``Sandbox.pty.create``."""
+        sb, t = self._sb, self._sb._transport
+        pty_size, env, limit = _pty_args(size, user, envs, timeout)
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
+
+        def push(kind: str, payload: Any) -> None:
+            loop.call_soon_threadsafe(events.put_nowait, (kind, payload))
+
+        async def start() -> Any:
+            token = await t.start(sb.sandbox_id, cmd or PTY_SHELL, envs=env, cwd=cwd, stdin=None, timeout=limit,
+                                  on_output=push, background=True, pty=pty_size)
+            task = asyncio.get_running_loop().create_task(t.wait(sb.sandbox_id, token))
+            task.add_done_callback(lambda f: push("exit", f.exception() or f.result()))
+            return token
+
+        return AsyncPtyHandle(sb, await portal().acall(start()), events, on_data)
+
+    async def send_stdin(self, pid: int, data: str | bytes) -> None:
+        await portal().acall(self._sb._transport.send_stdin(self._sb.sandbox_id, pid, _as_bytes(data) or b"", False))
+
+    async def resize(self, pid: int, size: PtySize) -> bool:
+        rows, cols = _pty_size(size)
+        return await portal().acall(self._sb._transport.resize(self._sb.sandbox_id, pid, rows, cols))
+
+    async def kill(self, pid: int) -> bool:
+        return await portal().acall(self._sb._transport.signal(self._sb.sandbox_id, pid, signal_mod.SIGKILL))
+
+
 class AsyncFiles:
     def __init__(self, sandbox: AsyncSandbox) -> None:
         self._sb = sandbox
@@ -651,6 +831,7 @@ class AsyncSandbox(_SandboxBase):
     def __init__(self, info: SandboxInfo, transport: Transport) -> None:
         super().__init__(info, transport)
         self.commands = AsyncCommands(self)
+        self.pty = AsyncPty(self)
         self.files = AsyncFiles(self)
         self.artifacts = AsyncArtifacts(self.sandbox_id, transport)
         self.network = AsyncNetwork(self.sandbox_id, transport)

@@ -48,6 +48,11 @@ class SetTimeout(_Body):
     timeout: Annotated[float, Field(gt=0, le=10 * 365 * 86400)]
 
 
+class PtySizeBody(_Body):
+    rows: Annotated[int, Field(ge=1, le=4096)]
+    cols: Annotated[int, Field(ge=1, le=4096)]
+
+
 class RunCommand(_Body):
     cmd: Annotated[str, Field(max_length=1 << 20)] | None = None
     argv: Annotated[list[Annotated[str, Field(max_length=1 << 16)]], Field(max_length=4096)] | None = None
@@ -56,6 +61,7 @@ class RunCommand(_Body):
     stdin: str | None = Field(None, description="base64 of the bytes to feed to stdin")
     timeout: float | None = None
     background: bool = False
+    pty: PtySizeBody | None = Field(None, description="run on a pseudo-terminal of this size (output is stdout)")
 
 
 class CommandOut(BaseModel):

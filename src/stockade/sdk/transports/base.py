@@ -43,15 +43,21 @@ class Transport(ABC):
     @abstractmethod
     async def start(self, sandbox_id: str, cmd: str | Argv, *, envs: Mapping[str, str] | None,
                     cwd: str | None, stdin: bytes | None, timeout: float | None,
-                    on_output: OutputSink | None, background: bool = True) -> Any:
+                    on_output: OutputSink | None, background: bool = True,
+                    pty: tuple[int, int] | None = None) -> Any:
         """Start a process whose output streams to ``on_output``; returns a token with a ``pid`` and
-        ``cmd`` for wait(). ``background=False`` keeps the foreground rules (the command timeout)."""
+        ``cmd`` for wait(). ``background=False`` keeps the foreground rules (the command timeout).
+        ``pty``: (rows, cols): the process runs on a pseudo-terminal, whose output is stdout."""
 
     @abstractmethod
     async def wait(self, sandbox_id: str, token: Any) -> CommandResult: ...
 
     @abstractmethod
     async def send_stdin(self, sandbox_id: str, pid: int, data: bytes, eof: bool) -> None: ...
+
+    @abstractmethod
+    async def resize(self, sandbox_id: str, pid: int, rows: int, cols: int) -> bool:
+        """A pty process's terminal size; False when no such process runs."""
 
     @abstractmethod
     async def signal(self, sandbox_id: str, pid: int, sig: int) -> bool: ...

@@ -68,11 +68,11 @@ class LocalTransport(Transport):
 
     async def _start(self, sandbox_id: str, cmd: str | Argv, envs: Mapping[str, str] | None,
                      cwd: str | None, stdin: bytes | None, timeout: float | None, on_output: OutputSink | None,
-                     background: bool) -> CommandRecord:
+                     background: bool, pty: tuple[int, int] | None = None) -> CommandRecord:
         m = await self.manager()
         return await m.start_command(sandbox_id, cmd, envs=envs, cwd=cwd, stdin=stdin,
                                      stdin_open=background and stdin is None, timeout=timeout,
-                                     background=background, on_output=on_output)
+                                     background=background, on_output=on_output, pty=pty)
 
     async def run(self, sandbox_id: str, cmd: str | Argv, *, envs: Mapping[str, str] | None,
                   cwd: str | None, stdin: bytes | None, timeout: float | None,
@@ -82,8 +82,9 @@ class LocalTransport(Transport):
 
     async def start(self, sandbox_id: str, cmd: str | Argv, *, envs: Mapping[str, str] | None,
                     cwd: str | None, stdin: bytes | None, timeout: float | None,
-                    on_output: OutputSink | None, background: bool = True) -> CommandRecord:
-        return await self._start(sandbox_id, cmd, envs, cwd, stdin, timeout, on_output, background)
+                    on_output: OutputSink | None, background: bool = True,
+                    pty: tuple[int, int] | None = None) -> CommandRecord:
+        return await self._start(sandbox_id, cmd, envs, cwd, stdin, timeout, on_output, background, pty)
 
     async def wait(self, sandbox_id: str, token: Any) -> CommandResult:
         record: CommandRecord = token
@@ -94,6 +95,9 @@ class LocalTransport(Transport):
 
     async def send_stdin(self, sandbox_id: str, pid: int, data: bytes, eof: bool) -> None:
         await (await self.manager()).send_stdin(sandbox_id, pid, data, eof)
+
+    async def resize(self, sandbox_id: str, pid: int, rows: int, cols: int) -> bool:
+        return await (await self.manager()).resize(sandbox_id, pid, rows, cols)
 
     async def signal(self, sandbox_id: str, pid: int, sig: int) -> bool:
         return await (await self.manager()).signal(sandbox_id, pid, sig)

@@ -148,9 +148,12 @@ class RemoteTransport(Transport):
 
     async def start(self, sandbox_id: str, cmd: str | Argv, *, envs: Mapping[str, str] | None,
                     cwd: str | None, stdin: bytes | None, timeout: float | None,
-                    on_output: OutputSink | None, background: bool = True) -> RemoteCommand:
+                    on_output: OutputSink | None, background: bool = True,
+                    pty: tuple[int, int] | None = None) -> RemoteCommand:
         body: dict[str, Any] = {("cmd" if isinstance(cmd, str) else "argv"): cmd, "envs": dict(envs or {}),
                                 "cwd": cwd, "timeout": timeout, "background": background}
+        if pty is not None:
+            body["pty"] = {"rows": int(pty[0]), "cols": int(pty[1])}
         if stdin is not None:
             body["stdin"] = base64.b64encode(stdin).decode()
         started: asyncio.Future[int] = asyncio.get_running_loop().create_future()
@@ -191,6 +194,11 @@ class RemoteTransport(Transport):
         await self._call("POST", f"/sandboxes/{_id(sandbox_id)}/commands/{int(pid)}/stdin",
                          params={"eof": "true" if eof else "false"}, content=data,
                          headers={"content-type": "application/octet-stream"})
+
+    async def resize(self, sandbox_id: str, pid: int, rows: int, cols: int) -> bool:
+        answer = await self._call("POST", f"/sandboxes/{_id(sandbox_id)}/commands/{int(pid)}/resize",
+                                  json={"rows": int(rows), "cols": int(cols)})
+        return bool(answer["resized"])
 
     async def signal(self, sandbox_id: str, pid: int, sig: int) -> bool:
         answer = await self._call("POST", f"/sandboxes/{_id(sandbox_id)}/commands/{int(pid)}/signal",

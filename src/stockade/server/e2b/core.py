@@ -213,7 +213,8 @@ class Core:
     # commands
     async def start_command(self, sandbox_id: str, argv: list[str], *, envs: Mapping[str, str] | None,
                             cwd: str | None, stdin_open: bool, timeout: float | None,
-                            on_output: Callable[[str, bytes], None]) -> CommandRecord:
+                            on_output: Callable[[str, bytes], None],
+                            pty: tuple[int, int] | None = None) -> CommandRecord:
         # With a deadline it is a foreground command (limits.max_command_timeout applies, as to a native one);
         # E2B's "no timeout" (0) is a background command, as natively. A deadline past the sandbox's end is
         # cut to it, as E2B does (its SDK sends 60 s by default, also to a sandbox with less time left).
@@ -223,13 +224,16 @@ class Core:
             timeout = max(min(timeout, left - 0.1), 0.001)  # the margin: the manager looks again later
         return await self.srv.m.start_command(  # type: ignore[no-any-return]
             sandbox_id, argv, envs=envs, cwd=cwd, stdin=None, stdin_open=stdin_open, timeout=timeout,
-            background=timeout is None, on_output=on_output)
+            background=timeout is None, on_output=on_output, pty=pty)
 
     async def result_of(self, sandbox_id: str, record: CommandRecord) -> CommandResult:
         return await self.srv.m.result_of(sandbox_id, record)  # type: ignore[no-any-return]
 
     async def send_stdin(self, sandbox_id: str, pid: int, data: bytes, eof: bool = False) -> None:
         await self.srv.m.send_stdin(sandbox_id, pid, data, eof)
+
+    async def resize(self, sandbox_id: str, pid: int, rows: int, cols: int) -> bool:
+        return await self.srv.m.resize(sandbox_id, pid, rows, cols)  # type: ignore[no-any-return]
 
     async def signal(self, sandbox_id: str, pid: int, sig: int) -> bool:
         return await self.srv.m.signal(sandbox_id, pid, sig)  # type: ignore[no-any-return]

@@ -6,8 +6,10 @@ and streams ``start{pid}``, ``data{stdout|stderr}`` (base64), ``keepalive`` and 
 (``Connect-Timeout-Ms``, the SDK's ``timeout``) is the command's timeout and ends the stream with
 ``deadline_exceeded``. A process outlives its stream (E2B's background commands): ``Connect`` re-attaches
 to its output from then on, ``SendInput``/``StreamInput``/``CloseStdin``/``SendSignal`` reach it by pid
-or tag. PTYs (``pty`` in ``Start``, ``Update``) are refused as unimplemented; directory watchers compare
-listings (see "directory watchers" below).
+or tag. A ``Start`` with ``pty`` (rows, cols) runs the command on a pseudo-terminal (the agent's: the
+controlling terminal of a new session): its output streams as ``data{pty}``, ``SendInput``/``StreamInput``
+with ``input.pty`` type into it, ``Update`` resizes it (the kernel sends SIGWINCH). Directory watchers
+compare listings (see "directory watchers" below).
 
 Everything runs as the sandbox's one user (``user``, home /home/user): ``root`` is refused by name."""
 
@@ -54,9 +56,7 @@ SIGNALS = {"SIGNAL_SIGKILL": 9, "SIGNAL_SIGTERM": 15, "SIGNAL_SIGINT": 2, "SIGNA
 SIGNAL_WORDS = {1: "hangup", 2: "interrupt", 9: "killed", 15: "terminated"}
 FILE_TYPES = {"file": "FILE_TYPE_FILE", "dir": "FILE_TYPE_DIRECTORY", "symlink": "FILE_TYPE_SYMLINK"}
 TYPE_BITS = {"file": stat.S_IFREG, "dir": stat.S_IFDIR, "symlink": stat.S_IFLNK}
-UNSUPPORTED = {
-    ("process.Process", "Update"): "resizing a PTY (PTY processes are not supported)",
-}
+UNSUPPORTED: dict[tuple[str, str], str] = {}
 WATCH_INTERVAL = 0.5      # a WatchDir stream lists the directory this often
 GUNZIP_STEP = 1 << 20     # bytes a gzip-encoded upload inflates to per step, before the cap sees them
 MAX_WATCHERS = 16         # per sandbox
@@ -72,6 +72,7 @@ class Proc:
     listeners: set[asyncio.Queue[tuple[str, Any]]]
     end: dict[str, Any] | None = None
     timed_out: bool = False
+    pty: bool = False  # on a terminal: its output is data.pty, its input input.pty
     tasks: set[asyncio.Task[None]] = field(default_factory=set)
 
 
@@ -195,9 +196,18 @@ def _end_event(result: CommandResult) -> dict[str, Any]:
     return end
 
 
+def _pty_size(pty: Any) -> tuple[int, int]:
+    size = pty.get("size") if isinstance(pty, dict) else None
+    if not isinstance(size, dict):
+        raise ConnectError("invalid_argument", "pty.size must give rows and cols")
+    rows, cols = size.get("rows"), size.get("cols")
+    if not isinstance(rows, int) or not isinstance(cols, int) or isinstance(rows, bool) or isinstance(cols, bool):
+        raise ConnectError("invalid_argument", "pty.size.rows and pty.size.cols must be whole numbers")
+    return rows, cols  # their range is the manager's to check (PolicyError -> invalid_argument)
+
+
 async def _start(core: Core, e2b: E2BSandbox, request: Request, msg: dict[str, Any]) -> tuple[Proc, Any]:
-    if msg.get("pty"):
-        raise ConnectError("unimplemented", "PTY processes (sandbox.pty) are not supported by stockade")
+    pty = _pty_size(msg["pty"]) if msg.get("pty") else None
     config = msg.get("process")
     if not isinstance(config, dict) or not isinstance(config.get("cmd"), str) or not config["cmd"]:
         raise ConnectError("invalid_argument", "process.cmd must be a non-empty string")
@@ -219,9 +229,9 @@ async def _start(core: Core, e2b: E2BSandbox, request: Request, msg: dict[str, A
 
     record = await core.start_command(e2b.id, [config["cmd"], *args], envs=envs, cwd=cwd,
                                       stdin_open=bool(msg.get("stdin")), timeout=timeout_of(request),
-                                      on_output=on_output)
+                                      on_output=on_output, pty=pty)
     proc = Proc(record.pid, {"cmd": config["cmd"], "args": args, "envs": envs, **({"cwd": cwd} if cwd else {})},
-                tag, listeners)
+                tag, listeners, pty=pty is not None)
     table = _table(core, e2b)
     table[proc.pid] = proc
 
@@ -286,7 +296,7 @@ async def _stream(core: Core, request: Request, proc: Proc, queue: asyncio.Queue
                 continue
             if kind == "data":
                 stream, data = item
-                yield envelope({"event": {"data": {stream: base64.b64encode(data).decode()}}})
+                yield envelope({"event": {"data": {"pty" if proc.pty else stream: base64.b64encode(data).decode()}}})
                 continue
             await core.commit()  # the command's end is in the audit log before the caller learns it
             if proc.timed_out:
@@ -310,19 +320,36 @@ async def _list(core: Core, e2b: E2BSandbox, msg: dict[str, Any]) -> dict[str, A
     return {"processes": out}
 
 
-def _stdin(value: Any) -> bytes:
+def _stdin(core: Core, e2b: E2BSandbox, pid: int, value: Any) -> bytes:
+    """The bytes of a ProcessInput: ``pty`` for a process on a terminal, ``stdin`` for any other (as envd:
+    a terminal has no stdin pipe, and a pipe is no terminal)."""
     if not isinstance(value, dict):
         raise ConnectError("invalid_argument", "input must be an object")
-    if "pty" in value:
-        raise ConnectError("unimplemented", "PTY input is not supported by stockade")
+    kind = "pty" if "pty" in value else "stdin"
+    known = _table(core, e2b).get(pid)
+    if known is not None and known.pty != (kind == "pty"):
+        raise ConnectError("failed_precondition", f"process {pid} is {'' if known.pty else 'not '}on a terminal: "
+                                                  f"send input.{'pty' if known.pty else 'stdin'}")
     try:
-        return base64.b64decode(str(value.get("stdin", "")), validate=True)
+        return base64.b64decode(str(value.get(kind, "")), validate=True)
     except binascii.Error:
-        raise ConnectError("invalid_argument", "input.stdin must be base64") from None
+        raise ConnectError("invalid_argument", f"input.{kind} must be base64") from None
 
 
 async def _send_input(core: Core, e2b: E2BSandbox, msg: dict[str, Any]) -> dict[str, Any]:
-    await core.send_stdin(e2b.id, _select(core, e2b, msg.get("process")), _stdin(msg.get("input")))
+    pid = _select(core, e2b, msg.get("process"))
+    await core.send_stdin(e2b.id, pid, _stdin(core, e2b, pid, msg.get("input")))
+    return {}
+
+
+async def _update(core: Core, e2b: E2BSandbox, msg: dict[str, Any]) -> dict[str, Any]:
+    """Update: a pty process's new size (the only thing envd's Update changes)."""
+    pid = _select(core, e2b, msg.get("process"))
+    if not msg.get("pty"):
+        return {}
+    rows, cols = _pty_size(msg["pty"])
+    if not await core.resize(e2b.id, pid, rows, cols):
+        raise ConnectError("not_found", f"process with pid {pid} not found")
     return {}
 
 
@@ -335,7 +362,7 @@ async def _stream_input(core: Core, e2b: E2BSandbox, request: Request) -> None:
         elif "data" in event:
             if pid is None:
                 raise ConnectError("invalid_argument", "the stream must start with a start event naming the process")
-            await core.send_stdin(e2b.id, pid, _stdin((event["data"] or {}).get("input")))
+            await core.send_stdin(e2b.id, pid, _stdin(core, e2b, pid, (event["data"] or {}).get("input")))
 
 
 async def _close_stdin(core: Core, e2b: E2BSandbox, msg: dict[str, Any]) -> dict[str, Any]:
@@ -521,6 +548,7 @@ UNARY: dict[tuple[str, str], Handler] = {
     ("process.Process", "SendInput"): _send_input,
     ("process.Process", "CloseStdin"): _close_stdin,
     ("process.Process", "SendSignal"): _send_signal,
+    ("process.Process", "Update"): _update,
     ("filesystem.Filesystem", "Stat"): _stat,
     ("filesystem.Filesystem", "ListDir"): _list_dir,
     ("filesystem.Filesystem", "MakeDir"): _make_dir,

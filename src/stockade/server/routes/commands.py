@@ -16,7 +16,7 @@ from fastapi.responses import StreamingResponse
 from ...errors import RequestError, StockadeError, to_wire
 from ...sdk.models import CommandResult
 from ..deps import Auth, Srv
-from ..models import CommandOut, RunCommand, SignalBody, b64_field
+from ..models import CommandOut, PtySizeBody, RunCommand, SignalBody, b64_field
 from ..service import live_sandbox
 from ..streams import SSE_HEADERS, as_they_come, sse, stream_event
 
@@ -36,7 +36,8 @@ async def run_command(sandbox_id: str, body: RunCommand, request: Request, srv: 
     record = await srv.m.start_command(
         sandbox_id, body.cmd if body.cmd is not None else body.argv or [], envs=body.envs, cwd=body.cwd,
         stdin=stdin, stdin_open=body.background and stdin is None, timeout=body.timeout,
-        background=body.background, on_output=(lambda s, d: queue.put_nowait((s, d))) if streaming else None)
+        background=body.background, on_output=(lambda s, d: queue.put_nowait((s, d))) if streaming else None,
+        pty=(body.pty.rows, body.pty.cols) if body.pty is not None else None)
 
     async def finish() -> CommandResult:
         result = await srv.m.result_of(sandbox_id, record)
@@ -95,6 +96,14 @@ async def send_stdin(sandbox_id: str, pid: Annotated[int, PathParam(ge=1, le=1 <
     live_sandbox(srv, who, sandbox_id)
     await srv.m.send_stdin(sandbox_id, pid, await request.body(), eof)
     return Response(status_code=204)
+
+
+@router.post("/sandboxes/{sandbox_id}/commands/{pid}/resize", tags=["commands"])
+async def resize_pty(sandbox_id: str, pid: Annotated[int, PathParam(ge=1, le=1 << 22)], body: PtySizeBody,
+                     srv: Srv, who: Auth) -> dict[str, bool]:
+    """A pty process's terminal size; ``resized`` is false when no such process runs."""
+    live_sandbox(srv, who, sandbox_id)
+    return {"resized": await srv.m.resize(sandbox_id, pid, body.rows, body.cols)}
 
 
 @router.post("/sandboxes/{sandbox_id}/commands/{pid}/signal", tags=["commands"])
