@@ -60,3 +60,33 @@ def test_broker_directories_of_dead_owners_are_swept():
     found, removed, still_there, after = portal().call(sweep("sbx-deadbeefdeadbeef"))
     assert any("broker socket directory" in t for t in found)
     assert "sbx-deadbeefdeadbeef" in removed and not still_there and after == []
+
+
+RAISED = r"""
+import json, resource, sys
+_, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))
+from stockade import Policy, Sandbox
+policy = Policy.from_dict(json.loads(sys.argv[1]))
+with Sandbox.create(policy=policy) as sb:
+    inside = sb.commands.run("ulimit -n").stdout.strip()
+print(json.dumps({"host": resource.getrlimit(resource.RLIMIT_NOFILE), "hard": hard, "inside": inside}))
+"""
+
+
+def test_a_host_process_lifts_its_open_files_limit_and_sandboxes_keep_theirs():
+    """A soft RLIMIT_NOFILE of 256 (1024 is common) would stop a server after ~50-200 sandboxes with EMFILE:
+    the manager lifts it to the hard limit; commands in a sandbox still get limits.open_files."""
+    import json
+    import subprocess
+    import sys
+
+    from .conftest import base_policy
+
+    policy = base_policy()
+    out = subprocess.run([sys.executable, "-c", RAISED, policy.model_dump_json()], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    got = json.loads(out.stdout)
+    assert got["host"] == [got["hard"], got["hard"]]
+    assert got["inside"] == str(policy.limits.open_files)

@@ -30,12 +30,32 @@ def open_audit(config: HostConfig) -> SQLAudit:
     return audit
 
 
+def raise_open_files_limit() -> tuple[int, int]:
+    """Lift this process's soft RLIMIT_NOFILE to its hard limit; returns (before, after). Each live sandbox
+    holds a few host descriptors (its channel, pidfd, locks, a broker's sockets), and the usual soft limit of
+    1024 would stop a server near 200 sandboxes with EMFILE. Sandboxes are unaffected: the agent sets each
+    command's limit from limits.open_files."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY:
+        hard = 1 << 20   # Linux's nr_open default: the most a soft limit may be raised to
+    if soft != resource.RLIM_INFINITY and soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+        except (ValueError, OSError):  # above fs.nr_open: keep what there is
+            return soft, soft
+        return soft, hard
+    return soft, soft
+
+
 async def build_manager(config: HostConfig, *, runtime: Runtime | None = None, audit: Audit | None = None,
                         runtimes: Sequence[str] | None = None, output_recorded: int = OUTPUT_RECORDED) -> Manager:
     """A manager over ``config.runtime`` (or the ``runtime`` given, e.g. a test's), plus the other named
     ``runtimes`` sandboxes may ask for (None: any registered one, made on first use, as the SDK's local mode
     does). What a process that died without tearing down left on the host is removed first, by each runtime;
     artifacts and audit events past their retention are pruned."""
+    raise_open_files_limit()
     default: Runtime = runtime if runtime is not None else await asyncio.to_thread(make_runtime, config.runtime, config)
     others = [await asyncio.to_thread(make_runtime, name, config) for name in runtimes or ()
               if name != default.name]
