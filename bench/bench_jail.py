@@ -7,7 +7,8 @@
 - exec round trip in a live sandbox against a bare fork+exec of the same command;
 - create+destroy throughput;
 - host memory per idle sandbox with N alive: the PSS of each sandbox's host processes (bwrap and the
-  agent) plus this process's own growth, and the cgroup's charge (page tables, tmpfs, kernel memory).
+  agent) plus this process's own growth, and the cgroup's charge (page tables, tmpfs, kernel memory);
+  and the exec round trip with all N alive (the host still serving).
 
 These are measurements, not tests: nothing here asserts a time.
 """
@@ -154,6 +155,15 @@ def main() -> None:
         rows.append((f"host memory per idle sandbox ({len(sandboxes)} alive)", f"{per:.1f} MiB", "",
                      f"processes PSS {process_pss / 1024:.0f} MiB + SDK process {host_growth / 1024:.0f} MiB"
                      f"{extra}"))
+        # the host still serving: exec round trips in the newest and oldest sandbox with all of them alive
+        busy = []
+        for sb in (sandboxes[0], sandboxes[-1]) * 20:
+            t = time.perf_counter()
+            sb.commands.run(["true"])
+            busy.append((time.perf_counter() - t) * 1000)
+        busy.sort()
+        rows.append((f"exec round trip run(['true']) with {len(sandboxes)} alive", f"{busy[len(busy) // 2]:.2f} ms",
+                     f"{busy[int(len(busy) * .95)]:.2f} ms", "the same measure above: with none alive"))
     finally:
         for sb in sandboxes:
             sb.kill()
