@@ -9,7 +9,7 @@ import select
 
 TYPE_CHECKING = False  # typing costs a cold start an import; mypy reads this name as true
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Callable, Iterator
 
 try:
     from . import protocol
@@ -70,6 +70,24 @@ def _errno_get() -> int:
 
 def _errno_name(exc: OSError) -> str:
     return errno.errorcode.get(exc.errno or 0, "EIO")
+
+
+def _proc_stat(pid: int | str) -> list[bytes] | None:
+    """/proc/PID/stat's fields after the command name, the state first; None once the process is gone.
+    "pid (comm) state ppid ...": comm may hold spaces and ')', so the fields start after the last ')'."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return None
+    return stat[stat.rfind(b")") + 2:].split()
+
+
+def _proc_stats() -> Iterator[tuple[int, list[bytes]]]:
+    """(pid, _proc_stat fields) of every process in the sandbox's PID namespace, skipping any that exit."""
+    for name in os.listdir("/proc"):
+        if name.isdigit() and (fields := _proc_stat(name)) is not None:
+            yield int(name), fields
 
 
 def _read_some(fd: int) -> bytes | None:

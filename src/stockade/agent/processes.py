@@ -25,6 +25,8 @@ try:
         AgentBase,
         _errno_get,
         _libc_function,
+        _proc_stat,
+        _proc_stats,
         _read_some,
     )
 except ImportError:  # run as a script inside the sandbox
@@ -38,6 +40,8 @@ except ImportError:  # run as a script inside the sandbox
         AgentBase,
         _errno_get,
         _libc_function,
+        _proc_stat,
+        _proc_stats,
         _read_some,
     )
 
@@ -416,20 +420,7 @@ def _set_winsize(fd: int, rows: int, cols: int) -> None:
 def _parents() -> dict[int, int]:
     """pid -> parent pid of every process in the sandbox's PID namespace, from /proc (no child lists
     needed: CONFIG_PROC_CHILDREN and gVisor's /proc may lack them)."""
-    found = {}
-    for name in os.listdir("/proc"):
-        if not name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{name}/stat", "rb") as f:
-                stat = f.read()
-        except OSError:  # exited meanwhile
-            continue
-        # "pid (comm) state ppid ...": comm may hold spaces and parentheses, so split after the last ')'
-        fields = stat[stat.rfind(b")") + 2:].split(b" ", 2)
-        if len(fields) >= 2 and fields[0] != b"Z":
-            found[int(name)] = int(fields[1])
-    return found
+    return {pid: int(fields[1]) for pid, fields in _proc_stats() if len(fields) >= 2 and fields[0] != b"Z"}
 
 
 def _tree(top: int) -> set[int]:
@@ -474,12 +465,8 @@ def _wait_dead(pids: set[int]) -> None:
 
 
 def _running(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            stat = f.read()
-    except OSError:
-        return False
-    return stat[stat.rfind(b")") + 2:stat.rfind(b")") + 3] != b"Z"
+    fields = _proc_stat(pid)
+    return fields is not None and fields[:1] != [b"Z"]
 
 
 def _kill_tree(top: int) -> None:

@@ -28,9 +28,9 @@ if TYPE_CHECKING:
     from collections.abc import Callable
 
 try:
-    from .common import _errno_get
+    from .common import _errno_get, _libc_function
 except ImportError:  # run as a script inside the sandbox
-    from common import _errno_get  # type: ignore[no-redef]
+    from common import _errno_get, _libc_function  # type: ignore[no-redef]
 
 SECCOMP_SET_MODE_FILTER = 1
 SECCOMP_FILTER_FLAG_NEW_LISTENER = 1 << 3
@@ -42,22 +42,16 @@ SYSINFO_SIZE = 112  # struct sysinfo on LP64 (x86_64, aarch64), padding included
 
 
 def _libc_syscall() -> Callable[..., int]:
-    """syscall(2) taking and returning longs, through the C half of ctypes (see common._libc_prctl)."""
+    """syscall(2) taking and returning longs (a pointer and a descriptor do not fit the default int)."""
     import _ctypes
-
-    class _Libc:
-        _handle = _ctypes.dlopen(None)  # type: ignore[arg-type]
 
     class _Long(_ctypes._SimpleCData):  # type: ignore[name-defined]
         _type_ = "l"
 
-    class _Fn(_ctypes.CFuncPtr):
-        _flags_ = _ctypes.FUNCFLAG_CDECL | _ctypes.FUNCFLAG_USE_ERRNO
-
-    fn = _Fn(("syscall", _Libc))  # type: ignore[arg-type]
-    fn.argtypes = (_Long,) * 4
-    fn.restype = _Long
-    return fn  # type: ignore[no-any-return]
+    fn = _libc_function("syscall")
+    fn.argtypes = (_Long,) * 4  # type: ignore[attr-defined]
+    fn.restype = _Long  # type: ignore[attr-defined]
+    return fn
 
 
 def _buffer_address(data: bytes) -> tuple[object, int]:

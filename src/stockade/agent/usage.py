@@ -12,9 +12,9 @@ from __future__ import annotations
 import os
 
 try:
-    from .common import AgentBase
+    from .common import AgentBase, _proc_stats
 except ImportError:  # run as a script inside the sandbox
-    from common import AgentBase  # type: ignore[no-redef]
+    from common import AgentBase, _proc_stats  # type: ignore[no-redef]
 
 
 class Usage(AgentBase):
@@ -22,19 +22,13 @@ class Usage(AgentBase):
         ticks = os.sysconf("SC_CLK_TCK")
         page = os.sysconf("SC_PAGE_SIZE")
         cpu = rss = count = 0
-        for name in os.listdir("/proc"):
-            if not name.isdigit():
-                continue
+        for pid, fields in _proc_stats():
             try:
-                with open(f"/proc/{name}/stat", "rb") as f:
-                    stat = f.read()
-                with open(f"/proc/{name}/statm", "rb") as f:
+                with open(f"/proc/{pid}/statm", "rb") as f:
                     resident = int(f.read().split()[1])
             except (OSError, IndexError, ValueError):  # exited meanwhile
                 continue
-            # "pid (comm) state ppid ...": comm may hold spaces and ')', so split after the last ')';
-            # utime, stime, cutime, cstime are fields 14-17, so 12-15 after the state
-            fields = stat[stat.rfind(b")") + 2:].split()
+            # utime, stime, cutime, cstime: stat's fields 14-17, so 12-15 after the state
             cpu += sum(int(x) for x in fields[11:15])
             rss += resident
             count += 1

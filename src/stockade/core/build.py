@@ -38,15 +38,15 @@ def raise_open_files_limit() -> tuple[int, int]:
     import resource
 
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if hard == resource.RLIM_INFINITY:
-        hard = 1 << 20   # Linux's nr_open default: the most a soft limit may be raised to
-    if soft != resource.RLIM_INFINITY and soft < hard:
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
-        except (ValueError, OSError):  # above fs.nr_open: keep what there is
-            return soft, soft
-        return soft, hard
-    return soft, soft
+    # an unlimited hard limit: Linux's nr_open default, the most a soft limit may be raised to
+    target = 1 << 20 if hard == resource.RLIM_INFINITY else hard
+    if soft == resource.RLIM_INFINITY or soft >= target:
+        return soft, soft
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    except (ValueError, OSError):  # above fs.nr_open: keep what there is
+        return soft, soft
+    return soft, target
 
 
 async def build_manager(config: HostConfig, *, runtime: Runtime | None = None, audit: Audit | None = None,
