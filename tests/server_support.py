@@ -14,7 +14,7 @@ import uvicorn
 from stockade.config import HostConfig
 from stockade.runtime.base import Runtime
 from stockade.server.app import Server, create_app
-from stockade.server.protocol import protocol_for
+from stockade.server.protocol import uvicorn_options
 from stockade.server.settings import ServerSettings
 
 from .waiting import wait_until
@@ -30,8 +30,7 @@ class RunningServer:
             self.app = create_app(self.settings, HostConfig.from_env(), runtime)
             self.uvicorn = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=0, log_level="warning",
                                                          lifespan="on", timeout_graceful_shutdown=5,
-                                                         http=protocol_for(self.settings),
-                                                         limit_concurrency=self.settings.max_connections))
+                                                         **uvicorn_options(self.settings)))
             self.thread = threading.Thread(target=self.uvicorn.run, name="stockade-test-server", daemon=True)
             self.thread.start()
             wait_until(lambda: self.uvicorn.started or not self.thread.is_alive(), 30, "the test server to start")

@@ -4,13 +4,16 @@ cleanly, and nothing the agent sends can grow host memory past the bounds."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 
 import pytest
 
 from stockade.agent import protocol
+from stockade.agent.ports import PORT_SEND_WINDOW, PORT_WINDOW
 from stockade.errors import FilesystemError, ProtocolError, SandboxUnavailableError
 from stockade.runtime.channel import AgentChannel, CommandPending, ReadPending
+from stockade.runtime.port_stream import PortStream
 
 from .waiting import async_wait_until
 
@@ -118,6 +121,75 @@ def test_file_data_beyond_the_credit_window_is_a_violation():
         queued = [pending.chunks.get_nowait() for _ in range(pending.chunks.qsize())]
         assert queued[:-1] == [b"x" * 1024] * protocol.READ_WINDOW, len(queued)
         assert isinstance(queued[-1], ProtocolError)
+
+    asyncio.run(main())
+
+
+@pytest.mark.parametrize("frames,message", [
+    # data before the connection opened, past the credit window, after the server's end; acknowledgements
+    # of bytes never sent; a close before the open
+    ([{"ev": "data", "body": b"x"}], "out of order"),
+    ([{"ev": "ok"}] + [{"ev": "data", "body": b"x"}] * (PORT_WINDOW + 1), "beyond its credit"),
+    ([{"ev": "ok"}, {"ev": "eof"}, {"ev": "data", "body": b"x"}], "out of order"),
+    ([{"ev": "ok"}, {"ev": "sent", "n": 1}], "never sent"),
+    ([{"ev": "ok"}, {"ev": "sent", "n": 0}], "never sent"),
+    ([{"ev": "ok"}, {"ev": "sent", "n": -5}], "never sent"),
+    ([{"ev": "closed"}], "out of order"),
+    ([{"ev": "ok"}, {"ev": "ok"}], "out of order"),
+])
+def test_a_port_connection_refuses_what_the_host_did_not_allow(frames, message):
+    async def main():
+        channel, agent, closed = await pair()
+        stream = PortStream(channel, 8000)
+        opening = asyncio.ensure_future(stream.open())
+        await asyncio.sleep(0)
+        loop = asyncio.get_running_loop()
+        for f in frames:
+            f = dict(f)
+            body = f.pop("body", b"")
+            await loop.sock_sendall(agent, frame({"id": stream.rid, **f}, body))
+        await async_wait_until(lambda: closed, 5, "the channel to close on the violation")
+        assert isinstance(closed[0], ProtocolError) and message in str(closed[0]), repr(closed[0])
+        await asyncio.gather(opening, return_exceptions=True)
+        # a reader ends (at an end of stream that came first, or with the error) and a writer fails,
+        # instead of hanging (wait_for's TimeoutError would fail the test)
+        with contextlib.suppress(ProtocolError, ConnectionResetError):
+            while await asyncio.wait_for(stream.read(), 5):
+                pass
+        with pytest.raises((ProtocolError, ConnectionResetError, SandboxUnavailableError)):
+            await asyncio.wait_for(stream.write(b"x"), 5)
+        agent.close()
+
+    asyncio.run(main())
+
+
+def test_a_port_writer_waits_for_the_agents_acknowledgements():
+    async def main():
+        channel, agent, closed = await pair()
+        stream = PortStream(channel, 8000)
+        opening = asyncio.ensure_future(stream.open())
+        await asyncio.sleep(0)
+        loop = asyncio.get_running_loop()
+        await loop.sock_sendall(agent, frame({"id": stream.rid, "ev": "ok"}))
+        await opening
+        received = bytearray()
+
+        async def take_in() -> None:  # the agent reads what the host sends
+            while data := await loop.sock_recv(agent, 1 << 20):
+                received.extend(data)
+
+        reading = asyncio.ensure_future(take_in())
+        writing = asyncio.ensure_future(stream.write(b"y" * (PORT_SEND_WINDOW + 100_000)))
+        await async_wait_until(lambda: stream.pending.unacked, 5, "the first window to go out")
+        await asyncio.sleep(0.2)
+        assert not writing.done() and stream.pending.unacked <= PORT_SEND_WINDOW  # held at the window
+        await loop.sock_sendall(agent, frame({"id": stream.rid, "ev": "sent", "n": stream.pending.unacked}))
+        await asyncio.wait_for(writing, 5)
+        assert stream.bytes_out == PORT_SEND_WINDOW + 100_000 and not closed
+        await async_wait_until(lambda: received.count(b"y") == PORT_SEND_WINDOW + 100_000, 5, "every byte")
+        stream.close()
+        reading.cancel()
+        agent.close()
 
     asyncio.run(main())
 

@@ -29,17 +29,21 @@ from e2b import (
 from e2b import Sandbox as E2BSandbox
 from e2b.sandbox.sandbox_api import SandboxQuery
 from e2b_code_interpreter import Sandbox as CodeSandbox
+from wsproto import events as wsevents
+
+from stockade.audit.events import EventFilter
 
 from .conftest import base_policy
 from .server_support import RunningServer
 from .waiting import wait_until
 
 UNKNOWN = "sbx-0123456789abcdef"
+EXPOSED = 8000   # the port the server's e2b_policy exposes (network.expose)
 
 
 @pytest.fixture(scope="module")
 def server() -> Iterator[RunningServer]:
-    srv = RunningServer(e2b_policy=base_policy().model_dump(mode="json"),
+    srv = RunningServer(e2b_policy=base_policy(network={"expose": [EXPOSED]}).model_dump(mode="json"),
                         tenants={"small": {"max_sandboxes": 1}})
     saved = {k: os.environ.get(k) for k in ("E2B_API_URL", "E2B_SANDBOX_URL", "E2B_API_KEY", "E2B_DOMAIN")}
     os.environ.update(E2B_API_URL=srv.url + "/e2b", E2B_SANDBOX_URL=srv.url + "/e2b/sandbox",
@@ -233,7 +237,7 @@ def test_quota_and_rate_limits_apply(server: RunningServer, monkeypatch: pytest.
 
 
 def test_templates_and_unsupported_features_answer_in_e2b_shape(server: RunningServer, sbx: CodeSandbox) -> None:
-    with pytest.raises(SandboxException, match="template 'my-template' is not available"):
+    with pytest.raises(SandboxException, match="template: no template named 'my-template'"):
         E2BSandbox.create(template="my-template")
     with pytest.raises(SandboxException, match="501.*not supported"):
         sbx.pause()
@@ -241,8 +245,31 @@ def test_templates_and_unsupported_features_answer_in_e2b_shape(server: RunningS
         sbx.commands.run("id", user="root")
     r = _raw(server, "GET", "/e2b/sandbox/", {"E2b-Sandbox-Id": sbx.sandbox_id, "E2b-Sandbox-Port": "8080",
                                               "E2B-Traffic-Access-Token": sbx.traffic_access_token or ""})
-    assert r.status_code == 501 and r.json() == {"code": 501, "message": r.json()["message"]}
-    assert "port 8080" in r.json()["message"]
+    assert r.status_code == 400 and r.json() == {"code": 400, "message": r.json()["message"]}
+    assert "port 8080" in r.json()["message"] and "network.expose" in r.json()["message"]
+
+
+def test_a_template_of_the_servers_store_is_an_e2b_template(server: RunningServer, tmp_path: Any) -> None:
+    from stockade.templates import TemplateStore, import_image
+
+    from . import template_images as ti
+
+    store = TemplateStore(server.data_dir / "templates")
+    ti.oci_layout(tmp_path / "img", [ti.layer(ti.entry("dir", "etc"), ti.entry("file", "etc/hello", b"from tpl\n"))],
+                  Env=["GREETING=from the image"])
+    import_image(store, "e2b-tpl", f"oci:{tmp_path}/img")
+    try:
+        sb = E2BSandbox.create(template="e2b-tpl")
+        try:
+            assert sb.files.read("/etc/hello") == "from tpl\n"  # the template's root, not the host's
+            assert not sb.files.exists("/usr/bin/python3")
+            assert sb.get_info().template_id == "e2b-tpl"
+            assert [s.sandbox_id for s in E2BSandbox.list(query=SandboxQuery()).next_items()
+                    if s.template_id == "e2b-tpl"] == [sb.sandbox_id]
+        finally:
+            sb.kill()
+    finally:
+        store.remove("e2b-tpl")
 
 
 def test_get_metrics_reports_the_sandbox_use(server: RunningServer) -> None:
@@ -295,8 +322,6 @@ def test_calls_are_audited_under_the_tenant(server: RunningServer, sbx: CodeSand
     sbx.commands.run("echo audited-e2b")
     srv = server.server
     srv.audit.flush()
-    from stockade.audit.events import EventFilter
-
     events = srv.audit.query(EventFilter(tenant="e2b", sandbox_id=sbx.sandbox_id, limit=10000))
     routes = {e.data.get("route") for e in events if e.type == "api.request"}
     assert "/e2b/sandbox/process.Process/{method}" in routes and "/e2b/v2/sandboxes" not in routes
@@ -552,6 +577,126 @@ def test_host_form_routes_to_the_sandbox(server: RunningServer, sbx: CodeSandbox
     wrong = {**host, "X-Access-Token": "guess"}
     assert _raw(server, "GET", "/health", wrong).status_code == 502
     assert _raw(server, "GET", "/health", {"Host": f"49983-{UNKNOWN}.sandbox.example.test"}).status_code == 502
+
+
+ECHO_HEADERS = r'''
+import http.server, json
+class H(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        out = json.dumps({"path": self.path, "headers": dict(self.headers.items())}).encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(out)))
+        self.end_headers()
+        self.wfile.write(out)
+    do_POST = do_GET
+    def log_message(self, *a):
+        pass
+http.server.ThreadingHTTPServer(("127.0.0.1", 8000), H).serve_forever()
+'''
+
+
+def _serve_echo(sb: E2BSandbox) -> Any:
+    sb.files.write("/tmp/echo.py", ECHO_HEADERS)
+    handle = sb.commands.run("python3 /tmp/echo.py", background=True)
+    wait_until(lambda: sb.commands.run("python3 -c 'import socket; socket.create_connection((\"127.0.0.1\", "
+                                       "8000)).close()' 2>/dev/null && echo up || true").stdout == "up\n",
+               20, "the server inside to listen")
+    return handle
+
+
+def test_get_host_reaches_an_exposed_port_with_the_traffic_token(server: RunningServer) -> None:
+    sb = E2BSandbox.create()
+    try:
+        echo = _serve_echo(sb)
+        host = sb.get_host(EXPOSED)
+        # the domain is the name the create reached the server by, never E2B's own
+        assert host == f"{EXPOSED}-{sb.sandbox_id}.{server.url.removeprefix('http://')}"
+        token = {"E2B-Traffic-Access-Token": sb.traffic_access_token or ""}
+        assert sb.traffic_access_token
+        # the host form, as a browser behind a wildcard name sends it; paths envd serves (/health, /files)
+        # are the server inside's here
+        for path in ("/health", "/files?path=x", "/a%2Fb?q=%20"):
+            r = _raw(server, "GET", path, {"Host": host, **token, "X-Access-Token": sb._envd_access_token})
+            assert r.status_code == 200, (path, r.text)
+            seen = r.json()
+            assert seen["path"] == path
+            text = json.dumps(seen)  # no credential reaches the sandbox
+            assert sb.traffic_access_token not in text and sb._envd_access_token not in text
+            assert os.environ["E2B_API_KEY"] not in text
+        # the header form (E2B_SANDBOX_URL), as SDK-built clients send it
+        r = _raw(server, "POST", "/e2b/sandbox/echo", {"E2b-Sandbox-Id": sb.sandbox_id,
+                                                        "E2b-Sandbox-Port": str(EXPOSED), **token}, content=b"hi")
+        assert r.status_code == 200 and r.json()["path"] == "/echo"
+        # without the token, or with another sandbox's, it is not found, as E2B answers
+        assert _raw(server, "GET", "/", {"Host": host}).status_code == 502
+        assert _raw(server, "GET", "/", {"Host": host, "E2B-Traffic-Access-Token": "guess"}).status_code == 502
+        # a port the policy does not expose is refused by name; one that nothing listens on is a 502
+        closed = _raw(server, "GET", "/", {"Host": f"9000-{sb.sandbox_id}.x.test", **token})
+        assert closed.status_code == 400 and "network.expose" in closed.json()["message"]
+        echo.kill()
+        wait_until(lambda: _raw(server, "GET", "/", {"Host": host, **token}).status_code == 502, 10,
+                   "the stopped server's 502")
+        assert "nothing inside the sandbox listens" in _raw(server, "GET", "/", {"Host": host, **token}).text
+        server.server.audit.flush()
+        audit = server.server.audit.query(EventFilter(tenant="e2b", sandbox_id=sb.sandbox_id, type="port"))
+        assert {e.type for e in audit} == {"port.open", "port.close"}
+        assert all(e.data["via"] == "e2b" and e.data["port"] == EXPOSED for e in audit)
+    finally:
+        sb.kill()
+    assert _raw(server, "GET", "/", {"Host": host, **token}).status_code == 502
+
+
+def test_get_host_carries_websockets(server: RunningServer) -> None:
+    from stockade.server.protocol import GuardedH11Protocol
+
+    from .conformance.test_ports import WS_SERVER, WsClient
+
+    sb = E2BSandbox.create()
+    try:
+        sb.files.write("/tmp/ws.py", WS_SERVER.replace("8003", str(EXPOSED)))
+        sb.commands.run("python3 /tmp/ws.py > /tmp/ws.log 2>&1", background=True)
+        wait_until(lambda: "ready" in sb.files.read("/tmp/ws.log"), 20, "the WebSocket server inside")
+        addr, port = server.url.removeprefix("http://").rsplit(":", 1)
+        token = [("E2B-Traffic-Access-Token", sb.traffic_access_token or "")]
+        slots = GuardedH11Protocol._open.get("127.0.0.1", 0)
+        for _ in range(3):  # the host form, as a browser's hot-reload client behind a wildcard name
+            client = WsClient(addr, int(port), "/ws?x=1", token, host_header=sb.get_host(EXPOSED))
+            assert isinstance(client.accepted, wsevents.AcceptConnection), client.accepted
+            client.send("over e2b")
+            assert client.receive().data == "over e2b"
+            client.send("seen")
+            seen = json.loads(client.receive().data)
+            assert seen["path"] == "/ws?x=1" and "e2b-traffic-access-token" not in seen["headers"]
+            assert client.close().code == 1000
+        # an upgraded connection gives its per-client slot back (it would leak one per WebSocket)
+        wait_until(lambda: GuardedH11Protocol._open.get("127.0.0.1", 0) <= slots, 5, "the slots to be released")
+        # the header form, and refusals: no token, a port not exposed
+        client = WsClient(addr, int(port), "/e2b/sandbox/ws", [*token, ("E2b-Sandbox-Id", sb.sandbox_id),
+                                                                  ("E2b-Sandbox-Port", str(EXPOSED))])
+        assert isinstance(client.accepted, wsevents.AcceptConnection)
+        client.close()
+        for host, headers in ((sb.get_host(EXPOSED), []), (sb.get_host(9000), token)):
+            refused = WsClient(addr, int(port), "/ws", headers, host_header=host)
+            assert not isinstance(refused.accepted, wsevents.AcceptConnection)
+            refused.sock.close()
+    finally:
+        sb.kill()
+
+
+def test_allow_public_traffic_opens_exposed_ports_without_the_token(server: RunningServer) -> None:
+    sb = E2BSandbox.create(network={"allow_public_traffic": True})
+    private = E2BSandbox.create(network={"allow_public_traffic": False})
+    try:
+        _serve_echo(sb)
+        _serve_echo(private)
+        assert _raw(server, "GET", "/open", {"Host": sb.get_host(EXPOSED)}).json()["path"] == "/open"
+        assert _raw(server, "GET", "/", {"Host": private.get_host(EXPOSED)}).status_code == 502
+        # envd and the code interpreter still need their tokens
+        assert _raw(server, "GET", "/health", {"Host": sb.get_host(49983)}).status_code == 502
+        assert _raw(server, "POST", "/execute", {"Host": sb.get_host(49999)}, json={"code": "1"}).status_code == 502
+    finally:
+        sb.kill()
+        private.kill()
 
 
 def test_connect_stream_errors_end_with_an_end_stream_frame(server: RunningServer, sbx: CodeSandbox) -> None:

@@ -39,7 +39,7 @@ pytestmark = pytest.mark.skipif(
 def test_js_sdk_basic_flow() -> None:
     from .conftest import base_policy
 
-    server = RunningServer(e2b_policy=base_policy().model_dump(mode="json"))
+    server = RunningServer(e2b_policy=base_policy(network={"expose": [8000]}).model_dump(mode="json"))
     try:
         env = {**os.environ, "E2B_API_URL": server.url + "/e2b", "E2B_SANDBOX_URL": server.url + "/e2b/sandbox",
                "E2B_API_KEY": server.key("js")}
@@ -63,3 +63,5 @@ def test_js_sdk_basic_flow() -> None:
     assert out["ptyEnd"] == {"isCommandExit": True, "exitCode": -1}
     assert out["timeout"] == "TimeoutError" and out["watched"] == [["w.txt", "create"]]
     assert out["multi"] == ["m1", "m2"] and out["signed"] == "m1"
+    assert out["getHost"] == {"host": f"8000-{out['id']}.{server.url.removeprefix('http://')}", "status": 200,
+                              "listing": True, "withoutToken": 502}

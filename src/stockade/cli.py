@@ -348,7 +348,7 @@ def serve(
     import uvicorn
 
     from .server.app import create_app
-    from .server.protocol import protocol_for
+    from .server.protocol import uvicorn_options
 
     settings = _settings(config, host=host, port=port, data_dir=data_dir)
     try:
@@ -356,7 +356,7 @@ def serve(
     except StockadeError as exc:
         raise _fail(exc) from None
     uvicorn.run(application, host=settings.host, port=settings.port, log_level="info", access_log=False,
-                timeout_graceful_shutdown=10, http=protocol_for(settings), limit_concurrency=settings.max_connections)
+                timeout_graceful_shutdown=10, **uvicorn_options(settings))
 
 
 @app.command()

@@ -95,6 +95,9 @@ class NetworkPolicy(_Section):
     max_connections: Annotated[int, Field(ge=1, le=100_000)] = 64   # open at once
     max_egress_bytes: PositiveSize = 1 << 30                         # sent out over the sandbox's life
     extra_ca_certs: str | None = None  # a PEM file the broker trusts for upstreams, beside the host's store
+    # TCP ports inside that the sandbox's owner may reach from outside (get_host, the server's port proxy),
+    # relayed by the agent to 127.0.0.1/::1; none by default. Independent of mode: inbound, not egress.
+    expose: list[Annotated[int, Field(ge=1, le=65535)]] = []
 
     @field_validator("allow", "deny")
     @classmethod

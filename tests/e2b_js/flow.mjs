@@ -1,6 +1,19 @@
 // The E2B cookbook's basic code-interpreter flow with the official JS SDKs, unchanged: configured only by
 // E2B_API_URL, E2B_SANDBOX_URL and E2B_API_KEY. Prints one JSON object for tests/test_e2b_js.py to check.
 import { Sandbox, CommandExitError, NotFoundError } from '@e2b/code-interpreter'
+import http from 'node:http'
+
+// a GET to the stockade server (E2B_SANDBOX_URL's host) naming a sandbox's port in the Host header, as a
+// wildcard DNS name would reach it
+function viaHost(host, headers) {
+  const server = new URL(process.env.E2B_SANDBOX_URL)
+  return new Promise((resolve, reject) => {
+    const req = http.request({ host: server.hostname, port: server.port, path: '/?from=js', headers: { Host: host, ...headers } },
+      (res) => { let body = ''; res.on('data', (d) => { body += d }); res.on('end', () => resolve({ status: res.statusCode, body })) })
+    req.on('error', reject)
+    req.end()
+  })
+}
 
 const out = {}
 const sbx = await Sandbox.create({ metadata: { from: 'js' } })
@@ -65,6 +78,13 @@ try {
     out.ptyEnd = { isCommandExit: e instanceof CommandExitError, exitCode: e.exitCode }
   }
   out.ptyKilledAgain = await sbx.pty.kill(term.pid)
+  // getHost: a server inside on an exposed port, reached with the traffic token (and refused without it)
+  await sbx.commands.run('python3 -m http.server 8000 --bind 127.0.0.1 >/dev/null 2>&1', { background: true })
+  await sbx.commands.run('for i in $(seq 100); do python3 -c "import socket; socket.create_connection((\'127.0.0.1\', 8000))" 2>/dev/null && break; sleep 0.1; done')
+  const host = sbx.getHost(8000)
+  const withToken = await viaHost(host, { 'E2B-Traffic-Access-Token': sbx.trafficAccessToken })
+  out.getHost = { host, status: withToken.status, listing: withToken.body.includes('Directory listing'),
+                  withoutToken: (await viaHost(host, {})).status }
   out.id = sbx.sandboxId
 } finally {
   await sbx.kill()

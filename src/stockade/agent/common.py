@@ -109,6 +109,7 @@ class AgentBase:
         import socket
 
         from .contexts import Context
+        from .ports import PortConn
         from .processes import Proc
 
         fd: int
@@ -135,6 +136,8 @@ class AgentBase:
         nproc: int
         threads: int
         network_off: bool
+        ports: dict[int, PortConn]
+        port_fds: dict[int, PortConn]
         prctl: Callable[..., int]
         setrlimit: Callable[[int, tuple[int, int]], None] | None
         rlimit_nproc: int
@@ -147,4 +150,6 @@ class AgentBase:
         def context_died(self, ctx: Context) -> None: ...
         def context_timeout(self, ctx: Context) -> None: ...
         def drain_output(self, proc: Proc) -> None: ...
+        def port_watch(self, conn: PortConn) -> None: ...
+        def port_deadlines(self, now: float) -> None: ...
 

@@ -373,12 +373,15 @@ class Processes(AgentBase):
     def next_timeout(self) -> int:
         deadlines = [p.deadline for p in self.procs.values() if p.deadline and not p.timed_out]
         deadlines += [c.deadline for c in self.contexts.values() if c.deadline]
+        deadlines += [c.deadline for c in self.ports.values() if c.connecting]
         if not deadlines:
             return -1
         return max(0, int((min(deadlines) - _monotonic()) * 1000) + 1)
 
     def check_deadlines(self) -> None:
         now = _monotonic()
+        if self.ports:
+            self.port_deadlines(now)
         for ctx in list(self.contexts.values()):
             if ctx.deadline and now >= ctx.deadline:
                 self.context_timeout(ctx)

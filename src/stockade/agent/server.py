@@ -7,9 +7,9 @@ are resolved here, inside the sandbox; the host never opens a path it was given.
 
 One module per concern, each a mixin of ``Agent`` (``sysinfo`` apart: the jail's sysinfo() answers):
 ``processes`` (spawn, output, stdin, signals, reaping, tree kills), ``contexts`` (code interpreters),
-``files``, ``artifacts`` (the artifact socket), ``bridge`` (the proxy ports), ``usage`` (what the sandbox
-uses); ``common`` holds the limits and the hardening. Standard library only, and only modules built into
-the interpreter, so a cold start stays cheap.
+``files``, ``artifacts`` (the artifact socket), ``bridge`` (the proxy ports), ``ports`` (the host's
+connections to ports inside), ``usage`` (what the sandbox uses); ``common`` holds the limits and the
+hardening. Standard library only, and only modules built into the interpreter, so a cold start stays cheap.
 Compatible with the python3 of current Debian and Ubuntu releases.
 """
 
@@ -36,6 +36,7 @@ try:
     from .common import HOME, OUT_HIGH_WATER, POLL_IN, PR_CAPBSET_DROP, _errno_get, _errno_name, _harden, _libc_prctl
     from .contexts import Contexts
     from .files import Files
+    from .ports import Ports
     from .usage import Usage
 except ImportError:  # run as a script inside the sandbox
     import protocol  # type: ignore[no-redef]
@@ -45,10 +46,11 @@ except ImportError:  # run as a script inside the sandbox
     from common import HOME, OUT_HIGH_WATER, POLL_IN, PR_CAPBSET_DROP, _errno_get, _errno_name, _harden, _libc_prctl  # type: ignore[no-redef]
     from contexts import Contexts  # type: ignore[no-redef]
     from files import Files  # type: ignore[no-redef]
+    from ports import Ports  # type: ignore[no-redef,import-not-found]
     from usage import Usage  # type: ignore[no-redef,import-not-found]
 
 
-class Agent(Contexts, Files, ArtifactSink, Bridge, Usage):
+class Agent(Contexts, Files, ArtifactSink, Bridge, Ports, Usage):
     def __init__(self, fd: int) -> None:
         self.fd = fd
         os.set_blocking(fd, False)
@@ -78,6 +80,8 @@ class Agent(Contexts, Files, ArtifactSink, Bridge, Usage):
         self.user_uid: int | None = None       # set: the agent keeps real uid 0 and commands become this
         self.threads = 1                       # the agent's own tasks, which count against it too
         self.network_off = False               # the refusing proxy ports listen (op net_off)
+        self.ports: dict = {}                  # rid -> PortConn: connections to ports inside (ports.py)
+        self.port_fds: dict = {}               # fd -> PortConn
         self.prctl = _libc_prctl()
         self.setrlimit: Callable[[int, tuple[int, int]], None] | None = None  # resource's, imported at hello
         self.rlimit_nproc = 0
@@ -114,6 +118,8 @@ class Agent(Contexts, Files, ArtifactSink, Bridge, Usage):
                     self.poll.unregister(pfd)
                 else:
                     self.poll.register(pfd, POLL_IN)
+            for conn in list(self.ports.values()):
+                self.port_watch(conn)
 
     def error(self, rid: int, code: str, message: str) -> None:
         self.send({"id": rid, "ev": "error", "code": code, "message": message})
@@ -140,6 +146,8 @@ class Agent(Contexts, Files, ArtifactSink, Bridge, Usage):
                     self.write_stdin(self.stdin_fds[fd])
                 elif fd in self.ctx_by_fd:
                     self.read_events(self.ctx_by_fd[fd])
+                elif fd in self.port_fds:
+                    self.port_ready(self.port_fds[fd], ev)
                 elif fd in self.art_conns:
                     self.read_artifact(fd)
                 elif self.listener is not None and fd == self.listener.fileno():

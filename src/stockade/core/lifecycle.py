@@ -235,6 +235,9 @@ class Lifecycle(Owners, Egress, ArtifactIntake, Commands):
             if isinstance(upload, ArtifactWriter):
                 upload.abort()
         sb.uploads.clear()
+        for server in sb.forwards.values():  # no new connections; those open end with the channel
+            server.close()
+        sb.forwards.clear()
         try:
             await sb.runtime.stop()
         finally:

@@ -2,7 +2,8 @@
 
 Runs on one asyncio loop. Front ends (the SDK's local mode, the server) call its methods; each part is a
 module: ``lifecycle`` (create, time to live, end), ``commands``, ``contexts`` (code interpreter),
-``files``, ``egress`` (the broker's rules) and ``artifact_intake``; ``base`` holds the shared state.
+``files``, ``ports`` (inbound connections to exposed ports), ``egress`` (the broker's rules) and
+``artifact_intake``; ``base`` holds the shared state.
 """
 
 from __future__ import annotations
@@ -10,7 +11,8 @@ from __future__ import annotations
 from .contexts import Contexts
 from .files import Files
 from .lifecycle import Lifecycle
+from .ports import Ports
 
 
-class Manager(Lifecycle, Contexts, Files):
+class Manager(Lifecycle, Contexts, Files, Ports):
     """The registry of live sandboxes and every request they serve."""

@@ -103,6 +103,7 @@ class ManagedSandbox:
     # the samples get_metrics took (the newest METRICS_KEPT), and the last (wall time, CPU seconds) reading
     metrics: deque[SandboxMetrics] = field(default_factory=lambda: deque(maxlen=METRICS_KEPT))
     cpu_mark: tuple[float, float] | None = None
+    forwards: dict[int, asyncio.Server] = field(default_factory=dict)   # host listeners for ports inside
 
     @property
     def channel(self) -> Any:

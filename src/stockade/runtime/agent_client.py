@@ -13,6 +13,7 @@ from typing import Any
 
 from .. import environment
 from .channel import AgentChannel, CellPending, CommandPending, Header, Pending, ReadPending, StreamPending
+from .port_stream import PortStream
 
 # The file operations the host may ask for, and the arguments each takes (anything else is refused here,
 # before it reaches the agent).
@@ -58,6 +59,11 @@ class AgentClient:
     async def net_off(self, http_port: int, socks_port: int) -> None:
         """Answer on the proxy ports that the network is off, with the policy field that opens it."""
         await self.channel.call({"op": "net_off", "http_port": http_port, "socks_port": socks_port})
+
+    async def open_port(self, port: int) -> PortStream:
+        """A connection to a TCP port a process listens on inside (127.0.0.1, else ::1), relayed by the
+        agent over the channel."""
+        return await PortStream(self.channel, port).open()
 
     # ---- artifacts -----------------------------------------------------------------------------
     def artifacts(self, pending: StreamPending) -> int:

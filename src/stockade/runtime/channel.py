@@ -16,6 +16,7 @@ from typing import Any, cast
 
 from .. import errors
 from ..agent import protocol
+from ..agent.ports import PORT_WINDOW
 from ..errors import ProtocolError, SandboxUnavailableError, filesystem_error
 
 Header = dict[str, Any]
@@ -37,6 +38,9 @@ _SCHEMA: dict[str, dict[str, type | tuple[type, ...]]] = {
     "cell": {"more": bool},
     "artifact": {"aid": int, "more": bool},
     "cell_done": {"execution_count": int, "timed_out": bool, "restarted": bool, "truncated": dict},
+    "sent": {"n": int},
+    "eof": {},
+    "closed": {},
 }
 
 
@@ -231,6 +235,66 @@ class ReadPending(Pending):
     def fail(self, exc: BaseException) -> None:
         super().fail(exc)
         self.chunks.put_nowait(exc)
+
+
+class PortPending(Pending):
+    """A connection to a port inside (agent/ports.py): ``done`` resolves when it is open; the server's bytes
+    arrive under the host's credit (at most PORT_WINDOW chunks ahead), and the agent acknowledges the
+    bytes it wrote (``sent``), at most PORT_SEND_WINDOW of which may be outstanding."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.chunks: asyncio.Queue[bytes | BaseException | None] = asyncio.Queue()
+        self.outstanding = PORT_WINDOW
+        self.unacked = 0                       # bytes sent to the agent it has not yet written
+        self.acked = asyncio.Event()           # set whenever the agent acknowledges some
+        self.ended = False                     # the agent sent "closed" (or an error)
+        self.eof = False
+
+    def feed(self, header: Header, body: bytes) -> bool:
+        ev = header["ev"]
+        opened = self.done.done() and self.done.exception() is None
+        if ev == "ok" and not self.done.done():
+            self.done.set_result(header)
+            return False
+        if ev == "data" and opened and not self.eof:
+            self.outstanding -= 1
+            if self.outstanding < 0:
+                raise ProtocolError("agent sent port data beyond its credit")
+            self.chunks.put_nowait(body)
+            return False
+        if ev == "sent" and opened:
+            if not 0 < header["n"] <= self.unacked:
+                raise ProtocolError("agent acknowledged port bytes the host never sent")
+            self.unacked -= header["n"]
+            self.acked.set()
+            return False
+        if ev == "eof" and opened and not self.eof:
+            self.eof = True
+            self.chunks.put_nowait(None)
+            return False
+        if ev == "closed" and opened:
+            self._finish()
+            return True
+        if ev == "error":
+            self.fail(filesystem_error(header["code"], header["message"][:1000]))
+            return True
+        raise ProtocolError(f"agent sent {ev!r} out of order for a port connection")
+
+    def _finish(self) -> None:
+        self.ended = True
+        if not self.eof:
+            self.eof = True
+            self.chunks.put_nowait(None)
+        self.acked.set()
+
+    def fail(self, exc: BaseException) -> None:
+        super().fail(exc)
+        self.ended = True
+        if not self.eof:
+            self.eof = True
+            self.chunks.put_nowait(exc)
+        self.acked.set()
 
 
 class AgentChannel:

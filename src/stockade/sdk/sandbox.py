@@ -582,6 +582,13 @@ class Sandbox(_SandboxBase):
         those between ``start`` and ``end``. ``cpu_used_pct`` averages since the sample before."""
         return portal().call(self._transport.metrics(self.sandbox_id, _unix(start), _unix(end)))
 
+    def get_host(self, port: int) -> str:
+        """"HOST:PORT" on this machine (its loopback) whose connections reach ``port`` inside the sandbox,
+        for a port its policy's ``network.expose`` lists: a dev server's preview, say. Local mode; through a
+        server, the port answers HTTP at ``/sandboxes/{id}/ports/{port}/``."""
+        host, bound = portal().call(self._transport.forward_port(self.sandbox_id, port))
+        return f"{host}:{bound}"
+
     def kill(self) -> bool:
         return portal().call(self._transport.kill(self.sandbox_id))
 
@@ -905,6 +912,10 @@ class AsyncSandbox(_SandboxBase):
     async def get_metrics(self, start: datetime | None = None,
                           end: datetime | None = None) -> builtins.list[SandboxMetrics]:
         return await portal().acall(self._transport.metrics(self.sandbox_id, _unix(start), _unix(end)))
+
+    async def get_host(self, port: int) -> str:
+        host, bound = await portal().acall(self._transport.forward_port(self.sandbox_id, port))
+        return f"{host}:{bound}"
 
     async def kill(self) -> bool:
         return await portal().acall(self._transport.kill(self.sandbox_id))

@@ -5,7 +5,8 @@ from __future__ import annotations
 import asyncio
 from typing import Annotated
 
-from fastapi import Depends, Request
+from fastapi import Depends
+from starlette.requests import HTTPConnection
 
 from ..errors import AuthenticationError, QuotaError
 from .auth import Principal
@@ -13,11 +14,12 @@ from .service import Server
 
 
 # Dependencies are coroutines: FastAPI runs plain functions in a thread pool, a cost on every request.
-async def server_of(request: Request) -> Server:
+async def server_of(request: HTTPConnection) -> Server:
     return request.app.state.server  # type: ignore[no-any-return]
 
 
-async def principal(request: Request) -> Principal:
+async def principal(request: HTTPConnection) -> Principal:
+    """The caller's key (HTTP requests and WebSocket handshakes alike), checked and rate-limited."""
     srv: Server = request.app.state.server
     header = request.headers.get("authorization", "")
     key = header[7:].strip() if header[:7].lower() == "bearer " else request.headers.get("x-api-key", "")
@@ -28,7 +30,7 @@ async def principal(request: Request) -> Principal:
         raise AuthenticationError("invalid or revoked API key")
     request.scope.setdefault("state", {})["principal"] = found
     tenant = srv.settings.tenant(found.tenant)
-    frees = releases(request.method, request.url.path)
+    frees = releases(request.scope.get("method", "GET"), request.url.path)
     wait = 0.0 if frees else srv.limiter.allow(found.key_id, tenant.rate_limit, tenant.rate_burst)
     if wait:
         raise QuotaError(f"rate limit: this key may send {tenant.rate_limit:g} requests per second; "

@@ -32,6 +32,7 @@ class GuardedH11Protocol(H11Protocol):
         super().connection_made(transport)
         self._timer: asyncio.TimerHandle | None = None
         self._address = self.client[0] if self.client else ""
+        self._released = False
         self._open[self._address] += 1
         if self._open[self._address] > self.per_client:
             self.logger.warning("refused a connection from %s: over max_connections_per_client (%d)",
@@ -42,10 +43,23 @@ class GuardedH11Protocol(H11Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
+        self._release()
+        super().connection_lost(exc)
+
+    def handle_websocket_upgrade(self, event: h11.Request) -> None:
+        # The WebSocket protocol takes the transport over, and this one never hears of the connection again:
+        # its slot and timer go now (the WebSocket is counted by limit_concurrency and pinged by uvicorn).
+        self._disarm()
+        self._release()
+        super().handle_websocket_upgrade(event)
+
+    def _release(self) -> None:
+        if self._released:
+            return
+        self._released = True
         self._open[self._address] -= 1
         if self._open[self._address] <= 0:
             del self._open[self._address]
-        super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
         if self._timer is None and self.conn.their_state is h11.IDLE:
@@ -87,3 +101,9 @@ def protocol_for(settings: ServerSettings) -> type[GuardedH11Protocol]:
     attrs: dict[str, Any] = {"header_timeout": settings.header_timeout, "body_timeout": settings.body_timeout,
                              "per_client": settings.max_connections_per_client}
     return type("ServerH11Protocol", (GuardedH11Protocol,), attrs)
+
+
+def uvicorn_options(settings: ServerSettings) -> dict[str, Any]:
+    """What every uvicorn the server runs under is given: the guarded protocol, WebSockets through wsproto
+    (the port proxy's), and the total connection cap."""
+    return {"http": protocol_for(settings), "ws": "wsproto", "limit_concurrency": settings.max_connections}

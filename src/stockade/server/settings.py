@@ -150,6 +150,9 @@ class ServerSettings(_Model):
     # The policy a sandbox created through the E2B front end starts from (E2B's create has no policy; its
     # network options are applied over this one). {}: stockade's defaults.
     e2b_policy: dict[str, Any] = {}
+    # The domain E2B's get_host(port) names, "{port}-{sandboxID}.{domain}": a wildcard name that reaches this
+    # server (behind a TLS proxy, say). None: the name each create reached the server by.
+    e2b_domain: str | None = None
     tenant_defaults: TenantSettings = TenantSettings()
     tenants: dict[str, TenantSettings] = {}
 

@@ -73,6 +73,10 @@ class Transport(ABC):
                       end: float | None) -> builtins.list[SandboxMetrics]: ...
 
     @abstractmethod
+    async def forward_port(self, sandbox_id: str, port: int) -> tuple[str, int]:
+        """(host, port) on this machine whose connections reach ``port`` inside (policy network.expose)."""
+
+    @abstractmethod
     def read(self, sandbox_id: str, path: str) -> AsyncGenerator[bytes, None]:
         """The file's content in chunks, streamed (an async generator)."""
 

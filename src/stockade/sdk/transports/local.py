@@ -112,6 +112,9 @@ class LocalTransport(Transport):
                       end: float | None) -> builtins.list[SandboxMetrics]:
         return await (await self.manager()).metrics(sandbox_id, start, end)
 
+    async def forward_port(self, sandbox_id: str, port: int) -> tuple[str, int]:
+        return await (await self.manager()).forward_port(sandbox_id, port)
+
     async def read(self, sandbox_id: str, path: str) -> AsyncGenerator[bytes, None]:
         chunks = await (await self.manager()).open_read(sandbox_id, path)
         async with contextlib.aclosing(chunks):  # a reader that stops early cancels the read

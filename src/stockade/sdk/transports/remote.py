@@ -219,6 +219,11 @@ class RemoteTransport(Transport):
         rows = await self._call("GET", f"/sandboxes/{_id(sandbox_id)}/metrics", params=params)
         return [SandboxMetrics.from_dict(m) for m in rows if isinstance(m, dict)]
 
+    async def forward_port(self, sandbox_id: str, port: int) -> tuple[str, int]:
+        # A TCP forward needs a raw stream through the server, which it does not offer; HTTP does go through
+        raise StockadeError(f"get_host() needs the local transport; through a server, port {int(port)} answers "
+                            f"HTTP at {self.api_url}/sandboxes/{_id(sandbox_id)}/ports/{int(port)}/ (with the API key)")
+
     # ---- files ----------------------------------------------------------------------------------
     def read(self, sandbox_id: str, path: str) -> AsyncGenerator[bytes, None]:
         # a file can take as long as the sandbox needs to produce it: no read timeout

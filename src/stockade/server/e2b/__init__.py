@@ -10,6 +10,9 @@
   ``filesystem.Filesystem``, ``/files``, ``/health``), authenticated by ``X-Access-Token``.
 - ``interpreter.py``: the code interpreter on port 49999 (``/execute``, ``/contexts``), authenticated by
   ``E2B-Traffic-Access-Token``.
+- ``ports.py``: every other port (``get_host(port)``): an HTTP proxy onto a server inside the sandbox, for
+  the ports its policy's ``network.expose`` lists, authenticated by ``E2B-Traffic-Access-Token`` unless
+  the sandbox was created with ``allowPublicTraffic``.
 - ``routing.py``: which sandbox and port a data-plane request is for: the ``E2b-Sandbox-Id`` and
   ``E2b-Sandbox-Port`` headers, or a Host of the form ``{port}-{sandboxID}.{domain}``.
 - ``core.py``: the only module that calls the server's and the manager's internals, so the checks
@@ -25,6 +28,7 @@ if TYPE_CHECKING:
 
 PREFIX = "/e2b"
 SANDBOX_PREFIX = "/e2b/sandbox"
+PORTS_PREFIX = "/e2b/ports"   # requests for a sandbox's own servers (get_host), moved here by HostRouting
 E2B_UPLOAD = SANDBOX_PREFIX + "/files"   # the server's body cap leaves it to the route (max_upload)
 
 
@@ -33,10 +37,12 @@ def mount(app: FastAPI) -> None:
     from .control import router as control
     from .envd import router as envd
     from .interpreter import router as interpreter
+    from .ports import router as ports
     from .routing import HostRouting, unsupported
 
     app.include_router(envd)
     app.include_router(interpreter)
+    app.include_router(ports)
     app.include_router(control)
     app.include_router(unsupported)  # last: anything else under /e2b answers "not supported" in E2B's shape
     app.add_middleware(HostRouting)

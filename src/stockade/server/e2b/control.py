@@ -70,14 +70,9 @@ class ConnectIn(_In):
 
 def policy_for(core: Core, body: NewSandbox) -> Policy:
     """The stockade policy an E2B create stands for: the server's e2b_policy with E2B's network options."""
-    if body.templateID.split(":")[0] not in DEFAULT_TEMPLATES:
-        raise PolicyError("templateID", f"template {body.templateID!r} is not available: stockade has no "
-                          f"templates yet; use one of {', '.join(sorted(DEFAULT_TEMPLATES))} (the default sandbox)")
     for name, value in (("autoPause", body.autoPause), ("mcp", body.mcp), ("volumeMounts", body.volumeMounts)):
         if value:
             raise PolicyError(name, "is not supported by stockade (pause, MCP gateways and volumes are not built)")
-    if body.network is not None and body.network.allowPublicTraffic is False:
-        raise PolicyError("network.allowPublicTraffic", "stockade has no inbound path into sandboxes to restrict")
     data: dict[str, Any] = dict(core.srv.settings.e2b_policy)
     net = body.network
     # denyOut alone changes nothing: with nothing allowed out the network stays off
@@ -91,10 +86,10 @@ def _iso(ts: float) -> str:
     return datetime.datetime.fromtimestamp(ts, datetime.UTC).isoformat().replace("+00:00", "Z")
 
 
-def created(e2b: E2BSandbox) -> dict[str, Any]:
+def created(e2b: E2BSandbox, domain: str) -> dict[str, Any]:
     return {"templateID": e2b.template, "alias": e2b.template, "sandboxID": e2b.id, "clientID": CLIENT_ID,
             "envdVersion": ENVD_VERSION, "envdAccessToken": e2b.envd_token,
-            "trafficAccessToken": e2b.traffic_token, "domain": None}
+            "trafficAccessToken": e2b.traffic_token, "domain": domain}
 
 
 def listed(core: Core, sb: ManagedSandbox) -> dict[str, Any]:
@@ -114,8 +109,14 @@ async def create(body: NewSandbox, request: Request) -> dict[str, Any]:
     who = await core.authenticate(request)
     policy = policy_for(core, body)
     timeout = body.timeout if body.timeout else DEFAULT_TIMEOUT
-    e2b = await core.create(request, who, body.templateID.split(":")[0], policy, timeout, body.envVars, body.metadata)
-    return created(e2b)
+    name = body.templateID.split(":")[0]
+    # E2B's own template names are stockade's default sandbox; any other names a template of the server's
+    # store (`stockade template import`; an unknown one is refused naming `template`)
+    e2b = await core.create(request, who, name, policy, timeout, body.envVars, body.metadata,
+                            stockade_template=None if name in DEFAULT_TEMPLATES else name)
+    # E2B's allowPublicTraffic: the exposed ports (policy network.expose) answer without the traffic token
+    e2b.public = body.network is not None and body.network.allowPublicTraffic is True
+    return created(e2b, core.domain(request))
 
 
 @router.post("/v2/sandboxes/{sandbox_id}/connect")
@@ -131,7 +132,7 @@ async def connect(sandbox_id: str, request: Request, response: Response) -> dict
     if body.timeout and core.ends_in(sb) < datetime.datetime.now(datetime.UTC).timestamp() + body.timeout:
         core.set_timeout(who, sandbox_id, body.timeout)
     response.status_code = 200
-    return created(core.register(request, sb, who))
+    return created(core.register(request, sb, who), core.domain(request))
 
 
 def _filters(metadata: str | None) -> dict[str, str]:
@@ -185,7 +186,7 @@ async def get(sandbox_id: str, request: Request) -> dict[str, Any]:
     who = await core.authenticate(request)
     sb = core.live(who, sandbox_id)
     e2b = core.register(request, sb, who)
-    return {**listed(core, sb), "envdAccessToken": e2b.envd_token, "domain": None}
+    return {**listed(core, sb), "envdAccessToken": e2b.envd_token, "domain": core.domain(request)}
 
 
 @router.post("/sandboxes/{sandbox_id}/timeout", status_code=204)

@@ -18,14 +18,17 @@ import hmac
 import secrets
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from typing import Any
 
 from fastapi import Request
+from starlette.requests import HTTPConnection
 
 from ...core.sandboxes import CodeContext, CommandRecord, ManagedSandbox
 from ...errors import PolicyError, QuotaError, SandboxNotFoundError
 from ...policy import Policy
+from ...runtime.port_stream import PortStream
 from ...sdk.models import CommandResult, ProcessInfo
 from ..auth import Principal
 
@@ -49,6 +52,7 @@ class E2BSandbox:
     traffic_token: str
     who: Principal
     key: str = field(repr=False, default="")   # the API key behind ``who``: checked again (revocation)
+    public: bool = False   # created with allowPublicTraffic: its exposed ports need no traffic token
 
 
 class Core:
@@ -69,7 +73,8 @@ class Core:
         return who
 
     async def create(self, request: Request, who: Principal, template: str, policy: Policy, timeout: float | None,
-                     envs: dict[str, str] | None, metadata: dict[str, str] | None) -> E2BSandbox:
+                     envs: dict[str, str] | None, metadata: dict[str, str] | None,
+                     stockade_template: str | None = None) -> E2BSandbox:
         """E2B's create has no user id: the metadata key ``user_id`` is stockade's (audit records, and the
         tenant's one_sandbox_per_user: "reuse" answers with the user's live sandbox)."""
         from ..service import create_sandbox
@@ -77,7 +82,8 @@ class Core:
         key = request.headers.get("idempotency-key")
         if key is None:
             user_id = (metadata or {}).get(USER_KEY) or None
-            sb, _ = await create_sandbox(self.srv, who, policy, timeout, envs, metadata, user_id)
+            sb, _ = await create_sandbox(self.srv, who, policy, timeout, envs, metadata, user_id,
+                                         template=stockade_template)
             return self.register(request, sb, who, template)
         # E2B's Idempotency-Key: a create retried with the same key (its answer was lost) gets the same
         # sandbox while it runs, for IDEMPOTENCY_SECONDS
@@ -93,7 +99,8 @@ class Core:
             if earlier is not None and earlier[1] in self.srv.m.sandboxes:
                 return self.register(request, self.live(who, earlier[1]), who)
             user_id = (metadata or {}).get(USER_KEY) or None
-            sb, _ = await create_sandbox(self.srv, who, policy, timeout, envs, metadata, user_id)
+            sb, _ = await create_sandbox(self.srv, who, policy, timeout, envs, metadata, user_id,
+                                         template=stockade_template)
             self.idempotent[slot] = (now + IDEMPOTENCY_SECONDS, sb.id)
             return self.register(request, sb, who, template)
 
@@ -110,6 +117,20 @@ class Core:
         else:  # data-plane calls now count against the key that connected
             known.who, known.key = who, key
         return known
+
+    def domain(self, request: Request) -> str:
+        """What the SDKs put after ``{port}-{sandboxID}.`` in get_host(): the server's ``e2b_domain``, else
+        the name this request reached the server by (never E2B's own domain, the SDKs' default)."""
+        configured: str | None = self.srv.settings.e2b_domain
+        return configured or request.headers.get("host", "").strip().lower() or "localhost"
+
+    def port_check(self, sandbox_id: str, port: int) -> None:
+        """PolicyError unless the policy's network.expose has ``port``."""
+        self.srv.m.check_exposed(sandbox_id, port)
+
+    def open_port(self, sandbox_id: str, port: int) -> AbstractAsyncContextManager[PortStream]:
+        """One audited connection to ``port`` inside the sandbox."""
+        return self.srv.m.connect_port(sandbox_id, port, via="e2b")  # type: ignore[no-any-return]
 
     def template_of(self, sandbox_id: str) -> str:
         known = self.sandboxes.get(sandbox_id)
@@ -151,7 +172,7 @@ class Core:
             self.watchers.pop(sid, None)
 
     # ---- data plane ------------------------------------------------------------------------------
-    async def data_plane(self, request: Request, sandbox_id: str, port: int) -> E2BSandbox:
+    async def data_plane(self, request: HTTPConnection, sandbox_id: str, port: int) -> E2BSandbox:
         """Authenticate a data-plane request by its sandbox's token for ``port``; rate-limit it as the key
         that created or connected the sandbox; mark it for the audit record. Raises ``SandboxGone``."""
         known = self.sandboxes.get(sandbox_id)
@@ -159,7 +180,8 @@ class Core:
             given, header = request.headers.get("x-access-token", ""), "envd_token"
         else:
             given, header = request.headers.get("e2b-traffic-access-token", ""), "traffic_token"
-        if known is None or not hmac.compare_digest(given.encode(), getattr(known, header).encode()):
+        public = known is not None and known.public and port not in (ENVD_PORT, INTERPRETER_PORT)
+        if known is None or not (public or hmac.compare_digest(given.encode(), getattr(known, header).encode())):
             raise SandboxGone(sandbox_id)
         return await self._admit(request, known)
 
@@ -182,7 +204,7 @@ class Core:
                 return await self._admit(request, known)
         raise SandboxGone(sandbox_id or "(signed URL)")
 
-    async def _admit(self, request: Request, known: E2BSandbox) -> E2BSandbox:
+    async def _admit(self, request: HTTPConnection, known: E2BSandbox) -> E2BSandbox:
         sandbox_id = known.id
         keys = self.srv.keys  # a revoked key's sandboxes stop answering too (within the 2 s key cache)
         if keys.cached(known.key) is None and await asyncio.to_thread(keys.authenticate, known.key) is None:
@@ -277,7 +299,7 @@ def _api_key(request: Request) -> str:
     return header[7:].strip() if header[:7].lower() == "bearer " else request.headers.get("x-api-key", "")
 
 
-def core_of(request: Request) -> Core:
+def core_of(request: HTTPConnection) -> Core:
     state = request.app.state
     core: Core | None = getattr(state, "e2b_core", None)
     if core is None or core.srv is not state.server:

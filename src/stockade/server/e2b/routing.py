@@ -3,8 +3,10 @@
 The SDKs name the sandbox and port in the ``E2b-Sandbox-Id`` and ``E2b-Sandbox-Port`` headers when
 ``E2B_SANDBOX_URL`` is set. Behind a wildcard name (E2B's own form, for which the SDKs need no URL
 variables) the Host is ``{port}-{sandboxID}.{domain}``: ``HostRouting`` turns such a request into the
-header form under ``/e2b/sandbox`` before anything else sees it, so both are one code path. It also
-takes the signed ``/files`` URLs the SDKs build at the server's root.
+header form under ``/e2b/sandbox`` before anything else sees it, so both are one code path. A port other
+than envd's and the code interpreter's is a sandbox's own server (get_host): its requests move under
+``/e2b/ports``, so no path of that server's can reach an envd route. It also takes the signed ``/files``
+URLs the SDKs build at the server's root.
 """
 
 from __future__ import annotations
@@ -21,7 +23,8 @@ from fastapi.routing import APIRoute
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from ...errors import StockadeError, to_wire
-from . import E2B_UPLOAD, PREFIX, SANDBOX_PREFIX
+from . import E2B_UPLOAD, PORTS_PREFIX, PREFIX, SANDBOX_PREFIX
+from .core import ENVD_PORT, INTERPRETER_PORT
 
 # "49983-sbx-0123456789abcdef.sandbox.example.com[:443]": a port, a sandbox id (stockade's form only, so
 # a server reached by a name such as 10-0-0-5.internal still serves its native API), then the domain
@@ -35,22 +38,33 @@ class HostRouting:
         self.app = app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http":
+        if scope["type"] in ("http", "websocket"):
             headers = scope.get("headers") or []
             host = next((v for k, v in headers if k == b"host"), b"").decode("latin-1").strip().lower()
             match = _HOST.match(host)
             if match is not None and not scope["path"].startswith(PREFIX + "/"):
                 port, sandbox_id = match.groups()
                 kept = [(k, v) for k, v in headers if k not in (b"e2b-sandbox-id", b"e2b-sandbox-port")]
-                path = SANDBOX_PREFIX + scope["path"]
-                scope = {**scope, "path": path, "raw_path": path.encode(),
+                prefix = SANDBOX_PREFIX if int(port) in (ENVD_PORT, INTERPRETER_PORT) else PORTS_PREFIX
+                scope = {**scope, "path": prefix + scope["path"], "raw_path": prefix.encode() + _raw(scope),
                          "headers": [*kept, (b"e2b-sandbox-id", sandbox_id.encode()),
                                      (b"e2b-sandbox-port", port.encode())]}
+            elif scope["path"].startswith(SANDBOX_PREFIX + "/"):
+                port = next((v for k, v in headers if k == b"e2b-sandbox-port"), b"").decode("latin-1").strip()
+                if port.isdigit() and int(port) not in (ENVD_PORT, INTERPRETER_PORT):
+                    scope = {**scope, "path": PORTS_PREFIX + scope["path"].removeprefix(SANDBOX_PREFIX),
+                             "raw_path": PORTS_PREFIX.encode() + _raw(scope).removeprefix(SANDBOX_PREFIX.encode())}
             elif scope["path"] == "/files" and b"signature=" in scope.get("query_string", b""):
                 # download_url()/upload_url(): the SDKs join "/files" to E2B_SANDBOX_URL as an absolute
                 # path, which drops its /e2b/sandbox prefix; the signature then names the sandbox
                 scope = {**scope, "path": E2B_UPLOAD, "raw_path": E2B_UPLOAD.encode()}
         await self.app(scope, receive, send)
+
+
+def _raw(scope: Scope) -> bytes:
+    """The path as the client sent it (percent-encoding kept: a server inside gets it unchanged)."""
+    raw: bytes = scope.get("raw_path") or scope["path"].encode()
+    return raw
 
 
 def e2b_error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
@@ -102,9 +116,8 @@ unsupported = APIRouter(route_class=E2BRoute, include_in_schema=False)
 
 @unsupported.api_route(PREFIX + "/{rest:path}", methods=["GET", "POST", "PUT", "PATCH", "DELETE"])
 async def anything_else(rest: str, request: Request) -> Response:
-    """Pause, resume, snapshots, forks, metrics, logs, templates, volumes, secrets, watchers, PTYs,
-    ports other than envd's and the code interpreter's: a clear refusal in E2B's shape."""
-    from .core import ENVD_PORT, INTERPRETER_PORT, core_of
+    """Pause, resume, snapshots, forks, logs, templates, volumes, secrets: a clear refusal in E2B's shape."""
+    from .core import core_of
 
     if rest.startswith("sandbox/"):
         # a data-plane path: only for a caller who holds the sandbox (else it is "not found", as always)
@@ -115,8 +128,6 @@ async def anything_else(rest: str, request: Request) -> Response:
             await core_of(request).data_plane(request, sid, int(port))
         except Exception as exc:
             return e2b_error(502, str(exc))
-        if int(port) not in (ENVD_PORT, INTERPRETER_PORT):
-            return not_supported(f"reaching port {port} inside a sandbox (get_host)")
         return not_supported(f"{request.method} /{rest.removeprefix('sandbox/')}")
     await core_of(request).authenticate(request)  # a wrong key is told so, whatever the path
     return not_supported(f"{request.method} /{rest}")
