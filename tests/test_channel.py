@@ -125,6 +125,15 @@ def test_file_data_beyond_the_credit_window_is_a_violation():
     asyncio.run(main())
 
 
+async def opening_port():
+    """A port connection whose port_open the fake agent has been sent (and not yet answered)."""
+    channel, agent, closed = await pair()
+    stream = PortStream(channel, 8000)
+    opening = asyncio.ensure_future(stream.open())
+    await asyncio.sleep(0)
+    return channel, agent, closed, stream, opening
+
+
 @pytest.mark.parametrize("frames,message", [
     # data before the connection opened, past the credit window, after the server's end; acknowledgements
     # of bytes never sent; a close before the open
@@ -139,10 +148,7 @@ def test_file_data_beyond_the_credit_window_is_a_violation():
 ])
 def test_a_port_connection_refuses_what_the_host_did_not_allow(frames, message):
     async def main():
-        channel, agent, closed = await pair()
-        stream = PortStream(channel, 8000)
-        opening = asyncio.ensure_future(stream.open())
-        await asyncio.sleep(0)
+        channel, agent, closed, stream, opening = await opening_port()
         loop = asyncio.get_running_loop()
         for f in frames:
             f = dict(f)
@@ -165,10 +171,7 @@ def test_a_port_connection_refuses_what_the_host_did_not_allow(frames, message):
 
 def test_a_port_writer_waits_for_the_agents_acknowledgements():
     async def main():
-        channel, agent, closed = await pair()
-        stream = PortStream(channel, 8000)
-        opening = asyncio.ensure_future(stream.open())
-        await asyncio.sleep(0)
+        channel, agent, closed, stream, opening = await opening_port()
         loop = asyncio.get_running_loop()
         await loop.sock_sendall(agent, frame({"id": stream.rid, "ev": "ok"}))
         await opening
