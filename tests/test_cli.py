@@ -127,11 +127,13 @@ def test_doctor_reports_every_check():
         assert "/dev/shm stays a tmpfs of filesystem.tmp_size charged to the memory cgroup" in r.stdout
         assert "[OK  ] template root size: a template sandbox's writable root (its copy-on-write layer) is on " \
                "its workspace image" in r.stdout
+        assert "[OK  ] template file owners: idmapped layers" in r.stdout
     else:
         assert "[WEAK] workspace: /home/user, /tmp and /dev/shm are tmpfs (loop devices and mounts need root), " \
                "charged to the memory cgroup" in r.stdout
         assert "raise limits.memory above filesystem.workspace_size" in r.stdout
         assert "[WEAK] template root size: a template sandbox's writable root" in r.stdout
+        assert "[WEAK] template file owners: not root" in r.stdout
         assert "OK with weaker controls" in r.stdout
 
 

@@ -23,6 +23,7 @@ from stockade import Policy, Sandbox
 from stockade.errors import PolicyError
 from stockade.runtime.registry import runtime_class
 from stockade.templates import TemplateInUseError, TemplateStore, import_image
+from stockade.templates.layers import STORE_ID_BASE
 
 from . import template_images as ti
 from .conformance.conftest import RUNTIMES_UNDER_TEST, UNMET
@@ -488,3 +489,102 @@ def test_a_template_whose_ready_command_never_succeeds_is_refused_and_leaves_not
     missing = serving_template(["/no/such/server"], None)
     with pytest.raises(SandboxUnavailableError, match="start command '/no/such/server' could not start"):
         Sandbox.create(template=missing, runtime=runtime, policy=base_policy())
+
+
+# --- the image's user and its files ------------------------------------------------------------------
+_PASSWD = b"root:x:0:0::/root:/bin/sh\nnode:x:1000:1000::/home/node:/bin/sh\napp:x:1500:1500::/srv:/bin/sh\n"
+
+
+def _user_image_layers() -> list[bytes]:
+    entries = [e for e in _image_layers_entries() if e[0].name != "etc/passwd"]
+    return [ti.layer(*entries, ti.entry("file", "etc/passwd", _PASSWD),
+                     ti.entry("file", "etc/group", b"root:x:0:\nnode:x:1000:\napp:x:1500:\n"),
+                     ti.entry("dir", "home"), ti.entry("dir", "home/node", uid=1000, gid=1000),
+                     ti.entry("file", "home/node/app.txt", b"node's\n", uid=1000, gid=1000),
+                     ti.entry("file", "etc/rootfile", b"root's\n"))]
+
+
+@pytest.fixture(scope="module")
+def user_templates(store: TemplateStore, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
+    """Templates of one image whose USER is node, unset (root) and app."""
+    made = {}
+    for user in ("node", "", "app"):
+        name = f"test-user-{user or 'root'}-{secrets.token_hex(3)}"
+        img = tmp_path_factory.mktemp("img")
+        ti.oci_layout(img, _user_image_layers(), Env=["PATH=/usr/bin:/bin"], User=user)
+        import_image(store, name, f"oci:{img}")
+        made[user] = name
+    yield made
+    for name in made.values():
+        if store.exists(name):
+            store.remove(name)
+
+
+def _ids(sb: Sandbox) -> tuple[str, str]:
+    status = _run(sb, "cat /proc/self/status")
+    line = {k: v.split() for k, _, v in (row.partition(":") for row in status.splitlines())}
+    return line["Uid"][0], line["Gid"][0]
+
+
+def test_a_template_sandbox_runs_as_the_image_user_who_owns_the_image_files_it_gave_that_user(
+        user_templates: dict[str, str], runtime: str, store: TemplateStore) -> None:
+    with Sandbox.create(policy=base_policy(), template=user_templates["node"], runtime=runtime) as sb:
+        assert _ids(sb) == ("1000", "1000")
+        assert _run(sb, 'echo "$USER $LOGNAME"') == "node node\n"
+        assert "node:x:1000:1000::/home/node:/bin/sh" in _run(sb, "cat /etc/passwd")
+        _run(sb, "echo more >> /home/node/app.txt && echo new > /home/node/new")
+        assert _run(sb, "cat /home/node/app.txt /home/node/new") == "node's\nmore\nnew\n"
+        r = sb.commands.run(["/bin/sh", "-c", "echo x > /etc/rootfile"])
+        # as root, root's files stay root's; unprivileged every file of the store is its owner's, whom the
+        # sandbox user is (the write lands in the sandbox's own layer either way)
+        assert (r.exit_code != 0 and "Permission denied" in r.stderr) == (os.geteuid() == 0), r
+        info = sb.info().runtime
+        assert info["user"] == {"uid": 1000, "gid": 1000, "name": "node"}
+        if os.geteuid() == 0:
+            assert info["image_owners"] == "mapped (idmapped layers)"
+        # another sandbox of the template sees the image's file, not the first one's write
+        with Sandbox.create(policy=base_policy(), template=user_templates["node"], runtime=runtime) as other:
+            assert _run(other, "cat /home/node/app.txt") == "node's\n"
+            if os.geteuid() == 0 and runtime == "jail":   # one host uid per sandbox, each its own mapping
+                assert sb.info().runtime["host_uid"] != other.info().runtime["host_uid"]
+    # the store's copy is untouched, and kept at the shifted owner (as root)
+    layer = store.resolve(user_templates["node"]).layer_dirs[0] / "home" / "node" / "app.txt"
+    assert layer.read_bytes() == b"node's\n"
+    if os.geteuid() == 0:
+        assert layer.stat().st_uid == STORE_ID_BASE + 1000
+
+
+def test_an_image_whose_user_is_root_runs_as_uid_1000_and_owns_uid_1000_files(
+        user_templates: dict[str, str], runtime: str) -> None:
+    with Sandbox.create(policy=base_policy(), template=user_templates[""], runtime=runtime) as sb:
+        assert _ids(sb) == ("1000", "1000")
+        assert _run(sb, "echo $USER") == "node\n"
+        _run(sb, "echo more >> /home/node/app.txt")
+        r = sb.commands.run(["/bin/sh", "-c", "echo x > /etc/rootfile"])
+        assert (r.exit_code != 0) == (os.geteuid() == 0)
+
+
+def test_another_image_user_cannot_write_what_the_image_gave_uid_1000(user_templates: dict[str, str],
+                                                                      runtime: str) -> None:
+    with Sandbox.create(policy=base_policy(), template=user_templates["app"], runtime=runtime) as sb:
+        assert _ids(sb) == ("1500", "1500")
+        assert _run(sb, "cat /home/node/app.txt") == "node's\n"
+        r = sb.commands.run(["/bin/sh", "-c", "echo x >> /home/node/app.txt"])
+        assert (r.exit_code != 0 and "Permission denied" in r.stderr) == (os.geteuid() == 0), r
+        _run(sb, "echo mine > /home/user/f && cat /home/user/f")   # the workspace is the user's
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="idmapped layers are mounted by root")
+def test_the_idmapped_layers_are_detached_once_the_overlay_holds_them(user_templates: dict[str, str],
+                                                                      runtime: str) -> None:
+    def idmapped() -> list[str]:
+        with open("/proc/self/mountinfo") as f:
+            return [line for line in f if "idmapped" in line.split(" - ")[0]]
+
+    before = idmapped()
+    with Sandbox.create(policy=base_policy(), template=user_templates["node"], runtime=runtime) as sb:
+        base = runtime_class(runtime)().overlay_dir / sb.sandbox_id
+        assert not (base / "lower").exists()
+        assert idmapped() == before
+        _run(sb, "cat /home/node/app.txt")
+    assert idmapped() == before

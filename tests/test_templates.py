@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import json
 import os
 import shutil
 import stat
@@ -26,6 +27,7 @@ from stockade.templates import (
     import_image,
     materialize,
 )
+from stockade.templates.layers import STORE_ID_BASE, store_id
 
 from .template_images import entry, layer, oci_layout, sha
 
@@ -231,11 +233,36 @@ def test_setuid_and_setgid_bits_are_stripped_and_owners_mapped(area: Path) -> No
     assert stat.S_IMODE((tree / "tmp").stat().st_mode) == 0o1777       # sticky stays
     info = r.layer_infos[0]
     assert sorted(info.stripped) == ["bin/su", "bin/wall"]
-    # no file is handed to a host or sandbox uid: all belong to the store's owner; the image's are recorded
-    for path in tree.rglob("*"):
-        assert path.lstat().st_uid == os.geteuid(), path
+    # no file is handed to a host or sandbox uid: as root each belongs to its image owner shifted into the
+    # store's range (an id beyond it to the range's nobody), unprivileged to the store's owner; the image's
+    # owners are recorded either way
+    expect = {"home/u/f": (store_id(65534), store_id(65534)), "bin/wall": (store_id(0), store_id(5))}
+    for path in [tree, *tree.rglob("*")]:
+        want = expect.get(str(path.relative_to(tree)), (store_id(0), store_id(0))) if ROOT else (os.geteuid(),) * 2
+        assert (path.lstat().st_uid, path.lstat().st_gid) == want, path
     assert info.owners["home/u/f"] == [1200000005, 1200000005]
     assert info.owners["bin/wall"] == [0, 5]
+    assert info.id_base == (STORE_ID_BASE if ROOT else None)
+
+
+@pytest.mark.skipif(not ROOT, reason="only root shifts owners")
+def test_a_layer_stored_before_owners_were_shifted_is_shifted_once_when_used(area: Path) -> None:
+    store, t = _import_layers(area, [layer(entry("dir", "home"), entry("file", "home/f", b"z", uid=1000, gid=1000),
+                                           entry("symlink", "link", target="/etc/shadow"))])
+    layer_dir = store.layer_path(t.layers[0])
+    record = json.loads((layer_dir / "layer.json").read_text())
+    record.pop("id_base")
+    (layer_dir / "layer.json").write_text(json.dumps(record))
+    for path in [layer_dir / "tree", *(layer_dir / "tree").rglob("*")]:
+        os.chown(path, 0, 0, follow_symlinks=False)
+    shadow = os.stat("/etc/shadow")
+    tree = store.resolve(t.name).layer_dirs[0]
+    assert (tree / "home" / "f").stat().st_uid == store_id(1000)
+    assert (tree / "home").stat().st_uid == store_id(0)
+    assert (tree / "link").lstat().st_uid == store_id(0)
+    after = os.stat("/etc/shadow")                      # the symlink was not followed
+    assert (after.st_uid, after.st_gid) == (shadow.st_uid, shadow.st_gid)
+    assert store.layer_info(t.layers[0]).id_base == STORE_ID_BASE
 
 
 def test_a_tampered_blob_and_a_wrong_diff_id_are_refused(area: Path) -> None:

@@ -166,6 +166,25 @@ def check_workspace(config: HostConfig, jail: JailConfig) -> list[Check]:
     return checks
 
 
+def check_image_owners(config: HostConfig) -> Check:
+    """Whether a template's files show with the image's owners (runtime/idmap.py)."""
+    name = "template file owners"
+    if os.geteuid() != 0:
+        return Check(name, False, "not root: every file of a template is the store owner's, so the sandbox user "
+                     "may write (in its own layer) even what the image gave root", "run as root for the image's "
+                     "owners (idmapped layers)", required=False)
+    from .runtime import idmap
+
+    data = config.data_dir if config.data_dir.exists() else config.data_dir.parent
+    why = idmap.probe(data)
+    if why is not None:
+        return Check(name, False, f"no idmapped mount on {data}'s filesystem ({why}): the image's files show as "
+                     "unmapped ids (nobody), readable as their modes allow, writable by no sandbox user",
+                     "use Linux >= 5.19 with the data directory on ext4, xfs, btrfs or tmpfs", required=False)
+    return Check(name, True, "idmapped layers: the image's user owns the files the image gave it, root's stay "
+                 "root's, the store keeps them at ids no host user has")
+
+
 def run_checks(config: HostConfig | None = None, jail: JailConfig | None = None) -> list[Check]:
     config = config or HostConfig.from_env()
     jail = jail or JailConfig.from_env()
@@ -185,6 +204,7 @@ def run_checks(config: HostConfig | None = None, jail: JailConfig | None = None)
                         required=False))
 
     checks += check_workspace(config, jail)
+    checks.append(check_image_owners(config))
     try:
         img = rootfs.system_image(jail.python)
         checks.append(Check("agent python", True, f"{img.python_host} (mounted read-only)"))

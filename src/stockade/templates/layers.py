@@ -31,9 +31,13 @@ What is checked, per entry (a failure refuses the whole layer, naming the entry 
   nothing outside the sandbox, and extraction never opens one;
 - setuid and setgid bits are stripped (sticky kept on directories, as /tmp needs it); xattrs and file
   capabilities in the tar (PAX ``SCHILY.xattr.*``) are not applied;
-- owners: every file is owned by the store's owner (root as root), so no image can hand a file in a
-  shared layer to a host user or to a sandbox's uid; the image's own uid:gid are kept in the layer's
-  record (``owners``) for a runtime that can map them (idmapped mounts, a VM);
+- owners: no image can hand a file in a shared layer to a host user or to a sandbox's uid. As root
+  (``shift_owners``, run by the store once a layer is extracted) each file belongs to the image's uid:gid
+  shifted into a range of ids reserved for the store (``STORE_ID_BASE`` + id; ids beyond 65535 become
+  the range's nobody), which no host user and no sandbox uid is, and which only the store's 0700
+  directory leads to; a runtime maps that range back to the image's ids per sandbox (idmapped mounts,
+  ``runtime/idmap.py``). Unprivileged every file is the store owner's (nothing else is possible). The
+  image's own uid:gid are kept in the layer's record (``owners``) either way;
 - bounds (``Limits``, from STOCKADE_TEMPLATE_* variables): bytes of the uncompressed stream per layer
   (a gzip or zstd bomb stops there) and bytes its files add up to (sparse entries are small in the
   stream), bytes per entry, entries per layer, bytes of tar headers per entry, directory depth.
@@ -99,6 +103,18 @@ class Limits:
         return cls(**values)
 
 
+# As root, the store keeps image id N as STORE_ID_BASE + N (owners above): below the sandboxes' uid range
+# (runtime/jail/config.py), and far above any distribution's user and system ids.
+STORE_ID_BASE = 1_100_000_000
+STORE_ID_COUNT = 65536
+_STORE_NOBODY = 65534
+
+
+def store_id(image_id: int) -> int:
+    """Where image uid or gid ``image_id`` is kept in the store (as root)."""
+    return STORE_ID_BASE + (image_id if 0 <= image_id < STORE_ID_COUNT else _STORE_NOBODY)
+
+
 @dataclass
 class LayerInfo:
     """What extraction found; stored beside the tree as layer.json."""
@@ -113,6 +129,7 @@ class LayerInfo:
     owners: dict[str, list[int]] = field(default_factory=dict)  # path -> image [uid, gid], when not 0:0
     stripped: list[str] = field(default_factory=list)       # paths whose setuid/setgid bit was cleared
     opaque_xattrs: list[str] = field(default_factory=list)  # which opaque xattrs could be set
+    id_base: int | None = None   # files belong to id_base + their image ids (shift_owners); None: the store owner's
 
     def to_json(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -298,6 +315,23 @@ class _Tree:
         else:
             os.unlink(name, dir_fd=pfd)
         return None
+
+
+def shift_owners(tree: str | os.PathLike[str], info: LayerInfo) -> None:
+    """As root: give every entry of a layer tree its image owner shifted into the store's range (see the
+    module's docstring), never following a symlink; records it in ``info.id_base``. Idempotent."""
+    root = os.open(tree, _DIR_FLAGS)
+    try:
+        os.chown(root, store_id(0), store_id(0))
+        for dirpath, dirnames, filenames, dfd in os.fwalk(dir_fd=root, follow_symlinks=False):
+            rel = os.path.relpath(dirpath, ".")
+            prefix = "" if rel == "." else rel + "/"
+            for name in (*dirnames, *filenames):
+                uid, gid = info.owners.get(prefix + name, (0, 0))
+                os.chown(name, store_id(uid), store_id(gid), dir_fd=dfd, follow_symlinks=False)
+    finally:
+        os.close(root)
+    info.id_base = STORE_ID_BASE
 
 
 def _rmtree_at(dir_fd: int, name: str) -> None:
@@ -624,6 +658,33 @@ def _visible_below(trees: list[str], infos: list[LayerInfo], top: int,
             return None
         if "" in infos[j].opaque_dirs:
             return None
+    return None
+
+
+def read_visible(trees: list[str], infos: list[LayerInfo], path: str, limit: int) -> bytes | None:
+    """The content of the regular file the stack (bottom first) shows at ``path`` (relative), at most
+    ``limit`` bytes; None if there is none, it is not a regular file, or a symlink is on the way (never
+    followed: an image's /etc/passwd may point anywhere on the host)."""
+    parts = [p for p in path.split("/") if p]
+    st = _visible_below(trees, infos, len(trees), parts)
+    if st is None or not stat.S_ISREG(st.st_mode):
+        return None
+    for tree in reversed(trees):
+        here = _lstat_in(tree, parts)
+        if here is not None and (here.st_dev, here.st_ino) == (st.st_dev, st.st_ino):
+            fd = os.open(tree, _DIR_FLAGS)
+            try:
+                for part in parts[:-1]:
+                    nxt = os.open(part, _DIR_FLAGS, dir_fd=fd)
+                    os.close(fd)
+                    fd = nxt
+                with os.fdopen(os.open(parts[-1], os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
+                                       dir_fd=fd), "rb") as f:
+                    if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+                        return None
+                    return f.read(limit)
+            finally:
+                os.close(fd)
     return None
 
 

@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import TemplateError, TemplateInUseError, TemplateNotFoundError
-from .layers import LayerInfo, Limits, remove_tree
+from .layers import LayerInfo, Limits, remove_tree, shift_owners
 
 NAME_RE = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
 DIGEST_RE = re.compile(r"sha256:[0-9a-f]{64}")
@@ -184,8 +184,14 @@ class TemplateStore:
             if not self.has_layer(diff_id):
                 raise TemplateError(f"template {name!r}: its layer {diff_id} is missing from the store "
                                     f"({self.layer_path(diff_id)}); import the template again")
+            info = self.layer_info(diff_id)
+            if info.id_base is None and os.geteuid() == 0:
+                # stored before owners were shifted (layers.py): shift it once, in place (idempotent, so two
+                # processes doing it at once agree)
+                shift_owners(self.layer_path(diff_id) / "tree", info)
+                _write_json(self.layer_path(diff_id) / "layer.json", info.to_json())
             dirs.append(self.layer_path(diff_id) / "tree")
-            infos.append(self.layer_info(diff_id))
+            infos.append(info)
         return ResolvedTemplate(template, dirs, infos)
 
     # --- in use -----------------------------------------------------------------------------------
@@ -246,6 +252,8 @@ class TemplateStore:
             info = extract(tree)
             if info.diff_id != diff_id:
                 raise TemplateError(f"layer {diff_id}: extracted content has digest {info.diff_id}")
+            if os.geteuid() == 0:
+                shift_owners(tree, info)
             _write_json(work / "layer.json", info.to_json())
             os.sync()  # the files, before the rename makes the layer visible (a crash keeps no half layer)
             try:
@@ -324,7 +332,7 @@ class TemplateStore:
 
 
 def _write_json(path: Path, data: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}-{secrets.token_hex(4)}")
     with open(tmp, "w") as f:
         json.dump(data, f, indent=1, sort_keys=True)
         f.flush()

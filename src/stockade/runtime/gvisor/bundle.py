@@ -38,6 +38,7 @@ class TemplateRootfs:
 
     merged: Path
     python: tuple[Path, str, str]   # template_root.host_python(): its directory, stdlib, stdlib's place inside
+    uid: int = rootfs.SANDBOX_UID   # the template's user (templates/users.py), who owns /home/user
 
 
 @dataclass(frozen=True)
@@ -107,7 +108,7 @@ def write(bundle: Path, *, policy: Policy, layout: SandboxLayout, static: Static
         mounts += [_bind(workspace[1], "/tmp", writable=True), _bind(workspace[0], rootfs.HOME, writable=True)]
     else:
         mounts += [_tmpfs("/tmp", fs.tmp_size, "1777"),
-                   _tmpfs(rootfs.HOME, fs.workspace_size, "0755", rootfs.SANDBOX_UID)]
+                   _tmpfs(rootfs.HOME, fs.workspace_size, "0755", template.uid if template else rootfs.SANDBOX_UID)]
     if template is None:
         mounts += [_bind(path, path) for path in image.binds]
         if image.python_prefix_fd_source:
@@ -122,7 +123,8 @@ def write(bundle: Path, *, policy: Policy, layout: SandboxLayout, static: Static
     for name in ("agent", "lib", "bin"):
         mounts.append(_bind(str(static.root / name), f"/opt/stockade/{name}"))
     for path in rootfs.generated_files():
-        mounts.append(_bind(str(static.root / "etc" / path.rsplit("/", 1)[1]), path))
+        if path not in files:  # (a template's /etc/passwd and /etc/group)
+            mounts.append(_bind(str(static.root / "etc" / path.rsplit("/", 1)[1]), path))
     own = bundle / "files"
     own.mkdir(mode=0o755)
     for i, (path, content) in enumerate(files.items()):

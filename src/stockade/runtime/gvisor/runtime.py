@@ -36,6 +36,7 @@ from ...config import HostConfig
 from ...errors import PolicyError, SandboxUnavailableError, UnenforceableError
 from ...policy import format_size
 from ...templates import Lease, TemplateStore
+from ...templates.users import ImageUser
 from .. import cgroups
 from ..agent_files import compiled_agent
 from ..base import Runtime, RuntimeSandbox, SandboxLayout, SandboxSpec
@@ -252,6 +253,7 @@ class GvisorSandbox(RuntimeSandbox):
         self.template = spec.template
         self.lease: Lease | None = None
         self.overlay: template_root.OverlayRoot | None = None
+        self.image_user: ImageUser | None = None    # a template's user (templates/users.py)
         # in a template sandbox the host's python runs only the agent, and the sandbox environment is not bound
         self.sandbox_env = runtime.sandbox_env if spec.template is None else None
         self.python = (template_root.python_argv(template_root.PY_SO_DIR) if spec.template else
@@ -278,6 +280,10 @@ class GvisorSandbox(RuntimeSandbox):
                                   "their overlay): run as root, or use runtime 'jail', which runs them unprivileged")
             self.lease = template_root.lease(rt.templates, self.template)
             self.template_config = self.lease.resolved.config
+            self.image_user = template_root.sandbox_user(self.lease.resolved, self.files)
+        # the Sentry's user is the host's same uid (its files in the writable layer belong to it)
+        uid, gid = (self.image_user.uid, self.image_user.gid) if self.image_user else (rootfs.SANDBOX_UID,
+                                                                                        rootfs.SANDBOX_GID)
         mounts = []
         for i, mount in enumerate(self.policy.filesystem.mounts):
             if not os.path.exists(mount.source):
@@ -292,7 +298,7 @@ class GvisorSandbox(RuntimeSandbox):
         fs = self.policy.filesystem
         if rt.workspace.disk:
             self.workspace = workspace.DiskWorkspace(rt.config.state_dir, rt.config.data_dir, self.id,
-                                                     rootfs.SANDBOX_UID, fs.workspace_size, fs.tmp_size)
+                                                     uid, fs.workspace_size, fs.tmp_size)
             await asyncio.to_thread(self.workspace.create, self.lease is not None)
             # Only the gofer (root) passes the mount points: no host user, uid 1000 included, may
             for mount_point in (self.workspace.disk, self.workspace.tmp):
@@ -300,14 +306,16 @@ class GvisorSandbox(RuntimeSandbox):
                 os.chmod(mount_point, 0o700)
         template = None
         if self.lease is not None:
-            ws = self.workspace
-            self.overlay = template_root.OverlayRoot(rt.config.state_dir, self.id, self.lease.resolved.layer_dirs,
-                                                     rootfs.SANDBOX_UID, fs.workspace_size,
-                                                     (ws.upper, ws.work) if ws else None)
-            self.overlay.create()
+            ws, resolved = self.workspace, self.lease.resolved
+            assert self.image_user is not None
+            self.overlay = template_root.OverlayRoot(
+                rt.config.state_dir, self.id, resolved.layer_dirs, uid, fs.workspace_size,
+                (ws.upper, ws.work) if ws else None,
+                template_root.layer_id_maps(resolved.layer_infos, self.image_user, uid, gid))
+            await asyncio.to_thread(self.overlay.create)
             os.chmod(self.overlay.base, 0o700)   # only the gofer: gid 1000 may be a host user's too
             template = bundle_mod.TemplateRootfs(
-                self.overlay.merged, template_root.host_python(rt.image.python_host, rt.config.state_dir))
+                self.overlay.merged, template_root.host_python(rt.image.python_host, rt.config.state_dir), uid)
         self.bundle.mkdir(mode=0o700)
         bundle_mod.write(self.bundle, policy=self.policy, layout=self.layout, static=rt.static, image=rt.image,
                          sandbox_env=self.sandbox_env, egress_dir=self.egress.socket_dir if self.egress else None,
@@ -341,11 +349,11 @@ class GvisorSandbox(RuntimeSandbox):
                 env["VIRTUAL_ENV"] = environment.VENV
             home = rootfs.HOME
             if self.lease is not None:  # the image's environment and working directory, under the caller's
-                home = template_root.apply_image_config(self.lease.resolved.config, env) or home
+                home = template_root.apply_image_config(self.lease.resolved.config, env, self.image_user) or home
             env.update(envs)
             rlimits = {"nofile": lim.open_files, "fsize": lim.file_size, "core": 0}
             await self.agent.hello(env, rlimits, lim.pids, home, START_TIMEOUT,
-                                   user=(rootfs.SANDBOX_UID, rootfs.SANDBOX_GID), workspace=venv)
+                                   user=(uid, gid), workspace=venv)
         except SandboxUnavailableError:
             if self.proc is not None:
                 with contextlib.suppress(subprocess.TimeoutExpired):
@@ -394,6 +402,9 @@ class GvisorSandbox(RuntimeSandbox):
             "python_venv": environment.VENV if self.sandbox_env else None,  # where pip installs (the workspace's)
             "code_interpreter": "ipython" if self.sandbox_env else "stdlib",
             "template": self.template,
+            "user": ({"uid": self.image_user.uid, "gid": self.image_user.gid, "name": self.image_user.name}
+                     if self.image_user else {"uid": rootfs.SANDBOX_UID, "gid": rootfs.SANDBOX_GID, "name": "user"}),
+            "image_owners": self.overlay.image_owners if self.overlay else None,
             # a template's writable root: its upper dir is on the workspace image (or a tmpfs) of that size
             "root_write_limit": "read-only" if self.template is None else self.policy.filesystem.workspace_size,
             "workspace_backing": rt.workspace.name,

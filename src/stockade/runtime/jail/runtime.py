@@ -31,6 +31,7 @@ from ...agent import protocol
 from ...config import HostConfig
 from ...errors import PolicyError, SandboxUnavailableError, UnenforceableError
 from ...templates import Lease, TemplateStore
+from ...templates.users import ImageUser
 from .. import cgroups
 from ..agent_files import AGENT_ZIP, SAVE_ARTIFACT, compiled_agent
 from ..base import Runtime, RuntimeSandbox, SandboxSpec
@@ -227,6 +228,7 @@ class JailSandbox(RuntimeSandbox):
         self.template = spec.template
         self.lease: Lease | None = None
         self.overlay: template_root.OverlayRoot | None = None
+        self.image_user: ImageUser | None = None    # a template's user (templates/users.py)
         self.workspace: workspace.DiskWorkspace | None = None
         # In a template sandbox the host's python runs only the agent (through its own loader); the
         # sandbox environment (a venv of the host's python) is not bound there.
@@ -255,6 +257,7 @@ class JailSandbox(RuntimeSandbox):
         if self.template is not None:
             self.lease = template_root.lease(rt.templates, self.template)
             self.template_config = self.lease.resolved.config
+            self.image_user = template_root.sandbox_user(self.lease.resolved, self.files)
         self.lock = Lock(rt.config.state_dir / "sandboxes" / f"{self.id}.lock")
         if rt.uids is not None:
             self.uid = rt.uids.acquire()
@@ -265,11 +268,13 @@ class JailSandbox(RuntimeSandbox):
             # (in a thread: mounting and, at teardown, unmounting a filesystem are system calls of ms)
             await asyncio.to_thread(self.workspace.create, self.lease is not None)
         if self.lease is not None:
-            ws = self.workspace
-            self.overlay = template_root.OverlayRoot(rt.config.state_dir, self.id, self.lease.resolved.layer_dirs,
+            ws, resolved = self.workspace, self.lease.resolved
+            id_maps = (template_root.layer_id_maps(resolved.layer_infos, self.image_user, self.uid.uid, self.uid.uid)
+                       if self.uid is not None and self.image_user is not None else None)
+            self.overlay = template_root.OverlayRoot(rt.config.state_dir, self.id, resolved.layer_dirs,
                                                      self.uid.uid if self.uid is not None else None,
-                                                     fs.workspace_size, (ws.upper, ws.work) if ws else None)
-            self.overlay.create()
+                                                     fs.workspace_size, (ws.upper, ws.work) if ws else None, id_maps)
+            await asyncio.to_thread(self.overlay.create)
         lim = self.policy.limits
         if rt.cgroups.parents:
             self.cgroup = cgroups.Cgroup(rt.cgroups, self.id)
@@ -322,7 +327,7 @@ class JailSandbox(RuntimeSandbox):
                 env["VIRTUAL_ENV"] = environment.VENV
             home = rt.layout.home
             if self.lease is not None:  # the image's environment and working directory, under the caller's
-                home = template_root.apply_image_config(self.lease.resolved.config, env) or home
+                home = template_root.apply_image_config(self.lease.resolved.config, env, self.image_user) or home
             env.update(envs)
             # The agent lowers its own rlimits before it runs anything (lowering needs no privilege,
             # and the same agent does it in every runtime); every process it starts inherits them.
@@ -354,8 +359,10 @@ class JailSandbox(RuntimeSandbox):
             fds.append(fd)
             return str(fd)
 
+        user = self.image_user
         argv = [rt.bwrap.path,
-                "--unshare-user", "--uid", str(rootfs.SANDBOX_UID), "--gid", str(rootfs.SANDBOX_GID),
+                "--unshare-user", "--uid", str(user.uid if user else rootfs.SANDBOX_UID),
+                "--gid", str(user.gid if user else rootfs.SANDBOX_GID),
                 "--unshare-pid", "--unshare-ipc", "--unshare-uts", "--unshare-net", "--unshare-cgroup",
                 "--disable-userns", "--hostname", "sandbox", "--die-with-parent", "--new-session",
                 "--as-pid-1", "--cap-drop", "ALL"]
@@ -393,7 +400,8 @@ class JailSandbox(RuntimeSandbox):
         for path, text in sized.items():
             argv += ["--ro-bind-data", data(path.rsplit("/", 1)[1], text.encode()), path]
         for path, text in rootfs.generated_files().items():
-            argv += ["--ro-bind-data", data(path.rsplit("/", 1)[1], text.encode()), path]
+            if path not in self.files:  # (a template's /etc/passwd; bwrap cannot bind data twice on one file)
+                argv += ["--ro-bind-data", data(path.rsplit("/", 1)[1], text.encode()), path]
         for path, content in self.files.items():
             argv += ["--ro-bind-data", data(path.rsplit("/", 1)[1], content), path]
         for name, code in rt.agent_files.items():
@@ -457,6 +465,10 @@ class JailSandbox(RuntimeSandbox):
             # what run_code uses: IPython from the sandbox environment, else the stdlib fallback
             "code_interpreter": "ipython" if self.use_env else "stdlib",
             "template": self.template,
+            # a template's user (uid, gid, name) and how the image's file owners show (idmapped or not)
+            "user": ({"uid": self.image_user.uid, "gid": self.image_user.gid, "name": self.image_user.name}
+                     if self.image_user else {"uid": rootfs.SANDBOX_UID, "gid": rootfs.SANDBOX_GID, "name": "user"}),
+            "image_owners": self.overlay.image_owners if self.overlay else None,
             # /home/user and /tmp: ext4 images of their sizes on the host's disk ("disk image"), or tmpfs
             # of those sizes charged to the memory cgroup ("tmpfs"); /dev/shm is a tmpfs either way
             "workspace_backing": "disk image" if self.workspace is not None else "tmpfs",

@@ -44,7 +44,18 @@ from functools import cache
 from pathlib import Path
 
 from ...errors import PolicyError, SandboxUnavailableError
-from ...templates import Lease, TemplateConfig, TemplateNotFoundError, TemplateStore
+from ...templates import (
+    LayerInfo,
+    Lease,
+    ResolvedTemplate,
+    TemplateConfig,
+    TemplateError,
+    TemplateNotFoundError,
+    TemplateStore,
+)
+from ...templates.layers import STORE_ID_BASE, STORE_ID_COUNT
+from ...templates.users import ImageUser, image_user
+from .. import idmap
 from .rootfs import BIN_DIR
 
 PY_DIR = "/opt/stockade/python"          # PYTHONHOME of the agent in a template sandbox
@@ -145,7 +156,8 @@ class OverlayRoot:
     """One sandbox's overlay: ``<state>/overlay/<id>/{upper,work,root}``."""
 
     def __init__(self, state_dir: Path, sandbox_id: str, layer_dirs: list[Path], owner: int | None,
-                 size: int, writable: tuple[Path, Path] | None = None) -> None:
+                 size: int, writable: tuple[Path, Path] | None = None,
+                 id_maps: tuple[str, str] | None = None) -> None:
         self.base = state_dir / "overlay" / sandbox_id
         self.size = size             # the writable layer's bound (filesystem.workspace_size), where root mounts
         self.upper, self.work, self.merged = self.base / "upper", self.base / "work", self.base / "root"
@@ -155,6 +167,9 @@ class OverlayRoot:
             self.upper, self.work = writable
         self.layer_dirs = layer_dirs
         self.owner = owner           # the sandbox's host uid when root mounts (None: bwrap mounts)
+        self.id_maps = id_maps       # (uid_map, gid_map) for idmapped layers (``layer_id_maps``), as root
+        # how the image's owners show in the sandbox (describe()): mapped, or why not
+        self.image_owners = "the store owner's (unprivileged)" if owner is None else "as stored (unmapped)"
         self.mounted = False
 
     def create(self) -> None:
@@ -177,16 +192,25 @@ class OverlayRoot:
             # The directories are named by descriptor (/proc/self/fd/N, resolved by the kernel at the mount):
             # overlayfs shows its options as given, and the sandbox reads them in its mountinfo, where the
             # host's paths (the data directory, sandbox ids) have no business.
-            dirs = [*reversed(self.layer_dirs), self.upper, self.work]  # the kernel wants the top layer first
-            fds = [os.open(d, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC) for d in dirs]
-            try:
-                names = [f"/proc/self/fd/{fd}" for fd in fds]
-                opts = f"lowerdir={':'.join(names[:-2])},upperdir={names[-2]},workdir={names[-1]}"
-                _mount(["-t", "overlay", "stockade", "-o", opts, str(self.merged)],
-                       "cannot mount the template's overlay", pass_fds=fds)
-            finally:
-                for fd in fds:
-                    os.close(fd)
+            with contextlib.ExitStack() as stack:
+                layers = self.layer_dirs
+                if self.id_maps is not None:
+                    try:
+                        layers = stack.enter_context(idmap.mapped_layers(self.layer_dirs, self.base / "lower",
+                                                                         *self.id_maps))
+                        self.image_owners = "mapped (idmapped layers)"
+                    except idmap.IdmapUnsupported as exc:
+                        self.image_owners = f"as stored (unmapped): no idmapped mount here ({exc.strerror})"
+                dirs = [*reversed(layers), self.upper, self.work]  # the kernel wants the top layer first
+                fds = [os.open(d, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC) for d in dirs]
+                try:
+                    names = [f"/proc/self/fd/{fd}" for fd in fds]
+                    opts = f"lowerdir={':'.join(names[:-2])},upperdir={names[-2]},workdir={names[-1]}"
+                    _mount(["-t", "overlay", "stockade", "-o", opts, str(self.merged)],
+                           "cannot mount the template's overlay", pass_fds=fds)
+                finally:
+                    for fd in fds:
+                        os.close(fd)
             self.mounted = True
             # The root of the overlay is the upper dir: the sandbox may create top-level entries in it,
             # as in a container's root (the image's own directories keep their owners and modes).
@@ -259,6 +283,7 @@ def remove(base: Path) -> None:
     tmpfs workspace) the tmpfs its writable layer is on, which takes the sandbox's writes with it. With a
     disk workspace the writable layer is on the sandbox's image, which the workspace's removal frees, and
     only the empty mount point is left here; run this first (the overlay keeps the image busy)."""
+    idmap.remove(base / "lower")  # idmapped layers a crash left attached (they live only during the mount)
     for mount_point in (base / "root", base):
         if os.path.ismount(mount_point):
             subprocess.run(["umount", "-l", str(mount_point)], capture_output=True, timeout=30)
@@ -285,8 +310,34 @@ def _rmtree(path: Path) -> None:
         shutil.rmtree(path, ignore_errors=True)
 
 
-def apply_image_config(config: TemplateConfig, env: dict[str, str]) -> str:
+def layer_id_maps(infos: Sequence[LayerInfo], user: ImageUser, host_uid: int, host_gid: int
+                  ) -> tuple[str, str] | None:
+    """The (uid_map, gid_map) that shows a shifted store's layers (templates/layers.py) with the image's
+    owners: its root as root, its user (``user``) as the sandbox's host ids; None if a layer is not shifted
+    (unprivileged stores)."""
+    if not infos or any(info.id_base != STORE_ID_BASE for info in infos):
+        return None
+    gids = {0: 0, user.gid: host_gid}  # a user whose group is the image's 0 gets that group
+    return (idmap.id_map(STORE_ID_BASE, STORE_ID_COUNT, {0: 0, user.uid: host_uid}),
+            idmap.id_map(STORE_ID_BASE, STORE_ID_COUNT, gids))
+
+
+def sandbox_user(resolved: ResolvedTemplate, files: dict[str, bytes]) -> ImageUser:
+    """The template's user (templates/users.py); puts the image's /etc/passwd and /etc/group into
+    ``files`` (unless the caller placed their own). An unknown user is a PolicyError on ``template``."""
+    try:
+        user = image_user(resolved)
+    except TemplateError as exc:
+        raise PolicyError("template", str(exc)) from None
+    files.setdefault("/etc/passwd", user.passwd.encode())
+    files.setdefault("/etc/group", user.group.encode())
+    return user
+
+
+def apply_image_config(config: TemplateConfig, env: dict[str, str], user: ImageUser | None = None) -> str:
     """Put the image's environment into ``env`` (its PATH, then stockade's tools); its working directory."""
+    if user is not None:
+        env["USER"] = env["LOGNAME"] = user.name
     env.update(config.env)
     if "PATH" in config.env:
         env["PATH"] = f"{config.env['PATH']}:{BIN_DIR}"
@@ -305,5 +356,5 @@ def agent_argv(so_dir_inside: str, agent_zip: str, channel_fd: int) -> list[str]
     return [*python_argv(so_dir_inside), "-s", "-S", "-B", agent_zip, str(channel_fd)]
 
 
-__all__ = ["PY_DIR", "PY_SO_DIR", "OverlayRoot", "agent_argv", "apply_image_config", "host_python", "lease",
-           "make_at", "mount_points", "python_argv", "remove"]
+__all__ = ["PY_DIR", "PY_SO_DIR", "OverlayRoot", "agent_argv", "apply_image_config", "host_python",
+           "layer_id_maps", "lease", "make_at", "mount_points", "python_argv", "remove", "sandbox_user"]
