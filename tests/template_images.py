@@ -6,6 +6,7 @@ import gzip
 import hashlib
 import io
 import json
+import os
 import platform
 import tarfile
 from pathlib import Path
@@ -143,3 +144,63 @@ def oci_multiarch_layout(root: Path, per_arch: dict[str, list[bytes]], tag: str 
         {"mediaType": "application/vnd.oci.image.index.v1+json", "digest": sha(index), "size": len(index),
          "annotations": {"org.opencontainers.image.ref.name": tag}}]}))
     return sha(index), digests
+
+
+# --- images sandboxes run from (tests/test_template_sandbox.py, tests/test_snapshots.py) ---------------
+# The host's dash as /bin/sh and cat, with the C library and loader they need, a few files, a world-writable
+# file under /usr/bin and a sticky world-writable directory. No python in it.
+def _host(path: str) -> bytes:
+    return Path(os.path.realpath(path)).read_bytes()
+
+
+def image_layers_entries() -> list[tuple[tarfile.TarInfo, bytes]]:
+    return [
+        entry("dir", "bin"), entry("file", "bin/sh", _host("/bin/dash"), mode=0o755),
+        entry("file", "bin/cat", _host("/bin/cat"), mode=0o755),
+        entry("dir", "lib"), entry("dir", "lib/x86_64-linux-gnu"),
+        entry("file", "lib/x86_64-linux-gnu/libc.so.6", _host("/lib/x86_64-linux-gnu/libc.so.6"), mode=0o755),
+        entry("dir", "lib64"),
+        entry("file", "lib64/ld-linux-x86-64.so.2", _host("/lib64/ld-linux-x86-64.so.2"), mode=0o755),
+        entry("dir", "etc"), entry("file", "etc/hello", b"from the image\n"),
+        entry("file", "etc/passwd", b"root:x:0:0::/root:/bin/sh\n")]
+
+
+def image_layers() -> list[bytes]:
+    base = layer(*image_layers_entries())
+    top = layer(
+        entry("dir", "usr"), entry("dir", "usr/bin"),
+        entry("file", "usr/bin/tool", b"#!/bin/sh\necho original tool\n", mode=0o777),
+        entry("dir", "srv"), entry("dir", "srv/app", mode=0o1777),
+        entry("file", "srv/app/readme", b"the app\n"),
+        entry("file", "etc/.wh.hello"), entry("file", "etc/hello", b"from the top layer\n"))
+    return [base, top]
+
+
+_PASSWD = b"root:x:0:0::/root:/bin/sh\nnode:x:1000:1000::/home/node:/bin/sh\napp:x:1500:1500::/srv:/bin/sh\n"
+
+
+def user_image_layers() -> list[bytes]:
+    entries = [e for e in image_layers_entries() if e[0].name != "etc/passwd"]
+    return [layer(*entries, entry("file", "etc/passwd", _PASSWD),
+                  entry("file", "etc/group", b"root:x:0:\nnode:x:1000:\napp:x:1500:\n"),
+                  entry("dir", "home"), entry("dir", "home/node", uid=1000, gid=1000),
+                  entry("file", "home/node/app.txt", b"node's\n", uid=1000, gid=1000),
+                  entry("file", "etc/rootfile", b"root's\n"))]
+
+
+def tools_layer(*tools: str) -> bytes:
+    """A layer with the host's ``tools`` (coreutils: mkdir, ls, ...) in /bin and the libraries they need."""
+    import shutil
+    import subprocess
+
+    entries, libs = [], {}
+    for tool in tools:
+        path = shutil.which(tool)
+        assert path, tool
+        entries.append(entry("file", f"bin/{tool}", _host(path), mode=0o755))
+        for line in subprocess.run(["ldd", path], capture_output=True, text=True, check=True).stdout.splitlines():
+            parts = line.split()
+            if "=>" in parts and len(parts) >= 3 and parts[2].startswith("/") and parts[0] != "libc.so.6":
+                libs[parts[0]] = parts[2]
+    entries += [entry("file", f"lib/x86_64-linux-gnu/{name}", _host(src), mode=0o755) for name, src in libs.items()]
+    return layer(entry("dir", "bin"), entry("dir", "lib"), entry("dir", "lib/x86_64-linux-gnu"), *entries)

@@ -272,6 +272,47 @@ def test_a_template_of_the_servers_store_is_an_e2b_template(server: RunningServe
         store.remove("e2b-tpl")
 
 
+def test_create_snapshot_makes_a_template_of_the_sandbox_files_for_its_tenant(server: RunningServer,
+                                                                            tmp_path: Any) -> None:
+    from stockade.templates import TemplateStore, import_image
+
+    from . import template_images as ti
+
+    store = TemplateStore(server.data_dir / "templates")
+    ti.oci_layout(tmp_path / "img", ti.user_image_layers(), Env=["PATH=/usr/bin:/bin"], User="node")
+    import_image(store, "e2b-snapbase", f"oci:{tmp_path}/img")
+    made: list[str] = []
+    try:
+        sb = E2BSandbox.create(template="e2b-snapbase")
+        try:
+            sb.files.write("/home/node/notes.txt", "kept\n")
+            if os.geteuid() != 0:
+                with pytest.raises(SandboxException, match="run stockade as root"):
+                    sb.create_snapshot()
+                return
+            with pytest.raises(SandboxException, match="filesystem only"):
+                sb.create_snapshot(mode="full")
+            info = sb.create_snapshot(name="e2b-snap", mode="filesystem")
+            made.append(info.snapshot_id)
+            assert info.snapshot_id == "e2b-snap" and info.names == ["e2b-snap"]
+            default = sb.create_snapshot()          # the SDK's default asks for no mode: filesystem here
+            made.append(default.snapshot_id)
+            assert default.snapshot_id.startswith("e2b-snapbase-snap-")
+        finally:
+            sb.kill()
+        restored = E2BSandbox.create(template=info.snapshot_id)
+        try:
+            assert restored.files.read("/home/node/notes.txt") == "kept\n"
+            restored.files.write("/home/node/notes.txt", "still the image user's\n")   # node's to write
+        finally:
+            restored.kill()
+        assert store.get("e2b-snap").owner == "e2b"
+    finally:
+        for name in [*made, "e2b-snapbase"]:
+            if store.exists(name):
+                store.remove(name)
+
+
 def test_get_metrics_reports_the_sandbox_use(server: RunningServer) -> None:
     sbx = E2BSandbox.create()
     try:

@@ -2,9 +2,10 @@
 in an image without python, teardown, and the isolation basics on a template root, on every runtime (the
 jail and gVisor, where it can run here).
 
-The image is built here: the host's dash as /bin/sh and cat, with the C library and loader they need, a few
-files, a world-writable file under /usr/bin and a sticky world-writable directory (so the sandbox's uid
-1000 may write inside the image's own directories, which belong to root). No python in it."""
+The images are built by tests/template_images.py: the host's dash as /bin/sh and cat, with the C library
+and loader they need, a few files, a world-writable file under /usr/bin and a sticky world-writable
+directory (so the sandbox's uid 1000 may write inside the image's own directories, which belong to root),
+and one with users (node, app) and files of theirs. No python in them."""
 
 from __future__ import annotations
 
@@ -12,7 +13,6 @@ import asyncio
 import dataclasses
 import os
 import secrets
-import tarfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -32,33 +32,6 @@ from .conftest import base_policy
 pytestmark = pytest.mark.skipif(not os.path.exists("/proc/self/ns/user"), reason="needs user namespaces")
 
 
-def _host(path: str) -> bytes:
-    return Path(os.path.realpath(path)).read_bytes()
-
-
-def _image_layers_entries() -> list[tuple[tarfile.TarInfo, bytes]]:
-    return [
-        ti.entry("dir", "bin"), ti.entry("file", "bin/sh", _host("/bin/dash"), mode=0o755),
-        ti.entry("file", "bin/cat", _host("/bin/cat"), mode=0o755),
-        ti.entry("dir", "lib"), ti.entry("dir", "lib/x86_64-linux-gnu"),
-        ti.entry("file", "lib/x86_64-linux-gnu/libc.so.6", _host("/lib/x86_64-linux-gnu/libc.so.6"), mode=0o755),
-        ti.entry("dir", "lib64"),
-        ti.entry("file", "lib64/ld-linux-x86-64.so.2", _host("/lib64/ld-linux-x86-64.so.2"), mode=0o755),
-        ti.entry("dir", "etc"), ti.entry("file", "etc/hello", b"from the image\n"),
-        ti.entry("file", "etc/passwd", b"root:x:0:0::/root:/bin/sh\n")]
-
-
-def _image_layers() -> list[bytes]:
-    base = ti.layer(*_image_layers_entries())
-    top = ti.layer(
-        ti.entry("dir", "usr"), ti.entry("dir", "usr/bin"),
-        ti.entry("file", "usr/bin/tool", b"#!/bin/sh\necho original tool\n", mode=0o777),
-        ti.entry("dir", "srv"), ti.entry("dir", "srv/app", mode=0o1777),
-        ti.entry("file", "srv/app/readme", b"the app\n"),
-        ti.entry("file", "etc/.wh.hello"), ti.entry("file", "etc/hello", b"from the top layer\n"))
-    return [base, top]
-
-
 @pytest.fixture(scope="module")
 def store() -> TemplateStore:
     return TemplateStore()  # the store the runtime uses: <data dir>/templates
@@ -68,7 +41,7 @@ def store() -> TemplateStore:
 def template(store: TemplateStore, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     name = f"test-tpl-{secrets.token_hex(4)}"
     img = tmp_path_factory.mktemp("img")
-    ti.oci_layout(img, _image_layers(), Env=["PATH=/usr/bin:/bin", "GREETING=hello from the image"],
+    ti.oci_layout(img, ti.image_layers(), Env=["PATH=/usr/bin:/bin", "GREETING=hello from the image"],
                   WorkingDir="/srv/app")
     import_image(store, name, f"oci:{img}")
     yield name
@@ -199,7 +172,7 @@ def test_isolation_basics_hold_on_a_template_root(make, tmp_path: Path):
     devices = _run(sb, "while read a rest; do echo $a; done < /proc/net/dev")
     assert [d for d in devices.split() if d.endswith(":")] == ["lo:"]
     assert _run(sb, "cat /etc/hostname") == "sandbox\n"
-    assert "user:x:1000:1000" in _run(sb, "cat /etc/passwd")  # the generated passwd, not the image's
+    assert "user:x:1000:1000" in _run(sb, "cat /etc/passwd")  # the image's, with the sandbox user's entry added
 
 
 def test_through_a_server_a_template_sandbox_is_never_a_default_root_warm_one(api_server, tmp_path: Path):
@@ -208,7 +181,7 @@ def test_through_a_server_a_template_sandbox_is_never_a_default_root_warm_one(ap
     # the server's templates are those of its own data directory
     server_store = TemplateStore(Path(api_server.data_dir) / "templates")
     template = f"test-tpl-{secrets.token_hex(4)}"
-    ti.oci_layout(tmp_path / "img", _image_layers())
+    ti.oci_layout(tmp_path / "img", ti.image_layers())
     import_image(server_store, template, f"oci:{tmp_path}/img")
     transport = RemoteTransport(api_server.url, api_server.key("conformance"))
     # the server's warm pool holds sandboxes of this very policy: a template sandbox must not be one of them
@@ -231,7 +204,7 @@ def test_a_server_keeps_a_warm_pool_per_template(runtime: str, tmp_path: Path, s
     data = shared_dir / "server"
     data.mkdir()
     template = f"test-tpl-{secrets.token_hex(4)}"
-    ti.oci_layout(tmp_path / "img", _image_layers(), Env=["PATH=/usr/bin:/bin"])
+    ti.oci_layout(tmp_path / "img", ti.image_layers(), Env=["PATH=/usr/bin:/bin"])
     import_image(TemplateStore(data / "templates"), template, f"oci:{tmp_path}/img")
     from stockade.config import HostConfig
 
@@ -322,7 +295,7 @@ def test_image_symlinks_never_lead_the_host_to_create_mount_points_outside(store
     makes bwrap's mount points in the merged tree, and must follow none of them onto the host."""
     marker = tmp_path / "host"
     marker.mkdir()
-    hostile = ti.layer(*_image_layers_entries(), ti.entry("symlink", "home", target=str(marker)),
+    hostile = ti.layer(*ti.image_layers_entries(), ti.entry("symlink", "home", target=str(marker)),
                        ti.entry("symlink", "opt", target="../../../../../../" + str(marker).lstrip("/")),
                        ti.entry("symlink", "tmp", target="/"))
     name = f"test-tpl-{secrets.token_hex(4)}"
@@ -447,7 +420,7 @@ def serving_template(store: TemplateStore, tmp_path_factory: pytest.TempPathFact
     def make(start: list[str], ready: list[str] | None) -> str:
         name = f"test-tpl-{secrets.token_hex(4)}"
         img = tmp_path_factory.mktemp("img")
-        ti.oci_layout(img, _image_layers(), Env=["PATH=/usr/bin:/bin"], WorkingDir="/srv/app")
+        ti.oci_layout(img, ti.image_layers(), Env=["PATH=/usr/bin:/bin"], WorkingDir="/srv/app")
         import_image(store, name, f"oci:{img}", start_command=start, ready_command=ready)
         names.append(name)
         return name
@@ -492,18 +465,6 @@ def test_a_template_whose_ready_command_never_succeeds_is_refused_and_leaves_not
 
 
 # --- the image's user and its files ------------------------------------------------------------------
-_PASSWD = b"root:x:0:0::/root:/bin/sh\nnode:x:1000:1000::/home/node:/bin/sh\napp:x:1500:1500::/srv:/bin/sh\n"
-
-
-def _user_image_layers() -> list[bytes]:
-    entries = [e for e in _image_layers_entries() if e[0].name != "etc/passwd"]
-    return [ti.layer(*entries, ti.entry("file", "etc/passwd", _PASSWD),
-                     ti.entry("file", "etc/group", b"root:x:0:\nnode:x:1000:\napp:x:1500:\n"),
-                     ti.entry("dir", "home"), ti.entry("dir", "home/node", uid=1000, gid=1000),
-                     ti.entry("file", "home/node/app.txt", b"node's\n", uid=1000, gid=1000),
-                     ti.entry("file", "etc/rootfile", b"root's\n"))]
-
-
 @pytest.fixture(scope="module")
 def user_templates(store: TemplateStore, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
     """Templates of one image whose USER is node, unset (root) and app."""
@@ -511,7 +472,7 @@ def user_templates(store: TemplateStore, tmp_path_factory: pytest.TempPathFactor
     for user in ("node", "", "app"):
         name = f"test-user-{user or 'root'}-{secrets.token_hex(3)}"
         img = tmp_path_factory.mktemp("img")
-        ti.oci_layout(img, _user_image_layers(), Env=["PATH=/usr/bin:/bin"], User=user)
+        ti.oci_layout(img, ti.user_image_layers(), Env=["PATH=/usr/bin:/bin"], User=user)
         import_image(store, name, f"oci:{img}")
         made[user] = name
     yield made

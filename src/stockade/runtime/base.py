@@ -21,6 +21,7 @@ from .channel import AgentChannel
 
 if TYPE_CHECKING:
     from ..templates import TemplateConfig
+    from ..templates.snapshot import SnapshotSource
 
 # One connection from inside the sandbox to the broker: a connected stream socket on the host and the
 # one-byte selector the sandbox sent first (b"H": HTTP proxy, b"S": SOCKS5). The runtime carries it (a
@@ -95,6 +96,13 @@ class RuntimeSandbox(ABC):
     @abstractmethod
     def describe(self) -> dict[str, object]:
         """Runtime facts for ``info()``: the runtime's name under "runtime", isolation in force, host ids."""
+
+    def snapshot_source(self) -> SnapshotSource:
+        """Where this sandbox's changes are, for a snapshot (templates/snapshot.py). A runtime that cannot
+        say raises a PolicyError or SandboxUnavailableError that says why."""
+        from ..errors import SandboxUnavailableError
+
+        raise SandboxUnavailableError(f"the {self.describe().get('runtime')} runtime cannot snapshot a sandbox")
 
 
 class Runtime(ABC):

@@ -577,6 +577,12 @@ class Sandbox(_SandboxBase):
     def set_timeout(self, seconds: float) -> None:
         portal().call(self._transport.set_timeout(self.sandbox_id, seconds))
 
+    def snapshot(self, name: str | None = None) -> str:
+        """Save this sandbox's files (its root's changes and /home/user) as a new template, which
+        ``Sandbox.create(template=...)`` starts from; returns its name (default ``<template>-snap-<hex>``).
+        Only for a sandbox from a template; it keeps running. Processes and memory are not saved."""
+        return portal().call(self._transport.snapshot(self.sandbox_id, name))
+
     def get_metrics(self, start: datetime | None = None, end: datetime | None = None) -> builtins.list[SandboxMetrics]:
         """What the sandbox uses: a sample taken now, after the earlier ones still kept (the newest 720),
         those between ``start`` and ``end``. ``cpu_used_pct`` averages since the sample before."""
@@ -908,6 +914,10 @@ class AsyncSandbox(_SandboxBase):
 
     async def set_timeout(self, seconds: float) -> None:
         await portal().acall(self._transport.set_timeout(self.sandbox_id, seconds))
+
+    async def snapshot(self, name: str | None = None) -> str:
+        """See ``Sandbox.snapshot``."""
+        return await portal().acall(self._transport.snapshot(self.sandbox_id, name))
 
     async def get_metrics(self, start: datetime | None = None,
                           end: datetime | None = None) -> builtins.list[SandboxMetrics]:

@@ -48,6 +48,10 @@ class SetTimeout(_Body):
     timeout: Annotated[float, Field(gt=0, le=10 * 365 * 86400)]
 
 
+class TakeSnapshot(_Body):
+    name: Annotated[str | None, Field(description="the new template's name (default: <template>-snap-<hex>)")] = None
+
+
 class PtySizeBody(_Body):
     rows: Annotated[int, Field(ge=1, le=4096)]
     cols: Annotated[int, Field(ge=1, le=4096)]

@@ -143,6 +143,18 @@ async def check_owner(srv: Server, who: Principal, sandbox_id: str) -> None:
         await asyncio.to_thread(srv.rows.row_of, who.tenant, sandbox_id)
 
 
+def _check_template(srv: Server, who: Principal, name: str) -> None:
+    """Another tenant's snapshot is, to this one, a template that does not exist."""
+    from ..templates import TemplateError
+
+    try:
+        owner = TemplateStore(srv.config.data_dir / "templates").get(name).owner
+    except TemplateError:
+        return  # unknown or invalid: the runtime refuses it, naming it
+    if owner and owner != who.tenant:
+        raise PolicyError("template", f"no template named {name!r} on this host (see `stockade template list`)")
+
+
 async def create_sandbox(srv: Server, who: Principal, policy: Policy, timeout: float | None,
                          envs: dict[str, str] | None, metadata: dict[str, str] | None,
                          user_id: str | None, runtime: str | None = None,
@@ -152,6 +164,8 @@ async def create_sandbox(srv: Server, who: Principal, policy: Policy, timeout: f
     limits = srv.settings.tenant(who.tenant)
     limits.check(policy)
     limits.check_runtime(runtime or srv.m.runtime.name)
+    if template is not None:
+        await asyncio.to_thread(_check_template, srv, who, template)
     # From the user's lookup to the reservation nothing awaits: no other create of the tenant comes between.
     existing = srv.m.users_sandbox(who.tenant, user_id)
     if existing is not None and limits.one_sandbox_per_user != "off":

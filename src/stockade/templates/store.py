@@ -82,16 +82,19 @@ class Template:
     digest: str = ""             # the image manifest's digest, when imported
     created: float = 0.0
     size: int = 0                # bytes of its layers' files
+    owner: str = ""              # the server tenant whose snapshot it is ("": the host's, everyone's)
 
     def to_json(self) -> dict[str, Any]:
         return {"name": self.name, "layers": self.layers, "config": self.config.to_json(),
-                "source": self.source, "digest": self.digest, "created": self.created, "size": self.size}
+                "source": self.source, "digest": self.digest, "created": self.created, "size": self.size,
+                "owner": self.owner}
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Template:
         return cls(name=data["name"], layers=list(data["layers"]), config=TemplateConfig.from_json(data["config"]),
                    source=data.get("source", ""), digest=data.get("digest", ""),
-                   created=float(data.get("created", 0)), size=int(data.get("size", 0)))
+                   created=float(data.get("created", 0)), size=int(data.get("size", 0)),
+                   owner=str(data.get("owner", "")))
 
 
 @dataclass(frozen=True)

@@ -38,7 +38,6 @@ class TemplateRootfs:
 
     merged: Path
     python: tuple[Path, str, str]   # template_root.host_python(): its directory, stdlib, stdlib's place inside
-    uid: int = rootfs.SANDBOX_UID   # the template's user (templates/users.py), who owns /home/user
 
 
 @dataclass(frozen=True)
@@ -104,11 +103,16 @@ def write(bundle: Path, *, policy: Policy, layout: SandboxLayout, static: Static
          "options": ["nosuid", "noexec", "newinstance", "ptmxmode=0666", "mode=0620"]},
         _tmpfs("/dev/shm", fs.tmp_size, "1777"),
     ]
-    if workspace is not None:  # the disk images' directories (home, tmp), bound read-write
-        mounts += [_bind(workspace[1], "/tmp", writable=True), _bind(workspace[0], rootfs.HOME, writable=True)]
+    # the disk images' directories (home, tmp), bound read-write, or tmpfs; a template's root holds its own
+    # /home/user (its writable layer is on the workspace's image, or a tmpfs, of that size)
+    if workspace is not None:
+        mounts.append(_bind(workspace[1], "/tmp", writable=True))
+        if template is None:
+            mounts.append(_bind(workspace[0], rootfs.HOME, writable=True))
     else:
-        mounts += [_tmpfs("/tmp", fs.tmp_size, "1777"),
-                   _tmpfs(rootfs.HOME, fs.workspace_size, "0755", template.uid if template else rootfs.SANDBOX_UID)]
+        mounts.append(_tmpfs("/tmp", fs.tmp_size, "1777"))
+        if template is None:
+            mounts.append(_tmpfs(rootfs.HOME, fs.workspace_size, "0755", rootfs.SANDBOX_UID))
     if template is None:
         mounts += [_bind(path, path) for path in image.binds]
         if image.python_prefix_fd_source:

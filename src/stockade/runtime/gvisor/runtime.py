@@ -29,6 +29,7 @@ import subprocess
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ... import environment
 from ...agent import protocol
@@ -37,6 +38,9 @@ from ...errors import PolicyError, SandboxUnavailableError, UnenforceableError
 from ...policy import format_size
 from ...templates import Lease, TemplateStore
 from ...templates.users import ImageUser
+
+if TYPE_CHECKING:
+    from ...templates.snapshot import SnapshotSource
 from .. import cgroups
 from ..agent_files import compiled_agent
 from ..base import Runtime, RuntimeSandbox, SandboxLayout, SandboxSpec
@@ -313,9 +317,10 @@ class GvisorSandbox(RuntimeSandbox):
                 (ws.upper, ws.work) if ws else None,
                 template_root.layer_id_maps(resolved.layer_infos, self.image_user, uid, gid))
             await asyncio.to_thread(self.overlay.create)
+            self.overlay.give_home()
             os.chmod(self.overlay.base, 0o700)   # only the gofer: gid 1000 may be a host user's too
             template = bundle_mod.TemplateRootfs(
-                self.overlay.merged, template_root.host_python(rt.image.python_host, rt.config.state_dir), uid)
+                self.overlay.merged, template_root.host_python(rt.image.python_host, rt.config.state_dir))
         self.bundle.mkdir(mode=0o700)
         bundle_mod.write(self.bundle, policy=self.policy, layout=self.layout, static=rt.static, image=rt.image,
                          sandbox_env=self.sandbox_env, egress_dir=self.egress.socket_dir if self.egress else None,
@@ -419,6 +424,11 @@ class GvisorSandbox(RuntimeSandbox):
             self.sentry_pid = next((pid for pid in _processes_of(self.bundle) if _comm(pid) == "runsc-sandbox"),
                                    None)
         return self.sentry_pid
+
+    def snapshot_source(self) -> SnapshotSource:
+        user = self.image_user
+        ids = (user.uid, user.gid) if user is not None else (rootfs.SANDBOX_UID, rootfs.SANDBOX_GID)
+        return template_root.snapshot_source(self.runtime.templates, self.overlay, self.lease, user, ids)
 
     def memory_peak(self) -> int | None:
         return self.cgroup.memory_peak() if self.cgroup else None

@@ -25,6 +25,7 @@ import uuid
 from collections.abc import Callable, Mapping
 from functools import cache
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ... import environment
 from ...agent import protocol
@@ -32,6 +33,9 @@ from ...config import HostConfig
 from ...errors import PolicyError, SandboxUnavailableError, UnenforceableError
 from ...templates import Lease, TemplateStore
 from ...templates.users import ImageUser
+
+if TYPE_CHECKING:
+    from ...templates.snapshot import SnapshotSource
 from .. import cgroups
 from ..agent_files import AGENT_ZIP, SAVE_ARTIFACT, compiled_agent
 from ..base import Runtime, RuntimeSandbox, SandboxSpec
@@ -380,9 +384,12 @@ class JailSandbox(RuntimeSandbox):
             argv += ["--ro-bind", str(rt.sandbox_env), environment.MOUNT]
         if self.egress is not None:  # the only way out of the network namespace
             argv += ["--ro-bind", str(self.egress.socket_dir), os.path.dirname(rt.layout.broker)]
+        # As root a template's /home/user is part of its root: what the image (or a snapshot) has there shows,
+        # and writes land in the writable layer, which is on the workspace's image (or tmpfs) of that size.
+        home = None if self.overlay is not None and self.overlay.owner is not None else rootfs.HOME
         argv += ["--proc", "/proc", "--dev", "/dev", *workspace.shm_args(fs.tmp_size),
-                 *(self.workspace.bwrap_args(rootfs.HOME) if self.workspace is not None else
-                   workspace.tmpfs_args(rootfs.HOME, fs.workspace_size, fs.tmp_size))]
+                 *(self.workspace.bwrap_args(home) if self.workspace is not None else
+                   workspace.tmpfs_args(home, fs.workspace_size, fs.tmp_size))]
         if self.use_env and rt.sandbox_env is not None:  # the workspace venv pip installs into (environment.py)
             venv = environment.workspace_venv(rt.sandbox_env)
             for d in venv.dirs:
@@ -481,6 +488,10 @@ class JailSandbox(RuntimeSandbox):
             "agent_host_pid": self.agent_host_pid,
             "namespaces": dict(self.namespaces),
         }
+
+    def snapshot_source(self) -> SnapshotSource:
+        host = (self.uid.uid, self.uid.uid) if self.uid is not None else (os.geteuid(), os.getegid())
+        return template_root.snapshot_source(self.runtime.templates, self.overlay, self.lease, self.image_user, host)
 
     def memory_peak(self) -> int | None:
         return self.cgroup.memory_peak() if self.cgroup else None

@@ -39,9 +39,10 @@ import os
 import shutil
 import stat
 import subprocess
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from functools import cache
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ...errors import PolicyError, SandboxUnavailableError
 from ...templates import (
@@ -56,7 +57,10 @@ from ...templates import (
 from ...templates.layers import STORE_ID_BASE, STORE_ID_COUNT
 from ...templates.users import ImageUser, image_user
 from .. import idmap
-from .rootfs import BIN_DIR
+from .rootfs import BIN_DIR, HOME
+
+if TYPE_CHECKING:
+    from ...templates.snapshot import SnapshotSource
 
 PY_DIR = "/opt/stockade/python"          # PYTHONHOME of the agent in a template sandbox
 PY_SO_DIR = f"{PY_DIR}/so"               # the host python binary, its loader and libraries
@@ -240,6 +244,29 @@ class OverlayRoot:
                 make_at(root_fd, path, directory=False)
         finally:
             os.close(root_fd)
+        self.give_home()
+
+    def give_home(self) -> None:
+        """As root: /home/user is part of the root (its writes land in the writable layer, on the workspace's
+        image): make it, and make it the sandbox user's, following no symlink of the image."""
+        if self.owner is None:
+            return
+        root_fd = os.open(self.merged, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        try:
+            make_at(root_fd, HOME, directory=True)
+            fd = os.dup(root_fd)
+            try:
+                for part in HOME.strip("/").split("/"):
+                    nxt = os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
+                    os.close(fd)
+                    fd = nxt
+                os.fchown(fd, self.owner, self.owner)
+            except OSError:
+                pass  # a symlink on the way (the image's /home -> /): the sandbox's own business, inside it
+            finally:
+                os.close(fd)
+        finally:
+            os.close(root_fd)
 
     def remove(self) -> None:
         remove(self.base)
@@ -322,6 +349,35 @@ def layer_id_maps(infos: Sequence[LayerInfo], user: ImageUser, host_uid: int, ho
             idmap.id_map(STORE_ID_BASE, STORE_ID_COUNT, gids))
 
 
+def image_ids(host_uid: int, host_gid: int, user: ImageUser) -> Callable[[int, int], tuple[int, int]]:
+    """For a snapshot: the image's (uid, gid) of a file the sandbox's root holds on the host. The sandbox's
+    host ids are the image user's, the store's range is the image's own ids, root is root, and anything
+    else (only the sandbox could have made it) is nobody."""
+    def one(host: int, mine: int, image: int) -> int:
+        if host == mine:
+            return image
+        if host == 0 or STORE_ID_BASE <= host < STORE_ID_BASE + STORE_ID_COUNT:
+            return host - STORE_ID_BASE if host else 0
+        return 65534
+
+    return lambda uid, gid: (one(uid, host_uid, user.uid), one(gid, host_gid, user.gid))
+
+
+def snapshot_source(store: TemplateStore, overlay: OverlayRoot | None, lease: Lease | None,
+                    user: ImageUser | None, host_ids: tuple[int, int]) -> SnapshotSource:
+    """What a snapshot of a template sandbox saves; why not, for any other."""
+    if overlay is None or lease is None or user is None:
+        raise PolicyError("template", "only a sandbox started from a template can be snapshotted (a sandbox "
+                          "without one runs on the host's read-only system files): create it with template=NAME")
+    if overlay.owner is None:
+        raise SandboxUnavailableError("an unprivileged template sandbox's /home/user is a tmpfs in its own mount "
+                                      "namespace, which the host cannot read: no snapshot",
+                                      "fix: run stockade as root to snapshot sandboxes")
+    from ...templates.snapshot import SnapshotSource
+
+    return SnapshotSource(store, lease.resolved.template.name, overlay.upper, image_ids(*host_ids, user))
+
+
 def sandbox_user(resolved: ResolvedTemplate, files: dict[str, bytes]) -> ImageUser:
     """The template's user (templates/users.py); puts the image's /etc/passwd and /etc/group into
     ``files`` (unless the caller placed their own). An unknown user is a PolicyError on ``template``."""
@@ -357,4 +413,5 @@ def agent_argv(so_dir_inside: str, agent_zip: str, channel_fd: int) -> list[str]
 
 
 __all__ = ["PY_DIR", "PY_SO_DIR", "OverlayRoot", "agent_argv", "apply_image_config", "host_python",
-           "layer_id_maps", "lease", "make_at", "mount_points", "python_argv", "remove", "sandbox_user"]
+           "image_ids", "layer_id_maps", "lease", "make_at", "mount_points", "python_argv", "remove", "sandbox_user",
+           "snapshot_source"]

@@ -97,10 +97,11 @@ def choose(privileged: bool, wanted: str) -> Backing:
     return Backing(False, problem)
 
 
-def tmpfs_args(home: str, workspace_size: int, tmp_size: int) -> list[str]:
-    """bwrap's arguments for the fallback: /home/user and /tmp as tmpfs of their sizes."""
-    return ["--size", str(tmp_size), "--perms", "1777", "--tmpfs", "/tmp",
-            "--size", str(workspace_size), "--perms", "0755", "--tmpfs", home]
+def tmpfs_args(home: str | None, workspace_size: int, tmp_size: int) -> list[str]:
+    """bwrap's arguments for the fallback: /home/user (unless ``home`` is None: a template's root holds
+    it) and /tmp as tmpfs of their sizes."""
+    args = ["--size", str(tmp_size), "--perms", "1777", "--tmpfs", "/tmp"]
+    return args if home is None else [*args, "--size", str(workspace_size), "--perms", "0755", "--tmpfs", home]
 
 
 def shm_args(tmp_size: int) -> list[str]:
@@ -160,8 +161,10 @@ class DiskWorkspace:
             raise
         return fd
 
-    def bwrap_args(self, home: str) -> list[str]:
-        return ["--bind", str(self.tmp_dir), "/tmp", "--bind", str(self.home), home]
+    def bwrap_args(self, home: str | None) -> list[str]:
+        """/tmp, and /home/user unless ``home`` is None (a template's root holds it)."""
+        args = ["--bind", str(self.tmp_dir), "/tmp"]
+        return args if home is None else [*args, "--bind", str(self.home), home]
 
     def remove(self) -> None:
         remove(self.base)

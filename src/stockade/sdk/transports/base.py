@@ -36,6 +36,10 @@ class Transport(ABC):
     async def set_timeout(self, sandbox_id: str, seconds: float) -> None: ...
 
     @abstractmethod
+    async def snapshot(self, sandbox_id: str, name: str | None) -> str:
+        """Save a template sandbox's files as a new template; its name."""
+
+    @abstractmethod
     async def run(self, sandbox_id: str, cmd: str | Argv, *, envs: Mapping[str, str] | None,
                   cwd: str | None, stdin: bytes | None, timeout: float | None,
                   on_output: OutputSink | None) -> CommandResult: ...

@@ -66,6 +66,9 @@ class LocalTransport(Transport):
     async def set_timeout(self, sandbox_id: str, seconds: float) -> None:
         (await self.manager()).set_timeout(sandbox_id, seconds)
 
+    async def snapshot(self, sandbox_id: str, name: str | None) -> str:
+        return (await (await self.manager()).snapshot(sandbox_id, name)).name
+
     async def _start(self, sandbox_id: str, cmd: str | Argv, envs: Mapping[str, str] | None,
                      cwd: str | None, stdin: bytes | None, timeout: float | None, on_output: OutputSink | None,
                      background: bool, pty: tuple[int, int] | None = None) -> CommandRecord:

@@ -138,6 +138,10 @@ class RemoteTransport(Transport):
     async def set_timeout(self, sandbox_id: str, seconds: float) -> None:
         await self._call("POST", f"/sandboxes/{_id(sandbox_id)}/timeout", json={"timeout": seconds})
 
+    async def snapshot(self, sandbox_id: str, name: str | None) -> str:
+        out = await self._call("POST", f"/sandboxes/{_id(sandbox_id)}/snapshot", json={"name": name})
+        return str(out["template"])
+
     # ---- commands -------------------------------------------------------------------------------
     async def run(self, sandbox_id: str, cmd: str | Argv, *, envs: Mapping[str, str] | None,
                   cwd: str | None, stdin: bytes | None, timeout: float | None,

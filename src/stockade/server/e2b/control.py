@@ -64,6 +64,11 @@ class Timeout(_In):
     timeout: Annotated[float, Field(ge=0, le=10 * 365 * 86400)]
 
 
+class SnapshotIn(_In):
+    name: str | None = None
+    memory: bool | None = None
+
+
 class ConnectIn(_In):
     timeout: Annotated[float, Field(ge=0, le=10 * 365 * 86400)] | None = None
 
@@ -197,6 +202,20 @@ async def set_timeout(sandbox_id: str, body: Timeout, request: Request) -> Respo
         raise PolicyError("timeout", "must be a positive number of seconds")
     core.set_timeout(who, sandbox_id, body.timeout)
     return Response(status_code=204)
+
+
+@router.post("/sandboxes/{sandbox_id}/snapshots", status_code=201)
+async def create_snapshot(sandbox_id: str, body: SnapshotIn, request: Request) -> dict[str, Any]:
+    """``create_snapshot()``: the sandbox's files as a template of the server's store (``Sandbox.create``
+    takes its id as the template), its tenant's only. Filesystem only: memory and processes are not kept."""
+    core = core_of(request)
+    who = await core.authenticate(request)
+    if body.memory:
+        raise PolicyError("memory", "stockade snapshots keep the filesystem only: use mode='filesystem' "
+                                    "(sandboxes from it start fresh, without the running processes)")
+    core.live(who, sandbox_id)
+    template = await core.srv.m.snapshot(sandbox_id, body.name, owner=who.tenant)
+    return {"snapshotID": template.name, "names": [template.name]}
 
 
 @router.get("/sandboxes/{sandbox_id}/metrics")

@@ -11,7 +11,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from ... import __version__
 from ...policy import Policy
 from ..deps import Auth, Srv
-from ..models import CreateSandbox, SandboxOut, SetTimeout, ended_rows, sandbox_out
+from ..models import CreateSandbox, SandboxOut, SetTimeout, TakeSnapshot, ended_rows, sandbox_out
 from ..service import create_sandbox, live_sandbox
 
 router = APIRouter()
@@ -79,3 +79,13 @@ async def set_timeout(sandbox_id: str, body: SetTimeout, srv: Srv, who: Auth) ->
     live_sandbox(srv, who, sandbox_id)
     srv.m.set_timeout(sandbox_id, body.timeout)
     return sandbox_out(srv, srv.m.get(sandbox_id))
+
+
+@router.post("/sandboxes/{sandbox_id}/snapshot", status_code=201, tags=["sandboxes"])
+async def snapshot(sandbox_id: str, body: TakeSnapshot, srv: Srv, who: Auth) -> dict[str, Any]:
+    """Save a template sandbox's files as a new template of the server's store, which only this tenant's
+    sandboxes may start from (``template`` of ``POST /sandboxes``). The sandbox keeps running."""
+    live_sandbox(srv, who, sandbox_id)
+    template = await srv.m.snapshot(sandbox_id, body.name, owner=who.tenant)
+    return {"template": template.name, "from": template.source, "size": template.size,
+            "layers": len(template.layers)}
