@@ -696,7 +696,9 @@ def test_get_host_carries_websockets(server: RunningServer) -> None:
     try:
         sb.files.write("/tmp/ws.py", WS_SERVER.replace("8003", str(EXPOSED)))
         sb.commands.run("python3 /tmp/ws.py > /tmp/ws.log 2>&1", background=True)
-        wait_until(lambda: "ready" in sb.files.read("/tmp/ws.log"), 20, "the WebSocket server inside")
+        # (the background command makes the log: it may not exist yet at the first look)
+        wait_until(lambda: sb.files.exists("/tmp/ws.log") and "ready" in sb.files.read("/tmp/ws.log"), 20,
+                   "the WebSocket server inside")
         addr, port = server.url.removeprefix("http://").rsplit(":", 1)
         token = [("E2B-Traffic-Access-Token", sb.traffic_access_token or "")]
         slots = GuardedH11Protocol._open.get("127.0.0.1", 0)

@@ -19,7 +19,7 @@ import httpx
 import pytest
 
 from stockade import Sandbox
-from stockade.errors import PolicyError, SandboxUnavailableError
+from stockade.errors import PolicyError, UnenforceableError
 from stockade.runtime.registry import runtime_class
 from stockade.templates import Limits, TemplateError, TemplateStore, import_image
 from stockade.templates.layers import STORE_ID_BASE
@@ -243,7 +243,7 @@ def test_unprivileged_snapshots_are_refused_saying_why(template: str) -> None:
     if ROOT:
         pytest.skip("as root snapshots are taken (the tests above)")
     with Sandbox.create(policy=base_policy(), template=template) as sb, \
-            pytest.raises(SandboxUnavailableError, match="run stockade as root"):
+            pytest.raises(UnenforceableError, match="run stockade as root"):
         sb.snapshot()
 
 
@@ -321,3 +321,34 @@ def test_an_entry_replaced_between_its_listing_and_its_read_is_refused(tmp_path:
     with pytest.raises(TemplateError, match="/victim changed while the snapshot was taken"):
         write_layer(buf, _source(upper), Limits())
     assert b"host-secret-content" not in buf.getvalue()
+
+
+def test_a_sandbox_killed_during_its_snapshot_leaves_no_template_and_no_work(template: str, runtime: str,
+                                                                             store: TemplateStore) -> None:
+    import threading
+
+    from stockade.errors import SandboxNotFoundError
+
+    sb = Sandbox.create(policy=base_policy(), template=template, runtime=runtime)
+    _run(sb, "mkdir /home/node/m && cd /home/node/m && for i in $(seq 3000); do echo $i > f$i; done")
+    outcome: list[object] = []
+
+    def take() -> None:
+        try:
+            outcome.append(sb.snapshot("test-snap-killed"))
+        except Exception as exc:  # noqa: BLE001 - recorded and checked below
+            outcome.append(exc)
+
+    thread = threading.Thread(target=take)
+    thread.start()
+    time.sleep(0.05)
+    sb.kill()
+    thread.join(60)
+    assert len(outcome) == 1
+    if isinstance(outcome[0], Exception):
+        assert isinstance(outcome[0], (SandboxNotFoundError, TemplateError)), outcome[0]
+        assert not store.exists("test-snap-killed")
+    else:   # it was done before the kill landed: a whole snapshot
+        with Sandbox.create(policy=base_policy(), template="test-snap-killed", runtime=runtime) as again:
+            assert _run(again, "cat /home/node/m/f3000") == "3000\n"
+    _no_work_left(store)

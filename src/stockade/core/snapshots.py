@@ -5,11 +5,12 @@ template's name and size, or the error)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import secrets
 import time
 from typing import TYPE_CHECKING
 
-from ..errors import PolicyError
+from ..errors import PolicyError, SandboxNotFoundError
 from ..templates.errors import TemplateError
 from .base import CoreBase
 
@@ -41,6 +42,12 @@ class Snapshots(CoreBase):
         finally:
             sb.busy -= 1
             sb.last_active = self.loop.time()
+        if self.sandboxes.get(sb.id) is not sb or not sb.runtime.is_alive():
+            # it ended under the walk (killed, timed out): its files may have gone with it, so no snapshot
+            with contextlib.suppress(Exception):
+                await asyncio.to_thread(source.store.remove, template.name)
+            self._record(sb, "sandbox.snapshot", {"template": name, "error": "the sandbox ended during it"})
+            raise SandboxNotFoundError(f"sandbox {sb.id} ended while its snapshot was taken: no template was made")
         self._record(sb, "sandbox.snapshot", {"template": name, "from": source.template, "size": template.size,
                                               "layers": len(template.layers),
                                               "duration_ms": round((time.monotonic() - started) * 1000, 1)})

@@ -100,9 +100,9 @@ class RuntimeSandbox(ABC):
     def snapshot_source(self) -> SnapshotSource:
         """Where this sandbox's changes are, for a snapshot (templates/snapshot.py). A runtime that cannot
         say raises a PolicyError or SandboxUnavailableError that says why."""
-        from ..errors import SandboxUnavailableError
+        from ..errors import UnenforceableError
 
-        raise SandboxUnavailableError(f"the {self.describe().get('runtime')} runtime cannot snapshot a sandbox")
+        raise UnenforceableError(f"the {self.describe().get('runtime')} runtime cannot snapshot a sandbox")
 
 
 class Runtime(ABC):

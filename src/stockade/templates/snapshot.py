@@ -62,7 +62,9 @@ def _add_tree(tf: tarfile.TarFile, root: Path, prefix: str, source: SnapshotSour
     hardlinks: dict[tuple[int, int], str] = {}
     root_fd = os.open(root, _DIR_FLAGS)
     try:
-        for dirpath, dirnames, filenames, dfd in os.fwalk(".", dir_fd=root_fd, follow_symlinks=False):
+        # a directory that cannot be listed fails the snapshot (fwalk would skip it silently)
+        for dirpath, dirnames, filenames, dfd in os.fwalk(".", dir_fd=root_fd, follow_symlinks=False,
+                                                          onerror=_unlistable):
             rel = os.path.normpath(dirpath)
             rel = "" if rel == "." else rel
             dirnames[:] = sorted(d for d in dirnames if _join(rel, d) not in skip)
@@ -72,6 +74,10 @@ def _add_tree(tf: tarfile.TarFile, root: Path, prefix: str, source: SnapshotSour
                 _add(tf, dfd, name, _join(prefix, _join(rel, name)), source, budget, hardlinks)
     finally:
         os.close(root_fd)
+
+
+def _unlistable(exc: OSError) -> None:
+    raise TemplateError(f"a directory of the sandbox could not be read ({exc.strerror}): take the snapshot again")
 
 
 def _join(a: str, b: str) -> str:

@@ -44,7 +44,7 @@ from functools import cache
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ...errors import PolicyError, SandboxUnavailableError
+from ...errors import PolicyError, SandboxUnavailableError, UnenforceableError
 from ...templates import (
     LayerInfo,
     Lease,
@@ -370,7 +370,7 @@ def snapshot_source(store: TemplateStore, overlay: OverlayRoot | None, lease: Le
         raise PolicyError("template", "only a sandbox started from a template can be snapshotted (a sandbox "
                           "without one runs on the host's read-only system files): create it with template=NAME")
     if overlay.owner is None:
-        raise SandboxUnavailableError("an unprivileged template sandbox's /home/user is a tmpfs in its own mount "
+        raise UnenforceableError("an unprivileged template sandbox's /home/user is a tmpfs in its own mount "
                                       "namespace, which the host cannot read: no snapshot",
                                       "fix: run stockade as root to snapshot sandboxes")
     from ...templates.snapshot import SnapshotSource
