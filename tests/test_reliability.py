@@ -8,6 +8,8 @@ import subprocess
 import tempfile
 from pathlib import Path
 
+import pytest
+
 from stockade.broker.server import BrokerEndpoint
 from stockade.policy import NetworkPolicy
 from stockade.runtime.jail.egress import FdPassingListener
@@ -82,3 +84,29 @@ def test_uid_lock_files_are_removed_and_a_uid_is_never_held_twice(tmp_path: Path
         t.join()
     assert shared == []
     assert os.listdir(tmp_path / "uids") == []
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="starts a process as another uid")
+def test_id_blocks_are_aligned_and_skip_a_block_with_processes(tmp_path):
+    """Build steps get blocks of 65536 ids (runtime/jail/template_root.py): a block any id of which a
+    process runs as is never handed out, and skipping it leaves no lock file."""
+    import subprocess
+
+    from stockade.runtime.jail.uids import UidAllocator
+
+    base, step = 3_900_000_000, 65536
+    allocator = UidAllocator(tmp_path, (base, base + step), step=step)
+    squatter = subprocess.Popen(["sleep", "60"], user=base + 4242, group=base + 4242)
+    try:
+        for _ in range(8):   # only the second block is ever free
+            lease = allocator.acquire()
+            assert lease.uid == base + step
+            lease.release()
+        held = allocator.acquire()
+        with pytest.raises(Exception, match="no free sandbox uid"):
+            allocator.acquire()
+        held.release()
+        assert os.listdir(tmp_path / "uids") == []
+    finally:
+        squatter.kill()
+        squatter.wait()

@@ -55,8 +55,9 @@ class Lifecycle(Owners, Egress, ArtifactIntake, Commands):
     async def create(self, policy: Policy, timeout: float | None = None, envs: Mapping[str, str] | None = None,
                      metadata: Mapping[str, str] | None = None, *, tenant: str | None = None,
                      user_id: str | None = None, runtime: str | None = None, template: str | None = None,
-                     reservation: Reservation | None = None) -> ManagedSandbox:
-        """The steps: hold the owner's reservation (the caller's, made against a quota by ``reserve``, or one
+                     reservation: Reservation | None = None, build_step: bool = False) -> ManagedSandbox:
+        """``build_step`` (in-process only: templates/build.py) starts a build step's sandbox (SandboxSpec).
+        The steps: hold the owner's reservation (the caller's, made against a quota by ``reserve``, or one
         made here), check the request, pick the runtime, set up the egress (broker, secrets' placeholders,
         trust bundle), start the sandbox (or take a warm one), attach its network, register it in the
         reservation's place, run its template's start and ready commands, hand it out."""
@@ -69,7 +70,7 @@ class Lifecycle(Owners, Egress, ArtifactIntake, Commands):
             ttl = _time_to_live(policy, timeout)
             sandbox_id = new_sandbox_id()
             egress = self._egress_for(sandbox_id, policy, runtime_.layout, caller_envs, tenant, user_id)
-            rt, warm = await self._start(runtime_, sandbox_id, policy, egress, template)
+            rt, warm = await self._start(runtime_, sandbox_id, policy, egress, template, build_step)
             sb = self._register(rt, policy, ttl, meta, egress, tenant, user_id, reservation,
                                 {"env_names": sorted(caller_envs), "warm": warm, "template": template})
         finally:  # a create that failed frees its share; one that registered has moved it to its sandbox
@@ -118,14 +119,16 @@ class Lifecycle(Owners, Egress, ArtifactIntake, Commands):
             await asyncio.sleep(READY_POLL)
 
     async def _start(self, runtime: Runtime, sandbox_id: str, policy: Policy,
-                     egress: EgressPlan, template: str | None = None) -> tuple[RuntimeSandbox, bool]:
+                     egress: EgressPlan, template: str | None = None,
+                     build_step: bool = False) -> tuple[RuntimeSandbox, bool]:
         """A started sandbox with its network attached (or none of it left on failure); whether it was warm."""
         layout, broker = runtime.layout, egress.broker
         rt: RuntimeSandbox | None = None
         warm = False
         try:
             pool = self.pools.get(template)   # one per template the host pools, and one for its default root
-            if broker is None and runtime is self.runtime and pool is not None and pool.matches(policy):
+            if (broker is None and runtime is self.runtime and pool is not None and pool.matches(policy)
+                    and not build_step):
                 rt = await pool.take()
             if rt is not None:  # warm: it gets its id's records, and the caller's variables, now
                 warm = True
@@ -133,7 +136,7 @@ class Lifecycle(Owners, Egress, ArtifactIntake, Commands):
                     await rt.agent.setenv(egress.envs)
             else:
                 rt = await runtime.start(SandboxSpec(sandbox_id, policy, egress.envs, egress.files,
-                                                     broker.handle if broker else None, template))
+                                                     broker.handle if broker else None, template, build_step))
             if broker is not None:
                 await rt.agent.net_bridge(layout.broker, layout.http_proxy_port, layout.socks_port, layout.egress_relay)
             else:  # the same proxy ports answer "network is off" at once, instead of tools timing out

@@ -15,27 +15,30 @@ from ..templates.errors import TemplateError
 from .base import CoreBase
 
 if TYPE_CHECKING:
-    from ..templates import Template
+    from ..templates import Template, TemplateConfig
 
 
 class Snapshots(CoreBase):
-    async def snapshot(self, sandbox_id: str, name: str | None = None, *, owner: str = "") -> Template:
+    async def snapshot(self, sandbox_id: str, name: str | None = None, *, owner: str = "",
+                       build_step: TemplateConfig | None = None) -> Template:
         """Save sandbox ``sandbox_id``'s files as template ``name`` (default: ``<template>-snap-<hex>``);
-        ``owner`` (a server's tenant) is the only one its sandboxes may start from."""
+        ``owner`` (a server's tenant) is the only one its sandboxes may start from. ``build_step`` (only
+        in-process, from templates/build.py) saves a build cache record with that config instead."""
         from ..templates.snapshot import save
-        from ..templates.store import check_name
+        from ..templates.store import check_name, is_build_cache
 
         sb = self.get(sandbox_id)
         source = sb.runtime.snapshot_source()
         name = name if name is not None else f"{source.template}-snap-{secrets.token_hex(4)}"
-        try:
-            check_name(name)
-        except TemplateError as exc:
-            raise PolicyError("name", str(exc)) from None
+        if not (build_step is not None and not owner and is_build_cache(name)):
+            try:
+                check_name(name)
+            except TemplateError as exc:
+                raise PolicyError("name", str(exc)) from None
         started = time.monotonic()
         sb.busy += 1   # a snapshot being taken is use: the sandbox does not idle out under it
         try:
-            template = await asyncio.to_thread(save, source, name, f"sandbox {sb.id}", owner)
+            template = await asyncio.to_thread(save, source, name, f"sandbox {sb.id}", owner, config=build_step)
         except Exception as exc:
             self._record(sb, "sandbox.snapshot", {"template": name, "error": str(exc)[:300]})
             raise

@@ -54,6 +54,9 @@ class SandboxSpec:
     files: Mapping[str, bytes] = field(default_factory=dict)   # read-only files to place (path -> content)
     egress: EgressHandler | None = None   # None: no way out at all (network.mode = "none")
     template: str | None = None   # the template whose layers are the root (None: the runtime's default root)
+    # A build step (templates/build.py, in-process only): commands run as the template's USER as the image
+    # means it, its root included, in a private block of host ids (runtimes that cannot: UnenforceableError)
+    build_step: bool = False
 
 
 class RuntimeSandbox(ABC):

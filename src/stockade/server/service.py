@@ -144,9 +144,13 @@ async def check_owner(srv: Server, who: Principal, sandbox_id: str) -> None:
 
 
 def _check_template(srv: Server, who: Principal, name: str) -> None:
-    """Another tenant's snapshot is, to this one, a template that does not exist."""
+    """Another tenant's snapshot, and the host's build cache (templates/build.py), are to a tenant
+    templates that do not exist."""
     from ..templates import TemplateError
+    from ..templates.store import is_build_cache
 
+    if is_build_cache(name):
+        raise PolicyError("template", f"no template named {name!r} on this host (see `stockade template list`)")
     try:
         owner = TemplateStore(srv.config.data_dir / "templates").get(name).owner
     except TemplateError:

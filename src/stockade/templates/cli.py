@@ -12,7 +12,8 @@ import typer
 
 from .errors import TemplateError
 
-template_app = typer.Typer(help="Templates: root filesystems sandboxes start from (imported OCI images).",
+template_app = typer.Typer(help="Templates: root filesystems sandboxes start from (imported images, builds, "
+                                "snapshots).",
                            no_args_is_help=True)
 STORE = typer.Option(None, "--store", help="Template store directory (default: <data dir>/templates).")
 
@@ -78,6 +79,91 @@ def template_import(
                f"({t.digest[:19]}) in {time.monotonic() - started:.1f} s")
 
 
+@template_app.command("build")
+def template_build(
+    name: str = typer.Argument(..., help="Name of the template to build (replaced if it exists and is unused)."),
+    context: Path = typer.Argument(Path("."), help="The build context: where COPY and ADD read their sources."),
+    file: Path | None = typer.Option(None, "--file", "-f", help="The build file (default: CONTEXT/Dockerfile)."),
+    build_arg: list[str] = typer.Option([], "--build-arg", help="NAME=VALUE for an ARG of the build file "
+                                                                 "(repeatable)."),
+    allow_host: list[str] = typer.Option([], "--allow-host", help="A host RUN steps may reach through the "
+                                                                   "egress broker, as in network.allow "
+                                                                   "(repeatable; default: no network)."),
+    policy: Path | None = typer.Option(None, "--policy", "-p", help="The RUN sandboxes' policy (TOML or JSON)."),
+    timeout: float | None = typer.Option(None, "--timeout", "-t", help="Wall time for each RUN, seconds "
+                                                                       "(default 600)."),
+    memory: str | None = typer.Option(None, "--memory", "-m", help="Memory limit of each RUN, e.g. 1GiB."),
+    runtime: str | None = typer.Option(None, "--runtime", help="Runtime the RUN steps run on (default: "
+                                                               "STOCKADE_RUNTIME, else jail)."),
+    no_cache: bool = typer.Option(False, "--no-cache", help="Run every step again (the cache is still updated)."),
+) -> None:
+    """Build a template from a Dockerfile subset: FROM, RUN (in a sandbox), COPY/ADD, ENV, ARG, WORKDIR,
+    USER, LABEL, START and READY. Each step is cached."""
+    import sys
+
+    from ..errors import StockadeError
+    from .build import BuildEvent, build
+    from .store import TemplateStore
+
+    path = file or context / "Dockerfile"
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        typer.echo(f"stockade: cannot read the build file {path}: {exc}", err=True)
+        raise typer.Exit(2) from None
+    args: dict[str, str] = {}
+    for item in build_arg:
+        key, eq, value = item.partition("=")
+        if not eq:
+            value = os.environ.get(key, "")   # --build-arg NAME takes NAME from the environment, as docker's
+        args[key] = value
+    try:
+        pol = _build_policy(policy, timeout, memory, allow_host)
+    except StockadeError as exc:
+        typer.echo(f"stockade: {exc}", err=True)
+        raise typer.Exit(2) from None
+
+    def progress(e: BuildEvent) -> None:
+        if e.kind == "step":
+            typer.echo(f"[{e.index}/{e.count}] {e.instruction}", err=True)
+        elif e.kind == "output":
+            sys.stderr.write(e.text)
+            sys.stderr.flush()
+        elif e.cached:
+            typer.echo("  cached", err=True)
+        elif e.layer_bytes is not None:
+            typer.echo(f"  done in {e.seconds:.2f} s, layer of {_size(e.layer_bytes)}", err=True)
+
+    try:
+        result = build(TemplateStore(), name, text, context, policy=pol, runtime=runtime, build_args=args,
+                       no_cache=no_cache, source=f"build of {path}", progress=progress)
+    except (TemplateError, StockadeError) as exc:
+        typer.echo(f"stockade: {exc}", err=True)
+        raise typer.Exit(1) from None
+    t = result.template
+    typer.echo(f"template {t.name}: {len(t.layers)} layers, {_size(t.size)}, built in {result.seconds:.1f} s "
+               f"({result.cached} of {result.steps} steps cached)")
+
+
+def _build_policy(path: Path | None, timeout: float | None, memory: str | None, hosts: list[str]):  # type: ignore[no-untyped-def]
+    """The RUN steps' policy: the file's (or the defaults), with each RUN's time (600 s unless the file or
+    --timeout says), memory, and the allowed hosts added."""
+    from ..policy import Policy
+
+    policy = Policy.from_file(path) if path else Policy()
+    if timeout is None and path is None:
+        timeout = 600.0
+    if memory is not None:
+        policy = policy.with_overrides(limits={"memory": memory})
+    if timeout is not None:
+        ttl = max(policy.lifetime.timeout, timeout + 60)
+        policy = policy.with_overrides(limits={"command_timeout": timeout}, lifetime={
+            "timeout": ttl, "max_lifetime": max(policy.lifetime.max_lifetime, ttl)})
+    if hosts:
+        policy = policy.with_overrides(network={"mode": "allowlist", "allow": [*policy.network.allow, *hosts]})
+    return policy
+
+
 @template_app.command("list")
 def template_list(store: Path | None = STORE) -> None:
     """List the templates."""
@@ -113,7 +199,12 @@ def template_rm(name: str = typer.Argument(...), store: Path | None = STORE) -> 
 
 
 @template_app.command("gc")
-def template_gc(store: Path | None = STORE) -> None:
+def template_gc(store: Path | None = STORE,
+                build_cache: bool = typer.Option(False, "--build-cache", help="Drop the build cache too (the "
+                                                                              "next build runs every step).")
+                ) -> None:
     """Remove layers no template uses and leftovers of interrupted imports."""
-    removed = _store(store).gc()
-    typer.echo(f"{len(removed)} layers removed")
+    s = _store(store)
+    records = s.prune_build_cache() if build_cache else []
+    removed = s.gc()
+    typer.echo(f"{len(removed)} layers removed" + (f", {len(records)} build cache records" if build_cache else ""))

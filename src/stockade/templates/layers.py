@@ -669,6 +669,21 @@ def read_visible(trees: list[str], infos: list[LayerInfo], path: str, limit: int
     st = _visible_below(trees, infos, len(trees), parts)
     if st is None or not stat.S_ISREG(st.st_mode):
         return None
+    fd = _visible_parent(trees, parts, st)
+    if fd is None:
+        return None
+    try:
+        with os.fdopen(os.open(parts[-1], os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
+                               dir_fd=fd), "rb") as f:
+            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+                return None
+            return f.read(limit)
+    finally:
+        os.close(fd)
+
+
+def _visible_parent(trees: list[str], parts: list[str], st: os.stat_result) -> int | None:
+    """A descriptor of the directory, in the layer tree that holds it, of the entry ``st`` at ``parts``."""
     for tree in reversed(trees):
         here = _lstat_in(tree, parts)
         if here is not None and (here.st_dev, here.st_ino) == (st.st_dev, st.st_ino):
@@ -678,14 +693,79 @@ def read_visible(trees: list[str], infos: list[LayerInfo], path: str, limit: int
                     nxt = os.open(part, _DIR_FLAGS, dir_fd=fd)
                     os.close(fd)
                     fd = nxt
-                with os.fdopen(os.open(parts[-1], os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
-                                       dir_fd=fd), "rb") as f:
-                    if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
-                        return None
-                    return f.read(limit)
-            finally:
+            except BaseException:
                 os.close(fd)
+                raise
+            return fd
     return None
+
+
+def visible_stat(trees: list[str], infos: list[LayerInfo], parts: list[str]) -> os.stat_result | None:
+    """What the stack (bottom first) shows at ``parts`` (an lstat: a symlink is not followed; None:
+    nothing)."""
+    return _visible_below(trees, infos, len(trees), parts) if parts else os.stat(trees[0]) if trees else None
+
+
+def visible_owner(trees: list[str], infos: list[LayerInfo], parts: list[str]) -> tuple[int, int]:
+    """The image's (uid, gid) of what the stack shows at ``parts`` (0:0 if nothing)."""
+    st = visible_stat(trees, infos, parts)
+    if st is None:
+        return 0, 0
+    for tree, info in zip(reversed(trees), reversed(infos), strict=True):
+        here = _lstat_in(tree, parts)
+        if here is not None and (here.st_dev, here.st_ino) == (st.st_dev, st.st_ino):
+            if info.id_base is not None:
+                return here.st_uid - info.id_base, here.st_gid - info.id_base
+            uid, gid = info.owners.get("/".join(parts), (0, 0))
+            return uid, gid
+    return 0, 0
+
+
+def resolve_in_stack(trees: list[str], infos: list[LayerInfo], path: str, max_links: int = 40) -> list[str]:
+    """``path`` (absolute, in the image) with the symlinks of its directories resolved as the sandbox would
+    see them, ``..`` and absolute targets kept inside the image's root (as a chroot would): where a build
+    step writes ``/bin/tool`` in an image whose /bin is a link to usr/bin, the file goes to usr/bin/tool
+    and the link stays. The last component is not resolved. A TemplateError past ``max_links``."""
+    todo = [p for p in path.split("/") if p]
+    if not todo:
+        return []
+    last = todo.pop()
+    done: list[str] = []
+    links = 0
+    while todo:
+        part = todo.pop(0)
+        if part in ("", "."):
+            continue
+        if part == "..":
+            if done:
+                done.pop()
+            continue
+        st = visible_stat(trees, infos, [*done, part])
+        if st is not None and stat.S_ISLNK(st.st_mode):
+            links += 1
+            if links > max_links:
+                raise TemplateError(f"{path}: more than {max_links} symlinks on the way")
+            target = read_visible_link(trees, infos, [*done, part])
+            todo = [p for p in target.split("/") if p] + todo
+            if target.startswith("/"):
+                done = []
+            continue
+        done.append(part)
+    if last == "..":
+        return done[:-1]
+    return done if last == "." else [*done, last]
+
+
+def read_visible_link(trees: list[str], infos: list[LayerInfo], parts: list[str]) -> str:
+    """The target of the symlink the stack shows at ``parts`` (read by descriptor, never followed)."""
+    st = visible_stat(trees, infos, parts)
+    fd = _visible_parent(trees, parts, st) if st is not None else None
+    if fd is None:
+        return ""
+    try:
+        return os.readlink(parts[-1], dir_fd=fd)
+    finally:
+        os.close(fd)
 
 
 def materialize(trees: list[str], infos: list[LayerInfo], dest: str | os.PathLike[str]) -> None:

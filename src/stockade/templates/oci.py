@@ -397,6 +397,23 @@ def import_image(store: TemplateStore, name: str, source: str, *, credentials: C
     check_name(name)
     if store.exists(name):
         raise TemplateError(f"template {name!r} already exists (remove it first with `stockade template rm {name}`)")
+    try:
+        with store.importing():   # until the record names the layers, garbage collection must not take them
+            template = fetch_image(store, source, credentials=credentials, start_command=start_command,
+                                   ready_command=ready_command, progress=progress, limits=limits, name=name)
+            store.add_template(template)
+    except TemplateError:
+        store.gc(wait=False)   # the layers this import stored (none are taken while another import runs)
+        raise
+    return template
+
+
+def fetch_image(store: TemplateStore, source: str, *, credentials: Credentials | None = None,
+                start_command: list[str] | None = None, ready_command: list[str] | None = None,
+                progress: Callable[[Progress], None] | None = None, limits: Limits | None = None,
+                name: str = "") -> Template:
+    """Store ``source``'s layers and return its template record without adding it to the store. Layers no
+    record uses are garbage: the caller holds ``store.importing()`` until a record names them."""
     limits = limits or store.limits
     transport, path, tag = parse_source(source)
     try:
@@ -495,5 +512,4 @@ def _store_image(store: TemplateStore, name: str, source: str, image: _Image, li
     check_stack([str(store.layer_path(d) / "tree") for d in diff_ids], infos, labels)
     template = Template(name=name, layers=diff_ids, config=config, source=source, digest=image.manifest_digest,
                         created=time.time(), size=sum(i.file_bytes for i in infos))
-    store.add_template(template)
     return template

@@ -30,7 +30,7 @@ from typing import IO
 
 from .errors import TemplateError
 from .layers import OPAQUE_MARKER, WHITEOUT_PREFIX, LayerInfo, Limits, check_stack, extract_layer, remove_tree
-from .store import Template, TemplateStore
+from .store import Template, TemplateConfig, TemplateStore
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 # where stockade mounts its own things in a sandbox: not the sandbox's files
@@ -167,9 +167,11 @@ def _info(path: str, kind: bytes, st: os.stat_result, source: SnapshotSource, si
     return info
 
 
-def save(source: SnapshotSource, name: str, label: str, owner: str = "") -> Template:
-    """Store the sandbox's changes as template ``name``: its template's layers plus one. ``label`` names the
-    sandbox in the record's source and in errors; ``owner`` is the server tenant only it serves."""
+def save(source: SnapshotSource, name: str, label: str, owner: str = "", *,
+         config: TemplateConfig | None = None, record_source: str = "") -> Template:
+    """Store the sandbox's changes as template ``name``: its template's layers plus one, with its template's
+    config (or ``config``). ``label`` names the sandbox in the record's source and in errors; ``owner`` is
+    the server tenant only it serves."""
     store = source.store
     base = store.get(source.template)
     if store.exists(name):
@@ -201,8 +203,9 @@ def save(source: SnapshotSource, name: str, label: str, owner: str = "") -> Temp
         infos = [store.layer_info(d) for d in layers]
         check_stack([str(store.layer_path(d) / "tree") for d in layers], infos,
                     [f"layer {i + 1}/{len(layers)}" for i in range(len(layers))])
-        template = Template(name=name, layers=layers, config=base.config,
-                            source=f"snapshot of {label} (from template {base.name})", created=time.time(),
+        template = Template(name=name, layers=layers, config=config or base.config,
+                            source=record_source or f"snapshot of {label} (from template {base.name})",
+                            created=time.time(),
                             size=base.size + info.file_bytes, owner=owner)
         store.add_template(template)
     return template

@@ -5,12 +5,14 @@ Layout (``<data dir>/templates``, mode 0700):
                                      diff_id (sha256 of the uncompressed tar), verified on extraction
     layers/sha256/<hex>/layer.json   what extraction found (whiteouts, opaque dirs, image owners, ...)
     templates/<name>.json            a template: ordered layer list (bottom first) + config
+    templates/.build-<key>.json      a build step's result (build.py's cache): not listed, nobody's template
     locks/<name>.lock                in-use lock: shared flocks held by whoever runs sandboxes from it
     tmp/                             extractions under way (renamed into layers/ when complete)
     store.lock                       shared by imports, exclusive for garbage collection
 
 Every write becomes visible by one rename: a layer directory appears whole (tree and layer.json) or not
-at all, and a template record is linked into place only if that name is free. A layer is stored once
+at all, and a template record is linked into place only if that name is free (a build replaces one by a
+rename, under its exclusive in-use lock: ``replace_template``). A layer is stored once
 whatever number of templates use it; removing a template removes its record, and garbage collection
 then removes the layers no template refers to.
 
@@ -40,6 +42,9 @@ from .errors import TemplateError, TemplateInUseError, TemplateNotFoundError
 from .layers import LayerInfo, Limits, remove_tree, shift_owners
 
 NAME_RE = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
+# the build cache's records (templates/build.py): one per build step, named by the step's cache key; a name
+# no user can give (NAME_RE), left out of listings, served to no server tenant
+BUILD_CACHE_RE = re.compile(r"\.build-[0-9a-f]{40}")
 DIGEST_RE = re.compile(r"sha256:[0-9a-f]{64}")
 
 
@@ -48,6 +53,16 @@ def check_name(name: str) -> str:
         raise TemplateError(f"template name {name!r}: use 1-64 characters of a-z, 0-9, '.', '_', '-', "
                             "starting with a letter or digit")
     return name
+
+
+def _stored_name(name: str) -> str:
+    if isinstance(name, str) and BUILD_CACHE_RE.fullmatch(name):
+        return name
+    return check_name(name)
+
+
+def is_build_cache(name: str) -> bool:
+    return bool(BUILD_CACHE_RE.fullmatch(name))
 
 
 @dataclass(frozen=True)
@@ -147,7 +162,7 @@ class TemplateStore:
 
     # --- reading ----------------------------------------------------------------------------------
     def _record(self, name: str) -> Path:
-        return self.root / "templates" / f"{check_name(name)}.json"
+        return self.root / "templates" / f"{_stored_name(name)}.json"
 
     def layer_path(self, diff_id: str) -> Path:
         if not DIGEST_RE.fullmatch(diff_id):
@@ -171,6 +186,13 @@ class TemplateStore:
         return self._record(name).exists()
 
     def list(self) -> list[Template]:
+        """The templates (the build cache's records left out: see ``build_cache``)."""
+        return [t for t in self._records() if not is_build_cache(t.name)]
+
+    def build_cache(self) -> builtins.list[Template]:
+        return [t for t in self._records() if is_build_cache(t.name)]
+
+    def _records(self) -> builtins.list[Template]:
         out = []
         for path in sorted((self.root / "templates").glob("*.json")):
             try:
@@ -200,7 +222,7 @@ class TemplateStore:
     # --- in use -----------------------------------------------------------------------------------
     def use(self, name: str) -> Lease:
         """Hold the template in use (a shared flock) and resolve it. ``remove`` refuses while held."""
-        lock = self.root / "locks" / f"{check_name(name)}.lock"
+        lock = self.root / "locks" / f"{_stored_name(name)}.lock"
         fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_SH)
@@ -213,7 +235,7 @@ class TemplateStore:
         """Why the template is in use, or None."""
         if self._in_use_hook is not None and (why := self._in_use_hook(name)):
             return why
-        lock = self.root / "locks" / f"{check_name(name)}.lock"
+        lock = self.root / "locks" / f"{_stored_name(name)}.lock"
         try:
             fd = os.open(lock, os.O_RDWR | os.O_CLOEXEC)
         except FileNotFoundError:
@@ -285,28 +307,60 @@ class TemplateStore:
             tmp.unlink()
         _fsync_dir(final.parent)
 
-    def remove(self, name: str) -> builtins.list[str]:
-        """Remove a template; refuses one in use. Its layers go too unless another template uses them.
-        Returns the layers removed."""
-        record = self._record(name)
-        if not record.exists():
-            raise TemplateNotFoundError(f"template {name!r} not found (see `stockade template list`)")
+    def replace_template(self, template: Template) -> None:
+        """Create the record, or replace the one of that name when no sandbox uses it (a rebuild). The
+        layers of the old one stay until garbage collection finds them unused."""
+        final = self._record(template.name)
+        for diff_id in template.layers:
+            if not self.has_layer(diff_id):
+                raise TemplateError(f"template {template.name!r}: layer {diff_id} is not in the store")
+        with self._exclusive(template.name, "replace"):
+            tmp = self.root / "tmp" / f"{template.name}.{secrets.token_hex(6)}.json"
+            _write_json(tmp, template.to_json())
+            os.rename(tmp, final)
+            _fsync_dir(final.parent)
+
+    @contextmanager
+    def _exclusive(self, name: str, doing: str) -> Iterator[None]:
+        """Hold ``name``'s in-use lock exclusively (no sandbox may start from it meanwhile); refuse at once
+        if a sandbox holds it."""
         if self._in_use_hook is not None and (why := self._in_use_hook(name)):
-            raise TemplateInUseError(f"template {name!r} is in use ({why}); stop those sandboxes first")
-        lock = self.root / "locks" / f"{name}.lock"
+            raise TemplateInUseError(f"template {name!r} is in use ({why}); stop those sandboxes to {doing} it")
+        lock = self.root / "locks" / f"{_stored_name(name)}.lock"
         fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 raise TemplateInUseError(f"template {name!r} is in use (a sandbox is running from it); stop "
-                                         "those sandboxes first") from None
-            record.unlink()
-            _fsync_dir(record.parent)
-            lock.unlink(missing_ok=True)
+                                         f"those sandboxes to {doing} it") from None
+            yield
         finally:
             os.close(fd)
-        return self.gc(wait=False)
+
+    def prune_build_cache(self) -> builtins.list[str]:
+        """Remove the build cache's records no sandbox uses (the next build runs every step again);
+        returns their names. ``gc`` then frees their layers."""
+        removed = []
+        for t in self.build_cache():
+            try:
+                self.remove(t.name, collect=False)
+            except TemplateError:
+                continue   # a build is using it
+            removed.append(t.name)
+        return removed
+
+    def remove(self, name: str, collect: bool = True) -> builtins.list[str]:
+        """Remove a template; refuses one in use. Its layers go too unless another template uses them.
+        Returns the layers removed."""
+        record = self._record(name)
+        if not record.exists():
+            raise TemplateNotFoundError(f"template {name!r} not found (see `stockade template list`)")
+        with self._exclusive(name, "remove"):
+            record.unlink()
+            _fsync_dir(record.parent)
+            (self.root / "locks" / f"{name}.lock").unlink(missing_ok=True)
+        return self.gc(wait=False) if collect else []
 
     def gc(self, wait: bool = True) -> builtins.list[str]:
         """Remove layers no template refers to and leftovers of imports that died. With wait=False,
@@ -317,7 +371,7 @@ class TemplateStore:
                 fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
             except BlockingIOError:
                 return []
-            used = {d for t in self.list() for d in t.layers}
+            used = {d for t in self._records() for d in t.layers}
             removed = []
             for path in sorted((self.root / "layers" / "sha256").iterdir()):
                 diff_id = f"sha256:{path.name}"

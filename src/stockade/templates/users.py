@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from .errors import TemplateError
 from .layers import STORE_ID_COUNT as MAX_ID
-from .layers import read_visible
+from .layers import LayerInfo, read_visible
 from .store import ResolvedTemplate
 
 DEFAULT_UID = DEFAULT_GID = 1000
@@ -41,15 +41,38 @@ def _number(text: str) -> int | None:
     return int(text) if text.isdigit() and len(text) <= 10 and int(text) < 2**32 - 1 else None
 
 
+def image_databases(trees: list[str], infos: list[LayerInfo]) -> tuple[str, str]:
+    """The image's /etc/passwd and /etc/group ("" where it has none)."""
+    passwd = (read_visible(trees, infos, "etc/passwd", _MAX_DB) or b"").decode("utf-8", "replace")
+    group = (read_visible(trees, infos, "etc/group", _MAX_DB) or b"").decode("utf-8", "replace")
+    return passwd, group
+
+
 def image_user(resolved: ResolvedTemplate) -> ImageUser:
     """The template's sandbox user; a user or group the image does not know is a TemplateError naming it."""
-    trees = [str(d) for d in resolved.layer_dirs]
-    passwd = (read_visible(trees, resolved.layer_infos, "etc/passwd", _MAX_DB) or b"").decode("utf-8", "replace")
-    group = (read_visible(trees, resolved.layer_infos, "etc/group", _MAX_DB) or b"").decode("utf-8", "replace")
+    passwd, group = image_databases([str(d) for d in resolved.layer_dirs], resolved.layer_infos)
     users, groups = _entries(passwd), _entries(group)
     spec = resolved.config.user.strip()
-    user_part, _, group_part = spec.partition(":")
     where = f"template {resolved.template.name!r}: its user {spec!r}"
+    uid, gid = lookup_ids(spec, passwd, group, where)
+    if uid == 0:  # never root: see the module's docstring
+        uid, gid = DEFAULT_UID, DEFAULT_GID if gid == 0 else gid
+    if uid >= MAX_ID or gid >= MAX_ID:  # the store's id range (layers.py), and never a host's sandbox uid
+        raise TemplateError(f"{where}: uid {uid}, gid {gid}: a template's user must have ids below {MAX_ID}")
+    name = next((e[0] for e in users if e[2] == str(uid)), "")
+    if not name:
+        name = "user"
+        passwd = _ending(passwd) + f"user:x:{uid}:{gid}:sandbox user:{HOME}:/bin/sh\n"
+    if not any(e[2] == str(gid) for e in groups):
+        group = _ending(group) + f"{'user' if not any(e[0] == 'user' for e in groups) else f'g{gid}'}:x:{gid}:\n"
+    return ImageUser(uid, gid, name, passwd, group)
+
+
+def lookup_ids(spec: str, passwd: str, group: str, where: str) -> tuple[int, int]:
+    """``USER``-style ``user[:group]`` (names or numbers) in the image's databases: (uid, gid). A user
+    with no group part gets its passwd entry's group (its own number for a bare number)."""
+    users, groups = _entries(passwd), _entries(group)
+    user_part, _, group_part = spec.strip().partition(":")
     uid, gid = 0, 0
     if user_part:
         number = _number(user_part)
@@ -70,21 +93,11 @@ def image_user(resolved: ResolvedTemplate) -> ImageUser:
                 raise TemplateError(f"{where}: no group {group_part!r} in the image's /etc/group")
             number = int(found[2])
         gid = number
-    if uid == 0:  # never root: see the module's docstring
-        uid, gid = DEFAULT_UID, DEFAULT_GID if gid == 0 else gid
-    if uid >= MAX_ID or gid >= MAX_ID:  # the store's id range (layers.py), and never a host's sandbox uid
-        raise TemplateError(f"{where}: uid {uid}, gid {gid}: a template's user must have ids below {MAX_ID}")
-    name = next((e[0] for e in users if e[2] == str(uid)), "")
-    if not name:
-        name = "user"
-        passwd = _ending(passwd) + f"user:x:{uid}:{gid}:sandbox user:{HOME}:/bin/sh\n"
-    if not any(e[2] == str(gid) for e in groups):
-        group = _ending(group) + f"{'user' if not any(e[0] == 'user' for e in groups) else f'g{gid}'}:x:{gid}:\n"
-    return ImageUser(uid, gid, name, passwd, group)
+    return uid, gid
 
 
 def _ending(text: str) -> str:
     return text if not text or text.endswith("\n") else text + "\n"
 
 
-__all__ = ["DEFAULT_GID", "DEFAULT_UID", "ImageUser", "image_user"]
+__all__ = ["DEFAULT_GID", "DEFAULT_UID", "ImageUser", "image_databases", "image_user", "lookup_ids"]

@@ -255,6 +255,7 @@ class GvisorSandbox(RuntimeSandbox):
         self.bundle = runtime.bundles / spec.id
         self.egress = StreamListener(runtime.net_dir / spec.id, spec.egress) if spec.egress else None
         self.template = spec.template
+        self.build_step = spec.build_step
         self.lease: Lease | None = None
         self.overlay: template_root.OverlayRoot | None = None
         self.image_user: ImageUser | None = None    # a template's user (templates/users.py)
@@ -284,7 +285,7 @@ class GvisorSandbox(RuntimeSandbox):
                                   "their overlay): run as root, or use runtime 'jail', which runs them unprivileged")
             self.lease = template_root.lease(rt.templates, self.template)
             self.template_config = self.lease.resolved.config
-            self.image_user = template_root.sandbox_user(self.lease.resolved, self.files)
+            self.image_user = template_root.sandbox_user(self.lease.resolved, self.files, build_step=self.build_step)
         # the Sentry's user is the host's same uid (its files in the writable layer belong to it)
         uid, gid = (self.image_user.uid, self.image_user.gid) if self.image_user else (rootfs.SANDBOX_UID,
                                                                                         rootfs.SANDBOX_GID)

@@ -83,6 +83,9 @@ class JailRuntime(Runtime):
         self.agent_files = compiled_agent(self.image.python_host, self.config.state_dir)
         self.cgroups = cgroups.detect(self.jail.cgroup_parent)
         self.uids = UidAllocator(self.config.state_dir, self.jail.uid_range) if self.privileged else None
+        # build steps: a block of host ids each (template_root.BUILD_IDS), the block's first its root
+        self.id_blocks = (UidAllocator(self.config.state_dir, template_root.BUILD_ID_RANGE, template_root.BUILD_IDS)
+                          if self.privileged else None)
         # As root, each sandbox gets a time namespace whose clocks start near zero: uptime, btime and the
         # monotonic clocks then say nothing of the host's. (Setting its offsets needs CAP_SYS_TIME over the
         # owning user namespace, which an unprivileged caller has only inside bwrap's, too late.)
@@ -230,6 +233,7 @@ class JailSandbox(RuntimeSandbox):
         self.policy = policy = spec.policy
         self.egress = FdPassingListener(runtime.net_dir / spec.id, spec.egress) if spec.egress else None
         self.template = spec.template
+        self.build_step = spec.build_step
         self.lease: Lease | None = None
         self.overlay: template_root.OverlayRoot | None = None
         self.image_user: ImageUser | None = None    # a template's user (templates/users.py)
@@ -261,10 +265,16 @@ class JailSandbox(RuntimeSandbox):
         if self.template is not None:
             self.lease = template_root.lease(rt.templates, self.template)
             self.template_config = self.lease.resolved.config
-            self.image_user = template_root.sandbox_user(self.lease.resolved, self.files)
+            if self.build_step and rt.id_blocks is not None:
+                self.image_user = template_root.build_user(self.lease.resolved, self.files)
+            else:
+                self.image_user = template_root.sandbox_user(self.lease.resolved, self.files,
+                                                             build_step=self.build_step)
+        elif self.build_step:
+            raise PolicyError("template", "a build step runs from a template")
         self.lock = Lock(rt.config.state_dir / "sandboxes" / f"{self.id}.lock")
-        if rt.uids is not None:
-            self.uid = rt.uids.acquire()
+        if rt.uids is not None and rt.id_blocks is not None:
+            self.uid = rt.id_blocks.acquire() if self.build_step else rt.uids.acquire()
         fs = self.policy.filesystem
         if rt.workspace.disk and self.uid is not None:
             self.workspace = workspace.DiskWorkspace(rt.config.state_dir, rt.config.data_dir, self.id, self.uid.uid,
@@ -273,8 +283,13 @@ class JailSandbox(RuntimeSandbox):
             await asyncio.to_thread(self.workspace.create, self.lease is not None)
         if self.lease is not None:
             ws, resolved = self.workspace, self.lease.resolved
-            id_maps = (template_root.layer_id_maps(resolved.layer_infos, self.image_user, self.uid.uid, self.uid.uid)
-                       if self.uid is not None and self.image_user is not None else None)
+            if self.uid is not None and self.build_step:
+                assert self.image_user is not None
+                id_maps = template_root.build_id_maps(resolved.layer_infos, self.uid.uid, self.image_user)
+            elif self.uid is not None and self.image_user is not None:
+                id_maps = template_root.layer_id_maps(resolved.layer_infos, self.image_user, self.uid.uid, self.uid.uid)
+            else:
+                id_maps = None
             self.overlay = template_root.OverlayRoot(rt.config.state_dir, self.id, resolved.layer_dirs,
                                                      self.uid.uid if self.uid is not None else None,
                                                      fs.workspace_size, (ws.upper, ws.work) if ws else None, id_maps)
@@ -290,8 +305,13 @@ class JailSandbox(RuntimeSandbox):
         info_r, info_w = os.pipe2(os.O_CLOEXEC)
         stderr_fd = os.memfd_create("stockade-bwrap-stderr", os.MFD_CLOEXEC)
         fds: list[int] = []
+        # a build step's user namespace maps its whole block of ids: bwrap waits while the host writes that
+        block_w: int | None = None
+        if self.build_step and self.uid is not None:
+            block_r, block_w = os.pipe2(os.O_CLOEXEC)
+            fds.append(block_r)
         try:
-            argv = self._argv(agent_sock.fileno(), info_w, fds)
+            argv = self._argv(agent_sock.fileno(), info_w, fds, block_r if block_w is not None else None)
             self.proc = subprocess.Popen(  # noqa: S603 - argv is built here, not from input
                 argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=stderr_fd,
                 pass_fds=(agent_sock.fileno(), info_w, *fds), start_new_session=True,
@@ -303,17 +323,28 @@ class JailSandbox(RuntimeSandbox):
             for fd in fds:
                 os.close(fd)
         try:
-            info = await asyncio.wait_for(_read_all(info_r), START_TIMEOUT)
+            try:
+                info = await asyncio.wait_for(_read_all(info_r), START_TIMEOUT)
+            finally:
+                os.close(info_r)
+            try:
+                if not info:
+                    raise ValueError("no info")
+                details = json.loads(info)
+                child = int(details["child-pid"])
+                if block_w is not None:
+                    assert self.uid is not None and self.image_user is not None
+                    template_root.write_build_maps(child, self.uid.uid, self.image_user)
+                    os.write(block_w, b"1")
+            except (ValueError, KeyError, TypeError, OSError):   # (OSError: bwrap died before its maps)
+                if block_w is not None:
+                    os.close(block_w)   # unmapped, bwrap fails at once
+                    block_w = None
+                await self._wait_bwrap(2.0)
+                raise self._start_failure(stderr_fd) from None
         finally:
-            os.close(info_r)
-        try:
-            if not info:
-                raise ValueError("no info")
-            details = json.loads(info)
-            child = int(details["child-pid"])
-        except (ValueError, KeyError, TypeError):
-            await self._wait_bwrap(2.0)
-            raise self._start_failure(stderr_fd) from None
+            if block_w is not None:
+                os.close(block_w)
         self.namespaces = {k.removesuffix("-namespace"): v for k, v in details.items() if k.endswith("-namespace")}
         self.agent_host_pid = child
         try:
@@ -355,7 +386,7 @@ class JailSandbox(RuntimeSandbox):
         self.btime = round(time.time() - (boot - int(boot) + 1))
         return f"monotonic {-(int(mono) - 1)} 0\nboottime {-(int(boot) - 1)} 0\n".encode()
 
-    def _argv(self, channel_fd: int, info_fd: int, fds: list[int]) -> list[str]:
+    def _argv(self, channel_fd: int, info_fd: int, fds: list[int], block_fd: int | None = None) -> list[str]:
         rt, fs = self.runtime, self.policy.filesystem
 
         def data(name: str, content: bytes) -> str:
@@ -368,8 +399,16 @@ class JailSandbox(RuntimeSandbox):
                 "--unshare-user", "--uid", str(user.uid if user else rootfs.SANDBOX_UID),
                 "--gid", str(user.gid if user else rootfs.SANDBOX_GID),
                 "--unshare-pid", "--unshare-ipc", "--unshare-uts", "--unshare-net", "--unshare-cgroup",
-                "--disable-userns", "--hostname", "sandbox", "--die-with-parent", "--new-session",
-                "--as-pid-1", "--cap-drop", "ALL"]
+                "--hostname", "sandbox", "--die-with-parent", "--new-session", "--as-pid-1", "--cap-drop", "ALL"]
+        if block_fd is None:
+            argv += ["--disable-userns"]
+        else:
+            # (bwrap refuses --disable-userns with --userns-block-fd; the seccomp filter refuses every new
+            # namespace to a build step as to any sandbox: unshare, setns, clone's namespace flags, clone3)
+            argv += ["--userns-block-fd", str(block_fd)]
+            if user is not None and user.uid == 0:   # the image's root, over its own block of ids only
+                for cap in template_root.BUILD_ROOT_CAPS:
+                    argv += ["--cap-add", cap]
         if self.overlay is not None:
             so_dir, stdlib, stdlib_inside = template_root.host_python(rt.image.python_host, rt.config.state_dir)
             argv += [*self.overlay.bwrap_args(), "--ro-bind", str(so_dir), template_root.PY_SO_DIR,
@@ -491,7 +530,9 @@ class JailSandbox(RuntimeSandbox):
 
     def snapshot_source(self) -> SnapshotSource:
         host = (self.uid.uid, self.uid.uid) if self.uid is not None else (os.geteuid(), os.getegid())
-        return template_root.snapshot_source(self.runtime.templates, self.overlay, self.lease, self.image_user, host)
+        block = self.uid.uid if self.build_step and self.uid is not None else None
+        return template_root.snapshot_source(self.runtime.templates, self.overlay, self.lease, self.image_user, host,
+                                             block)
 
     def memory_peak(self) -> int | None:
         return self.cgroup.memory_peak() if self.cgroup else None

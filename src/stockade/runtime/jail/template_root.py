@@ -55,12 +55,25 @@ from ...templates import (
     TemplateStore,
 )
 from ...templates.layers import STORE_ID_BASE, STORE_ID_COUNT
-from ...templates.users import ImageUser, image_user
+from ...templates.users import ImageUser, image_databases, image_user, lookup_ids
 from .. import idmap
 from .rootfs import BIN_DIR, HOME
 
 if TYPE_CHECKING:
     from ...templates.snapshot import SnapshotSource
+
+# A build step (SandboxSpec.build_step) runs as the build's USER as the image means it, root included. As
+# root a step gets a block of BUILD_IDS host ids of its own: its user namespace maps each image id to one id
+# of the block, the layers are idmapped the same way, and what it writes is owned by those ids on the host,
+# which its snapshot turns back into the image's. The block's first id (bwrap's own uid, which bwrap's
+# process keeps in the namespace it joins) is the USER's; image id 0 takes the USER's place (_swapped).
+# Its root has, over that namespace only, the capabilities package managers use (not CAP_SYS_ADMIN,
+# CAP_NET_ADMIN, CAP_MKNOD or CAP_SETFCAP), under the same seccomp filter, cgroups and namespaces as any
+# sandbox; the block's host ids own nothing outside the step's own writable layer.
+BUILD_IDS = STORE_ID_COUNT
+BUILD_ID_RANGE = (1_300_000_000, 1_300_000_000 + 63 * BUILD_IDS)   # 64 blocks: 64 build steps at once
+BUILD_ROOT_CAPS = ("CAP_CHOWN", "CAP_DAC_OVERRIDE", "CAP_FOWNER", "CAP_FSETID", "CAP_KILL", "CAP_SETGID",
+                   "CAP_SETUID", "CAP_NET_BIND_SERVICE")
 
 PY_DIR = "/opt/stockade/python"          # PYTHONHOME of the agent in a template sandbox
 PY_SO_DIR = f"{PY_DIR}/so"               # the host python binary, its loader and libraries
@@ -349,6 +362,57 @@ def layer_id_maps(infos: Sequence[LayerInfo], user: ImageUser, host_uid: int, ho
             idmap.id_map(STORE_ID_BASE, STORE_ID_COUNT, gids))
 
 
+def _swapped(inside: int, outside: int, user: int) -> str:
+    """An id map of BUILD_IDS ids: ``inside`` + N to ``outside`` + N, but for ``user`` and 0, swapped."""
+    if user == 0:
+        return f"{inside} {outside} {BUILD_IDS}\n"
+    lines = [f"{inside} {outside + user} 1", f"{inside + user} {outside} 1"]
+    if user > 1:
+        lines.append(f"{inside + 1} {outside + 1} {user - 1}")
+    if user < BUILD_IDS - 1:
+        lines.append(f"{inside + user + 1} {outside + user + 1} {BUILD_IDS - user - 1}")
+    return "\n".join(lines) + "\n"
+
+
+def build_id_maps(infos: Sequence[LayerInfo], block: int, user: ImageUser) -> tuple[str, str] | None:
+    """A build step's view of the layers (stored as STORE_ID_BASE + image id): each image id as its id of
+    the block (``block_ids`` inverts it)."""
+    if not infos or any(info.id_base != STORE_ID_BASE for info in infos):
+        return None
+    return _swapped(STORE_ID_BASE, block, user.uid), _swapped(STORE_ID_BASE, block, user.gid)
+
+
+def write_build_maps(pid: int, block: int, user: ImageUser) -> None:
+    """The uid and gid maps of a build step's user namespace (bwrap waits for them: --userns-block-fd)."""
+    for name, own in (("uid_map", user.uid), ("gid_map", user.gid)):
+        fd = os.open(f"/proc/{pid}/{name}", os.O_WRONLY | os.O_CLOEXEC)
+        try:
+            os.write(fd, _swapped(0, block, own).encode())
+        finally:
+            os.close(fd)
+
+
+def build_user(resolved: ResolvedTemplate, files: dict[str, bytes]) -> ImageUser:
+    """A build step's user: the template's USER as the image means it (root by default, as in a
+    Dockerfile), with the image's /etc/passwd and /etc/group."""
+    passwd, group = image_databases([str(d) for d in resolved.layer_dirs], resolved.layer_infos)
+    spec = resolved.config.user
+    try:
+        uid, gid = lookup_ids(spec, passwd, group, f"USER {spec!r}")
+    except TemplateError as exc:
+        raise PolicyError("template", str(exc)) from None
+    if uid >= BUILD_IDS or gid >= BUILD_IDS:
+        raise PolicyError("template", f"USER {spec!r}: uid {uid}, gid {gid}: a build's user must have ids below "
+                                      f"{BUILD_IDS}")
+    if passwd:
+        files.setdefault("/etc/passwd", passwd.encode())
+    if group:
+        files.setdefault("/etc/group", group.encode())
+    name = next((e.split(":")[0] for e in passwd.splitlines() if e.count(":") >= 2 and e.split(":")[2] == str(uid)),
+                "root" if uid == 0 else "user")
+    return ImageUser(uid, gid, name, passwd, group)
+
+
 def image_ids(host_uid: int, host_gid: int, user: ImageUser) -> Callable[[int, int], tuple[int, int]]:
     """For a snapshot: the image's (uid, gid) of a file the sandbox's root holds on the host. The sandbox's
     host ids are the image user's, the store's range is the image's own ids, root is root, and anything
@@ -363,9 +427,20 @@ def image_ids(host_uid: int, host_gid: int, user: ImageUser) -> Callable[[int, i
     return lambda uid, gid: (one(uid, host_uid, user.uid), one(gid, host_gid, user.gid))
 
 
+def block_ids(block: int, user: ImageUser) -> Callable[[int, int], tuple[int, int]]:
+    """For a build step's snapshot: the image's (uid, gid) of a file its block of ids owns."""
+    def one(host: int, own: int) -> int:
+        if not block <= host < block + BUILD_IDS:
+            return 65534
+        n = host - block
+        return own if n == 0 else 0 if n == own else n
+
+    return lambda uid, gid: (one(uid, user.uid), one(gid, user.gid))
+
+
 def snapshot_source(store: TemplateStore, overlay: OverlayRoot | None, lease: Lease | None,
-                    user: ImageUser | None, host_ids: tuple[int, int]) -> SnapshotSource:
-    """What a snapshot of a template sandbox saves; why not, for any other."""
+                    user: ImageUser | None, host_ids: tuple[int, int], block: int | None = None) -> SnapshotSource:
+    """What a snapshot of a template sandbox saves; why not, for any other. ``block``: a build step's."""
     if overlay is None or lease is None or user is None:
         raise PolicyError("template", "only a sandbox started from a template can be snapshotted (a sandbox "
                           "without one runs on the host's read-only system files): create it with template=NAME")
@@ -375,13 +450,22 @@ def snapshot_source(store: TemplateStore, overlay: OverlayRoot | None, lease: Le
                                       "fix: run stockade as root to snapshot sandboxes")
     from ...templates.snapshot import SnapshotSource
 
-    return SnapshotSource(store, lease.resolved.template.name, overlay.upper, image_ids(*host_ids, user))
+    ids = block_ids(block, user) if block is not None else image_ids(*host_ids, user)
+    return SnapshotSource(store, lease.resolved.template.name, overlay.upper, ids)
 
 
-def sandbox_user(resolved: ResolvedTemplate, files: dict[str, bytes]) -> ImageUser:
+def sandbox_user(resolved: ResolvedTemplate, files: dict[str, bytes], build_step: bool = False) -> ImageUser:
     """The template's user (templates/users.py); puts the image's /etc/passwd and /etc/group into
-    ``files`` (unless the caller placed their own). An unknown user is a PolicyError on ``template``."""
+    ``files`` (unless the caller placed their own). An unknown user is a PolicyError on ``template``. A build
+    step (where the runtime gives it no block of ids) must not be the image's root: it would run as uid 1000."""
     try:
+        if build_step:
+            passwd, group = image_databases([str(d) for d in resolved.layer_dirs], resolved.layer_infos)
+            if lookup_ids(resolved.config.user, passwd, group, f"USER {resolved.config.user!r}")[0] == 0:
+                raise UnenforceableError(
+                    "a build step as the image's root needs the jail runtime run as root (it maps the step a "
+                    "private block of host ids)",
+                    "fix: build as root with --runtime jail, or set USER to a non-root user before this RUN")
         user = image_user(resolved)
     except TemplateError as exc:
         raise PolicyError("template", str(exc)) from None

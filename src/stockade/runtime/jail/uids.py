@@ -1,4 +1,5 @@
-"""One unprivileged host uid per sandbox, when stockade runs as root.
+"""One unprivileged host uid per sandbox, when stockade runs as root (or, for a build step, one block of
+65536: ``UidAllocator(..., step=65536)``, whose first id is the step's root).
 
 A uid is held by an flock on ``<state>/uids/<uid>.lock`` for the sandbox's life, so sandboxes started by
 different processes never share one, and a crashed process's uids free themselves. A release removes the
@@ -32,16 +33,17 @@ class UidLease:
 
 
 class UidAllocator:
-    def __init__(self, state_dir: Path, uid_range: tuple[int, int]) -> None:
+    def __init__(self, state_dir: Path, uid_range: tuple[int, int], step: int = 1) -> None:
         self.dir = state_dir / "uids"
         self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.low, self.high = uid_range
+        self.step = step
 
     def acquire(self) -> UidLease:
-        size = self.high - self.low + 1
+        size = (self.high - self.low) // self.step + 1
         start = secrets.randbelow(size)
         for i in range(min(size, 4096)):
-            uid = self.low + (start + i) % size
+            uid = self.low + (start + i) % size * self.step
             path = self.dir / f"{uid}.lock"
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
             try:
@@ -49,8 +51,11 @@ class UidAllocator:
             except BlockingIOError:
                 os.close(fd)
                 continue
-            if not _is_at(fd, path) or _uid_has_processes(uid):  # removed under us / left over: never share
+            if not _is_at(fd, path):  # removed under us: another acquirer's now
                 os.close(fd)
+                continue
+            if _uid_has_processes(uid, self.step):  # left over (or still exiting): never share; leave no file
+                UidLease(uid, fd, path).release()
                 continue
             return UidLease(uid, fd, path)
         raise SandboxUnavailableError(
@@ -67,11 +72,11 @@ def _is_at(fd: int, path: Path) -> bool:
     return (st.st_dev, st.st_ino) == (here.st_dev, here.st_ino)
 
 
-def _uid_has_processes(uid: int) -> bool:
+def _uid_has_processes(uid: int, count: int = 1) -> bool:
     for entry in os.scandir("/proc"):
         if entry.name.isdigit():
             try:
-                if entry.stat().st_uid == uid:
+                if uid <= entry.stat().st_uid < uid + count:
                     return True
             except OSError:
                 continue
