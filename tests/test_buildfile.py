@@ -132,3 +132,47 @@ def test_expand_refuses_what_it_does_not_do(word):
 
 def test_display_keeps_flags():
     assert one("COPY --chown=node a /b").display == "COPY --chown=node a /b"
+
+
+# --- where a COPY lands: destinations resolved through the image's own symlinks (templates/layers.py) ------
+
+def _stack(tmp_path, *entries):  # type: ignore[no-untyped-def]
+    from stockade.templates import TemplateStore, import_image
+
+    from . import template_images as ti
+
+    store = TemplateStore(tmp_path / "store")
+    ti.oci_layout(tmp_path / "img", [ti.layer(*entries)])
+    import_image(store, "t", f"oci:{tmp_path / 'img'}")
+    r = store.resolve("t")
+    return [str(d) for d in r.layer_dirs], r.layer_infos
+
+
+@pytest.mark.parametrize("path,expected", [
+    ("/bin/tool", ["usr", "bin", "tool"]),              # merged /usr: bin -> usr/bin
+    ("/abs/tool", ["usr", "bin", "tool"]),              # an absolute target stays in the image
+    ("/up/tool", ["tool"]),                             # ../../.. clamps at the image's root
+    ("/usr/bin/../lib/x", ["usr", "lib", "x"]),
+    ("/bin", ["bin"]),                                  # the last component is not resolved
+    ("/missing/dir/x", ["missing", "dir", "x"]),
+])
+def test_destinations_resolve_through_image_symlinks(tmp_path, path, expected):
+    from stockade.templates.layers import resolve_in_stack
+
+    from . import template_images as ti
+
+    trees, infos = _stack(tmp_path, ti.entry("dir", "usr"), ti.entry("dir", "usr/bin"), ti.entry("dir", "usr/lib"),
+                          ti.entry("symlink", "bin", target="usr/bin"),
+                          ti.entry("symlink", "abs", target="/usr/bin"),
+                          ti.entry("symlink", "up", target="../../../.."))
+    assert resolve_in_stack(trees, infos, path) == expected
+
+
+def test_a_symlink_loop_in_the_image_is_an_error(tmp_path):
+    from stockade.templates.layers import resolve_in_stack
+
+    from . import template_images as ti
+
+    trees, infos = _stack(tmp_path, ti.entry("symlink", "a", target="b"), ti.entry("symlink", "b", target="/a"))
+    with pytest.raises(TemplateError, match="more than 40 symlinks"):
+        resolve_in_stack(trees, infos, "/a/x")

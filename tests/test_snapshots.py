@@ -283,6 +283,53 @@ def test_through_a_server_a_snapshot_is_its_tenant_own(runtime: str) -> None:
         server.stop()
 
 
+@pytest.mark.skipif(not ROOT, reason="snapshots need root")
+def test_a_tenant_lists_shows_and_removes_only_its_own_templates() -> None:
+    from .server_support import RunningServer
+
+    server = RunningServer()
+    try:
+        server_store = TemplateStore(server.data_dir / "templates")
+        img = server.data_dir / "img"
+        ti.oci_layout(img, ti.user_image_layers(), Env=["PATH=/usr/bin:/bin"], User="node")
+        import_image(server_store, "shared-base", f"oci:{img}")
+
+        def call(method: str, path: str, tenant: str) -> httpx.Response:
+            return httpx.request(method, f"{server.url}{path}",
+                                 headers={"Authorization": f"Bearer {server.key(tenant)}"})
+
+        from stockade.sdk.transports.remote import RemoteTransport
+
+        with Sandbox.create(policy=base_policy(), template="shared-base",
+                            transport=RemoteTransport(server.url, server.key("alpha"))) as sb:
+            _run(sb, "echo mine > /home/user/notes")
+            snap = sb.snapshot("alpha-own")
+            listed = {t["name"]: t for t in call("GET", "/templates", "alpha").json()}
+            assert set(listed) == {"shared-base", "alpha-own"}
+            assert listed["alpha-own"]["yours"] and not listed["alpha-own"]["shared"]
+            assert listed["shared-base"]["shared"] and listed["shared-base"]["config"]["user"] == "node"
+            assert {t["name"] for t in call("GET", "/templates", "beta").json()} == {"shared-base"}
+            assert call("GET", f"/templates/{snap}", "beta").status_code == 404
+            assert call("DELETE", f"/templates/{snap}", "beta").status_code == 404
+            r = call("DELETE", "/templates/shared-base", "alpha")
+            assert r.status_code == 403 and "shared" in r.json()["message"], r.text
+            with Sandbox.create(policy=base_policy(), template=snap,
+                                transport=RemoteTransport(server.url, server.key("alpha"))):
+                r = call("DELETE", f"/templates/{snap}", "alpha")
+                assert r.status_code == 409 and r.json()["code"] == "conflict", r.text
+        # the host's build cache and names that are no names are not found either
+        for name in (".build-" + "0" * 40, "..", "UPPER", "x" * 300):
+            assert call("GET", f"/templates/{name}", "alpha").status_code == 404, name
+        assert call("DELETE", f"/templates/{snap}", "alpha").status_code == 204
+        assert not server_store.exists(snap) and server_store.exists("shared-base")
+        assert call("GET", f"/templates/{snap}", "alpha").status_code == 404
+    finally:
+        deadline = time.monotonic() + 5
+        while server.server.m.sandboxes and time.monotonic() < deadline:
+            time.sleep(0.05)
+        server.stop()
+
+
 def test_nothing_of_a_snapshot_is_left_in_the_runtime(template: str, runtime: str) -> None:
     with Sandbox.create(policy=base_policy(), template=template, runtime=runtime) as sb:
         _run(sb, "echo x > /home/user/x")

@@ -43,8 +43,12 @@ class Contexts(Processes):
         if language == "javascript":
             argv = ["node", os.path.join(here, "interpreter.js")]
         else:
-            # h["python"]: an argv (a template sandbox's host python starts through its own loader)
-            argv = [*h["python"], os.path.join(here, "interpreter.pyc")] + (["--bash"] if language == "bash" else [])
+            # h["python"]: an argv (a template sandbox's host python starts through its own loader); its script
+            # the bytecode of the host's python, or the source for a template's own python
+            script = h.get("script") or "interpreter.pyc"
+            if script not in ("interpreter.pyc", "interpreter.py"):
+                raise ValueError(f"unknown interpreter script {script!r}")
+            argv = [*h["python"], os.path.join(here, script)] + (["--bash"] if language == "bash" else [])
         env = dict(self.env)
         env.update(h.get("env") or {})
         out_r, out_w = os.pipe2(os.O_CLOEXEC)

@@ -278,7 +278,20 @@ class Figures:
         return gui, "agg"
 
 
+def _user_site_on_path() -> None:
+    """The user's site-packages on sys.path even before it exists (site adds it only if it does), where site
+    would put it: a `pip install` (to ~/.local) from a command or `!pip` then imports in the next cell."""
+    import site
+
+    user = site.getusersitepackages() if site.ENABLE_USER_SITE else None
+    if not user or user in sys.path:
+        return
+    first = next((i for i, p in enumerate(sys.path) if p.endswith(("site-packages", "dist-packages"))), len(sys.path))
+    sys.path.insert(first, user)
+
+
 def main() -> None:
+    _user_site_on_path()
     sys.stdout = open(1, "w", buffering=1, closefd=False, encoding="utf-8", errors="replace")  # noqa: SIM115
     sys.stderr = open(2, "w", buffering=1, closefd=False, encoding="utf-8", errors="replace")  # noqa: SIM115
     sys.stdin = open(os.devnull)  # noqa: SIM115 - user code must not read the request channel
@@ -301,9 +314,12 @@ def main() -> None:
     except ImportError:
         pass
     emit({"type": "ready", "backend": backend.name, "pid": os.getpid()})
+    import importlib
+
     for line in requests:
         request = json.loads(line)
         os.environ.update(request.get("env") or {})
+        importlib.invalidate_caches()   # what a command installed since the last cell (a new ~/.local) imports
         try:
             backend.run(request["code"])
         except KeyboardInterrupt:  # arrived between cells

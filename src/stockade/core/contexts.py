@@ -41,7 +41,8 @@ class Contexts(Commands):
     async def _start_context(self, sb: ManagedSandbox, ctx: CodeContext) -> None:
         pending = CellPending(sb.policy.limits.output)
         sb.runtime.agent.ctx_start(pending, ctx.id, language=ctx.language, cwd=ctx.cwd, python=sb.runtime.python,
-                                   limit=sb.policy.limits.output, timeout=CONTEXT_START_TIMEOUT)
+                                   script=sb.runtime.python_script, limit=sb.policy.limits.output,
+                                   timeout=CONTEXT_START_TIMEOUT)
         try:
             ready = await asyncio.wait_for(asyncio.shield(pending.done), CONTEXT_START_TIMEOUT + 5)
         except FilesystemError as exc:

@@ -118,9 +118,10 @@ class AgentClient:
 
     # ---- code contexts -------------------------------------------------------------------------
     def ctx_start(self, pending: CellPending, ctx: str, *, language: str, cwd: str, python: list[str], limit: int,
-                  timeout: float) -> int:
+                  timeout: float, script: str = "interpreter.pyc") -> int:
         return self.channel.start({"op": "ctx_start", "ctx": ctx, "language": language, "cwd": cwd,
-                                   "python": python, "limit": limit, "timeout": timeout, "env": {}}, pending)
+                                   "python": python, "script": script, "limit": limit, "timeout": timeout,
+                                   "env": {}}, pending)
 
     def ctx_run(self, pending: CellPending, ctx: str, code: str, *, env: Mapping[str, str], timeout: float | None,
                 limit: int) -> int:

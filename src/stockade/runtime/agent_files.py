@@ -17,7 +17,8 @@ from ..errors import SandboxUnavailableError
 
 AGENT_SOURCES = ("server.py", "common.py", "processes.py", "contexts.py", "files.py", "artifacts.py", "bridge.py",
                  "sysinfo.py", "usage.py", "ports.py", "protocol.py", "interpreter.py")
-AGENT_FILES = ("interpreter.js", "node_proxy.js")  # shipped as they are
+# shipped as they are (interpreter.py: for a template's own python, runtime/jail/template_root.image_python)
+AGENT_FILES = ("interpreter.js", "node_proxy.js", "interpreter.py")
 AGENT_MAIN, AGENT_ZIP, INTERPRETER_PYC = "__main__.py", "agent.zip", "interpreter.pyc"
 SAVE_ARTIFACT = b"#!/usr/bin/python3 -I\nimport sys\nsys.path.insert(0, '/opt/stockade/lib')\n" \
     b"from stockade_artifacts import main\nmain()\n"

@@ -65,6 +65,9 @@ class RuntimeSandbox(ABC):
     id: str
     channel: AgentChannel
     python: list[str]  # the argv that starts the interpreter code contexts run on, inside the sandbox
+    # what that python runs: the bytecode compiled by the host's python, or (a template's own python, of
+    # whatever version) the source
+    python_script: str = "interpreter.pyc"
     layout: SandboxLayout = SandboxLayout()  # where things are inside it: its runtime's layout
     # a template sandbox's config (its start and ready commands run before it is handed out)
     template_config: TemplateConfig | None = None

@@ -23,7 +23,7 @@ from .e2b import mount as mount_e2b
 from .error_handlers import add_error_handlers
 from .middleware import Guard
 from .models import ERRORS
-from .routes import artifacts, audit, code, commands, files, network, ports, sandboxes
+from .routes import artifacts, audit, code, commands, files, network, ports, sandboxes, templates
 from .service import Server
 from .settings import ServerSettings
 
@@ -49,7 +49,7 @@ def create_app(settings: ServerSettings, config: HostConfig | None = None, runti
     add_error_handlers(app)
     app.add_middleware(Guard, max_body=settings.max_body)
 
-    for module in (sandboxes, commands, files, code, artifacts, network, ports, audit):
+    for module in (sandboxes, commands, files, code, artifacts, network, ports, audit, templates):
         app.include_router(module.router)
     mount_e2b(app)  # E2B's wire protocol over the same checks (server/e2b/); its routing is outermost
     return app

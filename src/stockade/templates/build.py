@@ -81,6 +81,7 @@ class BuildResult:
     template: Template
     steps: int
     cached: int        # of them, how many came from the cache
+    ran: int           # and how many made a layer (RUN, COPY, ADD, a new WORKDIR)
     seconds: float
 
 
@@ -134,6 +135,7 @@ def build(store: TemplateStore, name: str, text: str, context: str | os.PathLike
                build_args=dict(build_args or {}))
     started = time.monotonic()
     count = len(instructions)
+    ran = 0
     state: _State | None = None
     with store.importing(), _closing(b):     # no garbage collection takes a layer before a record names it
         for index, ins in enumerate(instructions, 1):
@@ -146,6 +148,7 @@ def build(store: TemplateStore, name: str, text: str, context: str | os.PathLike
                 raise TemplateError(f"step {index}/{count} ({ins.display[:80]}), line {ins.line}: {exc}") from None
             b.progress(BuildEvent("done", index, count, ins.display, cached=b.cached > before,
                                   seconds=time.monotonic() - t0, layer_bytes=layer))
+            ran += layer is not None
         assert state is not None  # parse() guarantees a FROM
         unused = set(b.build_args) - set(b.args)
         if unused:
@@ -154,7 +157,7 @@ def build(store: TemplateStore, name: str, text: str, context: str | os.PathLike
         template = Template(name=name, layers=list(state.layers), config=config, source=source,
                             created=time.time(), size=_size(store, state.layers))
         store.replace_template(template)
-    return BuildResult(template, count, b.cached, time.monotonic() - started)
+    return BuildResult(template, count, b.cached, ran, time.monotonic() - started)
 
 
 @contextlib.contextmanager
@@ -295,6 +298,8 @@ def _run(b: _Build, state: _State, ins: Instruction, index: int, count: int) -> 
     key = _key(state.key, "RUN", ins.argv, sorted(args.items()))
     if (hit := _cached(b, key)) is not None:
         return hit, None
+    if b.store.exists(_record_name(key)):   # --no-cache: this run's result replaces the cached one
+        b.store.remove(_record_name(key), collect=False)
     parent = _ensure_record(b, state)
 
     def emit(stream: str) -> Callable[[str], None]:

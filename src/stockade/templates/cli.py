@@ -142,7 +142,7 @@ def template_build(
         raise typer.Exit(1) from None
     t = result.template
     typer.echo(f"template {t.name}: {len(t.layers)} layers, {_size(t.size)}, built in {result.seconds:.1f} s "
-               f"({result.cached} of {result.steps} steps cached)")
+               f"({result.steps} steps: {result.ran} run, {result.cached} from the cache)")
 
 
 def _build_policy(path: Path | None, timeout: float | None, memory: str | None, hosts: list[str]):  # type: ignore[no-untyped-def]
@@ -162,6 +162,25 @@ def _build_policy(path: Path | None, timeout: float | None, memory: str | None, 
     if hosts:
         policy = policy.with_overrides(network={"mode": "allowlist", "allow": [*policy.network.allow, *hosts]})
     return policy
+
+
+@template_app.command("base")
+def template_base(name: str = typer.Argument("base", help="Name of the template (replaced if unused)."),
+                  include: list[str] = typer.Option([], "--include", help="More Debian packages (repeatable)."),
+                  code_interpreter: bool = typer.Option(False, "--code-interpreter", help="Add IPython, numpy, "
+                                                        "pandas and matplotlib: run_code runs on them."),
+                  store: Path | None = STORE) -> None:
+    """Make the base template: the host's Debian release with python3, pip, node, npm, git, curl and bash,
+    from the host's apt sources (mmdebstrap), user `user` (uid 1000)."""
+    from .base import CODE_INTERPRETER, PACKAGES, build_base
+
+    extra = (*CODE_INTERPRETER, *include) if code_interpreter else tuple(include)
+    try:
+        t = build_base(_store(store), name, packages=(*PACKAGES, *extra),
+                       progress=lambda text: typer.echo(text, err=True, nl=False))
+    except TemplateError as exc:
+        raise _fail(exc) from None
+    typer.echo(f"template {t.name}: {_size(t.size)} from {t.source}")
 
 
 @template_app.command("list")

@@ -285,6 +285,8 @@ class GvisorSandbox(RuntimeSandbox):
                                   "their overlay): run as root, or use runtime 'jail', which runs them unprivileged")
             self.lease = template_root.lease(rt.templates, self.template)
             self.template_config = self.lease.resolved.config
+            if (own := template_root.image_python(self.lease.resolved)) is not None:
+                self.python, self.python_script = [own], "interpreter.py"
             self.image_user = template_root.sandbox_user(self.lease.resolved, self.files, build_step=self.build_step)
         # the Sentry's user is the host's same uid (its files in the writable layer belong to it)
         uid, gid = (self.image_user.uid, self.image_user.gid) if self.image_user else (rootfs.SANDBOX_UID,

@@ -265,8 +265,10 @@ class JailSandbox(RuntimeSandbox):
         if self.template is not None:
             self.lease = template_root.lease(rt.templates, self.template)
             self.template_config = self.lease.resolved.config
+            if (own := template_root.image_python(self.lease.resolved)) is not None:
+                self.python, self.python_script = [own], "interpreter.py"
             if self.build_step and rt.id_blocks is not None:
-                self.image_user = template_root.build_user(self.lease.resolved, self.files)
+                self.image_user = template_root.build_user(self.lease.resolved)
             else:
                 self.image_user = template_root.sandbox_user(self.lease.resolved, self.files,
                                                              build_step=self.build_step)
@@ -446,6 +448,8 @@ class JailSandbox(RuntimeSandbox):
         for path, text in sized.items():
             argv += ["--ro-bind-data", data(path.rsplit("/", 1)[1], text.encode()), path]
         for path, text in rootfs.generated_files().items():
+            if self.build_step and path in ("/etc/passwd", "/etc/group"):
+                continue   # the image's own, which the step may change (template_root.build_user)
             if path not in self.files:  # (a template's /etc/passwd; bwrap cannot bind data twice on one file)
                 argv += ["--ro-bind-data", data(path.rsplit("/", 1)[1], text.encode()), path]
         for path, content in self.files.items():

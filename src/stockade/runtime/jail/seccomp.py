@@ -105,12 +105,16 @@ def compile_bpf() -> bytes:
     for flag in (*NAMESPACE_FLAGS.values(), CLONE_PARENT):
         f.add_rule(eperm, "clone", sc.Arg(0, sc.MASKED_EQ, flag, flag))
     f.add_rule(eperm, "prctl", sc.Arg(0, sc.EQ, PR_SET_CHILD_SUBREAPER), sc.Arg(1, sc.EQ, 0))
+    # other socket families answer as a kernel without them does (EAFNOSUPPORT), which tools take as "not
+    # here" and go on: useradd and adduser (so apt's postinst scripts in a build step) abort on EPERM from
+    # their audit netlink socket
+    no_family = sc.ERRNO(errno.EAFNOSUPPORT)
     for family in range(0, max(ALLOWED_SOCKET_FAMILIES)):
         if family not in ALLOWED_SOCKET_FAMILIES:
-            f.add_rule(eperm, "socket", sc.Arg(0, sc.EQ, family))
-            f.add_rule(eperm, "socketpair", sc.Arg(0, sc.EQ, family))
-    f.add_rule(eperm, "socket", sc.Arg(0, sc.GT, max(ALLOWED_SOCKET_FAMILIES)))
-    f.add_rule(eperm, "socketpair", sc.Arg(0, sc.GT, max(ALLOWED_SOCKET_FAMILIES)))
+            f.add_rule(no_family, "socket", sc.Arg(0, sc.EQ, family))
+            f.add_rule(no_family, "socketpair", sc.Arg(0, sc.EQ, family))
+    f.add_rule(no_family, "socket", sc.Arg(0, sc.GT, max(ALLOWED_SOCKET_FAMILIES)))
+    f.add_rule(no_family, "socketpair", sc.Arg(0, sc.GT, max(ALLOWED_SOCKET_FAMILIES)))
     for request in (TIOCSTI, TIOCLINUX, TIOCSETD):
         f.add_rule(eperm, "ioctl", sc.Arg(1, sc.MASKED_EQ, 0xFFFFFFFF, request))
     # personality(0xffffffff) only queries; every change (e.g. ADDR_NO_RANDOMIZE) is refused.

@@ -54,7 +54,7 @@ from ...templates import (
     TemplateNotFoundError,
     TemplateStore,
 )
-from ...templates.layers import STORE_ID_BASE, STORE_ID_COUNT
+from ...templates.layers import STORE_ID_BASE, STORE_ID_COUNT, read_visible_link, visible_stat
 from ...templates.users import ImageUser, image_databases, image_user, lookup_ids
 from .. import idmap
 from .rootfs import BIN_DIR, HOME
@@ -392,9 +392,10 @@ def write_build_maps(pid: int, block: int, user: ImageUser) -> None:
             os.close(fd)
 
 
-def build_user(resolved: ResolvedTemplate, files: dict[str, bytes]) -> ImageUser:
+def build_user(resolved: ResolvedTemplate) -> ImageUser:
     """A build step's user: the template's USER as the image means it (root by default, as in a
-    Dockerfile), with the image's /etc/passwd and /etc/group."""
+    Dockerfile). Its /etc/passwd and /etc/group are the image's own files, writable by its root
+    (``useradd`` in a step): the runtime places none over them."""
     passwd, group = image_databases([str(d) for d in resolved.layer_dirs], resolved.layer_infos)
     spec = resolved.config.user
     try:
@@ -404,10 +405,6 @@ def build_user(resolved: ResolvedTemplate, files: dict[str, bytes]) -> ImageUser
     if uid >= BUILD_IDS or gid >= BUILD_IDS:
         raise PolicyError("template", f"USER {spec!r}: uid {uid}, gid {gid}: a build's user must have ids below "
                                       f"{BUILD_IDS}")
-    if passwd:
-        files.setdefault("/etc/passwd", passwd.encode())
-    if group:
-        files.setdefault("/etc/group", group.encode())
     name = next((e.split(":")[0] for e in passwd.splitlines() if e.count(":") >= 2 and e.split(":")[2] == str(uid)),
                 "root" if uid == 0 else "user")
     return ImageUser(uid, gid, name, passwd, group)
@@ -482,6 +479,30 @@ def apply_image_config(config: TemplateConfig, env: dict[str, str], user: ImageU
     if "PATH" in config.env:
         env["PATH"] = f"{config.env['PATH']}:{BIN_DIR}"
     return config.working_dir
+
+
+def image_python(resolved: ResolvedTemplate) -> str | None:
+    """The image's own python3 when it can import IPython (from its system packages, or the sandbox user's
+    ~/.local): code contexts then run there, so what the template installed (numpy, a user's pip install)
+    is importable in ``run_code``. None: the host's python runs them (stdlib backend)."""
+    trees, infos = [str(d) for d in resolved.layer_dirs], resolved.layer_infos
+    for exe in ("usr/local/bin/python3", "usr/bin/python3"):
+        parts = exe.split("/")
+        st = visible_stat(trees, infos, parts)
+        if st is None:
+            continue
+        target = read_visible_link(trees, infos, parts) if stat.S_ISLNK(st.st_mode) else "python3"
+        version = target.rsplit("/", 1)[-1].removeprefix("python")          # "3.11" (or "3": unknown)
+        prefix = "usr/local" if exe.startswith("usr/local") else "usr"
+        places = [f"{prefix}/lib/python{version}/site-packages", f"{prefix}/lib/python{version}/dist-packages",
+                  f"{HOME.lstrip('/')}/.local/lib/python{version}/site-packages"]
+        if prefix == "usr":   # Debian's: packages of every python3 in one place, pip's under /usr/local
+            places += ["usr/lib/python3/dist-packages", f"usr/local/lib/python{version}/dist-packages"]
+        for place in places:
+            found = visible_stat(trees, infos, [*place.split("/"), "IPython", "__init__.py"])
+            if found is not None and stat.S_ISREG(found.st_mode):
+                return f"/{exe}"
+    return None
 
 
 def python_argv(so_dir_inside: str) -> list[str]:
