@@ -237,12 +237,13 @@ print("allowed" if r == 0 else errno.errorcode[ctypes.get_errno()])
 def test_root_filesystem_is_read_only_and_minimal(make_sandbox, runtime_name):
     sb = make_sandbox()
     for path in ("/usr/bin/evil", "/etc/evil", "/evil", "/bin/evil", "/opt/stockade/agent/x",
-                 "/opt/stockade/agent/agent.zip", "/opt/stockade/agent/interpreter.pyc"):
+                 "/opt/stockade/agent/agent.zip", "/opt/stockade/agent/interpreter.pyc",
+                 "/opt/stockade/agent/interpreter.py"):
         r = sb.commands.run(f"echo x > {path}")
         assert r.exit_code != 0, f"wrote {path}"
     # the agent's directory holds the agent and nothing else, and names no host path in mountinfo
     agent = set(sb.commands.run("ls -A /opt/stockade/agent").stdout.split())
-    assert agent == {"agent.zip", "interpreter.pyc", "interpreter.js", "node_proxy.js"}, agent
+    assert agent == {"agent.zip", "interpreter.pyc", "interpreter.py", "interpreter.js", "node_proxy.js"}, agent
     from stockade.config import HostConfig
 
     mounts = sb.files.read("/proc/self/mountinfo")
