@@ -17,7 +17,7 @@ from stockade import Sandbox
 from stockade.templates import TemplateError, TemplateStore
 from stockade.templates.build import build
 
-from .conformance.conftest import RUNTIMES_UNDER_TEST, UNMET
+from .conformance.conftest import RUNTIMES_UNDER_TEST, usable_runtime
 from .wheels import make_wheel
 
 BASE = os.environ.get("STOCKADE_TEST_BASE_TEMPLATE", "")
@@ -37,9 +37,7 @@ def base() -> str:
 
 @pytest.fixture(params=RUNTIMES_UNDER_TEST)
 def runtime(request: pytest.FixtureRequest) -> str:
-    if UNMET[request.param] is not None:
-        pytest.skip(UNMET[request.param])
-    return str(request.param)
+    return usable_runtime(request.param)
 
 
 def _sh(sb: Sandbox, script: str, timeout: float = 60) -> str:

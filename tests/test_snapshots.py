@@ -26,7 +26,7 @@ from stockade.templates.layers import STORE_ID_BASE
 from stockade.templates.snapshot import SnapshotSource, write_layer
 
 from . import template_images as ti
-from .conformance.conftest import RUNTIMES_UNDER_TEST, UNMET
+from .conformance.conftest import RUNTIMES_UNDER_TEST, usable_runtime
 from .conftest import base_policy
 
 ROOT = os.geteuid() == 0
@@ -57,8 +57,7 @@ def template(store: TemplateStore, tmp_path_factory: pytest.TempPathFactory) -> 
 
 @pytest.fixture(params=RUNTIMES_UNDER_TEST)
 def runtime(request: pytest.FixtureRequest) -> str:
-    if UNMET[request.param] is not None:
-        pytest.skip(UNMET[request.param])
+    usable_runtime(request.param)
     if not ROOT:
         pytest.skip("snapshots need root (test_unprivileged_snapshots_are_refused_saying_why checks why)")
     return str(request.param)

@@ -22,7 +22,7 @@ from stockade.templates.build import BuildEvent, build
 from stockade.templates.store import is_build_cache
 
 from . import template_images as ti
-from .conformance.conftest import RUNTIMES_UNDER_TEST, UNMET
+from .conformance.conftest import RUNTIMES_UNDER_TEST, UNMET, usable_runtime
 from .conftest import base_policy
 
 ROOT = os.geteuid() == 0
@@ -67,9 +67,7 @@ def built(store: TemplateStore) -> Iterator[str]:
 
 @pytest.fixture(params=RUNTIMES_UNDER_TEST)
 def runtime(request: pytest.FixtureRequest) -> str:
-    if UNMET[request.param] is not None:
-        pytest.skip(UNMET[request.param])
-    return str(request.param)
+    return usable_runtime(request.param)
 
 
 class Events(list[BuildEvent]):

@@ -26,7 +26,7 @@ from stockade.templates import TemplateInUseError, TemplateStore, import_image
 from stockade.templates.layers import STORE_ID_BASE
 
 from . import template_images as ti
-from .conformance.conftest import RUNTIMES_UNDER_TEST, UNMET
+from .conformance.conftest import RUNTIMES_UNDER_TEST, usable_runtime
 from .conftest import base_policy
 
 pytestmark = pytest.mark.skipif(not os.path.exists("/proc/self/ns/user"), reason="needs user namespaces")
@@ -51,8 +51,7 @@ def template(store: TemplateStore, tmp_path_factory: pytest.TempPathFactory) -> 
 
 @pytest.fixture(params=RUNTIMES_UNDER_TEST)
 def runtime(request: pytest.FixtureRequest) -> str:
-    if UNMET[request.param] is not None:
-        pytest.skip(UNMET[request.param])
+    usable_runtime(request.param)
     if request.param == "gvisor" and os.geteuid() != 0:
         pytest.skip("rootless gVisor refuses templates (the host mounts their overlay): tests/test_gvisor.py "
                     "checks the refusal")

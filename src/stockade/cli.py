@@ -34,7 +34,10 @@ CONFIG = typer.Option(None, "--config", help="Server config file (TOML); also ST
 EXIT_TIMEOUT = 124
 
 
-def _load_policy(path: Path | None, timeout: float | None = None, memory: str | None = None) -> Policy:
+def _load_policy(path: Path | None, timeout: float | None = None, memory: str | None = None,
+                 margin: float = 10) -> Policy:
+    """The file's policy (or the defaults) with --memory, and --timeout as each command's time and, plus
+    ``margin`` seconds, the sandbox's life at least."""
     from .policy import Policy
 
     policy = Policy.from_file(path) if path else Policy()
@@ -42,7 +45,7 @@ def _load_policy(path: Path | None, timeout: float | None = None, memory: str | 
         policy = policy.with_overrides(limits={"memory": memory})
     if timeout is not None:
         life = policy.lifetime
-        ttl = max(life.timeout, timeout + 10)
+        ttl = max(life.timeout, timeout + margin)
         policy = policy.with_overrides(limits={"command_timeout": timeout},
                                        lifetime={"timeout": ttl, "max_lifetime": max(life.max_lifetime, ttl)})
     return policy

@@ -30,6 +30,13 @@ RUNNABLE = [r for r in RUNTIMES_UNDER_TEST if UNMET[r] is None]
 TRANSPORTS = ("local", "remote")
 
 
+def usable_runtime(name: str) -> str:
+    """``name``, or the test skipped for what this host lacks for that runtime (UNMET)."""
+    if UNMET[name] is not None:
+        pytest.skip(UNMET[name])
+    return name
+
+
 async def _local_manager() -> Manager:
     return await _transport(None).manager()  # type: ignore[attr-defined, no-any-return]
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import secrets
 import time
 from collections.abc import Callable
@@ -20,7 +21,7 @@ from ..errors import ConflictError, PolicyError, QuotaError, SandboxNotFoundErro
 from ..policy import Policy
 from ..pool import WarmPool
 from ..runtime.base import Runtime
-from ..templates.store import TemplateStore
+from ..templates.store import Template, TemplateStore
 from .auth import KeyStore, Principal, RateLimiter
 from .metrics import MeteredAudit, Metrics
 from .rows import SandboxRows
@@ -47,6 +48,11 @@ class Server:
         self._pending: set[asyncio.Task[None]] = set()   # database writes in flight
         self._row_writes: dict[str, asyncio.Task[None]] = {}   # the last write of each sandbox's row
 
+    @functools.cached_property
+    def templates(self) -> TemplateStore:
+        """The runtimes' own store (runtime/jail, gvisor: ``<data dir>/templates``), opened once."""
+        return TemplateStore(self.config.data_dir / "templates")
+
     async def start(self) -> None:
         # the runtimes first remove what an earlier run that was killed left on the host
         config = self.config
@@ -61,7 +67,7 @@ class Server:
         pooled.update(self.settings.warm_pools)
         if any(pooled.values()):
             policy = Policy.from_dict(self.settings.warm_pool_policy)
-            store = TemplateStore(config.data_dir / "templates")   # the runtimes' own (runtime/jail, gvisor)
+            store = self.templates
             for template, size in pooled.items():
                 if template is not None and size and not store.exists(template):
                     await manager.shutdown()
@@ -143,19 +149,39 @@ async def check_owner(srv: Server, who: Principal, sandbox_id: str) -> None:
         await asyncio.to_thread(srv.rows.row_of, who.tenant, sandbox_id)
 
 
-def _check_template(srv: Server, who: Principal, name: str) -> None:
-    """Another tenant's snapshot, and the host's build cache (templates/build.py), are to a tenant
-    templates that do not exist."""
+def visible_to(t: Template, tenant: str) -> bool:
+    """A shared template (no owner) or the tenant's own snapshot."""
+    return not t.owner or t.owner == tenant
+
+
+def tenant_template(srv: Server, tenant: str, name: str) -> Template | None:
+    """Template ``name`` as ``tenant`` sees it. Another tenant's snapshot, and the host's build cache
+    (templates/build.py), are to it templates that do not exist: None, as for a name the store lacks."""
     from ..templates import TemplateError
     from ..templates.store import is_build_cache
 
     if is_build_cache(name):
-        raise PolicyError("template", f"no template named {name!r} on this host (see `stockade template list`)")
+        return None
     try:
-        owner = TemplateStore(srv.config.data_dir / "templates").get(name).owner
+        t = srv.templates.get(name)
+    except TemplateError:   # none of that name, or not a name
+        return None
+    return t if visible_to(t, tenant) else None
+
+
+def _check_template(srv: Server, who: Principal, name: str) -> None:
+    """A template the tenant may not see is refused as one that does not exist; an unknown or invalid
+    name is left to the runtime, which refuses it naming it."""
+    from ..templates import TemplateError
+    from ..templates.store import is_build_cache
+
+    if tenant_template(srv, who.tenant, name) is not None:
+        return
+    try:
+        hidden = is_build_cache(name) or srv.templates.exists(name)
     except TemplateError:
-        return  # unknown or invalid: the runtime refuses it, naming it
-    if owner and owner != who.tenant:
+        hidden = False
+    if hidden:
         raise PolicyError("template", f"no template named {name!r} on this host (see `stockade template list`)")
 
 

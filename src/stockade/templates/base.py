@@ -11,7 +11,6 @@ global prefix is ~/.npm-global. Build on it with ``stockade template build`` (``
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import subprocess
@@ -20,7 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from .errors import TemplateError
-from .layers import LayerInfo, extract_layer, remove_tree
+from .layers import remove_tree
 from .store import Template, TemplateConfig, TemplateStore, check_name
 
 PACKAGES = ("python3", "python3-pip", "python3-venv", "nodejs", "npm", "git", "curl", "ca-certificates", "bash",
@@ -90,22 +89,11 @@ def build_base(store: TemplateStore, name: str = "base", *, packages: tuple[str,
             done = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, text=True)  # noqa: S603
             if done.returncode != 0:
                 raise TemplateError(f"mmdebstrap failed (exit {done.returncode}): {done.stderr.strip()[-2000:]}")
-            digest = hashlib.sha256()
-            with open(tar, "rb") as f:
-                while chunk := f.read(1 << 20):
-                    digest.update(chunk)
-            diff_id = "sha256:" + digest.hexdigest()
             say(f"storing the layer ({tar.stat().st_size >> 20} MiB)\n")
-
-            def extract(tree: Path) -> LayerInfo:
-                with open(tar, "rb") as blob:
-                    return extract_layer(blob, tree, label=f"the base template's layer ({diff_id[:19]})",
-                                         limits=store.limits, diff_id=diff_id)
-
-            info = store.add_layer(diff_id, extract)
+            info = store.add_layer_file(tar, "the base template's layer")
         finally:
             remove_tree(work)
-        template = Template(name=name, layers=[diff_id], config=CONFIG, created=time.time(), size=info.file_bytes,
+        template = Template(name=name, layers=[info.diff_id], config=CONFIG, created=time.time(), size=info.file_bytes,
                             source=f"mmdebstrap {release} ({', '.join(packages)})")
         store.replace_template(template)
     say(f"made in {time.monotonic() - started:.1f} s\n")

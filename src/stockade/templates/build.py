@@ -43,7 +43,6 @@ from .errors import TemplateError
 from .layers import (
     LayerInfo,
     check_stack,
-    extract_layer,
     remove_tree,
     resolve_in_stack,
     visible_owner,
@@ -56,7 +55,6 @@ if TYPE_CHECKING:
     from ..policy import Policy
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
-_TRANSPORTS = ("oci:", "oci-archive:", "docker-archive:", "docker://")
 _ARCHIVES = (".tar", ".tar.gz", ".tgz", ".tar.xz", ".txz", ".tar.bz2", ".tbz2", ".tar.zst")
 
 
@@ -235,9 +233,9 @@ def _config_step(state: _State, ins: Instruction, config: TemplateConfig) -> _St
 
 
 def _from(b: _Build, source: str, index: int, count: int) -> _State:
-    from .oci import fetch_image
+    from .oci import SOURCE_PREFIXES, fetch_image
 
-    if source.startswith(_TRANSPORTS):
+    if source.startswith(SOURCE_PREFIXES):
         def progress(p: Any) -> None:
             if p.state != "start":
                 b.progress(BuildEvent("output", index, count, f"FROM {source}", stream="stderr",
@@ -250,7 +248,7 @@ def _from(b: _Build, source: str, index: int, count: int) -> _State:
             check_name(source)
         except TemplateError:
             raise TemplateError(f"FROM {source!r}: not a template name, and not an image source "
-                                f"({', '.join(t + '...' for t in _TRANSPORTS)})") from None
+                                f"({', '.join(t + '...' for t in SOURCE_PREFIXES)})") from None
         base = b.store.get(source)
         if base.owner:
             raise TemplateError(f"FROM {source!r}: a server tenant's template; build from the host's own")
@@ -391,18 +389,7 @@ def _store_layer(b: _Build, state: _State, key_parts: list[Any], label: str,
         key = _key(state.key, *key_parts, layer.hash.hexdigest())
         if b.store.exists(_record_name(key)) and not b.no_cache:
             return key, ""
-        digest = hashlib.sha256()
-        with open(tar_path, "rb") as f:
-            while chunk := f.read(1 << 20):
-                digest.update(chunk)
-        diff_id = "sha256:" + digest.hexdigest()
-
-        def extract(tree: Path) -> LayerInfo:
-            with open(tar_path, "rb") as blob:
-                return extract_layer(blob, tree, label=label, limits=b.store.limits, diff_id=diff_id)
-
-        b.store.add_layer(diff_id, extract)
-        return key, diff_id
+        return key, b.store.add_layer_file(tar_path, label).diff_id
     finally:
         remove_tree(work)
 

@@ -137,7 +137,7 @@ def template_build(
     try:
         result = build(TemplateStore(), name, text, context, policy=pol, runtime=runtime, build_args=args,
                        no_cache=no_cache, source=f"build of {path}", progress=progress)
-    except (TemplateError, StockadeError) as exc:
+    except StockadeError as exc:   # (a TemplateError too)
         typer.echo(f"stockade: {exc}", err=True)
         raise typer.Exit(1) from None
     t = result.template
@@ -147,18 +147,10 @@ def template_build(
 
 def _build_policy(path: Path | None, timeout: float | None, memory: str | None, hosts: list[str]):  # type: ignore[no-untyped-def]
     """The RUN steps' policy: the file's (or the defaults), with each RUN's time (600 s unless the file or
-    --timeout says), memory, and the allowed hosts added."""
-    from ..policy import Policy
+    --timeout says; a minute more for its sandbox, whose snapshot follows), memory, and the allowed hosts."""
+    from ..cli import _load_policy
 
-    policy = Policy.from_file(path) if path else Policy()
-    if timeout is None and path is None:
-        timeout = 600.0
-    if memory is not None:
-        policy = policy.with_overrides(limits={"memory": memory})
-    if timeout is not None:
-        ttl = max(policy.lifetime.timeout, timeout + 60)
-        policy = policy.with_overrides(limits={"command_timeout": timeout}, lifetime={
-            "timeout": ttl, "max_lifetime": max(policy.lifetime.max_lifetime, ttl)})
+    policy = _load_policy(path, 600.0 if timeout is None and path is None else timeout, memory, margin=60)
     if hosts:
         policy = policy.with_overrides(network={"mode": "allowlist", "allow": [*policy.network.allow, *hosts]})
     return policy

@@ -649,10 +649,17 @@ def check_stack(trees: list[str], infos: list[LayerInfo], labels: list[str]) -> 
 def _visible_below(trees: list[str], infos: list[LayerInfo], top: int,
                    parts: list[str]) -> os.stat_result | None:
     """What the stack of layers below ``top`` shows at ``parts`` (None: nothing)."""
+    found = _visible_in(trees, infos, top, parts)
+    return found[1] if found is not None else None
+
+
+def _visible_in(trees: list[str], infos: list[LayerInfo], top: int,
+                parts: list[str]) -> tuple[int, os.stat_result] | None:
+    """Which layer below ``top`` shows ``parts``, and its lstat there (None: nothing)."""
     for j in range(top - 1, -1, -1):
         st = _lstat_in(trees[j], parts)
         if st is not None:
-            return None if _is_whiteout(st) else st
+            return None if _is_whiteout(st) else (j, st)
         # an opaque parent in layer j hides every layer below it
         if any("/".join(parts[:d]) in infos[j].opaque_dirs for d in range(0, len(parts))):
             return None
@@ -666,12 +673,10 @@ def read_visible(trees: list[str], infos: list[LayerInfo], path: str, limit: int
     ``limit`` bytes; None if there is none, it is not a regular file, or a symlink is on the way (never
     followed: an image's /etc/passwd may point anywhere on the host)."""
     parts = [p for p in path.split("/") if p]
-    st = _visible_below(trees, infos, len(trees), parts)
-    if st is None or not stat.S_ISREG(st.st_mode):
+    found = _visible_in(trees, infos, len(trees), parts)
+    if found is None or not stat.S_ISREG(found[1].st_mode):
         return None
-    fd = _visible_parent(trees, parts, st)
-    if fd is None:
-        return None
+    fd = _open_parent(trees[found[0]], parts)
     try:
         with os.fdopen(os.open(parts[-1], os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
                                dir_fd=fd), "rb") as f:
@@ -682,22 +687,18 @@ def read_visible(trees: list[str], infos: list[LayerInfo], path: str, limit: int
         os.close(fd)
 
 
-def _visible_parent(trees: list[str], parts: list[str], st: os.stat_result) -> int | None:
-    """A descriptor of the directory, in the layer tree that holds it, of the entry ``st`` at ``parts``."""
-    for tree in reversed(trees):
-        here = _lstat_in(tree, parts)
-        if here is not None and (here.st_dev, here.st_ino) == (st.st_dev, st.st_ino):
-            fd = os.open(tree, _DIR_FLAGS)
-            try:
-                for part in parts[:-1]:
-                    nxt = os.open(part, _DIR_FLAGS, dir_fd=fd)
-                    os.close(fd)
-                    fd = nxt
-            except BaseException:
-                os.close(fd)
-                raise
-            return fd
-    return None
+def _open_parent(tree: str, parts: list[str]) -> int:
+    """A descriptor of the directory of ``parts`` in one layer tree, walked without following a symlink."""
+    fd = os.open(tree, _DIR_FLAGS)
+    try:
+        for part in parts[:-1]:
+            nxt = os.open(part, _DIR_FLAGS, dir_fd=fd)
+            os.close(fd)
+            fd = nxt
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 def visible_stat(trees: list[str], infos: list[LayerInfo], parts: list[str]) -> os.stat_result | None:
@@ -708,17 +709,14 @@ def visible_stat(trees: list[str], infos: list[LayerInfo], parts: list[str]) -> 
 
 def visible_owner(trees: list[str], infos: list[LayerInfo], parts: list[str]) -> tuple[int, int]:
     """The image's (uid, gid) of what the stack shows at ``parts`` (0:0 if nothing)."""
-    st = visible_stat(trees, infos, parts)
-    if st is None:
+    found = _visible_in(trees, infos, len(trees), parts) if parts else None
+    if found is None:
         return 0, 0
-    for tree, info in zip(reversed(trees), reversed(infos), strict=True):
-        here = _lstat_in(tree, parts)
-        if here is not None and (here.st_dev, here.st_ino) == (st.st_dev, st.st_ino):
-            if info.id_base is not None:
-                return here.st_uid - info.id_base, here.st_gid - info.id_base
-            uid, gid = info.owners.get("/".join(parts), (0, 0))
-            return uid, gid
-    return 0, 0
+    info, st = infos[found[0]], found[1]
+    if info.id_base is not None:
+        return st.st_uid - info.id_base, st.st_gid - info.id_base
+    uid, gid = info.owners.get("/".join(parts), (0, 0))
+    return uid, gid
 
 
 def resolve_in_stack(trees: list[str], infos: list[LayerInfo], path: str, max_links: int = 40) -> list[str]:
@@ -758,10 +756,10 @@ def resolve_in_stack(trees: list[str], infos: list[LayerInfo], path: str, max_li
 
 def read_visible_link(trees: list[str], infos: list[LayerInfo], parts: list[str]) -> str:
     """The target of the symlink the stack shows at ``parts`` (read by descriptor, never followed)."""
-    st = visible_stat(trees, infos, parts)
-    fd = _visible_parent(trees, parts, st) if st is not None else None
-    if fd is None:
+    found = _visible_in(trees, infos, len(trees), parts) if parts else None
+    if found is None:
         return ""
+    fd = _open_parent(trees[found[0]], parts)
     try:
         return os.readlink(parts[-1], dir_fd=fd)
     finally:

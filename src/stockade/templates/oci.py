@@ -75,6 +75,9 @@ class Credentials:
     tls_verify: bool = True
 
 
+SOURCE_PREFIXES = ("oci:", "oci-archive:", "docker-archive:", "docker://")   # what parse_source takes
+
+
 def parse_source(source: str) -> tuple[str, str, str]:
     """(transport, path or registry reference, tag or ref)."""
     for transport in ("oci-archive", "docker-archive", "oci"):

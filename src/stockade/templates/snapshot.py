@@ -18,7 +18,6 @@ range become the image's own again."""
 
 from __future__ import annotations
 
-import hashlib
 import os
 import stat
 import tarfile
@@ -29,7 +28,7 @@ from pathlib import Path
 from typing import IO
 
 from .errors import TemplateError
-from .layers import OPAQUE_MARKER, WHITEOUT_PREFIX, LayerInfo, Limits, check_stack, extract_layer, remove_tree
+from .layers import OPAQUE_MARKER, WHITEOUT_PREFIX, Limits, check_stack, remove_tree
 from .store import Template, TemplateConfig, TemplateStore
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -185,21 +184,10 @@ def save(source: SnapshotSource, name: str, label: str, owner: str = "", *,
             tar_path = work / "layer.tar"
             with open(tar_path, "wb") as out:
                 write_layer(out, source, store.limits)
-            digest = hashlib.sha256()
-            with open(tar_path, "rb") as f:
-                while chunk := f.read(1 << 20):
-                    digest.update(chunk)
-            diff_id = "sha256:" + digest.hexdigest()
-            layer_label = f"snapshot of {label} ({diff_id[:19]})"
-
-            def extract(tree: Path) -> LayerInfo:
-                with open(tar_path, "rb") as blob:
-                    return extract_layer(blob, tree, label=layer_label, limits=store.limits, diff_id=diff_id)
-
-            info = store.add_layer(diff_id, extract)
+            info = store.add_layer_file(tar_path, f"snapshot of {label}")
         finally:
             remove_tree(work)
-        layers = [*base.layers, diff_id]
+        layers = [*base.layers, info.diff_id]
         infos = [store.layer_info(d) for d in layers]
         check_stack([str(store.layer_path(d) / "tree") for d in layers], infos,
                     [f"layer {i + 1}/{len(layers)}" for i in range(len(layers))])

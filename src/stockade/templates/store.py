@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import builtins
 import fcntl
+import hashlib
 import json
 import os
 import re
@@ -39,7 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import TemplateError, TemplateInUseError, TemplateNotFoundError
-from .layers import LayerInfo, Limits, remove_tree, shift_owners
+from .layers import LayerInfo, Limits, extract_layer, remove_tree, shift_owners
 
 NAME_RE = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
 # the build cache's records (templates/build.py): one per build step, named by the step's cache key; a name
@@ -289,6 +290,23 @@ class TemplateStore:
             return self.layer_info(diff_id)
         finally:
             remove_tree(work)
+
+    def add_layer_file(self, tar: Path, label: str) -> LayerInfo:
+        """Store the uncompressed layer tar ``tar`` written here (a snapshot, a build step, the base
+        template's rootfs): its diff_id is its sha256, and it goes through the same checked extraction as
+        an image's layer. ``label`` names it in errors, with its digest."""
+        digest = hashlib.sha256()
+        with open(tar, "rb") as f:
+            while chunk := f.read(1 << 20):
+                digest.update(chunk)
+        diff_id = "sha256:" + digest.hexdigest()
+
+        def extract(tree: Path) -> LayerInfo:
+            with open(tar, "rb") as blob:
+                return extract_layer(blob, tree, label=f"{label} ({diff_id[:19]})", limits=self.limits,
+                                     diff_id=diff_id)
+
+        return self.add_layer(diff_id, extract)
 
     def add_template(self, template: Template) -> None:
         """Create the record; refuses a name that exists (templates are immutable)."""

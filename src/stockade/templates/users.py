@@ -48,21 +48,22 @@ def image_databases(trees: list[str], infos: list[LayerInfo]) -> tuple[str, str]
     return passwd, group
 
 
-def image_user(resolved: ResolvedTemplate) -> ImageUser:
-    """The template's sandbox user; a user or group the image does not know is a TemplateError naming it."""
+def image_user(resolved: ResolvedTemplate, keep_root: bool = False) -> ImageUser:
+    """The template's sandbox user; a user or group the image does not know is a TemplateError naming it.
+    ``keep_root``: the image's root stays root (a build step's, in ids of its own: runtime/jail/template_root)."""
     passwd, group = image_databases([str(d) for d in resolved.layer_dirs], resolved.layer_infos)
     users, groups = _entries(passwd), _entries(group)
     spec = resolved.config.user.strip()
     where = f"template {resolved.template.name!r}: its user {spec!r}"
     uid, gid = lookup_ids(spec, passwd, group, where)
-    if uid == 0:  # never root: see the module's docstring
+    if uid == 0 and not keep_root:  # never root: see the module's docstring
         uid, gid = DEFAULT_UID, DEFAULT_GID if gid == 0 else gid
     if uid >= MAX_ID or gid >= MAX_ID:  # the store's id range (layers.py), and never a host's sandbox uid
         raise TemplateError(f"{where}: uid {uid}, gid {gid}: a template's user must have ids below {MAX_ID}")
     name = next((e[0] for e in users if e[2] == str(uid)), "")
     if not name:
-        name = "user"
-        passwd = _ending(passwd) + f"user:x:{uid}:{gid}:sandbox user:{HOME}:/bin/sh\n"
+        name = "root" if uid == 0 else "user"
+        passwd = _ending(passwd) + f"{name}:x:{uid}:{gid}:sandbox user:{HOME}:/bin/sh\n"
     if not any(e[2] == str(gid) for e in groups):
         group = _ending(group) + f"{'user' if not any(e[0] == 'user' for e in groups) else f'g{gid}'}:x:{gid}:\n"
     return ImageUser(uid, gid, name, passwd, group)

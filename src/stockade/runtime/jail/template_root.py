@@ -55,7 +55,7 @@ from ...templates import (
     TemplateStore,
 )
 from ...templates.layers import STORE_ID_BASE, STORE_ID_COUNT, read_visible_link, visible_stat
-from ...templates.users import ImageUser, image_databases, image_user, lookup_ids
+from ...templates.users import ImageUser, image_user
 from .. import idmap
 from .rootfs import BIN_DIR, HOME
 
@@ -394,20 +394,12 @@ def write_build_maps(pid: int, block: int, user: ImageUser) -> None:
 
 def build_user(resolved: ResolvedTemplate) -> ImageUser:
     """A build step's user: the template's USER as the image means it (root by default, as in a
-    Dockerfile). Its /etc/passwd and /etc/group are the image's own files, writable by its root
-    (``useradd`` in a step): the runtime places none over them."""
-    passwd, group = image_databases([str(d) for d in resolved.layer_dirs], resolved.layer_infos)
-    spec = resolved.config.user
+    Dockerfile), ids below BUILD_IDS. Its /etc/passwd and /etc/group are the image's own files, writable
+    by its root (``useradd`` in a step): the runtime places none over them."""
     try:
-        uid, gid = lookup_ids(spec, passwd, group, f"USER {spec!r}")
+        return image_user(resolved, keep_root=True)
     except TemplateError as exc:
         raise PolicyError("template", str(exc)) from None
-    if uid >= BUILD_IDS or gid >= BUILD_IDS:
-        raise PolicyError("template", f"USER {spec!r}: uid {uid}, gid {gid}: a build's user must have ids below "
-                                      f"{BUILD_IDS}")
-    name = next((e.split(":")[0] for e in passwd.splitlines() if e.count(":") >= 2 and e.split(":")[2] == str(uid)),
-                "root" if uid == 0 else "user")
-    return ImageUser(uid, gid, name, passwd, group)
 
 
 def image_ids(host_uid: int, host_gid: int, user: ImageUser) -> Callable[[int, int], tuple[int, int]]:
@@ -456,16 +448,14 @@ def sandbox_user(resolved: ResolvedTemplate, files: dict[str, bytes], build_step
     ``files`` (unless the caller placed their own). An unknown user is a PolicyError on ``template``. A build
     step (where the runtime gives it no block of ids) must not be the image's root: it would run as uid 1000."""
     try:
-        if build_step:
-            passwd, group = image_databases([str(d) for d in resolved.layer_dirs], resolved.layer_infos)
-            if lookup_ids(resolved.config.user, passwd, group, f"USER {resolved.config.user!r}")[0] == 0:
-                raise UnenforceableError(
-                    "a build step as the image's root needs the jail runtime run as root (it maps the step a "
-                    "private block of host ids)",
-                    "fix: build as root with --runtime jail, or set USER to a non-root user before this RUN")
-        user = image_user(resolved)
+        user = image_user(resolved, keep_root=build_step)
     except TemplateError as exc:
         raise PolicyError("template", str(exc)) from None
+    if user.uid == 0:   # (only a build step's is)
+        raise UnenforceableError(
+            "a build step as the image's root needs the jail runtime run as root (it maps the step a "
+            "private block of host ids)",
+            "fix: build as root with --runtime jail, or set USER to a non-root user before this RUN")
     files.setdefault("/etc/passwd", user.passwd.encode())
     files.setdefault("/etc/group", user.group.encode())
     return user

@@ -10,15 +10,11 @@ from typing import Any
 from fastapi import APIRouter, HTTPException, Response
 
 from ...errors import ConflictError
-from ...templates import Template, TemplateError, TemplateInUseError, TemplateStore
-from ...templates.store import is_build_cache
+from ...templates import Template, TemplateInUseError
 from ..deps import Auth, Srv
+from ..service import tenant_template, visible_to
 
 router = APIRouter()
-
-
-def _store(srv: Srv) -> TemplateStore:
-    return TemplateStore(srv.config.data_dir / "templates")   # the runtimes' own (runtime/jail, gvisor)
 
 
 def _out(t: Template, tenant: str) -> dict[str, Any]:
@@ -30,13 +26,8 @@ def _out(t: Template, tenant: str) -> dict[str, Any]:
 
 
 def _visible(srv: Srv, tenant: str, name: str) -> Template:
-    t: Template | None = None
-    if not is_build_cache(name):
-        try:
-            t = _store(srv).get(name)
-        except TemplateError:   # none of that name, or not a name
-            pass
-    if t is None or (t.owner and t.owner != tenant):
+    t = tenant_template(srv, tenant, name)
+    if t is None:
         raise HTTPException(404, f"no template named {name!r} on this server")
     return t
 
@@ -44,8 +35,8 @@ def _visible(srv: Srv, tenant: str, name: str) -> Template:
 @router.get("/templates", tags=["templates"])
 async def list_templates(srv: Srv, who: Auth) -> list[dict[str, Any]]:
     """The server's shared templates and this tenant's own snapshots."""
-    templates = await asyncio.to_thread(_store(srv).list)
-    return [_out(t, who.tenant) for t in templates if not t.owner or t.owner == who.tenant]
+    templates = await asyncio.to_thread(srv.templates.list)
+    return [_out(t, who.tenant) for t in templates if visible_to(t, who.tenant)]
 
 
 @router.get("/templates/{name}", tags=["templates"])
@@ -62,7 +53,7 @@ async def remove_template(name: str, srv: Srv, who: Auth) -> Response:
         raise HTTPException(403, f"template {name!r} is shared: the server's host removes it "
                                  "(`stockade template rm`)")
     try:
-        await asyncio.to_thread(_store(srv).remove, name)
+        await asyncio.to_thread(srv.templates.remove, name)
     except TemplateInUseError as exc:
         raise ConflictError(str(exc)) from None
     return Response(status_code=204)
