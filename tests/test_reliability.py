@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import socket
 import subprocess
 import tempfile
 from pathlib import Path
@@ -46,6 +47,36 @@ def test_a_stopped_egress_listener_leaves_no_stale_descriptor_watched_by_the_loo
         assert failures == [], failures[:3]
         assert len(os.listdir("/proc/self/fd")) <= fds_before  # listeners and pidfds were all closed
         assert os.listdir(root) == []  # each endpoint removed its socket directory
+
+
+def test_an_egress_socket_deeper_than_sun_path_still_listens(tmp_path: Path) -> None:
+    """The jail's broker socket is under the sandbox's workspace directory (host_mounts.py): a deep state
+    directory makes its path longer than a Unix socket address holds (108 bytes), which bind() refused."""
+    deep = tmp_path / ("d" * 60) / ("e" * 60)
+
+    async def main() -> bytes:
+        async def handler(client, kind: bytes) -> None:
+            client.sendall(b"accepted " + kind)
+            client.close()
+
+        endpoint = FdPassingListener(deep, handler)
+        endpoint.start()
+        try:
+            assert len(str(endpoint.socket_path)) > 108 and endpoint.socket_path.exists()
+            a, b = socket.socketpair()
+            dirfd = os.open(deep, os.O_PATH | os.O_DIRECTORY)
+            with socket.socket(socket.AF_UNIX) as conn:
+                await asyncio.to_thread(conn.connect, f"/proc/self/fd/{dirfd}/broker.sock")
+                os.close(dirfd)
+                socket.send_fds(conn, [b"H"], [b.fileno()])
+                b.close()
+                a.settimeout(5)
+                return await asyncio.to_thread(a.recv, 64)
+        finally:
+            await endpoint.stop()
+
+    assert asyncio.run(main()) == b"accepted H"
+    assert not deep.exists()
 
 
 def test_uid_lock_files_are_removed_and_a_uid_is_never_held_twice(tmp_path: Path) -> None:

@@ -28,6 +28,7 @@ from stockade.templates.layers import STORE_ID_BASE
 from . import template_images as ti
 from .conformance.conftest import RUNTIMES_UNDER_TEST, usable_runtime
 from .conftest import base_policy
+from .mountinfo import host_leaks
 
 pytestmark = pytest.mark.skipif(not os.path.exists("/proc/self/ns/user"), reason="needs user namespaces")
 
@@ -354,7 +355,7 @@ def test_a_symlink_planted_in_the_root_does_not_steer_the_teardown(template: str
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="as root the overlay is the host's mount; unprivileged it is in "
                     "bwrap's own mount namespace, under the caller's state dir")
-def test_the_root_mount_names_no_host_directory_in_the_sandbox_mountinfo(make, store: TemplateStore) -> None:
+def test_the_sandbox_mountinfo_names_no_host_directory_uid_or_device(make, store: TemplateStore) -> None:
     """overlayfs shows its options as given: the jail names the layers and the writable layer by
     descriptor, so the sandbox's mountinfo carries neither the data directory nor its own id."""
     sb = make()
@@ -363,6 +364,8 @@ def test_the_root_mount_names_no_host_directory_in_the_sandbox_mountinfo(make, s
     assert sb.sandbox_id not in mountinfo, mountinfo
     root_line = next(line for line in mountinfo.splitlines() if line.split()[4] == "/")
     assert "/var/" not in root_line and "/run/" not in root_line, root_line
+    # nor anything else of the host: the agent's python, /dev, the generated files (host_mounts.py)
+    assert host_leaks(mountinfo, sb.info().runtime.get("host_uid"), sb.sandbox_id) == [], mountinfo
 
 
 def test_no_other_host_user_reaches_the_sandbox_root_layer(make, runtime: str) -> None:

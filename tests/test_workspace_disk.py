@@ -20,6 +20,7 @@ from stockade import Sandbox
 from stockade.errors import SandboxUnavailableError, StockadeError
 from stockade.runtime.jail import workspace
 from stockade.runtime.jail.config import JailConfig
+from stockade.runtime.jail.host_mounts import HostMounts
 from stockade.runtime.jail.runtime import JailRuntime
 
 from .conftest import ROOT, host_runtime, sandbox_traces
@@ -124,19 +125,28 @@ def test_a_crashed_owner_s_images_mounts_and_loop_devices_go_with_the_sweep():
     assert sandbox_traces(described, sandbox_id) == []
 
 
-@as_root
-def test_the_sweep_removes_an_image_and_a_loop_device_a_start_killed_midway_left(tmp_path):
-    """A start killed between creating an image and unlinking it leaves the name; one killed between
-    attaching it and setting autoclear (kernels before 5.8) leaves a loop device nobody mounted."""
-    runtime = JailRuntime()
+def _stale_loop_device(runtime: JailRuntime, formatted: bool = False) -> tuple[str, Path, str]:
+    """(a sandbox id no owner holds, its workspace image under its name, a loop device of it without
+    autoclear): what a start killed midway on a kernel before 5.8 leaves."""
     name = f"sbx-stale{secrets.token_hex(4)}"
     images = runtime.config.data_dir / "workspaces"
     images.mkdir(mode=0o700, exist_ok=True)
     image = images / f"{name}-disk.img"
     with open(image, "wb") as f:
         f.truncate(8 << 20)
+    if formatted:
+        subprocess.run([workspace.mkfs_path() or "mkfs.ext4", "-q", str(image)], check=True)
     dev = subprocess.run(["losetup", "--find", "--show", str(image)], capture_output=True, text=True,
                          check=True).stdout.strip()
+    return name, image, dev
+
+
+@as_root
+def test_the_sweep_removes_an_image_and_a_loop_device_a_start_killed_midway_left(tmp_path):
+    """A start killed between creating an image and unlinking it leaves the name; one killed between
+    attaching it and setting autoclear (kernels before 5.8) leaves a loop device nobody mounted."""
+    runtime = JailRuntime()
+    name, image, dev = _stale_loop_device(runtime)
     try:
         left = runtime.leftovers(name)
         assert f"loop device {dev} backed by {image}" in left and f"workspace image {image}" in left, left
@@ -145,6 +155,31 @@ def test_the_sweep_removes_an_image_and_a_loop_device_a_start_killed_midway_left
                    show=lambda: runtime.leftovers(name))
         assert not image.exists()
     finally:
+        subprocess.run(["losetup", "-d", dev], capture_output=True)
+        image.unlink(missing_ok=True)
+
+
+@as_root
+def test_the_sweep_never_detaches_a_loop_device_that_is_mounted(tmp_path):
+    """A workspace image is mounted with its loop device named by descriptor (/proc/self/fd/N, which is
+    what the sandbox's mountinfo shows): the sweep must tell a mounted device by its number, not its name."""
+    import ctypes
+
+    runtime = JailRuntime()
+    name, image, dev = _stale_loop_device(runtime, formatted=True)
+    point = tmp_path / "mnt"
+    point.mkdir()
+    libc = ctypes.CDLL(None, use_errno=True)
+    fd = os.open(dev, os.O_RDWR)
+    try:
+        assert libc.mount(f"/proc/self/fd/{fd}".encode(), str(point).encode(), b"ext4", 0, None) == 0
+        assert dev in workspace.mounted_devices()
+        asyncio.run(runtime.sweep_stale())
+        backing = Path(f"/sys/block/{os.path.basename(dev)}/loop/backing_file")
+        assert backing.exists() and name in backing.read_text(), "the sweep detached a mounted device"
+    finally:
+        os.close(fd)
+        libc.umount2(str(point).encode(), 2)
         subprocess.run(["losetup", "-d", dev], capture_output=True)
         image.unlink(missing_ok=True)
 
@@ -222,6 +257,57 @@ def test_the_tmpfs_fallback_is_bounded_and_reported():
            "the memory cgroup" in doctor.stdout, doctor.stdout
 
 
+EGRESS_CREATOR = """
+import json, os, sys
+sys.path[:0] = {path!r}
+from stockade import Sandbox
+from tests.conftest import base_policy
+with Sandbox.create(policy=base_policy(network={{"mode": "allowlist", "allow": ["egress.test"]}})) as sb:
+    info = sb.info().runtime
+    print(json.dumps([sb.sandbox_id, info["host_uid"], info["host_mounts"]]), flush=True)
+    sys.stdin.readline()
+"""
+PROBE = """
+import socket, sys
+try:
+    socket.socket(socket.AF_UNIX).connect(sys.argv[1])
+    print("connected")
+except OSError as e:
+    print(type(e).__name__)
+"""
+
+
+@as_root
+@pytest.mark.parametrize("backing", ["disk", "tmpfs"])
+def test_no_other_host_user_reaches_a_sandbox_broker_socket(backing):
+    """The broker's socket is 0666 (the sandbox's uid connects): the directory it is in must let only the
+    sandbox's bwrap pass. A local user connecting to it would use the sandbox's egress, secrets and all."""
+    from stockade.runtime.jail.runtime import JailRuntime
+
+    env = {**os.environ, "STOCKADE_WORKSPACE": backing}
+    proc = subprocess.Popen([sys.executable, "-c", EGRESS_CREATOR.format(path=[str(REPO), str(REPO / "src")])],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+    try:
+        sandbox_id, host_uid, host_mounts = json.loads(proc.stdout.readline())
+        assert host_mounts == (backing == "disk")
+        state = JailRuntime().config.state_dir
+        sockets = [p for p in (state / "net" / sandbox_id / "broker.sock",
+                               state / "workspace" / sandbox_id / "run" / "net" / "broker.sock") if p.exists()]
+        # with the disk workspace the socket's mount is detached from the host once the sandbox runs: no
+        # host path leads to it at all
+        assert (sockets == []) == (backing == "disk"), sockets
+        for sock in sockets:
+            st = os.stat(sock.parent)
+            assert (st.st_uid, st.st_gid, st.st_mode & 0o777) == (0, host_uid, 0o710), st
+            for uid in (65534, host_uid + 1):
+                probe = subprocess.run(["/usr/bin/python3", "-I", "-c", PROBE, str(sock)], capture_output=True,
+                                       text=True, timeout=30, preexec_fn=lambda uid=uid: (
+                                           os.setgroups([]), os.setresgid(uid, uid, uid), os.setresuid(uid, uid, uid)))
+                assert probe.stdout.strip() == "PermissionError", (uid, probe)
+    finally:
+        proc.communicate("\n", timeout=60)
+
+
 def test_describe_reports_the_backing(sandbox):
     assert sandbox.info().runtime["workspace_backing"] == ("disk image" if ROOT else "tmpfs")
 
@@ -260,3 +346,51 @@ def test_an_image_the_host_cannot_make_is_a_clear_error_naming_the_field():
     assert "filesystem.workspace_size" in str(err.value) and "workspace image" in str(err.value), err.value
     blanks = host_runtime().config.data_dir / "workspaces" / "blank"
     assert not list(blanks.glob(f"*-{64 << 40}.img*"))  # no half-made blank left
+
+
+@as_root
+def test_the_host_holds_no_mount_of_a_running_sandbox_dev_or_files(make_sandbox):
+    """Once bwrap has bound them, the host's mounts of /dev, /dev/shm and the files are detached: the
+    sandbox's copies are the last, so a crashed owner leaves no /dev/shm holding memory on the host."""
+    sb = make_sandbox()
+    assert sb.commands.run("head -c 4194304 /dev/zero > /dev/shm/f && ls -s /dev/shm/f").exit_code == 0
+    run = host_runtime().workspace_dir / sb.sandbox_id / "run"
+    assert workspace.mounts_under(run) == [] and list(run.iterdir()) == []
+    assert " /dev/shm " in sb.commands.run("cat /proc/self/mountinfo").stdout
+
+
+def test_binds_at_under_or_over_a_mount_beneath_a_view_are_the_host_own(tmp_path):
+    """overlayfs does not cross mounts: a view of /usr would show the directory a mount beneath it
+    covers, so a bind there (or above it) reads the host's own path."""
+    mounts = HostMounts(tmp_path, 0, 1 << 20)
+    mounts._views = {"/usr": "/V/0", "/etc": "/V/1", "/opt/env": "/V/2"}
+    mounts._beneath = {"/usr": ["/usr/local", "/usr/share/zoneinfo"], "/etc": [], "/opt/env": []}
+    assert mounts.through("/usr/bin") == "/V/0/bin" and mounts.through("/etc/ssl/certs") == "/V/1/ssl/certs"
+    assert mounts.through("/opt/env") == "/V/2"
+    for own in ("/usr/share", "/usr/local", "/usr/local/bin", "/usr/share/zoneinfo/UTC", "/usr", "/opt/envx",
+                "/usrx/bin", "/var/lib"):
+        assert mounts.through(own) == own, own
+
+
+@as_root
+def test_a_view_of_a_directory_with_a_mount_beneath_names_it(tmp_path):
+    import ctypes
+
+    source = tmp_path / "src"
+    (source / "sub").mkdir(parents=True)
+    (source / "bin").mkdir()
+    (source / "sub" / "under").write_text("covered")
+    libc = ctypes.CDLL(None, use_errno=True)
+    assert libc.mount(b"none", str(source / "sub").encode(), b"tmpfs", 0, b"size=1m") == 0
+    base = tmp_path / "ws"
+    base.mkdir()
+    try:
+        mounts = HostMounts(base, 0, 1 << 20)
+        mounts.create([str(source)])
+        assert mounts.through(str(source / "sub")) == str(source / "sub")
+        view = Path(mounts.through(str(source / "bin")))
+        assert view != source / "bin" and view.is_dir() and workspace.mounts_under(base / "run")
+    finally:
+        workspace.remove(base)
+        libc.umount2(str(source / "sub").encode(), 2)
+    assert not (base / "run").exists() and workspace.mounts_under(base) == []

@@ -94,9 +94,10 @@ def check_cgroups(jail: JailConfig) -> list[Check]:
     return checks
 
 
-def check_proc_view() -> Check:
+def check_proc_view(jail: JailConfig) -> Check:
     """What the sandbox sees of the host through /proc: masking is bwrap mounts, so it holds unprivileged."""
-    from .runtime.jail import rootfs
+    from .errors import SandboxUnavailableError
+    from .runtime.jail import rootfs, workspace
 
     files, dirs = rootfs.masked_proc()
     clocks = ("uptime, btime and the monotonic clocks are the sandbox's own (a time namespace)"
@@ -104,13 +105,25 @@ def check_proc_view() -> Check:
               "uptime, btime and the monotonic clocks are the host's (a time namespace needs root here)")
     lxcfs = " (an lxcfs mount exists on this host; stockade does not use it)" if os.path.isdir(
         "/var/lib/lxcfs/proc") else ""
+    try:   # (the host makes the sandbox's mounts where it makes its disk workspace: host_mounts.py)
+        host_made = workspace.choose(os.geteuid() == 0, jail.workspace).disk
+    except SandboxUnavailableError:
+        host_made = False
+    if host_made:
+        mounts = ("mountinfo shows no host uid, device, devtmpfs size or host directory: /dev, /dev/shm and the "
+                  "generated files are on mounts the host makes as root, bound host directories show as "
+                  "overlays named by descriptor (only device numbers remain, as stat() gives them)")
+    else:
+        mounts = ("mountinfo shows the host uid in the options of bwrap's tmpfs mounts (/dev, /dev/shm, the "
+                  "generated files), the host devtmpfs size of /dev's nodes, and the host paths of bound "
+                  "directories (as root, mounts the host makes hide these)")
     return Check("/proc masking", True, f"{len(files)} host /proc files read empty, {len(dirs)} directories "
                  "empty and read-only; meminfo, cpuinfo, stat, loadavg and boot_id show the sandbox (MemTotal = "
                  "limits.memory, CPUs = limits.cpus rounded up, also as the affinity mask); the cgroup namespace "
                  "is rooted at the sandbox's cgroup" + lxcfs + "; " + clocks + "; sysinfo() answers "
-                 "limits.memory (the agent, through a seccomp user notification). Not hidden: mountinfo's host "
-                 "devices, bind paths and devtmpfs size, /proc/uptime's idle time (summed over the host), "
-                 "/proc/sys values that scale with the host (gVisor hides all of these)")
+                 "limits.memory (the agent, through a seccomp user notification); " + mounts + ". Not hidden: "
+                 "/proc/uptime's idle time (summed over the host), /proc/sys values that scale with the host "
+                 "(gVisor hides all of these)")
 
 
 def check_privilege(jail: JailConfig) -> Check:
@@ -193,7 +206,7 @@ def run_checks(config: HostConfig | None = None, jail: JailConfig | None = None)
     checks.append(bwrap_check)
     checks.append(check_seccomp())
     checks += check_cgroups(jail)
-    checks.append(check_proc_view())
+    checks.append(check_proc_view(jail))
     checks.append(check_privilege(jail))
     from .environment import is_built
     from .runtime.jail import rootfs

@@ -14,6 +14,7 @@ import pytest
 from stockade.runtime.jail import seccomp
 
 from ..conftest import ROOT
+from ..mountinfo import host_leaks
 from ..waiting import read_until
 
 # Python run inside the sandbox that calls a syscall through libc and prints its errno (0 = succeeded).
@@ -448,6 +449,73 @@ def test_host_identifying_proc_files_read_empty(make_sandbox, runtime_name):
         present = [n for n in present if n not in ("version", "cmdline")]
         sizes = {n: sizes[n] for n in present}
     assert sizes == dict.fromkeys(present, "0"), r.stdout
+
+
+def test_mountinfo_names_no_host_uid_memory_size_or_host_directory(make_sandbox, runtime_name):
+    """A tmpfs mounted in the sandbox's user namespace shows its owner as the host uid in mountinfo, a
+    device bound from the host's devtmpfs shows that one's size (half the host's memory), and a bind of a
+    host directory its path there (the data and state directories). As root the jail mounts what the
+    sandbox sees itself (host_mounts.py); gVisor's mountinfo is the Sentry's own. With the broker's socket
+    bound in (network on). (A template sandbox's: test_template_sandbox.py.)"""
+    sb = make_sandbox(network={"mode": "allowlist", "allow": ["mountinfo.test"]})
+    facts = sb.info().runtime
+    if runtime_name == "jail" and (not ROOT or os.environ.get("STOCKADE_WORKSPACE") == "tmpfs"):
+        pytest.skip("unprivileged (or STOCKADE_WORKSPACE=tmpfs) bwrap mounts /dev and the generated files in "
+                    "the sandbox's user namespace: stockade doctor names what mountinfo shows then")
+    text = sb.commands.run("cat /proc/self/mountinfo").stdout
+    assert len(text.splitlines()) > 10 and "/run/stockade" in text, text
+    assert host_leaks(text, facts.get("host_uid"), sb.id) == [], text
+    if runtime_name == "jail":
+        assert " /dev/pts rw," in text and " /dev/shm rw," in text, text
+
+
+def test_devices_ptys_and_shared_memory_work(make_sandbox, runtime_name):
+    """What /dev gives must still work once the host makes it: each device does what it is, a pty opens,
+    /dev/shm takes a file and ends in ENOSPC at filesystem.tmp_size, and nothing new can be made in /dev."""
+    sb = make_sandbox(filesystem={"tmp_size": 8 << 20})
+    script = r"""
+import errno, os, pty
+out = {}
+with open("/dev/null", "w") as f:
+    f.write("x")
+out["zero"] = open("/dev/zero", "rb").read(4).hex()
+out["urandom"] = len(open("/dev/urandom", "rb").read(16))
+out["random"] = len(open("/dev/random", "rb").read(16))
+try:
+    with open("/dev/full", "w") as f:
+        f.write("x")
+        f.flush()
+except OSError as e:
+    out["full"] = e.errno
+m, s = pty.openpty()
+os.write(s, b"ok\n")
+out["pty"] = [os.ttyname(s).startswith("/dev/pts/"), os.read(m, 16).strip().decode()]
+try:
+    os.mkdir("/dev/mine")
+    out["mkdir"] = 0
+except OSError as e:
+    out["mkdir"] = e.errno
+try:
+    with open("/dev/shm/fill", "wb") as f:
+        for _ in range(64):
+            f.write(b"\0" * (1 << 20))
+            f.flush()
+    out["shm"] = "no limit"
+except OSError as e:
+    out["shm"] = e.errno
+os.unlink("/dev/shm/fill")
+out["links"] = [os.readlink("/dev/" + n) for n in ("fd", "stdin", "ptmx")]
+print(out)
+"""
+    r = sb.commands.run(["python3", "-c", script])
+    assert r.exit_code == 0, r.stderr
+    out = eval(r.stdout)   # (a dict of ints and strings printed by the script above)
+    assert out["zero"] == "00000000" and out["urandom"] == out["random"] == 16
+    assert out["full"] == 28 and out["shm"] == 28, out   # ENOSPC
+    assert out["pty"] == [True, "ok"], out
+    if sb.info().runtime.get("host_mounts", True):   # (bwrap's own /dev is the sandbox user's)
+        assert out["mkdir"] in (1, 13, 30), out   # EPERM, EACCES or EROFS
+    assert out["links"] == ["/proc/self/fd", "/proc/self/fd/0", "pts/ptmx"], out
 
 
 def test_host_proc_directories_are_empty_and_read_only(make_sandbox):

@@ -7,6 +7,7 @@ transport."""
 from __future__ import annotations
 
 import threading
+from pathlib import Path
 
 import pytest
 
@@ -244,3 +245,43 @@ def test_the_async_sdk_drives_a_pty(make_sandbox, transport):
     stdout, seen = asyncio.run(flow())
     assert stdout.endswith("12 50\r\ngot-hi\r\n"), stdout
     assert stdout.startswith("10 40\r\n") and seen == stdout
+
+
+EXHAUST_PTYS = """
+import os, time
+held = []
+try:
+    for _ in range(6000):
+        held.append(os.open("/dev/ptmx", os.O_RDWR | os.O_NOCTTY))
+    err = 0
+except OSError as e:
+    err = e.errno
+with open("/tmp/ptys.tmp", "w") as f:
+    f.write(f"{len(held)} {err}")
+os.rename("/tmp/ptys.tmp", "/tmp/ptys")
+time.sleep(60)
+"""
+
+
+def test_a_sandbox_never_takes_the_ptys_the_kernel_keeps_for_the_host(make_sandbox, runtime_name):
+    """kernel.pty.reserve ptys are the host's (root's sshd and consoles): a devpts instance made in the
+    host's first mount namespace may use them, one made elsewhere (bwrap's, or stockade's host_mounts.py)
+    may not. A sandbox opens /dev/ptmx until it fails and holds what it got: the host's count stays short
+    of the reserve (the jail fails with ENOSPC there; gVisor's ptys are the Sentry's, none of the host's)."""
+    limit, reserve = (int(Path(f"/proc/sys/kernel/pty/{n}").read_text()) for n in ("max", "reserve"))
+    if limit - reserve >= 6000:
+        pytest.skip(f"this host allows {limit - reserve} ptys outside its reserve: more than the test opens")
+    sb = make_sandbox(limits={"open_files": 8192})
+    before = int(Path("/proc/sys/kernel/pty/nr").read_text())
+    holder = sb.commands.run(["python3", "-c", EXHAUST_PTYS], background=True)
+    try:
+        wait_until(lambda: sb.files.exists("/tmp/ptys"), 60, "the sandbox to open its ptys")
+        count, err = (int(x) for x in sb.files.read("/tmp/ptys").split())
+        in_use = int(Path("/proc/sys/kernel/pty/nr").read_text())
+    finally:
+        holder.kill()
+    assert in_use <= limit - reserve, (in_use, limit, reserve)
+    if runtime_name == "jail":
+        assert err == 28 and count <= limit - reserve - before, (count, err, limit, reserve, before)
+    else:
+        assert in_use - before < 16, (in_use, before)

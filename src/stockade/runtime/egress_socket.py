@@ -32,7 +32,15 @@ class EgressSocket(ABC):
     def start(self) -> None:
         self.socket_dir.mkdir(parents=True, exist_ok=True, mode=0o755)
         self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-        self._listener.bind(str(self.socket_path))
+        path = str(self.socket_path)
+        if len(os.fsencode(path)) < 100:
+            self._listener.bind(path)
+        else:   # longer than sun_path holds (a deep state directory): bound through the directory's descriptor
+            fd = os.open(self.socket_dir, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+            try:
+                self._listener.bind(f"/proc/self/fd/{fd}/{self.socket_path.name}")
+            finally:
+                os.close(fd)
         os.chmod(self.socket_path, 0o666)  # the sandbox's uid connects; only this sandbox sees the file
         self._listener.listen(128)
         self._listener.setblocking(False)

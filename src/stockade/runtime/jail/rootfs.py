@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cache
 
@@ -56,6 +57,19 @@ class SystemImage:
         args: list[str] = []
         for kind, first, second in self._entries:
             args += [kind, first, second]
+        return tuple(args)
+
+    @property
+    def view_sources(self) -> list[str]:
+        """The top-level host directories the binds come from (/usr, /etc)."""
+        return sorted({"/" + os.path.realpath(b).split("/")[1] for b in self.binds})
+
+    def args_through(self, through: Callable[[str], str]) -> tuple[str, ...]:
+        """``args`` with each bind's source (its symlinks resolved) read where ``through`` says: a view of
+        it (host_mounts.py), so the sandbox's mountinfo shows the view's filesystem, not the host's disk."""
+        args: list[str] = []
+        for kind, first, second in self._entries:
+            args += [kind, through(os.path.realpath(first)) if kind == "--ro-bind" else first, second]
         return tuple(args)
 
     @property

@@ -42,7 +42,7 @@ from ..base import Runtime, RuntimeSandbox, SandboxSpec
 from ..channel import AgentChannel
 from ..locks import Lock, lock_is_stale
 from . import bwrap as bwrap_mod
-from . import rootfs, seccomp, template_root, workspace
+from . import host_mounts, rootfs, seccomp, template_root, workspace
 from .config import JailConfig
 from .egress import FdPassingListener
 from .uids import UidAllocator, UidLease
@@ -238,6 +238,7 @@ class JailSandbox(RuntimeSandbox):
         self.overlay: template_root.OverlayRoot | None = None
         self.image_user: ImageUser | None = None    # a template's user (templates/users.py)
         self.workspace: workspace.DiskWorkspace | None = None
+        self.mounts: host_mounts.HostMounts | None = None   # as root: /dev, /dev/shm and the files, the host's
         # In a template sandbox the host's python runs only the agent (through its own loader); the
         # sandbox environment (a venv of the host's python) is not bound there.
         self.use_env = runtime.sandbox_env is not None and spec.template is None
@@ -281,8 +282,17 @@ class JailSandbox(RuntimeSandbox):
         if rt.workspace.disk and self.uid is not None:
             self.workspace = workspace.DiskWorkspace(rt.config.state_dir, rt.config.data_dir, self.id, self.uid.uid,
                                                      fs.workspace_size, fs.tmp_size)
+            self.mounts = host_mounts.HostMounts(self.workspace.base, self.uid.uid, fs.tmp_size)
+            disk, mounts, views = self.workspace, self.mounts, self._host_views()
+
+            def create() -> None:
+                disk.create(self.lease is not None)
+                mounts.create(views)
+
             # (in a thread: mounting and, at teardown, unmounting a filesystem are system calls of ms)
-            await asyncio.to_thread(self.workspace.create, self.lease is not None)
+            await asyncio.to_thread(create)
+            if self.egress is not None:   # its socket's directory, bound in, named by no host path
+                self.egress.socket_dir = mounts.run / "net"
         if self.lease is not None:
             ws, resolved = self.workspace, self.lease.resolved
             if self.uid is not None and self.build_step:
@@ -302,6 +312,9 @@ class JailSandbox(RuntimeSandbox):
             self.cgroup.create(lim.memory, lim.pids + AGENT_PIDS_HEADROOM, lim.cpus)
         if self.egress is not None:
             self.egress.start()
+            if self.mounts is None:   # (under <run> it is closed already) the sandbox's bwrap alone may pass
+                os.chown(self.egress.socket_dir, -1, self.uid.uid if self.uid is not None else -1)
+                os.chmod(self.egress.socket_dir, 0o710 if self.uid is not None else 0o700)
         time_offsets = self._time_offsets() if rt.unshare_time is not None else None
         host_sock, agent_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         info_r, info_w = os.pipe2(os.O_CLOEXEC)
@@ -375,11 +388,27 @@ class JailSandbox(RuntimeSandbox):
             # sysinfo() is the host kernel's: the agent answers it with limits.memory (user notification, 5.0+)
             sysinfo = (*seccomp.sysinfo_notifier(), lim.memory) if _kernel_at_least(5, 0) else None
             await self.agent.hello(env, rlimits, nproc, home, START_TIMEOUT, sysinfo=sysinfo)
+            if self.mounts is not None:   # bwrap is done with them: the sandbox's copies are the last
+                with contextlib.suppress(OSError):   # (else teardown unmounts them, as after a crash)
+                    self.mounts.detach()
         except SandboxUnavailableError:
             await self._wait_bwrap(2.0)
             raise self._start_failure(stderr_fd) from None
         finally:
             os.close(stderr_fd)
+
+    def _host_views(self) -> list[str]:
+        """The host directories the sandbox's binds come from (HostMounts shows them as overlays)."""
+        rt = self.runtime
+        if self.template is not None:
+            so_dir, stdlib, _ = template_root.host_python(rt.image.python_host, rt.config.state_dir)
+            return [str(so_dir), stdlib]
+        views = rt.image.view_sources   # (/usr and /etc)
+        if self.use_env:
+            views.append(str(rt.sandbox_env))
+        if rt.image.python_prefix_fd_source:
+            views.append(rt.image.python_prefix_fd_source)
+        return views
 
     def _time_offsets(self) -> bytes:
         """The time namespace's offsets: its monotonic and boot-time clocks start at about 1 s (an offset may
@@ -395,6 +424,17 @@ class JailSandbox(RuntimeSandbox):
             fd = _memfd(name, content)
             fds.append(fd)
             return str(fd)
+
+        mounts = self.mounts
+        through = mounts.through if mounts is not None else (lambda path: path)
+
+        def ro_file(path: str, content: bytes, mode: int = 0o444) -> list[str]:
+            """A file the sandbox reads at ``path``: on the host's tmpfs as root, else a copy in bwrap's."""
+            name = path.rsplit("/", 1)[1]
+            if mounts is not None:
+                return ["--ro-bind", mounts.file(name, content, mode), path]
+            return [*(["--perms", f"{mode:04o}"] if mode != 0o444 else []), "--ro-bind-data", data(name, content),
+                    path]
 
         user = self.image_user
         argv = [rt.bwrap.path,
@@ -413,22 +453,27 @@ class JailSandbox(RuntimeSandbox):
                     argv += ["--cap-add", cap]
         if self.overlay is not None:
             so_dir, stdlib, stdlib_inside = template_root.host_python(rt.image.python_host, rt.config.state_dir)
-            argv += [*self.overlay.bwrap_args(), "--ro-bind", str(so_dir), template_root.PY_SO_DIR,
-                     "--ro-bind", stdlib, stdlib_inside]
+            argv += [*self.overlay.bwrap_args(), "--ro-bind", through(str(so_dir)), template_root.PY_SO_DIR,
+                     "--ro-bind", through(stdlib), stdlib_inside]
         else:
-            argv += rt.image.args
-        if self.overlay is None and rt.image.python_prefix_fd_source:
+            if mounts is not None:   # an empty root of root's tmpfs, not bwrap's (whose owner mountinfo shows)
+                argv += ["--bind", str(mounts.root), "/"]
+            argv += rt.image.args_through(mounts.through) if mounts is not None else rt.image.args
+        if self.overlay is None and mounts is not None and rt.image.python_prefix_fd_source:
+            argv += ["--ro-bind", through(rt.image.python_prefix_fd_source), rootfs.PYTHON_MOUNT]
+        elif self.overlay is None and rt.image.python_prefix_fd_source:
             fd = os.open(rt.image.python_prefix_fd_source, os.O_PATH | os.O_DIRECTORY)
             fds.append(fd)
             argv += ["--ro-bind-fd", str(fd), rootfs.PYTHON_MOUNT]
         if self.use_env:
-            argv += ["--ro-bind", str(rt.sandbox_env), environment.MOUNT]
+            argv += ["--ro-bind", through(str(rt.sandbox_env)), environment.MOUNT]
         if self.egress is not None:  # the only way out of the network namespace
             argv += ["--ro-bind", str(self.egress.socket_dir), os.path.dirname(rt.layout.broker)]
         # As root a template's /home/user is part of its root: what the image (or a snapshot) has there shows,
         # and writes land in the writable layer, which is on the workspace's image (or tmpfs) of that size.
         home = None if self.overlay is not None and self.overlay.owner is not None else rootfs.HOME
-        argv += ["--proc", "/proc", "--dev", "/dev", *workspace.shm_args(fs.tmp_size),
+        argv += ["--proc", "/proc",
+                 *(mounts.dev_args() if mounts is not None else ["--dev", "/dev", *workspace.shm_args(fs.tmp_size)]),
                  *(self.workspace.bwrap_args(home) if self.workspace is not None else
                    workspace.tmpfs_args(home, fs.workspace_size, fs.tmp_size))]
         if self.use_env and rt.sandbox_env is not None:  # the workspace venv pip installs into (environment.py)
@@ -441,25 +486,25 @@ class JailSandbox(RuntimeSandbox):
                 argv += ["--perms", f"{mode:04o}", "--file", data(path.rsplit("/", 1)[1], content), path]
         masked_files, masked_dirs = rootfs.masked_proc()
         for path in masked_files:
-            argv += ["--dev-bind", "/dev/null", path]
+            argv += ["--dev-bind", mounts.null if mounts is not None else "/dev/null", path]
         for path in masked_dirs:
-            argv += ["--tmpfs", path, "--remount-ro", path]
+            argv += (["--ro-bind", str(mounts.empty), path] if mounts is not None else
+                     ["--tmpfs", path, "--remount-ro", path])
         sized = rootfs.sized_proc_files(self.policy.limits.memory, len(self.cpus), str(uuid.uuid4()), self.btime)
         for path, text in sized.items():
-            argv += ["--ro-bind-data", data(path.rsplit("/", 1)[1], text.encode()), path]
+            argv += ro_file(path, text.encode())
         for path, text in rootfs.generated_files().items():
             if self.build_step and path in ("/etc/passwd", "/etc/group"):
                 continue   # the image's own, which the step may change (template_root.build_user)
             if path not in self.files:  # (a template's /etc/passwd; bwrap cannot bind data twice on one file)
-                argv += ["--ro-bind-data", data(path.rsplit("/", 1)[1], text.encode()), path]
+                argv += ro_file(path, text.encode())
         for path, content in self.files.items():
-            argv += ["--ro-bind-data", data(path.rsplit("/", 1)[1], content), path]
+            argv += ro_file(path, content)
         for name, code in rt.agent_files.items():
-            argv += ["--ro-bind-data", data(name, code), f"{rootfs.AGENT_DIR}/{name}"]
+            argv += ro_file(f"{rootfs.AGENT_DIR}/{name}", code)
         helper = (Path(protocol.__file__).parent / "stockade_artifacts.py").read_bytes()
-        argv += ["--ro-bind-data", data("stockade_artifacts", helper), f"{rootfs.LIB_DIR}/stockade_artifacts.py",
-                 "--perms", "0555", "--ro-bind-data", data("save-artifact", SAVE_ARTIFACT),
-                 f"{rootfs.BIN_DIR}/save-artifact"]
+        argv += [*ro_file(f"{rootfs.LIB_DIR}/stockade_artifacts.py", helper),
+                 *ro_file(f"{rootfs.BIN_DIR}/save-artifact", SAVE_ARTIFACT, 0o555)]
         for i, mount in enumerate(fs.mounts):
             problem = _mount_source_problem(mount.source, self.uid is not None)
             if problem:
@@ -522,6 +567,9 @@ class JailSandbox(RuntimeSandbox):
             # /home/user and /tmp: ext4 images of their sizes on the host's disk ("disk image"), or tmpfs
             # of those sizes charged to the memory cgroup ("tmpfs"); /dev/shm is a tmpfs either way
             "workspace_backing": "disk image" if self.workspace is not None else "tmpfs",
+            # /dev, /dev/shm, the generated files and the host directories bound in: on mounts the host made
+            # as root (host_mounts.py, nothing of the host in mountinfo) or bwrap's own (unprivileged)
+            "host_mounts": self.mounts is not None,
             # a template sandbox's writable root: as root bounded by filesystem.workspace_size (on the
             # workspace's image, shared with /home/user; or a tmpfs of its own); unprivileged on the state
             # dir's disk, unbounded

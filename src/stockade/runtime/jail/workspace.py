@@ -293,8 +293,9 @@ def _mount_image(image_fd: int, mount_point: Path) -> None:
     finally:
         os.close(image_fd)
     try:
-        if _libc.mount(dev.encode(), str(mount_point).encode(), b"ext4", MS_NOSUID | MS_NODEV | MS_NOATIME,
-                       MOUNT_DATA) != 0:
+        # (the device named by descriptor: mountinfo shows the source as given, and the sandbox reads it)
+        if _libc.mount(f"/proc/self/fd/{loop_fd}".encode(), str(mount_point).encode(), b"ext4",
+                       MS_NOSUID | MS_NODEV | MS_NOATIME, MOUNT_DATA) != 0:
             err = ctypes.get_errno()
             raise SandboxUnavailableError(f"cannot mount the workspace image {dev} at {mount_point}: "
                                           f"{os.strerror(err)}", "fix: STOCKADE_WORKSPACE=tmpfs (a workspace "
@@ -334,7 +335,7 @@ def remove(base: Path) -> None:
         return
     for point in mounts_under(base):
         _umount(Path(point))
-    for name in ("disk", "tmp"):
+    for name in ("disk", "tmp", "run"):
         with contextlib.suppress(FileNotFoundError):
             (base / name).rmdir()
     with contextlib.suppress(FileNotFoundError):
@@ -375,13 +376,19 @@ def filesystem_type(path: Path) -> str | None:
 
 
 def mounted_devices() -> set[str]:
-    """The devices mounted anywhere in this process's mount namespace (mountinfo's source field)."""
-    found = set()
+    """The block devices a filesystem mounted in this process's mount namespace is on, as /dev paths
+    (from mountinfo's major:minor: the source field is whatever the mounter named, /proc/self/fd/N here)."""
+    numbers = set()
     with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
         for line in f:
-            fields = line.split()
-            with contextlib.suppress(ValueError, IndexError):
-                found.add(fields[fields.index("-") + 2])
+            with contextlib.suppress(IndexError):
+                numbers.add(line.split()[2])
+    found = set()
+    with contextlib.suppress(FileNotFoundError):
+        for entry in os.scandir("/sys/block"):
+            with contextlib.suppress(OSError):
+                if Path(entry.path, "dev").read_text().strip() in numbers:
+                    found.add(f"/dev/{entry.name}")
     return found
 
 
