@@ -390,6 +390,42 @@ def test_copy_only_builds_need_no_sandbox(store, base, built, tmp_path):
     assert len(t.layers) == len(store.get(base).layers) + 2 and t.config.env["A"] == "1"
 
 
+def _visible(store: TemplateStore, name: str, path: str) -> bool:
+    from stockade.templates.build import _stack
+    from stockade.templates.layers import visible_stat
+
+    trees, infos = _stack(store, store.get(name).layers)
+    return visible_stat(trees, infos, path.strip("/").split("/")) is not None
+
+
+def test_the_dockerignore_keeps_paths_out_of_copy(store, base, built, tmp_path):
+    """What the context's .dockerignore excludes never reaches a layer, from COPY . or a glob; an
+    exception (!) brings a path back; a source it excludes outright is refused naming the file; a change
+    to the ignore file that changes what is copied changes the layer (the cache key is its content)."""
+    ctx = tmp_path
+    for rel in ("app/main.py", "app/.env", "node_modules/x/index.js", "node_modules/keep/k.js", ".git/config",
+                "notes.md", "README.md", "src/cache/a.pyc", "src/b.py"):
+        (ctx / rel).parent.mkdir(parents=True, exist_ok=True)
+        (ctx / rel).write_text(rel)
+    (ctx / ".dockerignore").write_text("# local junk\n.git\nnode_modules\n!node_modules/keep\n**/.env\n"
+                                       "*.md\n!README.md\n**/*.pyc\n")
+    _build(store, built, f"FROM {base}\nCOPY . /srv/ctx/\nCOPY *.md /srv/docs/", ctx)
+    present = {rel: _visible(store, built, f"/srv/ctx/{rel}") for rel in (
+        "app/main.py", "app/.env", "node_modules/x/index.js", "node_modules/keep/k.js", ".git/config", ".git",
+        "notes.md", "README.md", "src/cache/a.pyc", "src/b.py", ".dockerignore")}
+    assert present == {"app/main.py": True, "app/.env": False, "node_modules/x/index.js": False,
+                       "node_modules/keep/k.js": True, ".git/config": False, ".git": False, "notes.md": False,
+                       "README.md": True, "src/cache/a.pyc": False, "src/b.py": True, ".dockerignore": True}
+    assert _visible(store, built, "/srv/docs/README.md") and not _visible(store, built, "/srv/docs/notes.md")
+    with pytest.raises(TemplateError, match="step 2/2 .*app/.env: excluded by the build context's .dockerignore"):
+        _build(store, built, f"FROM {base}\nCOPY app/.env /x", ctx)
+    with pytest.raises(TemplateError, match=r"notes\*.md: no file .* \(the 1 that do are excluded by "):
+        _build(store, built, f"FROM {base}\nCOPY notes*.md /x/", ctx)
+    (ctx / ".dockerignore").write_text(".git\n")
+    _build(store, built, f"FROM {base}\nCOPY . /srv/ctx/", ctx)
+    assert _visible(store, built, "/srv/ctx/app/.env") and _visible(store, built, "/srv/ctx/notes.md")
+
+
 @pytest.mark.skipif(ROOT, reason="as root RUN steps run (the tests above)")
 def test_unprivileged_run_is_refused_saying_why(store, base, built, tmp_path):
     with pytest.raises(TemplateError, match="step 3/3 .*needs the jail runtime run as root"):

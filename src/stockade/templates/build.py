@@ -38,7 +38,9 @@ from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
 from ..errors import StockadeError
+from . import dockerignore
 from .buildfile import Instruction, expand, parse
+from .dockerignore import IgnoreRules
 from .errors import TemplateError
 from .layers import (
     LayerInfo,
@@ -103,6 +105,7 @@ class _Build:
     start: list[str] | None = None
     ready: list[str] | None = None
     cached: int = 0
+    ignore: IgnoreRules = field(default_factory=lambda: IgnoreRules([]))   # the context's .dockerignore
     transport: Any = None     # the RUN sandboxes' (a LocalTransport: this host's manager), made at the first
 
 
@@ -131,6 +134,8 @@ def build(store: TemplateStore, name: str, text: str, context: str | os.PathLike
         raise TemplateError(f"the build context {ctx} is not a directory")
     b = _Build(store, ctx.resolve(), policy or Policy(), runtime, no_cache, progress or (lambda e: None),
                build_args=dict(build_args or {}))
+    with _Opened(os.open(b.context, _DIR_FLAGS)) as fd:
+        b.ignore = IgnoreRules.read(fd)
     started = time.monotonic()
     count = len(instructions)
     ran = 0
@@ -444,7 +449,7 @@ def _copy(b: _Build, state: _State, ins: Instruction, variables: dict[str, str])
         spec = expand(ins.flags["chown"], variables, ins.line)
         owner = lookup_ids(spec, *image_databases(trees, infos), f"--chown={spec}")
     chmod = int(ins.flags["chmod"], 8) if "chmod" in ins.flags else None
-    matches = [m for src in sources for m in _context_matches(b.context, src)]
+    matches = [m for src in sources for m in _context_matches(b.context, src, b.ignore)]
     if not dest.startswith("/"):
         dest = os.path.join(state.config.working_dir or "/", dest)
     into_dir = dest.endswith("/") or len(matches) > 1
@@ -457,22 +462,27 @@ def _copy(b: _Build, state: _State, ins: Instruction, variables: dict[str, str])
         _parents(layer, trees, infos, parts, owner, len(parts) if into_dir else len(parts) - 1)
         for rel, kind in matches:
             target = parts if not into_dir else parts if kind == "dir" else [*parts, Path(rel).name]
-            _add_source(layer, b.context, rel, "/".join(target), owner, chmod, kind == "dir")
+            _add_source(layer, b.context, rel, "/".join(target), owner, chmod, kind == "dir", b.ignore)
 
     label = f"{ins.keyword} {' '.join(words)}"
     key, diff_id = _store_layer(b, state, [ins.keyword, words, sorted(ins.flags.items())], label, write)
     return _finish_layer(b, state, key, diff_id)
 
 
-def _context_matches(context: Path, src: str) -> list[tuple[str, str]]:
-    """The context paths ``src`` names (a glob may name several), each (relative path, "dir" | "other")."""
+def _context_matches(context: Path, src: str, ignore: IgnoreRules) -> list[tuple[str, str]]:
+    """The context paths ``src`` names (a glob may name several), each (relative path, "dir" | "other"),
+    but those the .dockerignore leaves out."""
     rel = os.path.normpath(src.lstrip("/")) if src.strip("/") else "."
     if rel == ".." or rel.startswith("../"):
         raise TemplateError(f"{src}: outside the build context {context}")
     if glob.has_magic(rel):
-        names = sorted(glob.glob(rel, root_dir=context))
+        found = sorted(glob.glob(rel, root_dir=context))
+        names = [n for n in found if not ignore.excluded(n) or ignore.walk_into(n)]
         if not names:
-            raise TemplateError(f"{src}: no file in the build context matches")
+            raise TemplateError(f"{src}: no file in the build context matches" +
+                                (f" (the {len(found)} that do are excluded by {dockerignore.FILE})" if found else ""))
+    elif rel != "." and ignore.excluded(rel) and not ignore.walk_into(rel):
+        raise TemplateError(f"{src}: excluded by the build context's {dockerignore.FILE}")
     else:
         names = [rel]
     out = []
@@ -519,8 +529,10 @@ def _lstat_in_context(context: Path, rel: str, src: str) -> os.stat_result:
 
 
 def _add_source(layer: _Layer, context: Path, rel: str, target: str, owner: tuple[int, int], chmod: int | None,
-                is_dir: bool) -> None:
-    """context/rel as ``target`` in the layer; a directory's contents (not itself) go under ``target``."""
+                is_dir: bool, ignore: IgnoreRules) -> None:
+    """context/rel as ``target`` in the layer; a directory's contents (not itself) go under ``target``,
+    without what the .dockerignore leaves out (a directory it excludes is walked into only for an
+    exception's sake, and then kept, as the parent of what that includes)."""
     if not is_dir:
         with _open_parent(context, rel, rel) as pfd:
             _add_entry(layer, pfd, rel.rsplit("/", 1)[-1], target, owner, chmod)
@@ -529,10 +541,19 @@ def _add_source(layer: _Layer, context: Path, rel: str, target: str, owner: tupl
         top = os.open(rel.rsplit("/", 1)[-1], _DIR_FLAGS, dir_fd=pfd) if rel != "." else os.dup(pfd)
     try:
         for dirpath, dirnames, filenames, dfd in _walk(top):
-            for name in [*sorted(dirnames), *sorted(filenames)]:
+            kept = []
+            for name in sorted(dirnames):
                 inner = os.path.normpath(os.path.join(dirpath, name))
+                path = os.path.normpath(os.path.join(rel, inner))
+                if ignore.excluded(path) and not ignore.walk_into(path):
+                    continue
+                kept.append(name)
                 _add_entry(layer, dfd, name, f"{target}/{inner}".lstrip("/"), owner, chmod)
-            dirnames.sort()
+            for name in sorted(filenames):
+                inner = os.path.normpath(os.path.join(dirpath, name))
+                if not ignore.excluded(os.path.normpath(os.path.join(rel, inner))):
+                    _add_entry(layer, dfd, name, f"{target}/{inner}".lstrip("/"), owner, chmod)
+            dirnames[:] = kept
     finally:
         os.close(top)
 
