@@ -37,23 +37,20 @@ from pathlib import Path
 
 from ...errors import SandboxUnavailableError
 from . import workspace
+from .workspace import MNT_DETACH, MS_NODEV, MS_NOSUID, UMOUNT_NOFOLLOW, _libc
 
-MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_REC, MS_PRIVATE = 1, 2, 4, 8, 0x4000, 1 << 18
+MS_RDONLY, MS_REC, MS_PRIVATE = 1, 0x4000, 1 << 18   # (the rest are workspace.py's, which mounts the same way)
 CLONE_FS, CLONE_NEWNS = 0x200, 0x20000
 # the new mount API (Linux 5.2): x86_64 and aarch64 share these numbers
 SYS_MOVE_MOUNT, SYS_FSOPEN, SYS_FSCONFIG, SYS_FSMOUNT = 429, 430, 431, 432
 FSOPEN_CLOEXEC, FSMOUNT_CLOEXEC, FSCONFIG_SET_STRING, FSCONFIG_CMD_CREATE = 1, 1, 1, 6
 MOUNT_ATTR_NOSUID, MOUNT_ATTR_NOEXEC, MOVE_MOUNT_F_EMPTY_PATH, AT_FDCWD = 2, 8, 4, -100
-MNT_DETACH, UMOUNT_NOFOLLOW = 2, 8
 RUN_SIZE = 16 << 20    # the generated files and the agent's code (~1 MiB); only root writes here
 RUN_INODES = 4096
 # (name, major, minor): what bwrap's --dev gives, character devices of mode 0666
 DEVICES = (("null", 1, 3), ("zero", 1, 5), ("full", 1, 7), ("random", 1, 8), ("urandom", 1, 9), ("tty", 5, 0))
 DEV_LINKS = (("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"), ("stdout", "/proc/self/fd/1"),
              ("stderr", "/proc/self/fd/2"), ("core", "/proc/kcore"), ("ptmx", "pts/ptmx"))
-
-_libc = ctypes.CDLL(None, use_errno=True)
-
 
 def _mount(source: str, target: Path, fstype: str, flags: int, data: str) -> None:
     if _libc.mount(source.encode(), str(target).encode(), fstype.encode(), flags, data.encode()) != 0:

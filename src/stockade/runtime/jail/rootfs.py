@@ -50,6 +50,7 @@ class SystemImage:
     python: str          # the interpreter the agent runs on, as a path inside the sandbox
     python_host: str     # the same interpreter on the host (for compiling the agent)
     python_prefix_fd_source: str | None  # host prefix bound at PYTHON_MOUNT when not under /usr
+    real_binds: tuple[str, ...]          # binds with their symlinks resolved (the views' sources)
 
     @property
     def args(self) -> tuple[str, ...]:
@@ -62,14 +63,15 @@ class SystemImage:
     @property
     def view_sources(self) -> list[str]:
         """The top-level host directories the binds come from (/usr, /etc)."""
-        return sorted({"/" + os.path.realpath(b).split("/")[1] for b in self.binds})
+        return sorted({"/" + b.split("/")[1] for b in self.real_binds})
 
     def args_through(self, through: Callable[[str], str]) -> tuple[str, ...]:
         """``args`` with each bind's source (its symlinks resolved) read where ``through`` says: a view of
         it (host_mounts.py), so the sandbox's mountinfo shows the view's filesystem, not the host's disk."""
+        real = dict(zip(self.binds, self.real_binds, strict=True))
         args: list[str] = []
         for kind, first, second in self._entries:
-            args += [kind, through(os.path.realpath(first)) if kind == "--ro-bind" else first, second]
+            args += [kind, through(real[first]) if kind == "--ro-bind" else first, second]
         return tuple(args)
 
     @property
@@ -88,7 +90,8 @@ def system_image(python_override: str | None = None) -> SystemImage:
             binds.append(path)
     binds += [f"/etc/{name}" for name in ETC_ALLOW if os.path.exists(f"/etc/{name}")]
     python, host_python, prefix = _python(python_override)
-    return SystemImage(tuple(binds), tuple(links), python, host_python, prefix)
+    return SystemImage(tuple(binds), tuple(links), python, host_python, prefix,
+                       tuple(os.path.realpath(b) for b in binds))
 
 
 def _python(override: str | None) -> tuple[str, str, str | None]:

@@ -459,10 +459,11 @@ class JailSandbox(RuntimeSandbox):
             if mounts is not None:   # an empty root of root's tmpfs, not bwrap's (whose owner mountinfo shows)
                 argv += ["--bind", str(mounts.root), "/"]
             argv += rt.image.args_through(mounts.through) if mounts is not None else rt.image.args
-        if self.overlay is None and mounts is not None and rt.image.python_prefix_fd_source:
-            argv += ["--ro-bind", through(rt.image.python_prefix_fd_source), rootfs.PYTHON_MOUNT]
-        elif self.overlay is None and rt.image.python_prefix_fd_source:
-            fd = os.open(rt.image.python_prefix_fd_source, os.O_PATH | os.O_DIRECTORY)
+        prefix = rt.image.python_prefix_fd_source
+        if self.overlay is None and prefix and mounts is not None:
+            argv += ["--ro-bind", mounts.through(prefix), rootfs.PYTHON_MOUNT]
+        elif self.overlay is None and prefix:
+            fd = os.open(prefix, os.O_PATH | os.O_DIRECTORY)
             fds.append(fd)
             argv += ["--ro-bind-fd", str(fd), rootfs.PYTHON_MOUNT]
         if self.use_env:
